@@ -1,0 +1,1 @@
+"""One module per network: the paper's network and its six comparators."""

@@ -1,0 +1,38 @@
+"""Helpers the tests share: the real dcmtk / dicom3tools binaries and free loopback ports."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+
+#: dcmtk lives in /usr/bin. pynetdicom installs Python shims named storescu/echoscu/findscu that
+#: shadow dcmtk on PATH, so the tests always call dcmtk by absolute path.
+DCMTK_DIR = Path("/usr/bin")
+
+
+def dcmtk(name: str) -> str:
+    """Absolute path of a dcmtk tool; fails the test clearly when `make test` has not installed it."""
+    path = DCMTK_DIR / name
+    if not path.exists():
+        pytest.fail(f"dcmtk's {name} is missing at {path}: run `make test`, which installs dcmtk")
+    return str(path)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    """The 'Error' lines dciodvfy prints for one file (warnings are not errors)."""
+    exe = Path("/usr/bin/dciodvfy")
+    if not exe.exists():
+        pytest.fail("dciodvfy is missing: run `make test`, which installs dicom3tools")
+    proc = subprocess.run([str(exe), str(path)], capture_output=True, text=True, timeout=120)
+    lines = (proc.stdout + proc.stderr).splitlines()
+    return [line for line in lines if line.startswith("Error")]
