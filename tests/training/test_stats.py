@@ -1,0 +1,75 @@
+import numpy as np
+import pytest
+from scipy import stats as scipy_stats
+
+from training.metrics import ImageScore
+from training.stats import ALL_ZERO_NOTE, bonferroni, compare_to_reference, wilcoxon_paired
+
+# scipy's documented example (Cushny & Peebles via Conover): exact two-sided p = 0.041259765625.
+DIFFS = [6, 8, 14, 16, 23, 24, 28, 29, 41, -48, 49, 56, 60, -67, 75]
+
+
+def test_matches_scipy_documented_exact_result():
+    t = wilcoxon_paired(np.array(DIFFS, float), np.zeros(len(DIFFS)))
+    assert t.statistic == 24.0
+    assert t.p_value == pytest.approx(0.041259765625, rel=1e-12)
+    assert t.n == 15 and t.n_nonzero == 15
+
+
+def test_matches_scipy_on_tied_data_with_zero_differences():
+    rng = np.random.default_rng(3)
+    a = np.round(rng.uniform(size=80), 1)
+    b = np.round(np.clip(a - rng.normal(0.05, 0.1, size=80), 0, 1), 1)
+    expected = scipy_stats.wilcoxon(a, b)
+    t = wilcoxon_paired(a, b)
+    assert t.statistic == pytest.approx(expected.statistic)
+    assert t.p_value == pytest.approx(expected.pvalue)
+    assert t.n_nonzero < t.n
+
+
+def test_all_zero_differences_give_p_one_with_note():
+    t = wilcoxon_paired([0.5, 0.7, 0.0], [0.5, 0.7, 0.0])
+    assert (t.statistic, t.p_value, t.n_nonzero, t.note) == (0.0, 1.0, 0, ALL_ZERO_NOTE)
+
+
+def test_invalid_pairs_are_rejected():
+    with pytest.raises(ValueError, match="equal length"):
+        wilcoxon_paired([1, 2], [1])
+    with pytest.raises(ValueError, match="finite"):
+        wilcoxon_paired([1, float("nan")], [1, 2])
+
+
+def test_bonferroni_multiplies_and_caps_at_one():
+    assert bonferroni([0.01, 0.2, 0.5]) == pytest.approx([0.03, 0.6, 1.0])
+    assert bonferroni([0.01], m=6) == pytest.approx([0.06])
+
+
+def _scores(model, values):
+    return [
+        ImageScore(model, 0, f"P{i // 4}", "R", i % 4, v, v * 0.8, min(1.0, v + 0.05), v) for i, v in enumerate(values)
+    ]
+
+
+def test_table_pairs_by_image_and_corrects_per_metric():
+    rng = np.random.default_rng(0)
+    ours = rng.uniform(0.5, 1.0, 40)
+    worse = np.clip(ours - rng.uniform(0.0, 0.3, 40), 0, 1)
+    same = ours.copy()
+    scores = _scores("ian_net", ours) + _scores("caranet", worse)[::-1] + _scores("meganet", same)
+    rows = compare_to_reference(scores, "ian_net")
+    assert len(rows) == 4 * 2
+    dsc_cara = next(r for r in rows if r.metric == "dsc" and r.comparator == "caranet")
+    expected = scipy_stats.wilcoxon(ours, worse)
+    assert dsc_cara.p_value == pytest.approx(expected.pvalue)
+    assert dsc_cara.p_adjusted == pytest.approx(min(1.0, 2 * expected.pvalue))
+    assert dsc_cara.significant and dsc_cara.mean_difference > 0
+    dsc_mega = next(r for r in rows if r.metric == "dsc" and r.comparator == "meganet")
+    assert dsc_mega.p_adjusted == 1.0 and not dsc_mega.significant and dsc_mega.note == ALL_ZERO_NOTE
+    all_rows = compare_to_reference(scores, "ian_net", family="all")
+    assert all_rows[0].p_adjusted == pytest.approx(min(1.0, 8 * all_rows[0].p_value))
+
+
+def test_models_scored_on_different_images_are_an_error():
+    scores = _scores("ian_net", [0.5] * 8) + _scores("caranet", [0.4] * 7)
+    with pytest.raises(ValueError, match="different images"):
+        compare_to_reference(scores, "ian_net")
