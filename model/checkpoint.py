@@ -1,0 +1,107 @@
+"""Weights plus everything needed to use them: architecture, variant, input contract, training summary.
+
+A checkpoint file is self-describing (nnU-Net style: the plan travels with the weights), so the node
+and `train_benchmark --evaluate-only` need nothing else. Files are loaded with `weights_only=True`,
+so the metadata holds plain types only. The SHA-256 of the file identifies the model in every SEG.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import io
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from model import registry
+from model.networks.base import SegmentationNetwork
+
+FORMAT = "ian-node-checkpoint/1"
+
+
+@dataclass(frozen=True)
+class InputContract:
+    """How slices must be prepared for this model (see model/preprocess.py)."""
+
+    size: int = 256
+    in_channels: int = 1
+    intensity: str = "per-slice min-max to uint8, then /255"
+    aspect: str = "physical aspect kept, LANCZOS, centred zero padding"
+    orientation: str = "coronal; left side flipped to right-side orientation"
+
+
+@dataclass(frozen=True)
+class CheckpointMeta:
+    """What a checkpoint is: enough to rebuild the network and feed it correctly."""
+
+    architecture: str
+    width: float = 1.0
+    options: dict[str, Any] = field(default_factory=dict)
+    variant: str = ""
+    input: InputContract = field(default_factory=InputContract)
+    threshold: float = 0.5
+    label: str = ""
+    training: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "CheckpointMeta":
+        data = dict(data)
+        data["input"] = InputContract(**data.get("input", {}))
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class LoadedCheckpoint:
+    model: SegmentationNetwork
+    meta: CheckpointMeta
+    sha256: str
+    path: Path
+
+
+class CheckpointError(ValueError):
+    """A file that is not an ian-node checkpoint, or one whose weights do not fit its architecture."""
+
+
+def save_checkpoint(path: str | Path, model: SegmentationNetwork, meta: CheckpointMeta) -> str:
+    """Write weights and metadata atomically; return the file's SHA-256."""
+    path = Path(path)
+    if meta.architecture not in registry.NETWORKS:
+        raise CheckpointError(f"{path}: unknown architecture {meta.architecture!r}")
+    buffer = io.BytesIO()
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    torch.save({"format": FORMAT, "meta": asdict(meta), "state_dict": state}, buffer)
+    data = buffer.getvalue()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    tmp.replace(path)
+    return hashlib.sha256(data).hexdigest()
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> LoadedCheckpoint:
+    """Rebuild the network named in the metadata and load its weights (strictly)."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read checkpoint: {exc.strerror or exc}") from exc
+    try:
+        payload = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises several types for a corrupt or foreign file
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({exc.__class__.__name__}: {exc})") from exc
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not an ian-node checkpoint (expected format {FORMAT!r})")
+    meta = CheckpointMeta.from_dict(payload["meta"])
+    model = registry.build(meta.architecture, in_channels=meta.input.in_channels, width=meta.width, **meta.options)
+    try:
+        model.load_state_dict(payload["state_dict"], strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: weights do not fit {meta.architecture} (width {meta.width}): {exc}") from exc
+    model.eval()
+    return LoadedCheckpoint(model=model, meta=meta, sha256=hashlib.sha256(data).hexdigest(), path=path)
