@@ -1,0 +1,413 @@
+"""The paper's tables and figures, written from in-memory records into an output folder.
+
+Every function takes records (per-image `ImageScore`s, p-value rows, run timings, image arrays) and a
+path, and writes one artefact; nothing here reads model outputs or training state. Figures use
+matplotlib's object API (`Figure`, rendered by Agg), so no pyplot state or display is involved.
+
+Summary statistics: mean, sample standard deviation (ddof = 1; 0 for a single image) and median
+over all test images of all repeats, per model and metric. Failure rates follow `training.metrics`.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from model.registry import NETWORKS, PAPER_NETWORK
+from training.metrics import METRIC_LABELS, METRICS, ImageScore, failure_rates
+from training.stats import PValueRow
+
+log = logging.getLogger(__name__)
+
+#: Registry name → the name the paper's tables use.
+DISPLAY_NAMES: dict[str, str] = {
+    "ian_net": "Our model",
+    "caranet": "CaraNet",
+    "ds_transunet": "DS-TransUNet",
+    "ducknet": "DUCKNet",
+    "deeplabv3plus": "DeepLabV3+",
+    "hardnet_mseg": "HarDNet-MSEG",
+    "meganet": "MEGANet",
+}
+PER_IMAGE_FIELDS: tuple[str, ...] = ("model", "repeat", "patient", "side", "slice", *METRICS)
+#: RGB colours of the paper's figures.
+YELLOW, BLUE, RED = (1.0, 0.85, 0.0), (0.1, 0.35, 1.0), (1.0, 0.1, 0.1)
+
+
+@dataclass(frozen=True)
+class MetricSummary:
+    mean: float
+    sd: float
+    median: float
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    """One row of Table 1: a model's summaries per metric over `n` images."""
+
+    model: str
+    n: int
+    metrics: Mapping[str, MetricSummary]
+
+
+@dataclass(frozen=True)
+class RunTiming:
+    """Timing of one training run: total training seconds and inference seconds per slice."""
+
+    model: str
+    repeat: int
+    train_seconds: float
+    seconds_per_slice: float
+
+
+@dataclass(frozen=True)
+class OverlayCase:
+    """One image for Fig 5: the input (H, W) in [0, 1], binary ground truth and prediction, a title."""
+
+    image: np.ndarray
+    target: np.ndarray
+    prediction: np.ndarray
+    title: str
+
+
+@dataclass(frozen=True)
+class GridRow:
+    """One row of Fig 6: the input, its ground truth and each model's binary prediction."""
+
+    image: np.ndarray
+    target: np.ndarray
+    predictions: Mapping[str, np.ndarray]
+
+
+def display_name(model: str) -> str:
+    return DISPLAY_NAMES.get(model, model)
+
+
+def model_order(models: Iterable[str]) -> list[str]:
+    """The paper's order (our network, then the comparators as in Table 1); unknown names last, sorted."""
+    present = set(models)
+    known = [m for m in NETWORKS if m in present]
+    return known + sorted(present - set(known))
+
+
+def summarize(scores: Iterable[ImageScore], metrics: Sequence[str] = METRICS) -> list[ModelSummary]:
+    """Table 1's numbers: mean, SD and median of each metric per model, in the paper's order."""
+    grouped = _by_model(scores)
+    rows = []
+    for model in model_order(grouped):
+        items = grouped[model]
+        summaries = {}
+        for metric in metrics:
+            v = np.array([getattr(s, metric) for s in items], dtype=np.float64)
+            sd = float(np.std(v, ddof=1)) if v.size > 1 else 0.0
+            summaries[metric] = MetricSummary(float(np.mean(v)), sd, float(np.median(v)))
+        rows.append(ModelSummary(model, len(items), summaries))
+    return rows
+
+
+def write_per_image_csv(scores: Iterable[ImageScore], path: str | Path) -> Path:
+    """The per-image metrics table; floats at full precision so that summaries can be recomputed exactly."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(PER_IMAGE_FIELDS)
+        for s in scores:
+            writer.writerow([float(getattr(s, n)) if n in METRICS else getattr(s, n) for n in PER_IMAGE_FIELDS])
+    return path
+
+
+def read_per_image_csv(path: str | Path) -> list[ImageScore]:
+    with Path(path).open(newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if tuple(reader.fieldnames or ()) != PER_IMAGE_FIELDS:
+            raise ValueError(f"{path}: expected columns {list(PER_IMAGE_FIELDS)}, got {reader.fieldnames}")
+        return [
+            ImageScore(r["model"], int(r["repeat"]), r["patient"], r["side"], int(r["slice"]),
+                       *(float(r[m]) for m in METRICS))
+            for r in reader
+        ]
+
+
+def write_table1(scores: Iterable[ImageScore], out_dir: str | Path) -> tuple[Path, Path]:
+    """table1.csv (numbers) and table1.md (the paper's layout, best mean per metric in bold)."""
+    rows = summarize(scores)
+    out = _dir(out_dir)
+    header = ["model", "display_name", "n"] + [f"{m}_{s}" for m in METRICS for s in ("mean", "sd", "median")]
+    _write_csv(out / "table1.csv", header, [
+        [r.model, display_name(r.model), r.n]
+        + [getattr(r.metrics[m], s) for m in METRICS for s in ("mean", "sd", "median")] for r in rows
+    ])
+    best = {m: max(r.metrics[m].mean for r in rows) for m in METRICS}
+    lines = [
+        f"**Table 1.** Performance of {len(rows)} models on four metrics (per test image, all repeats).",
+        "",
+        "| Model | " + " | ".join(METRIC_LABELS[m] for m in METRICS) + " |",
+        "|---" * (len(METRICS) + 1) + "|",
+        "| | " + " | ".join("Mean ± SD (median)" for _ in METRICS) + " |",
+    ]
+    for r in rows:
+        cells = []
+        for m in METRICS:
+            s = r.metrics[m]
+            cell = f"{s.mean:.3f} ± {s.sd:.3f} ({s.median:.4f})"
+            cells.append(f"**{cell}**" if s.mean == best[m] else cell)
+        lines.append(f"| {display_name(r.model)} | " + " | ".join(cells) + " |")
+    n_images = sorted({r.n for r in rows})
+    lines += ["", f"n = {', '.join(map(str, n_images))} images per model. Best mean in bold.",
+              "DSC, dice similarity coefficient; IoU, intersection over union; SD, standard deviation."]
+    (out / "table1.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return out / "table1.csv", out / "table1.md"
+
+
+def write_table2(scores: Iterable[ImageScore], out_dir: str | Path) -> tuple[Path, Path]:
+    """table2.csv and table2.md: failure rates in percent, lowest per column in bold."""
+    grouped = _by_model(scores)
+    out = _dir(out_dir)
+    rates = {m: failure_rates(s.dsc for s in grouped[m]) for m in model_order(grouped)}
+    _write_csv(out / "table2.csv", ["model", "display_name", "n", "complete_pct", "tracking_pct", "boundary_pct"], [
+        [m, display_name(m), r.n, 100 * r.complete, 100 * r.tracking, 100 * r.boundary] for m, r in rates.items()
+    ])
+    kinds = ("complete", "tracking", "boundary")
+    lowest = {k: min(round(100 * getattr(r, k), 1) for r in rates.values()) for k in kinds}
+    lines = [
+        "**Table 2.** Segmentation failure rates.",
+        "",
+        "| Model | Complete failure (%) | Tracking failure (%) | Boundary delineation failure (%) |",
+        "|---|---|---|---|",
+    ]
+    for m, r in rates.items():
+        cells = [f"{100 * getattr(r, k):.1f}" for k in kinds]
+        cells = [f"**{c}**" if float(c) == lowest[k] else c for c, k in zip(cells, kinds)]
+        lines.append(f"| {display_name(m)} | " + " | ".join(cells) + " |")
+    lines += ["", "Complete failure: DSC = 0; tracking failure: DSC < 0.2; boundary delineation failure: "
+              "DSC < 0.3 (cumulative)."]
+    (out / "table2.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return out / "table2.csv", out / "table2.md"
+
+
+def write_pvalues(rows: Sequence[PValueRow], out_dir: str | Path) -> tuple[Path, Path]:
+    """pvalues.csv (every field) and pvalues.md (Bonferroni-adjusted p per comparator and metric)."""
+    if not rows:
+        raise ValueError("no p-value rows to write")
+    out = _dir(out_dir)
+    fields = list(PValueRow.__dataclass_fields__)
+    _write_csv(out / "pvalues.csv", fields, [[getattr(r, f) for f in fields] for r in rows])
+    metrics = list(dict.fromkeys(r.metric for r in rows))
+    table = {(r.comparator, r.metric): r for r in rows}
+    reference = rows[0].reference
+    lines = [
+        f"**p-values.** {display_name(reference)} against each comparator: two-sided Wilcoxon signed-rank "
+        "test on paired per-image scores, Bonferroni-adjusted (* p < 0.05).",
+        "",
+        "| Comparator | " + " | ".join(METRIC_LABELS.get(m, m) for m in metrics) + " |",
+        "|---" * (len(metrics) + 1) + "|",
+    ]
+    for comparator in model_order(r.comparator for r in rows):
+        cells = []
+        for m in metrics:
+            r = table[(comparator, m)]
+            cells.append(_format_p(r.p_adjusted) + (" *" if r.significant else ""))
+        lines.append(f"| {display_name(comparator)} | " + " | ".join(cells) + " |")
+    (out / "pvalues.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return out / "pvalues.csv", out / "pvalues.md"
+
+
+def write_timing(timings: Iterable[RunTiming], out_dir: str | Path) -> tuple[Path, Path]:
+    """timing.csv and timing.md: inference s/slice and training hours per run (mean) and in total."""
+    grouped: dict[str, list[RunTiming]] = defaultdict(list)
+    for t in timings:
+        grouped[t.model].append(t)
+    if not grouped:
+        raise ValueError("no run timings to write")
+    out = _dir(out_dir)
+    rows = []
+    for m in model_order(grouped):
+        ts = grouped[m]
+        hours = [t.train_seconds / 3600 for t in ts]
+        rows.append([m, display_name(m), len(ts), float(np.mean([t.seconds_per_slice for t in ts])),
+                     float(np.mean(hours)), float(np.sum(hours))])
+    _write_csv(out / "timing.csv", ["model", "display_name", "runs", "seconds_per_slice",
+                                    "training_hours_per_run", "training_hours_total"], rows)
+    lines = ["**Timing.** Inference time per slice and training time (mean per run, and summed over runs).", "",
+             "| Model | Runs | Inference (s/slice) | Training (h/run) | Training total (h) |", "|---|---|---|---|---|"]
+    lines += [f"| {r[1]} | {r[2]} | {r[3]:.4f} | {r[4]:.3f} | {r[5]:.3f} |" for r in rows]
+    (out / "timing.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return out / "timing.csv", out / "timing.md"
+
+
+def plot_fig4(scores: Iterable[ImageScore], path: str | Path) -> Path:
+    """Box plots of the four metrics for every model, means marked with "x"."""
+    grouped = _by_model(scores)
+    models = model_order(grouped)
+    fig = Figure(figsize=(3.2 * len(METRICS) + 0.3 * len(models), 4.2), dpi=120, layout="constrained")
+    for i, metric in enumerate(METRICS):
+        ax = fig.add_subplot(1, len(METRICS), i + 1)
+        data = [[getattr(s, metric) for s in grouped[m]] for m in models]
+        ax.boxplot(data, showmeans=True, widths=0.6, flierprops={"marker": ".", "markersize": 3, "alpha": 0.5},
+                   meanprops={"marker": "x", "markeredgecolor": "black", "markersize": 7},
+                   medianprops={"color": "tab:orange"})
+        ax.set_xticks(range(1, len(models) + 1), [display_name(m) for m in models], rotation=45, ha="right")
+        ax.set_title(METRIC_LABELS[metric])
+        ax.set_ylim(-0.03, 1.03)
+        ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
+def select_fig5_cases(scores: Iterable[ImageScore], model: str = PAPER_NETWORK) -> list[tuple[str, ImageScore]]:
+    """Fig 5's three images of `model`: a complete failure, a below-average and an above-average case.
+
+    (a) the first image (by repeat, patient, side, slice) with DSC = 0, or the lowest-DSC image when
+    there is no complete failure (labelled so); (b)/(c) the image at the median DSC of the images
+    with 0 < DSC < mean and DSC > mean respectively, falling back to the nearest to the mean.
+    """
+    own = sorted((s for s in scores if s.model == model), key=lambda s: s.key)
+    if not own:
+        raise ValueError(f"no scores for model {model!r}")
+    mean = float(np.mean([s.dsc for s in own]))
+    zeros = [s for s in own if s.dsc == 0.0]
+    first = ("complete failure", zeros[0]) if zeros else ("lowest DSC (no complete failure)",
+                                                          min(own, key=lambda s: s.dsc))
+    below = [s for s in own if 0.0 < s.dsc < mean] or own
+    above = [s for s in own if s.dsc > mean] or own
+    return [first, ("below average", _at_median(below)), ("above average", _at_median(above))]
+
+
+def plot_fig5(cases: Sequence[OverlayCase], path: str | Path) -> Path:
+    """Rows of cases; columns: input, ground truth (yellow), prediction (blue)."""
+    if not cases:
+        raise ValueError("Fig 5 needs at least one case")
+    fig = Figure(figsize=(7.5, 2.6 * len(cases)), dpi=120, layout="constrained")
+    axes = fig.subplots(len(cases), 3, squeeze=False)
+    for row, (case, letter) in enumerate(zip(cases, "abcdefghij")):
+        gray = _gray(case.image)
+        panels = [(gray, "Input"), (overlay(gray, [(case.target, YELLOW)]), "Ground truth"),
+                  (overlay(gray, [(case.prediction, BLUE)]), "Prediction")]
+        for col, (img, label) in enumerate(panels):
+            ax = axes[row, col]
+            ax.imshow(img, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+            ax.set_xticks([]), ax.set_yticks([])
+            if row == 0:
+                ax.set_title(label)
+        axes[row, 0].set_ylabel(f"({letter}) {case.title}", fontsize=9)
+    return _save(fig, path)
+
+
+def select_fig6_keys(scores: Iterable[ImageScore], reference: str = PAPER_NETWORK, n: int = 4) -> list[tuple]:
+    """`n` images scored for every model, at evenly spaced quantiles of the reference model's DSC."""
+    grouped = _by_model(scores)
+    if reference not in grouped:
+        raise ValueError(f"no scores for reference model {reference!r}")
+    common = set.intersection(*({s.key for s in items} for items in grouped.values()))
+    ref = sorted((s for s in grouped[reference] if s.key in common), key=lambda s: (s.dsc, s.key))
+    if not ref:
+        raise ValueError("no image was scored for every model")
+    picks = np.linspace(0, len(ref) - 1, n + 2)[1:-1] if len(ref) > n else np.arange(len(ref))
+    keys = [ref[int(round(i))].key for i in picks]
+    return list(dict.fromkeys(keys))
+
+
+def plot_fig6(rows: Sequence[GridRow], path: str | Path, models: Sequence[str] | None = None) -> Path:
+    """Grid: one row per slice; columns input, ground truth (blue), then each model with prediction
+    red, ground truth blue and their overlap yellow."""
+    if not rows:
+        raise ValueError("Fig 6 needs at least one row")
+    models = list(models) if models is not None else model_order(rows[0].predictions)
+    ncols = 2 + len(models)
+    fig = Figure(figsize=(1.9 * ncols, 1.9 * len(rows) + 0.4), dpi=120, layout="constrained")
+    axes = fig.subplots(len(rows), ncols, squeeze=False)
+    titles = ["Input", "Ground truth", *(display_name(m) for m in models)]
+    for r, row in enumerate(rows):
+        gray = _gray(row.image)
+        gt = np.asarray(row.target, bool)
+        panels = [gray, overlay(gray, [(gt, BLUE)])]
+        for m in models:
+            pred = np.asarray(row.predictions[m], bool)
+            panels.append(overlay(gray, [(pred & ~gt, RED), (gt & ~pred, BLUE), (pred & gt, YELLOW)]))
+        for c, img in enumerate(panels):
+            ax = axes[r, c]
+            ax.imshow(img, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+            ax.set_xticks([]), ax.set_yticks([])
+            if r == 0:
+                ax.set_title(titles[c], fontsize=9)
+    return _save(fig, path)
+
+
+def overlay(gray: np.ndarray, layers: Sequence[tuple[np.ndarray, tuple[float, float, float]]],
+            alpha: float = 0.6) -> np.ndarray:
+    """RGB (H, W, 3) of a grey image with each boolean mask blended in its colour."""
+    rgb = np.repeat(np.clip(gray, 0, 1)[..., None], 3, axis=2).astype(np.float32)
+    for mask, colour in layers:
+        m = np.asarray(mask, bool)
+        if m.shape != gray.shape:
+            raise ValueError(f"mask shape {m.shape} differs from image shape {gray.shape}")
+        rgb[m] = (1 - alpha) * rgb[m] + alpha * np.asarray(colour, np.float32)
+    return rgb
+
+
+def write_metric_reports(scores: Sequence[ImageScore], out_dir: str | Path,
+                         pvalues: Sequence[PValueRow] = ()) -> dict[str, Path]:
+    """Everything that needs only the per-image scores (and p-values): CSV, Tables 1 and 2, Fig 4."""
+    out = _dir(out_dir)
+    paths = {"per_image_csv": write_per_image_csv(scores, out / "per_image_metrics.csv")}
+    paths["table1_csv"], paths["table1_md"] = write_table1(scores, out)
+    paths["table2_csv"], paths["table2_md"] = write_table2(scores, out)
+    if pvalues:
+        paths["pvalues_csv"], paths["pvalues_md"] = write_pvalues(pvalues, out)
+    paths["fig4"] = plot_fig4(scores, out / "fig4_boxplots.png")
+    log.info("wrote %d report files to %s", len(paths), out)
+    return paths
+
+
+def _by_model(scores: Iterable[ImageScore]) -> dict[str, list[ImageScore]]:
+    grouped: dict[str, list[ImageScore]] = defaultdict(list)
+    for s in scores:
+        grouped[s.model].append(s)
+    if not grouped:
+        raise ValueError("no per-image scores")
+    return dict(grouped)
+
+
+def _at_median(items: Sequence[ImageScore]) -> ImageScore:
+    median = float(np.median([s.dsc for s in items]))
+    return min(items, key=lambda s: (abs(s.dsc - median), s.key))
+
+
+def _gray(image: np.ndarray) -> np.ndarray:
+    img = np.asarray(image, dtype=np.float32)
+    if img.ndim == 3:
+        img = img[0] if img.shape[0] == 1 else img.mean(axis=0)
+    if img.ndim != 2:
+        raise ValueError(f"expected an image (H, W) or (C, H, W), got shape {np.shape(image)}")
+    return img
+
+
+def _format_p(p: float) -> str:
+    return f"{p:.2e}" if p < 0.001 else f"{p:.3f}"
+
+
+def _write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[object]]) -> None:
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def _dir(out_dir: str | Path) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _save(fig: Figure, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    return path
