@@ -5,6 +5,10 @@ Dataset contract (what `training/datasets.py` yields): a map-style torch Dataset
 with values 0/1, and meta a `SampleMeta` (or any object/mapping with `patient`, `side`, `slice`).
 Training ignores meta; `predict_dataset` returns it with each prediction.
 
+Losses: training uses the network's deep supervision through `deep_supervision_loss` and its
+`loss_weights`; the validation loss (early stopping, best checkpoint) is the main output's Focal
+Tversky loss in eval mode, the same quantity for every network.
+
 Run folder (same names every run, nnU-Net style): `config.json`, `train.log`, `history.json`,
 `checkpoint_latest.pt` (full training state, rewritten atomically after every epoch),
 `checkpoint_best.pt` (weights at the lowest validation loss), `checkpoint_final.pt` (weights when
@@ -12,9 +16,11 @@ training ended) and `result.json` (written last; its presence means the run is f
 never retrained).
 
 Determinism: every epoch reseeds torch, numpy, `random` and the shuffling generator from
-(config.seed, epoch), so an interrupted run resumed from `checkpoint_latest.pt` (model, optimiser,
-scheduler, AMP scaler, epoch, best validation loss, patience counter) replays the remaining epochs
-exactly as an uninterrupted run would, on the same device and thread count.
+(config.seed, epoch), so the random state never has to be carried across a crash: an interrupted
+run resumed from `checkpoint_latest.pt` (model, optimiser, scheduler, AMP scaler, epoch, best
+validation loss, patience counter) replays the remaining epochs exactly as an uninterrupted run
+would, on the same device and thread count. On CUDA, `deterministic` also switches cuDNN to
+deterministic kernels and calls `torch.use_deterministic_algorithms(True, warn_only=True)` (global).
 """
 
 from __future__ import annotations
