@@ -1,0 +1,502 @@
+"""The node's typed configuration: TOML file, then environment overrides, validated at start-up.
+
+Every default lives in exactly one place: the field defaults of the dataclasses below. A node runs
+with no file at all. An invalid value raises :class:`ConfigError` naming the key and the reason; no
+value is ever silently replaced by a default.
+
+Environment overrides
+---------------------
+``IAN_NODE_<SECTION>_<KEY>`` overrides ``[section] key``; for example ``IAN_NODE_DICOM_PORT=11113``
+or ``IAN_NODE_SERIES_QUIET_PERIOD_S=2.5``. The value is read according to the key's type:
+
+- text, paths and choices are taken as written; for an optional key the empty string means "unset";
+- integers, decimals and booleans (``true``/``false``/``1``/``0``/``yes``/``no``) are parsed;
+- lists accept a comma-separated form (``IAN_NODE_SERIES_MODALITIES=MR,OT``) or a TOML inline
+  array; lists of tables take a TOML inline array, e.g.
+  ``IAN_NODE_EXPORT_TARGETS='[{name="pacs", kind="dicom", ae_title="PACS", host="10.0.0.2", port=104}]'``.
+
+``IAN_NODE_CONFIG`` is reserved for the path of the TOML file (read by the CLI). Any other
+``IAN_NODE_*`` variable that names no key is an error, so that a typo cannot go unnoticed.
+Relative paths are relative to the working directory of the process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import re
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydicom.uid import EnhancedMRImageStorage, MRImageStorage
+from pynetdicom.service_class import StorageServiceClass
+from pynetdicom.sop_class import uid_to_service_class
+
+ENV_PREFIX = "IAN_NODE_"
+ENV_CONFIG_FILE = "IAN_NODE_CONFIG"
+
+#: Where spool and state go when nothing else is configured.
+DEFAULT_DATA_DIR = Path("ian-node-data")
+
+#: The storage SOP classes the SCP always accepts; ``dicom.extra_sop_classes`` adds to these.
+BASE_SOP_CLASSES: tuple[str, ...] = (str(MRImageStorage), str(EnhancedMRImageStorage))
+
+_UID_RE = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
+_DEVICE_RE = re.compile(r"auto|cpu|mps|cuda(:[0-9]+)?")
+
+
+class ConfigError(ValueError):
+    """An invalid configuration value; ``key`` is the dotted key (``dicom.port``)."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__(f"{key}: {reason}")
+        self.key = key
+        self.reason = reason
+
+    def within(self, prefix: str) -> ConfigError:
+        """The same error with its key placed under ``prefix``."""
+        return ConfigError(f"{prefix}.{self.key}" if self.key else prefix, self.reason)
+
+
+# ---------------------------------------------------------------------------------------------
+# Field checks (each raises ConfigError naming the key relative to its section)
+
+
+def _check_ae_title(key: str, value: str) -> None:
+    if not 1 <= len(value.strip()) <= 16 or len(value) > 16:
+        raise ConfigError(key, f"an AE title has 1 to 16 characters, got {value!r}")
+    if not value.isascii() or "\\" in value or any(ord(c) < 32 for c in value):
+        raise ConfigError(key, f"an AE title has printable ASCII without backslash, got {value!r}")
+
+
+def _check_port(key: str, value: int, allow_zero: bool) -> None:
+    low = 0 if allow_zero else 1
+    if not low <= value <= 65535:
+        raise ConfigError(key, f"must be a TCP port between {low} and 65535, got {value}")
+
+
+def _check_positive(key: str, value: float) -> None:
+    if not value > 0:
+        raise ConfigError(key, f"must be greater than 0, got {value}")
+
+
+def _check_ip(key: str, value: str) -> None:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        raise ConfigError(key, f"must be an IP address (no host names), got {value!r}") from None
+
+
+def is_dicom_uid(value: str) -> bool:
+    """True when ``value`` follows the DICOM UID grammar (PS3.5 9.1) in at most 64 characters."""
+    return len(value) <= 64 and _UID_RE.fullmatch(value) is not None
+
+
+def _check_file(key: str, value: Path | None) -> None:
+    if value is not None and not value.is_file():
+        raise ConfigError(key, f"file {str(value)!r} does not exist")
+
+
+# ---------------------------------------------------------------------------------------------
+# Sections
+
+
+@dataclass(frozen=True, kw_only=True)
+class CallingAE:
+    """One allowed peer: its AE title and, optionally, the only IP address it may connect from."""
+
+    ae_title: str
+    host: str | None = None
+
+    def __post_init__(self) -> None:
+        _check_ae_title("ae_title", self.ae_title)
+        if self.host is not None:
+            _check_ip("host", self.host)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DicomConfig:
+    """The SCP: who we are, where we listen, whom we accept and for how long we wait."""
+
+    ae_title: str = "IANNODE"
+    bind: str = "127.0.0.1"
+    port: int = 11112
+    max_associations: int = 10
+    #: Empty: any calling AE title is accepted.
+    allowed_calling_aes: tuple[CallingAE, ...] = ()
+    extra_sop_classes: tuple[str, ...] = ()
+    acse_timeout_s: float = 30.0
+    dimse_timeout_s: float = 60.0
+    network_timeout_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        _check_ae_title("ae_title", self.ae_title)
+        _check_ip("bind", self.bind)
+        _check_port("port", self.port, allow_zero=True)
+        if self.max_associations < 1:
+            raise ConfigError("max_associations", f"must be at least 1, got {self.max_associations}")
+        for uid in self.extra_sop_classes:
+            if not is_dicom_uid(uid):
+                raise ConfigError("extra_sop_classes", f"{uid!r} is not a DICOM UID")
+            if not issubclass(uid_to_service_class(uid), StorageServiceClass):
+                raise ConfigError("extra_sop_classes", f"{uid} is not a storage SOP class")
+        for name in ("acse_timeout_s", "dimse_timeout_s", "network_timeout_s"):
+            _check_positive(name, getattr(self, name))
+
+    @property
+    def sop_classes(self) -> tuple[str, ...]:
+        """Every storage SOP class the SCP accepts."""
+        return BASE_SOP_CLASSES + tuple(u for u in self.extra_sop_classes if u not in BASE_SOP_CLASSES)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TlsConfig:
+    """TLS for the SCP: on when ``cert`` is set; mutual (client certificates required) when ``ca`` is."""
+
+    cert: Path | None = None
+    key: Path | None = None
+    ca: Path | None = None
+
+    def __post_init__(self) -> None:
+        if (self.cert is None) != (self.key is None):
+            raise ConfigError("cert" if self.cert is None else "key", "cert and key must be set together")
+        if self.ca is not None and self.cert is None:
+            raise ConfigError("ca", "a CA (mutual TLS) needs cert and key as well")
+        for name in ("cert", "key", "ca"):
+            _check_file(name, getattr(self, name))
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert is not None
+
+    @property
+    def mutual(self) -> bool:
+        return self.ca is not None
+
+
+@dataclass(frozen=True, kw_only=True)
+class StorageConfig:
+    """Where received files and the SQLite state live."""
+
+    spool_dir: Path = DEFAULT_DATA_DIR / "spool"
+    state_path: Path = DEFAULT_DATA_DIR / "state.sqlite3"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """The model the worker runs. ``checkpoint`` unset: the bundled phantom-trained model."""
+
+    checkpoint: Path | None = None
+    device: str = "auto"
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        _check_file("checkpoint", self.checkpoint)
+        if _DEVICE_RE.fullmatch(self.device) is None:
+            raise ConfigError("device", f"must be auto, cpu, mps, cuda or cuda:N, got {self.device!r}")
+        if self.batch_size < 1:
+            raise ConfigError("batch_size", f"must be at least 1, got {self.batch_size}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SeriesConfig:
+    """When a series is complete, and which complete series become jobs."""
+
+    quiet_period_s: float = 10.0
+    modalities: tuple[str, ...] = ("MR",)
+    #: A regular expression searched (case-insensitively) in Series Description; empty matches all.
+    description_pattern: str = ""
+    #: Slices are frames: one per single-frame instance, NumberOfFrames per multi-frame instance.
+    min_slices: int = 5
+    #: What happens to the files of a series that is not selected.
+    retention: Literal["keep", "purge"] = "keep"
+
+    def __post_init__(self) -> None:
+        _check_positive("quiet_period_s", self.quiet_period_s)
+        if not self.modalities:
+            raise ConfigError("modalities", "must name at least one modality")
+        try:
+            re.compile(self.description_pattern)
+        except re.error as exc:
+            raise ConfigError("description_pattern", f"is not a regular expression: {exc}") from None
+        if self.min_slices < 1:
+            raise ConfigError("min_slices", f"must be at least 1, got {self.min_slices}")
+
+    @property
+    def description_regex(self) -> re.Pattern[str]:
+        return re.compile(self.description_pattern, re.IGNORECASE)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DicomTarget:
+    """C-STORE to a fixed AE, or (``back_to_sender``) to the AE that sent the series, on ``port``."""
+
+    kind: Literal["dicom"] = "dicom"
+    name: str
+    ae_title: str = ""
+    host: str = ""
+    port: int = 104
+    back_to_sender: bool = False
+    timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        _check_port("port", self.port, allow_zero=False)
+        _check_positive("timeout_s", self.timeout_s)
+        if not self.back_to_sender:
+            for name in ("ae_title", "host"):
+                if not getattr(self, name):
+                    raise ConfigError(name, "is required unless back_to_sender is true")
+            _check_ae_title("ae_title", self.ae_title)
+
+
+@dataclass(frozen=True, kw_only=True)
+class _HttpTarget:
+    name: str
+    url: str
+    username: str | None = None
+    password: str | None = None
+    token: str | None = None
+    timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if not re.match(r"https?://[^/\s]+", self.url):
+            raise ConfigError("url", f"must be an http:// or https:// URL, got {self.url!r}")
+        if (self.username is None) != (self.password is None):
+            raise ConfigError("password", "username and password must be set together")
+        if self.token is not None and self.username is not None:
+            raise ConfigError("token", "use either a bearer token or username/password, not both")
+        _check_positive("timeout_s", self.timeout_s)
+
+
+@dataclass(frozen=True, kw_only=True)
+class StowRsTarget(_HttpTarget):
+    """STOW-RS to a DICOMweb base URL (``url`` is the service root, e.g. ``.../dicom-web``)."""
+
+    kind: Literal["stowrs"] = "stowrs"
+
+
+@dataclass(frozen=True, kw_only=True)
+class OrthancTarget(_HttpTarget):
+    """Orthanc REST upload: ``POST {url}/instances``."""
+
+    kind: Literal["orthanc"] = "orthanc"
+
+
+TargetConfig = DicomTarget | StowRsTarget | OrthancTarget
+#: The literal ``kind`` of each export target table.
+TARGET_CONFIG_TYPES: dict[str, type[DicomTarget] | type[StowRsTarget] | type[OrthancTarget]] = {
+    "dicom": DicomTarget,
+    "stowrs": StowRsTarget,
+    "orthanc": OrthancTarget,
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExportConfig:
+    """Where results go, and how failed deliveries are retried (exponential backoff)."""
+
+    targets: tuple[TargetConfig, ...] = ()
+    max_attempts: int = 5
+    backoff_s: float = 10.0
+    max_backoff_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        names = [t.name for t in self.targets]
+        for i, name in enumerate(names):
+            if not name or not name.isprintable():
+                raise ConfigError(f"targets[{i}].name", f"must be non-empty printable text, got {name!r}")
+            if name in names[:i]:
+                raise ConfigError(f"targets[{i}].name", f"{name!r} is used by another target")
+        if self.max_attempts < 1:
+            raise ConfigError("max_attempts", f"must be at least 1, got {self.max_attempts}")
+        _check_positive("backoff_s", self.backoff_s)
+        if self.max_backoff_s < self.backoff_s:
+            raise ConfigError("max_backoff_s", f"must be at least backoff_s ({self.backoff_s})")
+
+    def backoff(self, attempts: int) -> float:
+        """Seconds to wait after the ``attempts``-th failed attempt."""
+        return min(self.backoff_s * 2.0 ** max(attempts - 1, 0), self.max_backoff_s)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ApiConfig:
+    """The HTTP API; with ``token`` set, every request needs ``Authorization: Bearer <token>``."""
+
+    bind: str = "127.0.0.1"
+    port: int = 8765
+    token: str | None = None
+
+    def __post_init__(self) -> None:
+        _check_ip("bind", self.bind)
+        _check_port("port", self.port, allow_zero=True)
+        if self.token is not None and len(self.token) < 16:
+            raise ConfigError("token", "must have at least 16 characters")
+
+
+@dataclass(frozen=True, kw_only=True)
+class NodeConfig:
+    dicom: DicomConfig = field(default_factory=DicomConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    series: SeriesConfig = field(default_factory=SeriesConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    api: ApiConfig = field(default_factory=ApiConfig)
+
+
+SECTIONS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(NodeConfig))
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: Path | None = None, environ: Mapping[str, str] | None = None) -> NodeConfig:
+    """Read ``path`` (TOML; None: no file), apply ``IAN_NODE_*`` overrides and validate everything."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with Path(path).open("rb") as fh:
+                raw = tomllib.load(fh)
+        except OSError as exc:
+            raise ConfigError(str(path), f"cannot read the config file: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(str(path), f"the config file is not valid TOML: {exc}") from None
+    _apply_environment(raw, os.environ if environ is None else environ)
+    return _build(NodeConfig, raw, "")
+
+
+def _apply_environment(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
+    hints = typing.get_type_hints(NodeConfig)
+    for name, text in sorted(environ.items()):
+        if not name.startswith(ENV_PREFIX) or name == ENV_CONFIG_FILE:
+            continue
+        section, _, key = name[len(ENV_PREFIX) :].lower().partition("_")
+        section_type = hints.get(section)
+        key_types = typing.get_type_hints(section_type) if section_type else {}
+        if key not in key_types:
+            raise ConfigError(name, "names no configuration key (see ian_node/config.py)")
+        table = raw.setdefault(section, {})
+        if not isinstance(table, dict):
+            raise ConfigError(section, "must be a table")
+        table[key] = _from_env(name, text, key_types[key])
+
+
+def _from_env(name: str, text: str, tp: Any) -> Any:
+    """Turn an environment string into the value a TOML file would hold for a key of type ``tp``."""
+    args = typing.get_args(tp)
+    if _is_optional(tp):
+        return _UNSET if text == "" else _from_env(name, text, _strip_none(tp))
+    if tp is bool:
+        lowered = text.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(name, f"must be true or false, got {text!r}")
+    if tp in (int, float):
+        try:
+            return tp(text)
+        except ValueError:
+            raise ConfigError(name, f"must be {'an integer' if tp is int else 'a number'}, got {text!r}") from None
+    if typing.get_origin(tp) is tuple:
+        if text.lstrip().startswith("["):
+            try:
+                return tomllib.loads(f"v = {text}")["v"]
+            except tomllib.TOMLDecodeError as exc:
+                raise ConfigError(name, f"is not a TOML inline array: {exc}") from None
+        if args[0] is str or args[0] is CallingAE:
+            return [part.strip() for part in text.split(",") if part.strip()]
+        raise ConfigError(name, "must be a TOML inline array")
+    return text
+
+
+class _Unset:
+    """An environment override that clears an optional key back to None."""
+
+
+_UNSET = _Unset()
+
+
+def _is_optional(tp: Any) -> bool:
+    return typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)
+
+
+def _strip_none(tp: Any) -> Any:
+    rest = [a for a in typing.get_args(tp) if a is not type(None)]
+    return rest[0] if len(rest) == 1 else typing.Union[tuple(rest)]
+
+
+def _build(cls: Any, table: Any, where: str) -> Any:
+    """Build dataclass ``cls`` from a TOML table, converting and checking every key."""
+    if not isinstance(table, dict):
+        raise ConfigError(where, f"must be a table, got {type(table).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(table) - known)
+    if unknown:
+        raise ConfigError(_join(where, unknown[0]), f"unknown key (known: {', '.join(sorted(known))})")
+    values = {key: _convert(hints[key], value, _join(where, key)) for key, value in table.items()}
+    try:
+        return cls(**{k: v for k, v in values.items() if v is not _UNSET})
+    except ConfigError as exc:
+        raise exc.within(where) if where else exc from None
+    except TypeError as exc:  # a required key is missing
+        missing = re.findall(r"'(\w+)'", str(exc))
+        raise ConfigError(_join(where, missing[0] if missing else ""), "is required") from None
+
+
+def _convert(tp: Any, value: Any, key: str) -> Any:
+    if value is _UNSET:
+        if not _is_optional(tp):
+            raise ConfigError(key, "cannot be empty")
+        return _UNSET
+    if _is_optional(tp):
+        tp = _strip_none(tp)
+    origin = typing.get_origin(tp)
+    if typing.get_args(tp) == typing.get_args(TargetConfig):
+        return _build_target(value, key)
+    if dataclasses.is_dataclass(tp):
+        if tp is CallingAE and isinstance(value, str):
+            value = {"ae_title": value}
+        return _build(tp, value, key)
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise ConfigError(key, f"must be a list, got {type(value).__name__}")
+        item_type = typing.get_args(tp)[0]
+        return tuple(_convert(item_type, item, f"{key}[{i}]") for i, item in enumerate(value))
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(key, f"must be one of {', '.join(map(repr, choices))}, got {value!r}")
+        return value
+    if tp is Path:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(key, f"must be a non-empty path, got {value!r}")
+        return Path(value)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (str, int, float, bool):
+        if type(value) is not tp:
+            raise ConfigError(key, f"must be {tp.__name__}, got {type(value).__name__} {value!r}")
+        return value
+    raise ConfigError(key, f"has an unsupported type {tp!r}")  # a programming error in this module
+
+
+def _build_target(value: Any, key: str) -> TargetConfig:
+    if not isinstance(value, dict):
+        raise ConfigError(key, f"must be a table, got {type(value).__name__}")
+    kind = value.get("kind")
+    if kind not in TARGET_CONFIG_TYPES:
+        raise ConfigError(f"{key}.kind", f"must be one of {', '.join(map(repr, TARGET_CONFIG_TYPES))}, got {kind!r}")
+    return _build(TARGET_CONFIG_TYPES[kind], value, key)
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key

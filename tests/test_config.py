@@ -1,0 +1,182 @@
+"""The node's config: defaults with no file, TOML, environment overrides, and errors that name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ian_node.config import (
+    CallingAE,
+    ConfigError,
+    DicomTarget,
+    ExportConfig,
+    OrthancTarget,
+    StowRsTarget,
+    load_config,
+)
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "ian-node.toml"
+    path.write_text(text)
+    return path
+
+
+def _error(tmp_path: Path, text: str = "", env: dict[str, str] | None = None) -> ConfigError:
+    path = _write(tmp_path, text) if text else None
+    with pytest.raises(ConfigError) as info:
+        load_config(path, environ=env or {})
+    return info.value
+
+
+def test_defaults_run_with_no_file_and_no_environment() -> None:
+    cfg = load_config(None, environ={})
+    assert (cfg.dicom.ae_title, cfg.dicom.port, cfg.dicom.bind) == ("IANNODE", 11112, "127.0.0.1")
+    assert cfg.series.quiet_period_s == 10.0
+    assert cfg.model.checkpoint is None
+    assert cfg.storage.spool_dir == Path("ian-node-data/spool")
+    assert cfg.storage.state_path == Path("ian-node-data/state.sqlite3")
+    assert cfg.dicom.sop_classes == ("1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.5.1.4.1.1.4.1")
+    assert cfg.api.bind == "127.0.0.1" and cfg.api.token is None
+    assert cfg.export.targets == () and not cfg.tls.enabled
+
+
+def test_toml_file_sets_every_section(tmp_path: Path) -> None:
+    path = _write(tmp_path, """
+[dicom]
+ae_title = "NODE1"
+port = 104
+bind = "0.0.0.0"
+allowed_calling_aes = ["PACS", { ae_title = "ORTHANC", host = "10.0.0.7" }]
+extra_sop_classes = ["1.2.840.10008.5.1.4.1.1.2"]
+
+[storage]
+spool_dir = "/var/lib/ian-node/spool"
+
+[series]
+quiet_period_s = 3
+description_pattern = "neuro|MRN"
+min_slices = 20
+retention = "purge"
+
+[export]
+max_attempts = 3
+
+[[export.targets]]
+kind = "dicom"
+name = "pacs"
+ae_title = "PACS"
+host = "10.0.0.2"
+port = 11112
+
+[[export.targets]]
+kind = "dicom"
+name = "sender"
+back_to_sender = true
+port = 4242
+
+[[export.targets]]
+kind = "stowrs"
+name = "web"
+url = "http://127.0.0.1:8042/dicom-web"
+username = "ian"
+password = "secret"
+
+[[export.targets]]
+kind = "orthanc"
+name = "orthanc"
+url = "http://127.0.0.1:8042"
+token = "abc"
+
+[api]
+port = 9000
+token = "0123456789abcdef0123"
+""")
+    cfg = load_config(path, environ={})
+    assert cfg.dicom.ae_title == "NODE1" and cfg.dicom.port == 104 and cfg.dicom.bind == "0.0.0.0"
+    assert cfg.dicom.allowed_calling_aes == (CallingAE(ae_title="PACS"), CallingAE(ae_title="ORTHANC", host="10.0.0.7"))
+    assert "1.2.840.10008.5.1.4.1.1.2" in cfg.dicom.sop_classes
+    assert cfg.storage.spool_dir == Path("/var/lib/ian-node/spool")
+    assert cfg.storage.state_path == Path("ian-node-data/state.sqlite3")
+    assert cfg.series.quiet_period_s == 3.0 and cfg.series.retention == "purge"
+    kinds = [type(t) for t in cfg.export.targets]
+    assert kinds == [DicomTarget, DicomTarget, StowRsTarget, OrthancTarget]
+    assert cfg.export.targets[1].back_to_sender and cfg.export.max_attempts == 3
+    assert cfg.api.port == 9000
+
+
+def test_environment_overrides_the_file(tmp_path: Path) -> None:
+    path = _write(tmp_path, "[dicom]\nport = 104\n[series]\nmodalities = ['MR']\n")
+    env = {
+        "IAN_NODE_DICOM_PORT": "11113",
+        "IAN_NODE_SERIES_QUIET_PERIOD_S": "0.5",
+        "IAN_NODE_SERIES_MODALITIES": "MR, OT",
+        "IAN_NODE_DICOM_ALLOWED_CALLING_AES": '[{ae_title = "A", host = "127.0.0.1"}]',
+        "IAN_NODE_EXPORT_TARGETS": '[{kind = "orthanc", name = "o", url = "http://127.0.0.1:8042"}]',
+        "IAN_NODE_MODEL_DEVICE": "cuda:1",
+        "IAN_NODE_CONFIG": str(path),  # reserved for the CLI: not a key
+        "OTHER_VARIABLE": "ignored",
+    }
+    cfg = load_config(path, environ=env)
+    assert cfg.dicom.port == 11113
+    assert cfg.series.quiet_period_s == 0.5
+    assert cfg.series.modalities == ("MR", "OT")
+    assert cfg.dicom.allowed_calling_aes == (CallingAE(ae_title="A", host="127.0.0.1"),)
+    assert cfg.export.targets[0].name == "o" and cfg.model.device == "cuda:1"
+
+
+def test_empty_environment_value_clears_an_optional_key(tmp_path: Path) -> None:
+    path = _write(tmp_path, '[api]\ntoken = "0123456789abcdef0123"\n')
+    assert load_config(path, environ={"IAN_NODE_API_TOKEN": ""}).api.token is None
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "key", "reason"),
+    [
+        ("[dicom]\nport = 70000\n", {}, "dicom.port", "between 0 and 65535"),
+        ('[dicom]\nport = "104"\n', {}, "dicom.port", "must be int"),
+        ("[dicom]\nprot = 104\n", {}, "dicom.prot", "unknown key"),
+        ("[dicomm]\nport = 104\n", {}, "dicomm", "unknown key"),
+        ('[dicom]\nae_title = "THIS-TITLE-IS-TOO-LONG"\n', {}, "dicom.ae_title", "1 to 16"),
+        ('[dicom]\nallowed_calling_aes = [{ae_title = "A", host = "pacs.local"}]\n', {},
+         "dicom.allowed_calling_aes[0].host", "IP address"),
+        ('[dicom]\nextra_sop_classes = ["1.2.840.10008.1.1"]\n', {}, "dicom.extra_sop_classes", "not a storage"),
+        ('[series]\ndescription_pattern = "("\n', {}, "series.description_pattern", "regular expression"),
+        ('[series]\nretention = "archive"\n', {}, "series.retention", "one of 'keep', 'purge'"),
+        ("[series]\nquiet_period_s = 0\n", {}, "series.quiet_period_s", "greater than 0"),
+        ('[tls]\ncert = "/nonexistent/cert.pem"\nkey = "/nonexistent/key.pem"\n', {}, "tls.cert", "does not exist"),
+        ('[tls]\nca = "/nonexistent/ca.pem"\n', {}, "tls.ca", "needs cert and key"),
+        ('[model]\ndevice = "tpu"\n', {}, "model.device", "auto, cpu"),
+        ('[[export.targets]]\nkind = "ftp"\nname = "x"\n', {}, "export.targets[0].kind", "one of"),
+        ('[[export.targets]]\nkind = "dicom"\nae_title = "PACS"\nhost = "1.2.3.4"\n', {},
+         "export.targets[0].name", "required"),
+        ('[[export.targets]]\nkind = "dicom"\nname = "p"\nae_title = "PACS"\n', {},
+         "export.targets[0].host", "unless back_to_sender"),
+        ('[[export.targets]]\nkind = "orthanc"\nname = "o"\nurl = "ftp://x"\n', {}, "export.targets[0].url", "http"),
+        ('[[export.targets]]\nkind = "orthanc"\nname = "o"\nurl = "http://x"\n'
+         '[[export.targets]]\nkind = "orthanc"\nname = "o"\nurl = "http://y"\n', {}, "export.targets[1].name",
+         "used by another"),
+        ('[api]\ntoken = "short"\n', {}, "api.token", "16 characters"),
+        ("", {"IAN_NODE_DICOM_PORT": "eleven"}, "IAN_NODE_DICOM_PORT", "integer"),
+        ("", {"IAN_NODE_DICOM_PROT": "104"}, "IAN_NODE_DICOM_PROT", "names no configuration key"),
+        ("", {"IAN_NODE_EXPORT_TARGETS": "[{kind="}, "IAN_NODE_EXPORT_TARGETS", "TOML"),
+    ],
+)
+def test_invalid_value_raises_config_error_naming_key_and_reason(
+    tmp_path: Path, text: str, env: dict[str, str], key: str, reason: str
+) -> None:
+    error = _error(tmp_path, text, env)
+    assert error.key == key
+    assert reason in error.reason
+
+
+def test_unreadable_or_invalid_file_raises_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.toml", environ={})
+    assert "not valid TOML" in _error(tmp_path, "[dicom\n").reason
+
+
+def test_backoff_doubles_up_to_its_maximum() -> None:
+    policy = ExportConfig(backoff_s=2.0, max_backoff_s=10.0)
+    assert [policy.backoff(n) for n in (1, 2, 3, 4, 5)] == [2.0, 4.0, 8.0, 10.0, 10.0]
