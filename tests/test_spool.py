@@ -1,0 +1,85 @@
+"""The spool: UID-safe paths, atomic writes, and a full disk reported as SpoolFullError."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ian_node.spool import Spool, SpoolFullError, UnsafeUIDError, atomic_write, checked_uid
+from tests.integration.peers import tiny_tmpfs
+
+SERIES = "1.2.826.0.1.3680043.8.498.1"
+SOP = "1.2.826.0.1.3680043.8.498.1.7"
+
+
+@pytest.mark.parametrize("uid", ["1.2.3", "0.1", "2.25.329800735698586629295641978511506172918", "1." + "2" * 62])
+def test_valid_uid_is_accepted(uid: str) -> None:
+    assert checked_uid(uid, "SeriesInstanceUID") == uid
+
+
+@pytest.mark.parametrize(
+    "uid",
+    ["../../etc", "1.2/3", "1.02.3", "1.2.", ".1.2", "1..2", "1.2.3\n", "1.2 3", "", "1." + "2" * 63, None, 123],
+)
+def test_invalid_uid_is_refused_before_it_reaches_a_path(tmp_path: Path, uid: object) -> None:
+    with pytest.raises(UnsafeUIDError):
+        checked_uid(uid, "SeriesInstanceUID")
+    with pytest.raises(UnsafeUIDError):
+        Spool(tmp_path).write_instance(uid, SOP, b"data")  # type: ignore[arg-type]
+    assert not any(tmp_path.rglob("*.dcm"))
+
+
+def test_write_instance_stores_the_bytes_under_series_and_sop_uid(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    relpath = spool.write_instance(SERIES, SOP, b"first")
+    assert relpath == f"instances/{SERIES}/{SOP}.dcm"
+    assert spool.path(relpath).read_bytes() == b"first"
+
+
+def test_rewrite_replaces_the_file_and_leaves_no_temporary(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    spool.write_instance(SERIES, SOP, b"first")
+    relpath = spool.write_instance(SERIES, SOP, b"second")
+    assert spool.path(relpath).read_bytes() == b"second"
+    assert sorted(p.name for p in spool.path(relpath).parent.iterdir()) == [f"{SOP}.dcm"]
+
+
+def test_path_refuses_anything_outside_the_spool(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    for relpath in ("../outside.dcm", "/etc/passwd", "instances/../../x", "."):
+        with pytest.raises(ValueError, match="outside the spool"):
+            spool.path(relpath)
+
+
+def test_remove_deletes_files_and_the_emptied_series_folder(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    paths = [spool.write_instance(SERIES, f"{SOP}.{i}", b"x") for i in range(3)]
+    assert spool.remove(paths + [paths[0]]) == 3
+    assert not (tmp_path / "instances" / SERIES).exists()
+
+
+def test_stale_temporaries_are_removed(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    spool.write_instance(SERIES, SOP, b"kept")
+    stale = tmp_path / "instances" / SERIES / ".partial-abc123"
+    stale.write_bytes(b"half")
+    assert spool.remove_stale_temporaries() == 1
+    assert not stale.exists()
+    assert spool.path(f"instances/{SERIES}/{SOP}.dcm").read_bytes() == b"kept"
+
+
+def test_full_disk_raises_spool_full_and_keeps_earlier_files_intact() -> None:
+    with tiny_tmpfs(64) as mount:
+        spool = Spool(mount)
+        written: list[tuple[str, bytes]] = []
+        with pytest.raises(SpoolFullError):
+            for i in range(100):
+                data = bytes([i]) * 10_000
+                written.append((spool.write_instance(SERIES, f"{SOP}.{i}", data), data))
+        assert written, "the tmpfs should hold at least one file"
+        for relpath, data in written:
+            assert spool.path(relpath).read_bytes() == data
+        assert not list(mount.rglob(".partial-*"))
+        with pytest.raises(SpoolFullError):
+            atomic_write(mount / "results" / "job-1.dcm", b"y" * 200_000)
