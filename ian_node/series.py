@@ -1,0 +1,125 @@
+"""Series completion: a quiet-period timer per series, then the selection rules.
+
+DICOM has no "end of series" message, so a series counts as complete once no instance of it has
+arrived for ``series.quiet_period_s``. Each stored instance restarts its series' timer. When a timer
+fires, the selection rules decide: a selected series becomes a job for its current version (one job
+per version, enforced by the state); a series that is not selected is recorded as skipped with the
+reason, and its files are kept or purged according to ``series.retention``.
+
+The timers live in an apscheduler ``BackgroundScheduler``; the state keeps what they need
+(``awaiting_completion`` and the last arrival time), so :meth:`SeriesTracker.start` re-arms them
+after a restart.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from ian_node.config import SeriesConfig
+from ian_node.spool import Spool
+from ian_node.state import Job, RecordOutcome, Series, State
+
+logger = logging.getLogger(__name__)
+
+
+def skip_reason(series: Series, rules: SeriesConfig) -> str | None:
+    """Why a complete series is not selected, or None when it is."""
+    if series.modality not in rules.modalities:
+        return f"modality {series.modality or '(none)'!r} is not one of {', '.join(rules.modalities)}"
+    if rules.description_pattern and not rules.description_regex.search(series.description):
+        # The description itself is not repeated: it may carry free text about the patient.
+        return f"series description does not match {rules.description_pattern!r}"
+    if series.slice_count < rules.min_slices:
+        return f"{series.slice_count} slices, fewer than the minimum of {rules.min_slices}"
+    return None
+
+
+class SeriesTracker:
+    """Owns the quiet-period timers; calls ``on_job`` for every job it queues (to wake the worker)."""
+
+    def __init__(
+        self,
+        state: State,
+        spool: Spool,
+        rules: SeriesConfig,
+        on_job: Callable[[Job], None] | None = None,
+    ) -> None:
+        self._state = state
+        self._spool = spool
+        self._rules = rules
+        self._on_job = on_job
+        self._scheduler = BackgroundScheduler(
+            timezone=timezone.utc,
+            job_defaults={"misfire_grace_time": None, "coalesce": True, "max_instances": 1},
+        )
+
+    def start(self) -> None:
+        """Start the scheduler and re-arm the timer of every series the state says is still open."""
+        self._scheduler.start()
+        pending = self._state.series_awaiting_completion()
+        for series in pending:
+            self._arm(series.series_uid, series.last_received_at + self._rules.quiet_period_s)
+        if pending:
+            logger.info("re-armed quiet-period timers for %d series", len(pending))
+
+    def stop(self) -> None:
+        """Stop the timers (their state stays in SQLite for the next start)."""
+        if self._scheduler.running:
+            self._scheduler.shutdown(wait=True)
+
+    def instance_stored(self, outcome: RecordOutcome) -> None:
+        """Restart the series' quiet period: the SCP calls this after each committed instance."""
+        self._arm(outcome.series_uid, outcome.received_at + self._rules.quiet_period_s)
+
+    def _arm(self, series_uid: str, deadline: float) -> None:
+        self._scheduler.add_job(
+            self.settle,
+            trigger="date",
+            run_date=datetime.fromtimestamp(deadline, tz=timezone.utc),
+            args=(series_uid,),
+            id=series_uid,
+            replace_existing=True,
+        )
+
+    def settle(self, series_uid: str) -> Job | None:
+        """Conclude the quiet period of one series now: queue its job, or skip it (the timer's action)."""
+        try:
+            return self._settle(series_uid)
+        except Exception:  # a timer thread must not die silently
+            logger.exception("series %s: concluding the quiet period failed", series_uid)
+            raise
+
+    def _settle(self, series_uid: str) -> Job | None:
+        series = self._state.series(series_uid)
+        if series is None or not series.awaiting_completion:
+            return None
+        deadline = series.last_received_at + self._rules.quiet_period_s
+        if time.time() < deadline and self._scheduler.running:
+            self._arm(series_uid, deadline)  # an instance arrived while this timer was firing
+            return None
+        reason = skip_reason(series, self._rules)
+        purge = reason is not None and self._rules.retention == "purge"
+        settled = self._state.settle_series(series_uid, series.last_received_at, reason, purge=purge)
+        if not settled.applied:
+            return None
+        if reason is not None:
+            logger.info("series %s not selected: %s", series_uid, reason)
+            if purge:
+                removed = self._spool.remove(settled.purged_paths)
+                logger.info("series %s: purged %d files (retention policy)", series_uid, removed)
+            return None
+        job = settled.job
+        if job is None:
+            return None
+        logger.info(
+            "series %s version %d complete with %d instances: job %d queued",
+            series_uid, job.series_version, series.instance_count, job.id,
+        )
+        if self._on_job is not None:
+            self._on_job(job)
+        return job
