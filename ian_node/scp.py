@@ -1,0 +1,294 @@
+"""The DICOM listener: C-ECHO, and C-STORE of MR images into the spool and the state.
+
+A C-STORE is answered with success only after the instance's file is durable in the spool (atomic
+write) and its row is committed in SQLite. Otherwise the peer gets a failure status it can act on:
+
+- ``0xA700`` out of resources: the disk (spool or state) is full;
+- ``0xA900`` data set does not match SOP class;
+- ``0xC210`` cannot understand: the header cannot be decoded, or a SOP/series/study UID is missing
+  or malformed (such a UID is never used in a path);
+- ``0x0110`` processing failure: any other local error.
+
+Association checks: the calling AE allow-list (with an optional source IP per AE), the called AE
+title, the maximum number of associations and, when configured, TLS (mutual with a CA).
+Unknown SOP classes are refused in presentation-context negotiation. The log names UIDs and AE
+titles, never patient names or IDs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import logging
+import ssl
+from collections.abc import Callable
+from dataclasses import replace
+from enum import IntEnum
+
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import Verification
+from pynetdicom.transport import ThreadedAssociationServer
+
+from ian_node.config import ConfigError, DicomConfig, TlsConfig, is_dicom_uid
+from ian_node.spool import Spool, SpoolFullError, UnsafeUIDError, checked_uid
+from ian_node.state import ReceivedInstance, RecordOutcome, State, StateFullError
+
+logger = logging.getLogger(__name__)
+
+_IP = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+#: Every transfer syntax the SCP accepts for the storage SOP classes; files are stored as received.
+TRANSFER_SYNTAXES: tuple[str, ...] = (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    DeflatedExplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    JPEG2000Lossless,
+    JPEG2000,
+    RLELossless,
+)
+
+
+class Status(IntEnum):
+    """The C-STORE statuses this SCP answers (PS3.4 B.2.3, PS3.7 C.4)."""
+
+    SUCCESS = 0x0000
+    PROCESSING_FAILURE = 0x0110
+    OUT_OF_RESOURCES = 0xA700
+    DATASET_MISMATCH = 0xA900
+    CANNOT_UNDERSTAND = 0xC210
+
+
+class _Refused(Exception):
+    def __init__(self, status: Status, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+
+
+def server_ssl_context(tls: TlsConfig) -> ssl.SSLContext | None:
+    """The SCP's TLS context (None when TLS is off); client certificates required when a CA is set."""
+    if not tls.enabled:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(certfile=str(tls.cert), keyfile=str(tls.key))
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError("tls.cert", f"cannot load certificate and key: {exc}") from None
+    if tls.mutual:
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        try:
+            ctx.load_verify_locations(cafile=str(tls.ca))
+        except (ssl.SSLError, OSError) as exc:
+            raise ConfigError("tls.ca", f"cannot load the CA certificates: {exc}") from None
+    return ctx
+
+
+class StorageSCP:
+    """The node's listener; ``on_stored`` is called after each committed instance (the series timers)."""
+
+    def __init__(
+        self,
+        dicom: DicomConfig,
+        tls: TlsConfig,
+        state: State,
+        spool: Spool,
+        on_stored: Callable[[RecordOutcome], None] | None = None,
+    ) -> None:
+        self._dicom = dicom
+        self._ssl = server_ssl_context(tls)
+        self._state = state
+        self._spool = spool
+        self._on_stored = on_stored
+        # AE title -> the IPs it may connect from (None: any); an empty map allows every AE.
+        self._allowed: dict[str, set[_IP] | None] = {}
+        for entry in dicom.allowed_calling_aes:
+            title = entry.ae_title.strip()
+            if entry.host is None:
+                self._allowed[title] = None
+            elif title not in self._allowed or self._allowed[title] is not None:
+                self._allowed.setdefault(title, set()).add(_ip(entry.host))  # type: ignore[union-attr]
+        self._sop_classes = frozenset(dicom.sop_classes)
+        self._server: ThreadedAssociationServer | None = None
+
+        ae = AE(ae_title=dicom.ae_title)
+        ae.maximum_associations = dicom.max_associations
+        ae.acse_timeout = dicom.acse_timeout_s
+        ae.dimse_timeout = dicom.dimse_timeout_s
+        ae.network_timeout = dicom.network_timeout_s
+        ae.require_called_aet = True
+        ae.add_supported_context(Verification)
+        for sop_class in dicom.sop_classes:
+            ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES))
+        self._ae = ae
+
+    @property
+    def port(self) -> int:
+        """The TCP port the server listens on (the real one when configured as 0)."""
+        if self._server is None:
+            raise RuntimeError("the SCP is not running")
+        return int(self._server.server_address[1])
+
+    def start(self) -> None:
+        """Listen in background threads (one per association)."""
+        handlers = [
+            (evt.EVT_REQUESTED, self._check_requestor),
+            (evt.EVT_C_ECHO, handle_echo),
+            (evt.EVT_C_STORE, self.handle_store),
+        ]
+        self._server = self._ae.start_server(
+            (self._dicom.bind, self._dicom.port), block=False, evt_handlers=handlers, ssl_context=self._ssl
+        )
+        mode = "" if self._ssl is None else " with mutual TLS" if self._ssl.verify_mode == ssl.CERT_REQUIRED else " with TLS"
+        logger.info("listening as %s on %s:%d%s", self._dicom.ae_title, self._dicom.bind, self.port, mode)
+
+    def stop(self) -> None:
+        """Stop listening and end open associations."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+    def _check_requestor(self, event: evt.Event) -> None:
+        """Reject an association whose calling AE title (or its source address) is not allowed."""
+        if not self._allowed:
+            return
+        requestor = event.assoc.requestor
+        calling = requestor.primitive.calling_ae_title.strip()
+        if calling not in self._allowed:
+            reason = "calling AE title not on the allow-list"
+        elif (hosts := self._allowed[calling]) is not None and _ip(requestor.address) not in hosts:
+            reason = f"calling AE not allowed from {requestor.address}"
+        else:
+            return
+        logger.warning("association from %s@%s rejected: %s", calling, requestor.address, reason)
+        event.assoc.acse.send_reject(0x01, 0x01, 0x03)  # permanent, service user, calling AE not recognised
+        evt.trigger(event.assoc, evt.EVT_REJECTED, {})
+        event.assoc.kill()
+
+    def handle_store(self, event: evt.Event) -> int:
+        """Store one instance durably and answer its C-STORE status."""
+        calling = event.assoc.requestor.ae_title.strip()
+        try:
+            received = self._receive(event)
+        except _Refused as refused:
+            affected = str(event.request.AffectedSOPInstanceUID or "")
+            logger.warning(
+                "C-STORE of %s from %s refused with 0x%04X: %s",
+                affected if is_dicom_uid(affected) else "(invalid UID)", calling, int(refused.status), refused,
+            )
+            return int(refused.status)
+        logger.debug("stored %s of series %s from %s", received.sop_instance_uid, received.series_uid, calling)
+        return int(Status.SUCCESS)
+
+    def _receive(self, event: evt.Event) -> ReceivedInstance:
+        header = self._describe(event)
+        uid = header.sop_instance_uid
+        stream = event.encoded_dataset(include_meta=False)
+        try:
+            relpath = self._spool.write_instance(header.series_uid, uid, event.encoded_dataset())
+        except SpoolFullError as exc:
+            raise _Refused(Status.OUT_OF_RESOURCES, f"spool full writing {uid}: {exc}") from exc
+        except OSError as exc:
+            raise _Refused(Status.PROCESSING_FAILURE, f"cannot write {uid}: {exc}") from exc
+        received = replace(header, path=relpath, size=len(stream), sha256=hashlib.sha256(stream).hexdigest())
+        try:
+            outcome = self._state.record_instance(received)
+        except StateFullError as exc:
+            raise _Refused(Status.OUT_OF_RESOURCES, f"state full recording {uid}: {exc}") from exc
+        except Exception as exc:
+            raise _Refused(Status.PROCESSING_FAILURE, f"cannot record {uid}: {exc}") from exc
+        if self._on_stored is not None:
+            try:
+                self._on_stored(outcome)
+            except Exception:  # the instance is durable: the peer still gets success
+                logger.exception("series %s: after-store notification failed", outcome.series_uid)
+        return received
+
+    def _describe(self, event: evt.Event) -> ReceivedInstance:
+        """The header facts the state needs, checked (anything wrong is 0xC210 or 0xA900); no file yet."""
+        requestor = event.assoc.requestor
+        try:
+            ds = event.dataset
+            uids = {
+                key: checked_uid(ds.get(keyword), keyword)
+                for key, keyword in (
+                    ("sop_class_uid", "SOPClassUID"),
+                    ("sop_instance_uid", "SOPInstanceUID"),
+                    ("series_uid", "SeriesInstanceUID"),
+                    ("study_uid", "StudyInstanceUID"),
+                )
+            }
+            frames = int(ds.get("NumberOfFrames") or 1)
+            number = ds.get("InstanceNumber")
+            modality = str(ds.get("Modality") or "")
+            description = str(ds.get("SeriesDescription") or "")
+        except UnsafeUIDError as exc:
+            raise _Refused(Status.CANNOT_UNDERSTAND, str(exc)) from exc
+        except Exception as exc:  # the trust boundary: any decoding error means we cannot understand it
+            raise _Refused(Status.CANNOT_UNDERSTAND, f"cannot decode the data set ({type(exc).__name__})") from exc
+        if frames < 1:
+            raise _Refused(Status.CANNOT_UNDERSTAND, f"NumberOfFrames is {frames} in {uids['sop_instance_uid']}")
+        context_class = event.context.abstract_syntax
+        if uids["sop_class_uid"] != context_class or uids["sop_class_uid"] not in self._sop_classes:
+            raise _Refused(
+                Status.DATASET_MISMATCH,
+                f"{uids['sop_instance_uid']} has SOP class {uids['sop_class_uid']}, sent as {context_class}",
+            )
+        if uids["sop_instance_uid"] != event.request.AffectedSOPInstanceUID:
+            raise _Refused(Status.CANNOT_UNDERSTAND, f"{uids['sop_instance_uid']} differs from the command's UID")
+        return ReceivedInstance(
+            **uids,
+            transfer_syntax_uid=str(event.context.transfer_syntax),
+            path="",
+            size=0,
+            sha256="",
+            frames=frames,
+            instance_number=_int_or_none(number),
+            modality=modality.strip().upper(),
+            description=description,
+            calling_ae=requestor.ae_title.strip(),
+            peer_host=str(requestor.address),
+        )
+
+
+def handle_echo(event: evt.Event) -> int:
+    """C-ECHO: the node is up."""
+    return int(Status.SUCCESS)
+
+
+def _ip(address: str) -> _IP | None:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def _int_or_none(value: object) -> int | None:
+    try:
+        return int(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
