@@ -1,0 +1,269 @@
+"""Export targets and the delivery loop: the result goes out with retries, and counts only when confirmed.
+
+Every target kind implements :class:`ExportTarget` and is registered in :data:`TARGET_KINDS` under
+the literal ``kind`` of its config table. The :class:`Exporter` stores a job's result in the spool,
+creates one delivery per target in the state, and a background thread works through the due
+deliveries: a confirmed delivery is recorded as delivered; a failed one is retried with exponential
+backoff (``export.backoff_s`` doubling up to ``export.max_backoff_s``) until ``export.max_attempts``,
+after which it is failed, visible in the state, and can be retried (:meth:`State.retry_job`).
+
+Confirmation means: C-STORE status 0x0000 (or a 0xB0xx warning, which PS3.4 defines as stored),
+STOW-RS HTTP 200 with no failed SOP, Orthanc REST HTTP 200 with status Success / AlreadyStored.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from io import BytesIO
+from pathlib import Path
+from typing import Protocol
+
+import requests
+from dicomweb_client.api import DICOMwebClient
+from pydicom import Dataset, dcmread, dcmwrite
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, UID
+from pynetdicom import AE
+
+from ian_node.config import DicomTarget, ExportConfig, OrthancTarget, StowRsTarget, TargetConfig
+from ian_node.spool import Spool
+from ian_node.state import Delivery, Job, State
+
+logger = logging.getLogger(__name__)
+
+#: C-STORE warnings that still mean "stored" (PS3.4 B.2.3): coercion, elements discarded.
+_STORED_WARNINGS = frozenset({0xB000, 0xB006, 0xB007})
+
+
+class DeliveryError(Exception):
+    """A target did not confirm the result; the message says what it answered."""
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Who sent the source series: where "back to the sending AE" goes."""
+
+    calling_ae: str
+    peer_host: str
+
+
+class ExportTarget(Protocol):
+    """One destination. ``send`` returns only when the target confirmed; otherwise DeliveryError."""
+
+    name: str
+
+    def send(self, path: Path, origin: Origin) -> None: ...
+
+
+class CStoreExport:
+    """C-STORE SCU to a configured AE, or back to the AE that sent the series."""
+
+    def __init__(self, config: DicomTarget, calling_ae_title: str) -> None:
+        self.name = config.name
+        self._config = config
+        self._calling = calling_ae_title
+
+    def send(self, path: Path, origin: Origin) -> None:
+        cfg = self._config
+        called, host = (origin.calling_ae, origin.peer_host) if cfg.back_to_sender else (cfg.ae_title, cfg.host)
+        if not called or not host:
+            raise DeliveryError("the sending AE of the source series is unknown")
+        ds = dcmread(path)
+        syntax = UID(ds.file_meta.TransferSyntaxUID)
+        syntaxes = [syntax] + ([s for s in (ExplicitVRLittleEndian, ImplicitVRLittleEndian) if s != syntax]
+                               if not syntax.is_compressed else [])
+        ae = AE(ae_title=self._calling)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = cfg.timeout_s
+        ae.add_requested_context(ds.SOPClassUID, syntaxes)
+        where = f"{called}@{host}:{cfg.port}"
+        assoc = ae.associate(host, cfg.port, ae_title=called)
+        if not assoc.is_established:
+            why = "rejected" if assoc.is_rejected else "not established (refused, unreachable or aborted)"
+            raise DeliveryError(f"association with {where} {why}")
+        try:
+            status = assoc.send_c_store(ds)
+        finally:
+            assoc.release()
+        if "Status" not in status:
+            raise DeliveryError(f"no C-STORE response from {where} (timeout or abort)")
+        code = int(status.Status)
+        if code in _STORED_WARNINGS:
+            logger.warning("%s stored %s with warning 0x%04X", where, ds.SOPInstanceUID, code)
+        elif code != 0x0000:
+            raise DeliveryError(f"{where} answered C-STORE status 0x{code:04X}")
+
+
+def _http_session(config: StowRsTarget | OrthancTarget) -> requests.Session:
+    session = requests.Session()
+    if config.username is not None:
+        session.auth = (config.username, config.password or "")
+    if config.token is not None:
+        session.headers["Authorization"] = f"Bearer {config.token}"
+    return session
+
+
+class StowRsExport:
+    """STOW-RS through dicomweb-client (its own retries are off: the Exporter retries)."""
+
+    def __init__(self, config: StowRsTarget, calling_ae_title: str = "") -> None:
+        self.name = config.name
+        self._client = DICOMwebClient(url=config.url, session=_http_session(config), timeout=config.timeout_s)
+        self._client.set_http_retry_params(retry=False)
+
+    def send(self, path: Path, origin: Origin) -> None:
+        ds = dcmread(path)
+        try:
+            response = self._client.store_instances([ds])
+        except requests.RequestException as exc:
+            raise DeliveryError(f"STOW-RS failed: {_http_reason(exc)}") from exc
+        failed = response.get("FailedSOPSequence")
+        if failed:
+            reasons = ", ".join(f"0x{int(item.get('FailureReason', 0)):04X}" for item in failed)
+            raise DeliveryError(f"STOW-RS refused {ds.SOPInstanceUID}: failure reason {reasons}")
+        stored = response.get("ReferencedSOPSequence")
+        if stored is not None and ds.SOPInstanceUID not in {i.get("ReferencedSOPInstanceUID") for i in stored}:
+            raise DeliveryError(f"STOW-RS response does not list {ds.SOPInstanceUID}")
+
+
+class OrthancExport:
+    """Orthanc REST upload: ``POST {url}/instances`` with the file as it is stored."""
+
+    def __init__(self, config: OrthancTarget, calling_ae_title: str = "") -> None:
+        self.name = config.name
+        self._url = config.url.rstrip("/") + "/instances"
+        self._timeout = config.timeout_s
+        self._session = _http_session(config)
+
+    def send(self, path: Path, origin: Origin) -> None:
+        try:
+            response = self._session.post(
+                self._url, data=path.read_bytes(), headers={"Content-Type": "application/dicom"},
+                timeout=self._timeout,
+            )
+        except requests.RequestException as exc:
+            raise DeliveryError(f"Orthanc upload failed: {_http_reason(exc)}") from exc
+        if response.status_code != 200:
+            raise DeliveryError(f"Orthanc answered HTTP {response.status_code}: {response.text[:200]}")
+        try:
+            status = response.json().get("Status")
+        except ValueError:
+            status = None
+        if status not in ("Success", "AlreadyStored"):
+            raise DeliveryError(f"Orthanc did not confirm the upload (status {status!r})")
+
+
+def _http_reason(exc: requests.RequestException) -> str:
+    if exc.response is not None:
+        return f"HTTP {exc.response.status_code} {exc.response.text[:200]}"
+    return type(exc).__name__
+
+
+#: Target constructors by the literal ``kind`` of their config table.
+TARGET_KINDS: dict[str, Callable[..., ExportTarget]] = {
+    "dicom": CStoreExport,
+    "stowrs": StowRsExport,
+    "orthanc": OrthancExport,
+}
+
+
+def build_targets(configs: tuple[TargetConfig, ...], calling_ae_title: str) -> dict[str, ExportTarget]:
+    """One target per config entry, by name; ``calling_ae_title`` is the node's own AE title."""
+    return {c.name: TARGET_KINDS[c.kind](c, calling_ae_title) for c in configs}
+
+
+class Exporter:
+    """Delivers results: ``submit`` from the worker, a background thread for attempts and retries."""
+
+    def __init__(
+        self,
+        state: State,
+        spool: Spool,
+        targets: Mapping[str, ExportTarget],
+        policy: ExportConfig,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._state = state
+        self._spool = spool
+        self._targets = dict(targets)
+        self._policy = policy
+        self._clock = clock
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, job_id: int, result: Dataset) -> Job:
+        """Store a running job's result durably and queue one delivery per target."""
+        buffer = BytesIO()
+        dcmwrite(buffer, result, enforce_file_format=True)
+        relpath = self._spool.write_result(job_id, buffer.getvalue())
+        job = self._state.mark_job_exporting(job_id, relpath, list(self._targets))
+        logger.info("job %d: result %s stored, %d deliveries queued", job_id, result.SOPInstanceUID, len(self._targets))
+        self.wake()
+        return job
+
+    def wake(self) -> None:
+        """Look for due deliveries now (after a submit or an operator's retry)."""
+        self._wake.set()
+
+    def deliver_due(self) -> int:
+        """Attempt every delivery that is due now; returns how many were attempted."""
+        due = self._state.due_deliveries(self._clock())
+        for delivery in due:
+            self._attempt(delivery)
+        return len(due)
+
+    def _attempt(self, delivery: Delivery) -> None:
+        job_id, name = delivery.job_id, delivery.target
+        job = self._state.job(job_id)
+        series = self._state.series(job.series_uid) if job else None
+        target = self._targets.get(name)
+        if job is None or job.result_path is None or series is None:
+            self._state.delivery_failed(job_id, name, "the job or its result is missing", retry_at=None)
+            return
+        if target is None:
+            self._state.delivery_failed(job_id, name, f"target {name!r} is no longer configured", retry_at=None)
+            logger.error("job %d: target %r is no longer configured", job_id, name)
+            return
+        try:
+            target.send(self._spool.path(job.result_path), Origin(series.calling_ae, series.peer_host))
+        except Exception as exc:  # any failure of a target is a failed attempt, never a dead thread
+            attempts = delivery.attempts + 1
+            error = str(exc) if isinstance(exc, DeliveryError) else f"{type(exc).__name__}: {exc}"
+            retry_at = None if attempts >= self._policy.max_attempts else self._clock() + self._policy.backoff(attempts)
+            self._state.delivery_failed(job_id, name, error, retry_at)
+            if retry_at is None:
+                logger.error("job %d: delivery to %s failed for good after %d attempts: %s", job_id, name, attempts, error)
+            else:
+                logger.warning("job %d: delivery to %s failed (attempt %d), retry in %.1f s: %s",
+                               job_id, name, attempts, retry_at - self._clock(), error)
+            return
+        job = self._state.delivery_succeeded(job_id, name)
+        logger.info("job %d: delivered to %s%s", job_id, name, " (job done)" if job.state == "done" else "")
+
+    def start(self) -> None:
+        """Deliver in a background thread until :meth:`stop`."""
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="ian-node-exporter", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.clear()
+            try:
+                self.deliver_due()
+                due = self._state.next_delivery_at()
+            except Exception:  # e.g. the state is unreadable for a moment: try again shortly
+                logger.exception("delivery pass failed")
+                due = self._clock() + 5.0
+            wait = 60.0 if due is None else min(max(due - self._clock(), 0.0), 60.0)
+            self._wake.wait(wait)
