@@ -122,13 +122,14 @@ class StorageSCP:
         self._spool = spool
         self._on_stored = on_stored
         # AE title -> the IPs it may connect from (None: any); an empty map allows every AE.
-        self._allowed: dict[str, set[_IP] | None] = {}
+        self._allowed: dict[str, frozenset[_IP] | None] = {}
         for entry in dicom.allowed_calling_aes:
             title = entry.ae_title.strip()
-            if entry.host is None:
+            hosts = self._allowed.get(title, frozenset())
+            if entry.host is None or hosts is None:
                 self._allowed[title] = None
-            elif title not in self._allowed or self._allowed[title] is not None:
-                self._allowed.setdefault(title, set()).add(_ip(entry.host))  # type: ignore[union-attr]
+            else:
+                self._allowed[title] = hosts | {ipaddress.ip_address(entry.host)}
         self._sop_classes = frozenset(dicom.sop_classes)
         self._server: ThreadedAssociationServer | None = None
 
@@ -160,7 +161,9 @@ class StorageSCP:
         self._server = self._ae.start_server(
             (self._dicom.bind, self._dicom.port), block=False, evt_handlers=handlers, ssl_context=self._ssl
         )
-        mode = "" if self._ssl is None else " with mutual TLS" if self._ssl.verify_mode == ssl.CERT_REQUIRED else " with TLS"
+        mode = ""
+        if self._ssl is not None:
+            mode = " with mutual TLS" if self._ssl.verify_mode == ssl.CERT_REQUIRED else " with TLS"
         logger.info("listening as %s on %s:%d%s", self._dicom.ae_title, self._dicom.bind, self.port, mode)
 
     def stop(self) -> None:

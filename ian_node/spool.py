@@ -42,9 +42,12 @@ def checked_uid(value: object, what: str) -> str:
     """``value`` if it is a DICOM UID (digits and dots, at most 64 characters); else UnsafeUIDError."""
     if not isinstance(value, str) or not is_dicom_uid(value):
         # The value itself stays out of the message: it may be anything a peer chose to put there.
-        got = f"{len(value)} characters" if isinstance(value, str) else "missing" if value is None else type(value).__name__
+        if value is None:
+            got = "missing"
+        else:
+            got = f"{len(value)} characters" if isinstance(value, str) else type(value).__name__
         raise UnsafeUIDError(f"{what} is not a valid DICOM UID ({got})")
-    return value
+    return str(value)
 
 
 def fsync_dir(path: Path) -> None:
@@ -61,8 +64,12 @@ def atomic_write(path: Path, data: bytes) -> None:
     directory = path.parent
     temp_name = None
     try:
-        _ensure_dir(directory)
-        fd, temp_name = tempfile.mkstemp(dir=directory, prefix=_TEMP_PREFIX)
+        try:
+            _ensure_dir(directory)
+            fd, temp_name = tempfile.mkstemp(dir=directory, prefix=_TEMP_PREFIX)
+        except FileNotFoundError:  # the folder was purged just now: make it again, once
+            _ensure_dir(directory)
+            fd, temp_name = tempfile.mkstemp(dir=directory, prefix=_TEMP_PREFIX)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -145,12 +152,11 @@ class Spool:
                 continue
             parents.add(full.parent)
         for parent in parents:
-            if parent.parent == self.root / INSTANCES_DIR:
-                try:
-                    parent.rmdir()
-                except OSError:  # not empty: new instances arrived meanwhile
-                    continue
-            fsync_dir(parent.parent if not parent.exists() else parent)
+            try:
+                parent.rmdir()  # a series folder left empty
+                fsync_dir(parent.parent)
+            except OSError:  # not empty (e.g. new instances arrived meanwhile)
+                fsync_dir(parent)
         return removed
 
     def remove_stale_temporaries(self) -> int:
