@@ -1,0 +1,319 @@
+"""Geometry of the phantom: the acquisition grid, the mandible, and the nerve and vessel courses.
+
+Coordinates: the *anatomy frame* is the patient's LPS frame turned by a small head rotation, in mm,
+centred on the mandible: +x the patient's left, +y posterior, +z superior. The patient's right IAN
+therefore lies at negative x (lower LPS x). The mandible is a U-shaped body (a superellipse arch in
+the axial plane, with a rounded-rectangle cross-section) plus two rami (plates rising from the gonial
+angles); `phantom_render` paints tissues from these shapes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.spatial.transform import Rotation
+
+from ian_node.phantom_params import PatientParams, SideAnatomy
+from ian_node.phantom_tubes import Tube, offset_tube, sample_curve
+
+#: Where the anatomy frame's origin sits in LPS (mm): the mandible of a supine head near isocentre.
+ANATOMY_ORIGIN_LPS = np.array([0.0, -35.0, -95.0])
+#: Fraction of the field of view the bony envelope may fill.
+FILL = 0.88
+HALF_PI = np.pi / 2
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """The voxel grid and its relation to LPS and to the anatomy frame."""
+
+    shape: tuple[int, int, int]
+    spacing: tuple[float, float, float]  # slice, row, column (mm)
+    affine: np.ndarray  # 4x4, (slice, row, column) indices -> LPS mm, highdicom's convention
+    head: np.ndarray  # 3x3 rotation, anatomy frame -> LPS
+    to_anatomy: np.ndarray  # 3x4, indices -> anatomy mm
+    to_index: np.ndarray  # 3x4, anatomy mm -> indices
+
+    def anatomy_coords(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Anatomy-frame x, y, z (mm, float32) of every voxel centre."""
+        k, i, j = (np.arange(n, dtype=np.float32) for n in self.shape)
+        m = self.to_anatomy.astype(np.float32)
+        return tuple(  # type: ignore[return-value]
+            m[a, 0] * k[:, None, None] + m[a, 1] * i[None, :, None] + m[a, 2] * j[None, None, :] + m[a, 3]
+            for a in range(3)
+        )
+
+
+def acquisition_geometry(params: PatientParams, shape: tuple[int, int, int]) -> Geometry:
+    """Axial grid (rows anterior→posterior, columns right→left), slightly oblique on some patients.
+
+    The slice axis runs along minus the normal (row × column cosines), as highdicom orders a series,
+    so `highdicom.get_volume_from_series` reads the written series back to this very affine.
+    """
+    ps, ss = params.pixel_spacing_mm, params.slice_spacing_mm
+    oblique = Rotation.from_rotvec(np.radians(params.oblique_deg) * np.asarray(params.oblique_axis)).as_matrix()
+    row_cos, col_cos = oblique @ np.array([1.0, 0.0, 0.0]), oblique @ np.array([0.0, 1.0, 0.0])
+    normal = np.cross(row_cos, col_cos)
+    axes = np.stack([-normal * ss, col_cos * ps, row_cos * ps], axis=1)
+    head = Rotation.from_euler("xyz", params.head_rotation_deg, degrees=True).as_matrix()
+    extent = np.array(shape, dtype=np.float64) * np.array([ss, ps, ps])
+    jitter = np.asarray(params.fov_offset) * 0.04 * extent[[2, 1, 0]]  # a few mm, x/y/z
+    centre_lps = ANATOMY_ORIGIN_LPS + jitter
+    centre_idx = (np.array(shape, dtype=np.float64) - 1) / 2
+    affine = np.eye(4)
+    affine[:3, :3] = axes
+    affine[:3, 3] = centre_lps - axes @ centre_idx
+    to_anatomy = np.zeros((3, 4))
+    to_anatomy[:, :3] = head.T @ axes
+    to_anatomy[:, 3] = head.T @ (affine[:3, 3] - ANATOMY_ORIGIN_LPS)
+    inv_axes = np.linalg.inv(axes)
+    to_index = np.zeros((3, 4))
+    to_index[:, :3] = inv_axes @ head
+    to_index[:, 3] = inv_axes @ (ANATOMY_ORIGIN_LPS - affine[:3, 3])
+    return Geometry(tuple(int(n) for n in shape), (ss, ps, ps), affine, head, to_anatomy, to_index)
+
+
+@dataclass(frozen=True)
+class Ramus:
+    """One ramus as a plate: origin at the gonial angle, axes up (h), anterior (w), lateral (t)."""
+
+    origin: np.ndarray
+    e_h: np.ndarray
+    e_w: np.ndarray
+    e_t: np.ndarray
+    height: float
+    width: float
+    thickness: float
+
+    def point(self, w: float, h: float, t: float) -> np.ndarray:
+        return self.origin + w * self.e_w + h * self.e_h + t * self.e_t
+
+    def top(self, w: np.ndarray) -> np.ndarray:
+        """Upper edge: condyle behind, coronoid in front, the sigmoid notch between."""
+        wf = w / np.float32(self.width)
+        condyle = np.float32(0.09 * self.height) * np.exp(-((wf - np.float32(0.12)) / np.float32(0.14)) ** 2)
+        notch = np.float32(0.25 * self.height) * np.exp(-((wf - np.float32(0.52)) / np.float32(0.17)) ** 2)
+        return np.float32(self.height) + condyle - notch
+
+
+@dataclass(frozen=True)
+class Mandible:
+    """The scaled mandible. Body coordinates: polar angle θ about (0, y_back) (0 = chin, >0 the
+    patient's left), radial offset u from the arch midline (>0 buccal), height v above the inferior border."""
+
+    half_width: float
+    depth: float
+    exponent: float
+    y_back: float
+    z_bottom_front: float
+    rise: float
+    height_front: float
+    height_back: float
+    thickness_front: float
+    thickness_back: float
+    cortex: float
+    cortex_inferior: float
+    rami: dict[int, Ramus]
+    scale_xy: float
+    scale_z: float
+
+    def radius(self, theta: np.ndarray) -> np.ndarray:
+        """Distance from (0, y_back) to the arch midline at polar angle θ (superellipse)."""
+        n = np.float32(self.exponent)
+        s = np.abs(np.sin(theta)) / np.float32(self.half_width)
+        c = np.abs(np.cos(theta)) / np.float32(self.depth)
+        return (s**n + c**n) ** (np.float32(-1.0) / n)
+
+    def _w(self, theta):
+        return (np.asarray(theta, dtype=np.float32) / np.float32(HALF_PI)) ** 2
+
+    def height(self, theta):
+        return np.float32(self.height_front) + np.float32(self.height_back - self.height_front) * self._w(theta)
+
+    def bottom(self, theta):
+        return np.float32(self.z_bottom_front) + np.float32(self.rise) * self._w(theta)
+
+    def thickness(self, theta):
+        frac = np.abs(np.asarray(theta, dtype=np.float32)) / np.float32(HALF_PI)
+        return np.float32(self.thickness_front) + np.float32(self.thickness_back - self.thickness_front) * frac
+
+    def body_point(self, theta_deg: float, u: float, v: float) -> np.ndarray:
+        """A point in body coordinates; `v` in mm above the inferior border."""
+        th = np.radians(theta_deg)
+        rho = float(self.radius(np.float32(th))) + u
+        return np.array([rho * np.sin(th), self.y_back - rho * np.cos(th), float(self.bottom(th)) + v])
+
+
+def _ramus(side: int, anatomy: SideAnatomy, origin: np.ndarray, height: float, width: float,
+           thickness: float) -> Ramus:
+    beta, flare = np.radians(anatomy.ramus_lean_deg), np.radians(anatomy.ramus_flare_deg)
+    e_h = np.array([side * np.tan(flare), np.sin(beta), np.cos(beta)])
+    e_h /= np.linalg.norm(e_h)
+    lateral = np.array([float(side), 0.0, 0.0])
+    e_t = lateral - (lateral @ e_h) * e_h
+    e_t /= np.linalg.norm(e_t)
+    e_w = np.cross(e_t, e_h)
+    if e_w[1] > 0:  # anterior is -y
+        e_w = -e_w
+    return Ramus(origin, e_h, e_w, e_t, height, width, thickness)
+
+
+def canal_radius(anatomy: SideAnatomy) -> float:
+    """Mandibular canal radius: the nerve plus the artery and vein beside it."""
+    return anatomy.nerve_radius_mm + 2 * max(anatomy.vessel_radius_mm) + 0.25
+
+
+def build_mandible(params: PatientParams, geometry: Geometry) -> Mandible:
+    """Scale the reference mandible into the field of view and centre it there."""
+    lean = np.radians(max(params.right.ramus_lean_deg, params.left.ramus_lean_deg))
+    flare = np.radians(max(params.right.ramus_flare_deg, params.left.ramus_flare_deg))
+    rh, rw = params.ramus_height_mm, params.ramus_width_mm
+    width = 2 * (params.arch_half_width_mm + params.ramus_thickness_mm / 2 + rh * np.tan(flare) + 3)
+    depth = params.arch_depth_mm + params.body_thickness_front_mm / 2 + rh * np.sin(lean) + 4
+    height = params.inferior_rise_mm + rh * 1.1 * np.cos(lean) + 3
+    ss, ps, _ = geometry.spacing
+    fz, fy, fx = np.array(geometry.shape) * np.array([ss, ps, ps])
+    s_xy = min(1.05, FILL * min(fx / width, fy / depth))
+    s_z = min(1.05, FILL * fz / height)
+
+    r_canal = max(canal_radius(params.right), canal_radius(params.left))
+    min_thick = 2 * (r_canal + params.cortex_mm + 0.8)
+    min_height = 2 * (r_canal + params.cortex_inferior_mm) + 8
+    half_width = params.arch_half_width_mm * s_xy
+    arch_depth = params.arch_depth_mm * s_xy
+    t_front = max(params.body_thickness_front_mm * s_xy, min_thick + 1.5)
+    rise = params.inferior_rise_mm * s_z
+    ramus_h, ramus_w = rh * s_z, max(rw * s_xy, 4 * r_canal + 6)
+    # Centre the bony envelope in the anatomy frame (the field of view's centre).
+    y_back = (arch_depth + t_front / 2 - ramus_h * np.sin(lean) - 4 * s_xy) / 2
+    z_front = -(rise + ramus_h * 1.1 * np.cos(lean)) / 2
+    mandible = Mandible(
+        half_width=half_width, depth=arch_depth, exponent=params.arch_exponent, y_back=y_back,
+        z_bottom_front=z_front, rise=rise,
+        height_front=max(params.body_height_front_mm * s_z, min_height + 2),
+        height_back=max(params.body_height_back_mm * s_z, min_height),
+        thickness_front=t_front,
+        thickness_back=max(params.body_thickness_back_mm * s_xy, min_thick),
+        cortex=params.cortex_mm, cortex_inferior=params.cortex_inferior_mm,
+        rami={}, scale_xy=s_xy, scale_z=s_z,
+    )
+    rami = {}
+    for side in (-1, 1):
+        origin = np.array([side * half_width, y_back, float(mandible.bottom(np.float32(HALF_PI)))])
+        ramus_t = max(params.ramus_thickness_mm * s_xy, min_thick)
+        rami[side] = _ramus(side, params.side(side), origin, ramus_h, ramus_w, ramus_t)
+    object.__setattr__(mandible, "rami", rami)
+    return mandible
+
+
+@dataclass(frozen=True)
+class SideTubes:
+    """One side's tubes and where along the nerve the bony canal runs."""
+
+    nerve: Tube
+    canal_start_mm: float  # arc length of the mandibular foramen
+    canal_end_mm: float  # arc length of the mental foramen
+    artery: Tube
+    vein: Tube
+    lingual_nerve: Tube
+    distractors: tuple[Tube, ...]
+
+
+def _tube(name: str, control: list[np.ndarray], radius: float | np.ndarray) -> Tube:
+    points = sample_curve(np.asarray(control))
+    r = np.broadcast_to(np.asarray(radius, dtype=np.float64), (len(points),)).copy()
+    return Tube(name, points, r)
+
+
+def side_tubes(side: int, params: PatientParams, mandible: Mandible) -> SideTubes:
+    """The IAN from above the mandibular foramen to the mental foramen, its canal vessels, and the
+    bright look-alikes around it (lingual nerve, pterygoid plexus, facial/retromandibular/lingual vessels)."""
+    a = params.side(side)
+    ram = mandible.rami[side]
+    name = "right" if side < 0 else "left"
+    r_c = canal_radius(a)
+    tr = ram.thickness / 2
+    wf, hf = a.foramen_w * ram.width, a.foramen_h * ram.height
+    gap = params.pterygoid_gap_mm
+
+    def body(theta: float, buccal: float | None, v_frac: float, u: float | None = None) -> np.ndarray:
+        th = np.radians(theta)
+        t_half = float(mandible.thickness(np.float32(th))) / 2
+        h = float(mandible.height(np.float32(th)))
+        lim = max(0.0, t_half - r_c - mandible.cortex - 0.3)
+        uu = buccal * lim if u is None else u
+        v = np.clip(v_frac * h, mandible.cortex_inferior + r_c + 0.6, h - r_c - 2.0)
+        return mandible.body_point(side * theta, uu, float(v))
+
+    inner_t = -(tr - r_c - mandible.cortex - 0.3)
+    t3, t4, t5 = a.canal_theta_deg
+    ctrl = [
+        ram.point(wf - 1.5, hf + a.extraosseous_mm, -(tr + 0.6 * gap)),
+        ram.point(wf - 0.5, hf + 0.45 * a.extraosseous_mm, -(tr + 0.35 * gap)),
+        ram.point(wf, hf, -tr),  # mandibular foramen, on the medial surface
+        ram.point(wf + 2.0, 0.55 * hf, min(inner_t * 0.8, 0.0)),
+        body(t3, a.canal_buccal[0], a.canal_height[0]),
+        body(t4, a.canal_buccal[1], a.canal_height[1]),
+    ]
+    mental_theta = a.mental_theta_deg
+    if a.anterior_loop:
+        ctrl.append(body(mental_theta - 4.0, 0.0, a.canal_height[2]))
+    else:
+        ctrl.append(body(t5, a.canal_buccal[2], a.canal_height[2]))
+    t_mental = float(mandible.thickness(np.float32(np.radians(mental_theta)))) / 2
+    ctrl.append(body(mental_theta, None, a.mental_height, u=t_mental + 0.8))
+    points = sample_curve(np.asarray(ctrl))
+    arc = np.concatenate([[0.0], np.cumsum(np.linalg.norm(np.diff(points, axis=0), axis=1))])
+    foramen = ctrl[2]
+    canal_start = float(arc[np.argmin(np.linalg.norm(points - foramen, axis=1))])
+    radius = a.nerve_radius_mm * (1 - a.nerve_taper * np.clip((arc - canal_start) / (arc[-1] - canal_start), 0, 1))
+    nerve = Tube(f"{name} IAN", points, radius)
+    # The mental foramen: where the nerve last crosses the buccal surface.
+    canal_end = float(arc[-1]) - 1.0
+
+    twist = np.radians(a.vessel_twist_deg) * arc / arc[-1]
+    vessels = []
+    for kind, r_v, ang in zip(("artery", "vein"), a.vessel_radius_mm, a.vessel_angle_deg):
+        dist = radius + r_v + 0.1
+        vessels.append(offset_tube(nerve, f"{name} inferior alveolar {kind}", dist, np.radians(ang) + twist, r_v))
+
+    lingual = _tube(f"{name} lingual nerve", [
+        ram.point(wf + 5.0, hf + a.extraosseous_mm + 2.0, -(tr + 0.5 * gap)),
+        ram.point(0.85 * ram.width, hf - 2.0, -(tr + 0.8 * gap)),
+        body(72, None, 0.85, u=-(float(mandible.thickness(np.float32(np.radians(72)))) / 2 + 3.5)),
+        body(52, None, 0.7, u=-(float(mandible.thickness(np.float32(np.radians(52)))) / 2 + 5.0)),
+        body(34, None, 0.6, u=-(float(mandible.thickness(np.float32(np.radians(34)))) / 2 + 8.0)),
+    ], a.lingual_nerve_radius_mm)
+
+    r_rmv, r_fa, r_fv, r_la = a.distractor_radius_mm
+    half_t = lambda th: float(mandible.thickness(np.float32(np.radians(th)))) / 2  # noqa: E731
+    h_of = lambda th: float(mandible.height(np.float32(np.radians(th))))  # noqa: E731
+    distractors = [
+        _tube(f"{name} retromandibular vein", [
+            ram.point(-5.0, -12.0, 1.5), ram.point(-6.0, 0.5 * ram.height, 1.0),
+            ram.point(-4.5, ram.height + 6.0, 2.0)], r_rmv),
+        _tube(f"{name} facial artery", [
+            mandible.body_point(side * 76, half_t(76) + 2.5, -8.0),
+            mandible.body_point(side * 67, half_t(67) + 2.0, 0.0),
+            mandible.body_point(side * 57, half_t(57) + 6.0, h_of(57) + 8.0),
+            mandible.body_point(side * 48, half_t(48) + 9.0, h_of(48) + 20.0)], r_fa),
+        _tube(f"{name} facial vein", [
+            mandible.body_point(side * 80, half_t(80) + 3.0, -9.0),
+            mandible.body_point(side * 71, half_t(71) + 2.5, 0.0),
+            mandible.body_point(side * 62, half_t(62) + 7.0, h_of(62) + 9.0),
+            mandible.body_point(side * 54, half_t(54) + 10.0, h_of(54) + 22.0)], r_fv),
+        _tube(f"{name} lingual artery", [
+            mandible.body_point(side * 82, -(half_t(82) + 6.0), 0.15 * h_of(82)),
+            mandible.body_point(side * 62, -(half_t(62) + 8.0), 0.25 * h_of(62)),
+            mandible.body_point(side * 40, -(half_t(40) + 9.0), 0.3 * h_of(40)),
+            mandible.body_point(side * 20, -(half_t(20) + 8.0), 0.35 * h_of(20))], r_la),
+    ]
+    for n, (dw, dt, dh, r_p, ang) in enumerate(a.plexus):
+        centre = ram.point(wf + 3.0 * dw, hf + dh, -(tr + 0.5 * gap) + 0.3 * dt)
+        phi = np.radians(ang)
+        direction = np.cos(phi) * ram.e_h + np.sin(phi) * ram.e_w
+        bend = 1.5 * ram.e_t
+        distractors.append(_tube(f"{name} pterygoid plexus {n}", [
+            centre - 5.0 * direction, centre + bend * 0.5, centre + 5.0 * direction], r_p))
+    return SideTubes(nerve, canal_start, canal_end, vessels[0], vessels[1], lingual, tuple(distractors))

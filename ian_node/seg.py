@@ -1,0 +1,281 @@
+"""DICOM Segmentation (SEG) of both inferior alveolar nerves, built and read back with highdicom.
+
+One builder serves two producers: the phantom's ground truth (a stand-in for a manual annotation,
+segment algorithm type MANUAL) and the node's predictions (AUTOMATIC, with the algorithm and its
+checkpoint hash identified). `read_segmentation_labels` is the inverse used by the tests and by the
+training data loader.
+
+Label convention, shared with `ian_node.phantom`: 0 background, 1 the patient's right IAN, 2 the
+patient's left IAN; the label array is indexed (slice, row, column) in the order highdicom stacks the
+source into a volume (slices sorted along the increasing slice normal).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import highdicom as hd
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence as DicomSequence
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+from pydicom.uid import generate_uid
+
+from ian_node import __version__
+
+logger = logging.getLogger(__name__)
+
+#: Label values in every label volume of the project.
+RIGHT_LABEL = 1
+LEFT_LABEL = 2
+
+#: Segment numbers equal label values, so a SEG read back with `combine_segments` is the label map.
+SEGMENT_LABELS: dict[int, str] = {
+    RIGHT_LABEL: "Inferior alveolar nerve, right",
+    LEFT_LABEL: "Inferior alveolar nerve, left",
+}
+_LATERALITY: dict[int, Code] = {RIGHT_LABEL: codes.SCT.Right, LEFT_LABEL: codes.SCT.Left}
+#: Segmented property category and type (REFERENCE.md "DICOM facts"): SCT 123037004 and 84782009.
+PROPERTY_CATEGORY: Code = codes.SCT.BodyStructure
+PROPERTY_TYPE: Code = codes.SCT.PeripheralNerve
+#: Display colours (CIELab from sRGB): right yellow, left cyan, as viewers commonly tell sides apart.
+_COLOURS: dict[int, tuple[int, int, int]] = {RIGHT_LABEL: (255, 220, 0), LEFT_LABEL: (0, 200, 255)}
+
+
+class SegmentationSourceError(ValueError):
+    """The source images or the label array cannot make (or be matched to) a Segmentation."""
+
+
+@dataclass(frozen=True)
+class AlgorithmInfo:
+    """The algorithm that produced an automatic segmentation, as recorded in the SEG."""
+
+    name: str
+    version: str
+    checkpoint_hash: str
+    family: Code = codes.DCM.ArtificialIntelligence
+    source: str | None = None
+    parameters: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for attr in ("name", "version", "checkpoint_hash"):
+            value = getattr(self, attr)
+            if not isinstance(value, str) or not value.strip():
+                raise ValueError(f"AlgorithmInfo.{attr} must be a non-empty string, got {value!r}")
+
+    def to_identification(self) -> hd.AlgorithmIdentificationSequence:
+        """The Algorithm Identification Sequence, with the checkpoint hash among its parameters."""
+        params = {"checkpoint_hash": self.checkpoint_hash, **{str(k): str(v) for k, v in self.parameters.items()}}
+        return hd.AlgorithmIdentificationSequence(
+            name=self.name, family=self.family, version=self.version, source=self.source, parameters=params
+        )
+
+
+@dataclass(frozen=True)
+class _SourceFrame:
+    dataset: Dataset
+    frame_number: int | None  # 1-based for multi-frame sources, None for single-frame instances
+
+
+def _is_multiframe(ds: Dataset) -> bool:
+    return int(ds.get("NumberOfFrames", 1) or 1) > 1
+
+
+def _frame_positions(ds: Dataset) -> list[list[float]]:
+    """ImagePositionPatient of each frame of an enhanced multi-frame image."""
+    shared = ds.get("SharedFunctionalGroupsSequence", [Dataset()])[0]
+    positions: list[list[float]] = []
+    for i, group in enumerate(ds.get("PerFrameFunctionalGroupsSequence", [])):
+        seq = group.get("PlanePositionSequence") or shared.get("PlanePositionSequence")
+        if not seq:
+            raise SegmentationSourceError(
+                f"instance {ds.SOPInstanceUID}: frame {i + 1} has no PlanePositionSequence"
+            )
+        positions.append([float(v) for v in seq[0].ImagePositionPatient])
+    return positions
+
+
+def _frame_orientation(ds: Dataset) -> list[float]:
+    shared = ds.get("SharedFunctionalGroupsSequence", [Dataset()])[0]
+    seq = shared.get("PlaneOrientationSequence")
+    if not seq:
+        per_frame = ds.get("PerFrameFunctionalGroupsSequence", [])
+        seq = per_frame[0].get("PlaneOrientationSequence") if per_frame else None
+    if not seq:
+        raise SegmentationSourceError(f"instance {ds.SOPInstanceUID}: no PlaneOrientationSequence")
+    return [float(v) for v in seq[0].ImageOrientationPatient]
+
+
+def source_frames_in_volume_order(source: Sequence[Dataset]) -> list[_SourceFrame]:
+    """Source frames ordered as highdicom stacks them into a volume (along the increasing normal)."""
+    if len(source) == 0:
+        raise SegmentationSourceError("no source images given")
+    if len(source) == 1 and _is_multiframe(source[0]):
+        ds = source[0]
+        _, order = hd.spatial.get_volume_positions(_frame_positions(ds), _frame_orientation(ds))
+        if order is None:
+            raise SegmentationSourceError(
+                f"instance {ds.SOPInstanceUID}: frames are not a regularly spaced volume"
+            )
+        by_index = {vol_index: frame for frame, vol_index in enumerate(order, start=1)}
+        return [_SourceFrame(ds, by_index[i]) for i in range(len(order))]
+    if any(_is_multiframe(ds) for ds in source):
+        raise SegmentationSourceError("give either one multi-frame instance or single-frame instances, not a mix")
+    uids = {str(ds.SeriesInstanceUID) for ds in source}
+    if len(uids) != 1:
+        raise SegmentationSourceError(f"source images come from {len(uids)} series; expected one")
+    if len(source) == 1:
+        return [_SourceFrame(source[0], None)]
+    _, order = hd.spatial.get_series_volume_positions(source)
+    if order is None:
+        raise SegmentationSourceError(
+            f"series {next(iter(uids))}: instances are not a regularly spaced volume "
+            "(mixed orientations, duplicate or missing positions)"
+        )
+    by_index = {vol_index: ds for ds, vol_index in zip(source, order)}
+    return [_SourceFrame(by_index[i], None) for i in range(len(source))]
+
+
+def _check_labels(labels: np.ndarray, frames: Sequence[_SourceFrame]) -> np.ndarray:
+    labels = np.asarray(labels)
+    first = frames[0].dataset
+    expected = (len(frames), int(first.Rows), int(first.Columns))
+    if labels.shape != expected:
+        raise SegmentationSourceError(f"labels have shape {labels.shape}; the source needs {expected}")
+    if not (np.issubdtype(labels.dtype, np.integer) or labels.dtype == np.bool_):
+        raise TypeError(f"labels must be an integer array, got dtype {labels.dtype}")
+    values = np.unique(labels)
+    unknown = sorted(set(values.tolist()) - {0, *SEGMENT_LABELS})
+    if unknown:
+        raise ValueError(f"labels contain values {unknown}; allowed are 0, {RIGHT_LABEL} (right), {LEFT_LABEL} (left)")
+    return labels.astype(np.uint8, copy=False)
+
+
+def _segment_description(label: int, algorithm: AlgorithmInfo | None) -> hd.seg.SegmentDescription:
+    description = hd.seg.SegmentDescription(
+        segment_number=label,
+        segment_label=SEGMENT_LABELS[label],
+        segmented_property_category=PROPERTY_CATEGORY,
+        segmented_property_type=PROPERTY_TYPE,
+        algorithm_type=(
+            hd.seg.SegmentAlgorithmTypeValues.MANUAL if algorithm is None
+            else hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC
+        ),
+        algorithm_identification=None if algorithm is None else algorithm.to_identification(),
+        tracking_uid=None,
+        display_color=hd.color.CIELabColor.from_rgb(*_COLOURS[label]),
+    )
+    # highdicom has no argument for laterality; DICOM nests it in the property type item (CID 244).
+    description.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = DicomSequence(
+        [hd.sr.CodedConcept.from_code(_LATERALITY[label])]
+    )
+    return description
+
+
+def build_segmentation(
+    source: Sequence[Dataset],
+    labels: np.ndarray,
+    *,
+    algorithm: AlgorithmInfo | None,
+    series_number: int,
+    series_description: str,
+    series_instance_uid: str | None = None,
+    sop_instance_uid: str | None = None,
+    instance_number: int = 1,
+    uid_prefix: str | None = None,
+    content_label: str = "IAN",
+    content_creator_name: str | None = None,
+    manufacturer: str = "ian-node",
+    manufacturer_model_name: str = "ian-node",
+    software_versions: str = __version__,
+    device_serial_number: str = "0",
+) -> hd.seg.Segmentation:
+    """A BINARY SEG with segment 1 = right IAN and segment 2 = left IAN over `source`.
+
+    `labels` (0/1/2) is indexed like the volume highdicom builds from `source`: single-frame
+    instances, or the frames of one multi-frame instance, sorted along the increasing slice normal.
+    Empty frames are omitted. A side with no voxels keeps its segment description but has no frames:
+    highdicom accepts that, readers then see that segment as empty, and the SEG still says both sides
+    were looked for. When both sides are empty highdicom keeps one empty frame so the SEG is valid.
+    `algorithm=None` marks the segments MANUAL (the phantom ground truth stands in for an annotator).
+    """
+    if not isinstance(series_number, int) or series_number < 0:
+        raise ValueError(f"series_number must be a non-negative int, got {series_number!r}")
+    frames = source_frames_in_volume_order(source)
+    labels = _check_labels(labels, frames)
+    for_uids = {str(f.dataset.get("FrameOfReferenceUID", "")) for f in frames}
+    if len(for_uids) != 1 or "" in for_uids:
+        raise SegmentationSourceError(f"source images need one FrameOfReferenceUID, found {sorted(for_uids)}")
+
+    multiframe = frames[0].frame_number is not None
+    if multiframe:
+        # highdicom pairs a multi-frame source's frames with pixel_array rows in frame-number order.
+        pixel_array = np.zeros_like(labels)
+        for vol_index, frame in enumerate(frames):
+            pixel_array[frame.frame_number - 1] = labels[vol_index]
+        source_images = [frames[0].dataset]
+    else:
+        pixel_array = labels
+        source_images = [f.dataset for f in frames]
+
+    present = sorted(int(v) for v in np.unique(labels) if v != 0)
+    missing = [SEGMENT_LABELS[v] for v in SEGMENT_LABELS if v not in present]
+    if missing:
+        logger.info("segmentation over series %s has no voxels for: %s",
+                    frames[0].dataset.SeriesInstanceUID, ", ".join(missing))
+
+    seg = hd.seg.Segmentation(
+        source_images=source_images,
+        pixel_array=pixel_array,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=[_segment_description(v, algorithm) for v in SEGMENT_LABELS],
+        series_instance_uid=series_instance_uid or generate_uid(prefix=uid_prefix),
+        series_number=series_number,
+        sop_instance_uid=sop_instance_uid or generate_uid(prefix=uid_prefix),
+        instance_number=instance_number,
+        manufacturer=manufacturer,
+        manufacturer_model_name=manufacturer_model_name,
+        software_versions=software_versions,
+        device_serial_number=device_serial_number,
+        content_label=content_label,
+        content_description="Inferior alveolar nerves (right, left)",
+        content_creator_name=content_creator_name,
+        omit_empty_frames=True,
+    )
+    seg.SeriesDescription = series_description
+    logger.info("built SEG %s (series %s, %d frames) over series %s", seg.SOPInstanceUID,
+                seg.SeriesInstanceUID, int(seg.NumberOfFrames), frames[0].dataset.SeriesInstanceUID)
+    return seg
+
+
+def read_segmentation_labels(seg_dataset: Dataset, source: Sequence[Dataset]) -> np.ndarray:
+    """Label volume (uint8, 0/1/2) of a SEG over `source`, indexed like `build_segmentation`'s input.
+
+    Frames the SEG omitted (empty) read as background. The SEG must reference the source instances
+    and use segment numbers 1 (right) and 2 (left), as `build_segmentation` writes them.
+    """
+    seg = seg_dataset if isinstance(seg_dataset, hd.seg.Segmentation) else hd.seg.Segmentation.from_dataset(
+        seg_dataset, copy=False
+    )
+    frames = source_frames_in_volume_order(source)
+    numbers = sorted(int(item.SegmentNumber) for item in seg.SegmentSequence)
+    unknown = sorted(set(numbers) - set(SEGMENT_LABELS))
+    if unknown:
+        raise SegmentationSourceError(f"SEG {seg.SOPInstanceUID} has segment numbers {unknown} other than 1/2")
+    if str(seg.FrameOfReferenceUID) != str(frames[0].dataset.FrameOfReferenceUID):
+        raise SegmentationSourceError(
+            f"SEG {seg.SOPInstanceUID} is in frame of reference {seg.FrameOfReferenceUID}, "
+            f"the source in {frames[0].dataset.FrameOfReferenceUID}"
+        )
+    kwargs = dict(segment_numbers=numbers, combine_segments=True, relabel=False,
+                  assert_missing_frames_are_empty=True, dtype=np.uint8)
+    if frames[0].frame_number is not None:
+        array = seg.get_pixels_by_source_frame(
+            str(frames[0].dataset.SOPInstanceUID), source_frame_numbers=[f.frame_number for f in frames], **kwargs
+        )
+    else:
+        array = seg.get_pixels_by_source_instance([str(f.dataset.SOPInstanceUID) for f in frames], **kwargs)
+    return np.asarray(array, dtype=np.uint8)
