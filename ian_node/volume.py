@@ -1,0 +1,483 @@
+"""Series → volume with geometry checks, side crops, the coronal reformat, and the exact inverse.
+
+Loading: every frame of every instance (classic single-frame or enhanced multi-frame) is one slice;
+slice order and spacing come from ImagePositionPatient along the slice normal (highdicom's
+`get_volume_positions`), never from SliceThickness. Bad series are refused with a `SeriesError`
+subclass whose message names the series.
+
+Reformat: the volume is reoriented to patient orientation "PFL" (axis 0 → posterior, rows →
+inferior/foot, columns → patient left) by highdicom's exact axis permutation + flips, nearest to the
+acquisition axes (so oblique series work too, without interpolation). A side's region of interest
+(an LPS box in mm) selects the voxels whose centres lie inside it; the stack is their index bounding
+box; LEFT stacks are flipped horizontally so that on both sides column 0 is the lateral edge (the
+paper's "left flipped to right-side orientation"). Each stack carries the flat source index of every
+pixel, so putting masks back (`stack_to_volume`) is a scatter and exact by construction.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.pixels import apply_modality_lut, get_decoder
+from pydicom import uid as dcm_uid
+
+logger = logging.getLogger(__name__)
+
+#: Cross-sectional grey-scale image classes we can stack into a volume.
+IMAGE_SOP_CLASSES = frozenset({
+    dcm_uid.MRImageStorage, dcm_uid.EnhancedMRImageStorage, dcm_uid.LegacyConvertedEnhancedMRImageStorage,
+    dcm_uid.CTImageStorage, dcm_uid.EnhancedCTImageStorage, dcm_uid.LegacyConvertedEnhancedCTImageStorage,
+})
+#: Patient orientation of the reformatted volume: slices A→P, rows S→I, columns R→L.
+CORONAL_ORIENTATION = "PFL"
+_ORIENTATION_ATOL = 1e-4  # direction cosines
+_SPACING_ATOL = 1e-4  # mm
+_PERPENDICULAR_TOL = 1e-3  # 1 - |cos| between stacking direction and slice normal
+_SPACING_RTOL = 0.01  # as highdicom's default
+_FACE_SHIFT_MM = 1e-6  # see PatientBox.contains
+
+
+# ---------------------------------------------------------------- errors
+class SeriesError(ValueError):
+    """A series that cannot be loaded as a volume; the message starts with the series UID."""
+
+    def __init__(self, series_uid: str, problem: str) -> None:
+        self.series_uid = series_uid
+        self.problem = problem
+        super().__init__(f"series {series_uid}: {problem}")
+
+
+class EmptySeriesError(SeriesError):
+    """No instances were given."""
+
+
+class UnreadableInstanceError(SeriesError):
+    """A source file that is not DICOM."""
+
+
+class NonImageSOPClassError(SeriesError):
+    """An instance of a class that is not a cross-sectional image (SEG, SR, presentation state...)."""
+
+
+class MixedSeriesError(SeriesError):
+    """Instances of more than one series."""
+
+
+class NoPixelDataError(SeriesError):
+    """An image instance without pixel data."""
+
+
+class PixelDataError(SeriesError):
+    """Pixel data that cannot be decoded here or is not grey-scale."""
+
+
+class SeriesGeometryError(SeriesError):
+    """The frames do not form one regularly spaced 3D volume."""
+
+
+class MissingGeometryError(SeriesGeometryError):
+    """A frame without position, orientation or pixel spacing."""
+
+
+class FrameOfReferenceError(SeriesGeometryError):
+    """Frames without a frame of reference, or in different ones."""
+
+
+class MixedOrientationError(SeriesGeometryError):
+    """Frames with different ImageOrientationPatient."""
+
+
+class MixedSizeError(SeriesGeometryError):
+    """Frames with different Rows/Columns or PixelSpacing."""
+
+
+class SingleSliceError(SeriesGeometryError):
+    """Fewer than two slices: not a volume."""
+
+
+class DuplicatePositionError(SeriesGeometryError):
+    """Two or more frames at the same position along the slice normal."""
+
+
+class MissingPositionError(SeriesGeometryError):
+    """A gap of whole slices in otherwise regular spacing."""
+
+
+class IrregularSpacingError(SeriesGeometryError):
+    """Slice spacing that varies and is not a gap of whole slices."""
+
+
+class SkewedStackError(SeriesGeometryError):
+    """Slices not stacked along their normal (e.g. gantry tilt): the voxel grid would be sheared."""
+
+
+class RoiError(ValueError):
+    """A region of interest that selects no voxel of the series, or stacks that overlap."""
+
+
+# ---------------------------------------------------------------- records
+class Side(Enum):
+    """Patient side of a crop; `label` is the value in label volumes."""
+
+    RIGHT = "right"
+    LEFT = "left"
+
+    @property
+    def label(self) -> int:
+        return 1 if self is Side.RIGHT else 2
+
+
+@dataclass(frozen=True)
+class SourceFrame:
+    """The instance and 1-based frame number that a volume slice came from."""
+
+    dataset: Dataset
+    frame_number: int
+
+    @property
+    def sop_instance_uid(self) -> str:
+        return str(self.dataset.SOPInstanceUID)
+
+
+@dataclass(frozen=True)
+class SeriesVolume:
+    """A loaded series: float32 (slices, rows, columns) volume and the source frame of each slice."""
+
+    series_uid: str
+    volume: hd.Volume
+    frames: tuple[SourceFrame, ...]
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.volume.spatial_shape
+
+
+@dataclass(frozen=True)
+class PatientBox:
+    """An axis-aligned box in patient (LPS) mm; a voxel belongs to it when min <= centre < max."""
+
+    x_min: float = -np.inf
+    x_max: float = np.inf
+    y_min: float = -np.inf
+    y_max: float = np.inf
+    z_min: float = -np.inf
+    z_max: float = np.inf
+
+    def __post_init__(self) -> None:
+        for axis in "xyz":
+            lo, hi = getattr(self, f"{axis}_min"), getattr(self, f"{axis}_max")
+            if np.isnan(lo) or np.isnan(hi) or not lo < hi:
+                raise ValueError(f"PatientBox: {axis}_min must be < {axis}_max, got {lo} and {hi}")
+
+    @property
+    def bounds(self) -> np.ndarray:
+        """(3, 2) array of [min, max] for x, y, z."""
+        return np.array([[self.x_min, self.x_max], [self.y_min, self.y_max], [self.z_min, self.z_max]])
+
+    def contains(self, points: np.ndarray) -> np.ndarray:
+        """Which LPS points (..., 3) lie in [min, max) on every axis.
+
+        Both faces are moved by 1 nm towards -inf, so that a voxel centre lying on a face (as with
+        the default halves) is classified the same way whatever float rounding produced it.
+        """
+        b = self.bounds - _FACE_SHIFT_MM
+        points = np.asarray(points, dtype=np.float64)
+        return np.all((points >= b[:, 0]) & (points < b[:, 1]), axis=-1)
+
+
+@dataclass(frozen=True)
+class CoronalStack:
+    """One side's coronal slices and, for every pixel, its flat index into the SeriesVolume array."""
+
+    series_uid: str
+    side: Side
+    slices: np.ndarray  # float32 (n, h, w): axis 0 A→P, rows S→I, column 0 lateral
+    pixel_spacing: tuple[float, float]  # (row_mm, col_mm)
+    source_index: np.ndarray  # int64 (n, h, w)
+    inside: np.ndarray  # bool (n, h, w): voxel centre inside the side's region of interest
+
+
+# ---------------------------------------------------------------- loading
+def _read(source: Dataset | Path | str) -> Dataset:
+    if isinstance(source, Dataset):
+        return source
+    try:
+        return pydicom.dcmread(os.fspath(source))
+    except (pydicom.errors.InvalidDicomError, OSError) as exc:
+        raise UnreadableInstanceError("unknown", f"{source}: cannot read as DICOM: {exc}") from exc
+
+
+def _group_item(ds: Dataset, index: int, name: str) -> Dataset | None:
+    """First item of functional group `name` for frame `index` (per-frame first, then shared)."""
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    candidates = (per_frame[index] if per_frame and index < len(per_frame) else None, shared[0] if shared else None)
+    for item in candidates:
+        if item is not None and item.get(name):
+            return item.get(name)[0]
+    return None
+
+
+def _is_enhanced(ds: Dataset) -> bool:
+    return "PerFrameFunctionalGroupsSequence" in ds
+
+
+@dataclass(frozen=True)
+class _Frame:
+    """One frame's source and geometry, before sorting."""
+
+    source: SourceFrame
+    position: np.ndarray  # (3,) ImagePositionPatient
+    orientation: np.ndarray  # (6,) ImageOrientationPatient
+    spacing: np.ndarray  # (2,) PixelSpacing
+    size: tuple[int, int]  # (Rows, Columns)
+
+    @property
+    def name(self) -> str:
+        return f"instance {self.source.sop_instance_uid} frame {self.source.frame_number}"
+
+
+_GEOMETRY = (("PlanePositionSequence", "ImagePositionPatient", 3),
+             ("PlaneOrientationSequence", "ImageOrientationPatient", 6),
+             ("PixelMeasuresSequence", "PixelSpacing", 2))
+
+
+def _frames_of(ds: Dataset, uid: str) -> list[_Frame]:
+    """Every frame of one instance with its geometry (functional groups for enhanced images)."""
+    frames = []
+    for i in range(int(ds.get("NumberOfFrames", 1) or 1)):
+        values = []
+        for group, keyword, n in _GEOMETRY:
+            holder = _group_item(ds, i, group) if _is_enhanced(ds) else ds
+            value = holder.get(keyword) if holder is not None else None
+            if value is None or len(value) != n:
+                raise MissingGeometryError(uid, f"instance {ds.get('SOPInstanceUID', '?')} frame {i + 1} "
+                                                f"has no valid {keyword}")
+            values.append(np.array([float(v) for v in value]))
+        frames.append(_Frame(SourceFrame(ds, i + 1), *values, size=(int(ds.Rows), int(ds.Columns))))
+    return frames
+
+
+def _decode(ds: Dataset, uid: str) -> np.ndarray:
+    """Stored values with the modality rescale applied, float32 (frames, rows, columns)."""
+    sop = ds.get("SOPInstanceUID", "?")
+    if int(ds.get("SamplesPerPixel", 1)) != 1:
+        raise PixelDataError(uid, f"instance {sop} is not grey-scale (SamplesPerPixel {ds.SamplesPerPixel})")
+    syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    try:
+        if syntax is not None:
+            arr, _ = get_decoder(syntax).as_array(ds)
+        else:
+            arr = ds.pixel_array
+    except (NotImplementedError, RuntimeError, ValueError, AttributeError) as exc:
+        name = syntax.name if syntax is not None else "unknown transfer syntax"
+        raise PixelDataError(uid, f"instance {sop}: cannot decode pixel data ({name}): {exc}") from exc
+    arr = arr.reshape(-1, int(ds.Rows), int(ds.Columns))
+    if _is_enhanced(ds):
+        out = arr.astype(np.float32)
+        for i in range(out.shape[0]):
+            item = _group_item(ds, i, "PixelValueTransformationSequence")
+            if item is not None and "RescaleSlope" in item:
+                out[i] = out[i] * float(item.RescaleSlope) + float(item.get("RescaleIntercept", 0.0))
+    else:
+        out = np.asarray(apply_modality_lut(arr, ds), dtype=np.float32)
+    if ds.get("PhotometricInterpretation") == "MONOCHROME1":
+        out = -out  # so that brighter is always larger
+    return out
+
+
+def _diagnose_positions(uid: str, positions: np.ndarray, normal: np.ndarray, names: list[str]) -> SeriesGeometryError:
+    """Why highdicom found no regular volume: the most specific geometry error we can name."""
+    dist = positions @ normal
+    order = np.argsort(dist, kind="stable")
+    d, p = dist[order], positions[order]
+    steps = np.diff(d)
+    scale = float(np.max(np.abs(steps))) if steps.size else 0.0
+    dup = np.flatnonzero(steps <= max(1e-3, 1e-3 * scale))
+    if dup.size:
+        k = int(dup[0])
+        return DuplicatePositionError(uid, f"{names[order[k]]} and {names[order[k + 1]]} are both at "
+                                           f"{d[k]:.3f} mm along the slice normal ({dup.size} duplicate(s))")
+    vectors = np.diff(p, axis=0)
+    cosines = np.abs(vectors @ normal) / np.linalg.norm(vectors, axis=1)
+    if np.any(cosines < 1 - _PERPENDICULAR_TOL):
+        k = int(np.argmin(cosines))
+        angle = float(np.degrees(np.arccos(min(1.0, cosines[k]))))
+        return SkewedStackError(uid, f"slices are not stacked along their normal ({angle:.2f} degrees off between "
+                                     f"{names[order[k]]} and {names[order[k + 1]]}), e.g. gantry tilt")
+    base = float(steps.min())
+    ratios = steps / base
+    whole = np.rint(ratios)
+    if np.all(np.abs(ratios - whole) <= 0.05) and np.any(whole > 1):
+        k = int(np.argmax(whole))
+        return MissingPositionError(uid, f"{int(whole.sum() - steps.size)} slice position(s) missing at "
+                                         f"{base:.3f} mm spacing; first gap of {steps[k]:.3f} mm between "
+                                         f"{d[k]:.3f} and {d[k + 1]:.3f} mm along the slice normal")
+    if steps.max() - steps.min() > _SPACING_RTOL * base:
+        return IrregularSpacingError(uid, f"slice spacing varies from {steps.min():.3f} to {steps.max():.3f} mm")
+    return SeriesGeometryError(uid, "positions do not form a regularly spaced volume")
+
+
+def load_series(sources: Sequence[Dataset | Path | str], *, min_slices: int = 2) -> SeriesVolume:
+    """Load the instances of one series (any order, any supported transfer syntax) into a volume."""
+    if not sources:
+        raise EmptySeriesError("unknown", "no instances given")
+    datasets = [_read(s) for s in sources]
+    images = [ds for ds in datasets if ds.get("SOPClassUID") in IMAGE_SOP_CLASSES]
+    series = Counter(str(ds.get("SeriesInstanceUID", "")) for ds in images or datasets)
+    uid = series.most_common(1)[0][0] or "unknown"
+    for ds in datasets:
+        if ds.get("SOPClassUID") not in IMAGE_SOP_CLASSES:
+            cls = ds.get("SOPClassUID")
+            raise NonImageSOPClassError(
+                uid,
+                f"instance {ds.get('SOPInstanceUID', '?')} (series {ds.get('SeriesInstanceUID', '?')}) is "
+                f"{getattr(cls, 'name', cls)}, not an MR or CT image storage class",
+            )
+    if len(series) > 1:
+        listing = ", ".join(f"{u or '<no UID>'} ({n})" for u, n in series.most_common())
+        raise MixedSeriesError(uid, f"instances of {len(series)} series given: {listing}")
+    for ds in datasets:
+        if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+            raise NoPixelDataError(uid, f"instance {ds.get('SOPInstanceUID', '?')} has no pixel data")
+    refs = {str(ds.get("FrameOfReferenceUID", "")) for ds in datasets}
+    if "" in refs or len(refs) > 1:
+        raise FrameOfReferenceError(uid, f"frames must share one FrameOfReferenceUID, found {sorted(refs)}")
+
+    frames = [frame for ds in datasets for frame in _frames_of(ds, uid)]
+    first = frames[0]
+    for frame in frames:
+        if not np.allclose(frame.orientation, first.orientation, atol=_ORIENTATION_ATOL):
+            raise MixedOrientationError(uid, f"{frame.name} orientation {frame.orientation.tolist()} differs "
+                                             f"from {first.orientation.tolist()} of {first.name}")
+        if frame.size != first.size:
+            raise MixedSizeError(uid, f"{frame.name} is {frame.size[0]}x{frame.size[1]}, "
+                                      f"{first.name} is {first.size[0]}x{first.size[1]}")
+        if not np.allclose(frame.spacing, first.spacing, atol=_SPACING_ATOL):
+            raise MixedSizeError(uid, f"{frame.name} pixel spacing {frame.spacing.tolist()} differs "
+                                      f"from {first.spacing.tolist()} of {first.name}")
+    row, col = first.orientation[:3], first.orientation[3:]
+    if not np.allclose([row @ row, col @ col, row @ col], [1, 1, 0], atol=1e-3):
+        raise SeriesGeometryError(uid, f"ImageOrientationPatient {first.orientation.tolist()} is not two "
+                                       "orthogonal unit vectors")
+    if len(frames) < max(2, min_slices):
+        raise SingleSliceError(uid, f"{len(frames)} slice(s); a volume needs at least {max(2, min_slices)}")
+
+    positions = np.stack([f.position for f in frames])
+    spacing, indices = hd.spatial.get_volume_positions(
+        positions, first.orientation, rtol=_SPACING_RTOL, perpendicular_tol=_PERPENDICULAR_TOL
+    )
+    if spacing is None or indices is None:
+        normal = np.cross(row, col)
+        raise _diagnose_positions(uid, positions, normal / np.linalg.norm(normal), [f.name for f in frames])
+    ordered = [frames[i] for i in np.argsort(indices)]
+
+    decoded = {id(ds): _decode(ds, uid) for ds in datasets}
+    array = np.stack([decoded[id(f.source.dataset)][f.source.frame_number - 1] for f in ordered])
+    volume = hd.Volume.from_attributes(
+        array=array,
+        image_position=ordered[0].position.tolist(),
+        image_orientation=first.orientation.tolist(),
+        pixel_spacing=first.spacing.tolist(),
+        spacing_between_slices=float(spacing),
+        coordinate_system="PATIENT",
+        frame_of_reference_uid=refs.pop(),
+    )
+    logger.info("series %s: %d slices of %dx%d, spacing %.3f mm between slices",
+                uid, array.shape[0], array.shape[1], array.shape[2], spacing)
+    return SeriesVolume(series_uid=uid, volume=volume, frames=tuple(f.source for f in ordered))
+
+
+# ---------------------------------------------------------------- sides and coronal reformat
+def _extent_corners(geometry: hd.VolumeGeometry | hd.Volume) -> np.ndarray:
+    """LPS positions (8, 3) of the outer voxel corners (centres ± half a voxel)."""
+    shape = geometry.spatial_shape
+    grid = np.array(np.meshgrid(*[(-0.5, n - 0.5) for n in shape], indexing="ij")).reshape(3, -1).T
+    return geometry.map_indices_to_reference(grid)
+
+
+def default_rois(series: SeriesVolume) -> dict[Side, PatientBox]:
+    """The patient-right (lower x) and patient-left halves of the volume's extent; whole y and z."""
+    corners = _extent_corners(series.volume)
+    lo, hi = corners.min(axis=0), corners.max(axis=0)
+    mid = float((lo[0] + hi[0]) / 2)
+    yz = dict(y_min=float(lo[1]), y_max=float(hi[1]), z_min=float(lo[2]), z_max=float(hi[2]))
+    return {Side.RIGHT: PatientBox(x_min=float(lo[0]), x_max=mid, **yz),
+            Side.LEFT: PatientBox(x_min=mid, x_max=float(hi[0]), **yz)}
+
+
+def coronal_stack(series: SeriesVolume, side: Side | str, roi: PatientBox | None = None) -> CoronalStack:
+    """One side's region of interest as coronal slices, LEFT flipped so column 0 is lateral."""
+    side = Side(side)
+    roi = roi if roi is not None else default_rois(series)[side]
+    source = series.volume.get_geometry()
+    canon = source.to_patient_orientation(CORONAL_ORIENTATION)
+    mapping = np.linalg.inv(source.affine) @ canon.affine  # canonical index → source index
+    exact = np.rint(mapping)
+    if not np.allclose(mapping, exact, atol=1e-6):
+        raise RuntimeError(f"series {series.series_uid}: reorientation is not an axis permutation")
+
+    # candidate index box: the ROI (clipped to the volume extent) mapped into canonical indices
+    corners = _extent_corners(canon)
+    bounds = np.clip(roi.bounds, corners.min(axis=0)[:, None], corners.max(axis=0)[:, None])
+    box = np.array(np.meshgrid(*bounds, indexing="ij")).reshape(3, -1).T
+    idx = canon.map_reference_to_indices(box, round_output=False, check_bounds=False)
+    shape = np.array(canon.spatial_shape)
+    lo = np.clip(np.floor(idx.min(axis=0)).astype(int) - 1, 0, shape)
+    hi = np.clip(np.ceil(idx.max(axis=0)).astype(int) + 2, 0, shape)
+    axes = [np.arange(a, b) for a, b in zip(lo, hi)]
+    grid = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1)
+    inside = roi.contains(canon.map_indices_to_reference(grid.reshape(-1, 3)).reshape(grid.shape))
+    if not inside.any():
+        raise RoiError(f"series {series.series_uid}: the {side.value} region of interest {roi} contains no voxel")
+    tight = [np.flatnonzero(inside.any(axis=tuple(j for j in range(3) if j != k))) for k in range(3)]
+    cut = tuple(slice(t[0], t[-1] + 1) for t in tight)
+    inside, grid = inside[cut], grid[cut]
+
+    # canonical index → source index is an exact signed permutation plus offset
+    source_indices = np.rint(grid @ exact[:3, :3].T + exact[:3, 3]).astype(np.int64)
+    flat = np.ravel_multi_index(tuple(np.moveaxis(source_indices, -1, 0)), source.spatial_shape)
+    if side is Side.LEFT:
+        flat, inside = flat[:, :, ::-1], inside[:, :, ::-1]
+    flat, inside = np.ascontiguousarray(flat), np.ascontiguousarray(inside)
+    slices = np.asarray(series.volume.array, dtype=np.float32).reshape(-1)[flat]
+    _, row_mm, col_mm = canon.spacing
+    return CoronalStack(series_uid=series.series_uid, side=side, slices=slices,
+                        pixel_spacing=(float(row_mm), float(col_mm)), source_index=flat, inside=inside)
+
+
+def side_stacks(series: SeriesVolume, rois: Mapping[Side, PatientBox] | None = None) -> dict[Side, CoronalStack]:
+    """Both sides' stacks; `rois` overrides the default halves per side."""
+    chosen = {**default_rois(series), **{Side(k): v for k, v in (rois or {}).items()}}
+    return {side: coronal_stack(series, side, chosen[side]) for side in Side}
+
+
+def stack_to_volume(stacks: Sequence[CoronalStack], masks: Sequence[np.ndarray], series: SeriesVolume) -> np.ndarray:
+    """Per-side masks (n, h, w) back in source voxels: uint8 labels, 1 right, 2 left, 0 elsewhere."""
+    if len(stacks) != len(masks):
+        raise ValueError(f"got {len(stacks)} stacks but {len(masks)} masks")
+    labels = np.zeros(series.shape, dtype=np.uint8)
+    flat_labels = labels.reshape(-1)
+    claimed = np.zeros(flat_labels.size, dtype=bool)
+    for stack, mask in zip(stacks, masks):
+        if stack.series_uid != series.series_uid:
+            raise ValueError(f"stack of series {stack.series_uid} cannot go back into series {series.series_uid}")
+        mask = np.asarray(mask)
+        if mask.shape != stack.source_index.shape:
+            raise ValueError(f"{stack.side.value} mask must have shape {stack.source_index.shape}, got {mask.shape}")
+        owned = stack.source_index[stack.inside]
+        if claimed[owned].any():
+            raise RoiError(f"series {series.series_uid}: the {stack.side.value} region overlaps another stack's")
+        claimed[owned] = True
+        flat_labels[owned] = np.where(mask[stack.inside].astype(bool), np.uint8(stack.side.label), np.uint8(0))
+    return labels
