@@ -1,0 +1,139 @@
+"""One series from source images to a right/left IAN label volume in source voxels.
+
+Pure: no I/O beyond reading its inputs. Split in two around the network so that the exact geometry
+can be checked without one: `prepare` takes the series to model-space slices, `finish` takes
+model-space probabilities back to source voxels and cleans them up in 3D. `segment_series` is
+prepare → predictor → finish, timed per stage.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+from pydicom.dataset import Dataset
+
+from ian_node.postprocess import DEFAULT_MAX_GAP_MM, keep_main_tract
+from ian_node.volume import CoronalStack, PatientBox, SeriesVolume, Side, load_series, side_stacks, stack_to_volume
+from model.preprocess import SliceTransform, image_to_model, mask_to_model, plan_slice_transform, probabilities_from_model
+
+
+class SlicePredictor(Protocol):
+    """What the pipeline needs of a model: uint8 (N, size, size) slices in, probabilities out."""
+
+    size: int
+
+    def predict(self, images: np.ndarray) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class PipelineOptions:
+    #: Per-side regions of interest in patient mm; None = each half of the volume.
+    rois: Mapping[Side, PatientBox] | None = None
+    threshold: float = 0.5
+    #: 3D clean-up per side (ian_node.postprocess); None turns it off.
+    max_gap_mm: float | None = DEFAULT_MAX_GAP_MM
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.threshold < 1.0:
+            raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
+
+
+@dataclass(frozen=True)
+class PreparedSide:
+    stack: CoronalStack
+    transform: SliceTransform
+    images: np.ndarray  # uint8 (n, size, size): model input for this side
+
+
+@dataclass(frozen=True)
+class PreparedSeries:
+    series: SeriesVolume
+    sides: tuple[PreparedSide, ...]
+
+    @property
+    def images(self) -> np.ndarray:
+        """Every side's model-space slices in one batch, sides in order."""
+        return np.concatenate([s.images for s in self.sides], axis=0)
+
+
+@dataclass(frozen=True)
+class PipelineResult:
+    series: SeriesVolume
+    labels: np.ndarray  # uint8, source voxel geometry: 0 background, 1 right IAN, 2 left IAN
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+
+    @property
+    def voxels(self) -> dict[str, int]:
+        return {side.value: int((self.labels == side.label).sum()) for side in Side}
+
+
+def prepare(series: SeriesVolume, size: int, rois: Mapping[Side, PatientBox] | None = None) -> PreparedSeries:
+    """Side crops (left flipped) → coronal slices → the paper's slice transform into size × size."""
+    sides = []
+    for stack in side_stacks(series, rois).values():
+        n, h, w = stack.slices.shape
+        transform = plan_slice_transform((h, w), stack.pixel_spacing, size)
+        images = np.empty((n, size, size), dtype=np.uint8)
+        for i in range(n):
+            images[i] = image_to_model(stack.slices[i], transform)
+        sides.append(PreparedSide(stack, transform, images))
+    return PreparedSeries(series, tuple(sides))
+
+
+def to_model_space(prepared: PreparedSeries, labels: np.ndarray) -> np.ndarray:
+    """A source-geometry label volume mapped forward like the images (1.0 where that side's nerve is)."""
+    out = []
+    for side in prepared.sides:
+        nerve = labels.reshape(-1)[side.stack.source_index] == side.stack.side.label
+        nerve &= side.stack.inside
+        out.append(np.stack([mask_to_model(m, side.transform) for m in nerve]).astype(np.float32))
+    return np.concatenate(out, axis=0)
+
+
+def finish(prepared: PreparedSeries, probabilities: np.ndarray, options: PipelineOptions) -> np.ndarray:
+    """Model-space probabilities (in `prepared.images` order) → uint8 labels in source voxels."""
+    expected = sum(len(s.images) for s in prepared.sides)
+    if probabilities.shape[0] != expected:
+        raise ValueError(f"expected probabilities for {expected} slices, got {probabilities.shape[0]}")
+    masks, start = [], 0
+    for side in prepared.sides:
+        n = len(side.images)
+        back = [probabilities_from_model(p, side.transform) for p in probabilities[start : start + n]]
+        masks.append(np.stack(back) >= options.threshold)
+        start += n
+    labels = stack_to_volume([s.stack for s in prepared.sides], masks, prepared.series)
+    if options.max_gap_mm is None:
+        return labels
+    spacing = tuple(float(s) for s in prepared.series.volume.spacing)
+    for side in Side:
+        nerve = labels == side.label
+        if nerve.any():
+            kept = keep_main_tract(nerve, spacing, options.max_gap_mm)
+            labels[nerve & ~kept] = 0
+    return labels
+
+
+def segment_series(
+    sources: Sequence[Dataset | Path | str] | SeriesVolume,
+    predictor: SlicePredictor,
+    options: PipelineOptions | None = None,
+) -> PipelineResult:
+    """The whole job: load → prepare → predict → back to source voxels → 3D clean-up."""
+    options = options or PipelineOptions()
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    series = sources if isinstance(sources, SeriesVolume) else load_series(sources)
+    t1 = time.perf_counter()
+    prepared = prepare(series, predictor.size, options.rois)
+    t2 = time.perf_counter()
+    probabilities = predictor.predict(prepared.images)
+    t3 = time.perf_counter()
+    labels = finish(prepared, probabilities, options)
+    t4 = time.perf_counter()
+    timings.update(load=t1 - t0, preprocess=t2 - t1, inference=t3 - t2, inverse_postprocess=t4 - t3)
+    return PipelineResult(series, labels, timings)
