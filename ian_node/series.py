@@ -8,12 +8,13 @@ reason, and its files are kept or purged according to ``series.retention``.
 
 The timers live in an apscheduler ``BackgroundScheduler``; the state keeps what they need
 (``awaiting_completion`` and the last arrival time), so :meth:`SeriesTracker.start` re-arms them
-after a restart.
+after a restart. A timer that fires while instances are still arriving re-arms at the new deadline.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -53,6 +54,8 @@ class SeriesTracker:
         self._spool = spool
         self._rules = rules
         self._on_job = on_job
+        self._lock = threading.Lock()
+        self._armed: set[str] = set()  # series with a pending timer
         self._scheduler = BackgroundScheduler(
             timezone=timezone.utc,
             job_defaults={"misfire_grace_time": None, "coalesce": True, "max_instances": 1},
@@ -73,12 +76,21 @@ class SeriesTracker:
             self._scheduler.shutdown(wait=True)
 
     def instance_stored(self, outcome: RecordOutcome) -> None:
-        """Restart the series' quiet period: the SCP calls this after each committed instance."""
-        self._arm(outcome.series_uid, outcome.received_at + self._rules.quiet_period_s)
+        """Restart the series' quiet period: the SCP calls this after each committed instance.
 
-    def _arm(self, series_uid: str, deadline: float) -> None:
+        The deadline (last arrival + quiet period) moves with every instance, but the scheduler is
+        touched only when the series has no timer yet: a timer that fires before the moved deadline
+        re-arms itself at it, so a series of N instances costs a few timer events, not N.
+        """
+        self._arm(outcome.series_uid, outcome.received_at + self._rules.quiet_period_s, only_if_idle=True)
+
+    def _arm(self, series_uid: str, deadline: float, only_if_idle: bool = False) -> None:
+        with self._lock:
+            if only_if_idle and series_uid in self._armed:
+                return
+            self._armed.add(series_uid)
         self._scheduler.add_job(
-            self.settle,
+            self._on_timer,
             trigger="date",
             run_date=datetime.fromtimestamp(deadline, tz=timezone.utc),
             args=(series_uid,),
@@ -86,8 +98,9 @@ class SeriesTracker:
             replace_existing=True,
         )
 
-    def settle(self, series_uid: str) -> Job | None:
-        """Conclude the quiet period of one series now: queue its job, or skip it (the timer's action)."""
+    def _on_timer(self, series_uid: str) -> Job | None:
+        with self._lock:
+            self._armed.discard(series_uid)  # from here on, a new instance arms a new timer
         try:
             return self._settle(series_uid)
         except Exception:  # a timer thread must not die silently
@@ -99,8 +112,8 @@ class SeriesTracker:
         if series is None or not series.awaiting_completion:
             return None
         deadline = series.last_received_at + self._rules.quiet_period_s
-        if time.time() < deadline and self._scheduler.running:
-            self._arm(series_uid, deadline)  # an instance arrived while this timer was firing
+        if time.time() < deadline:  # instances arrived since this timer was armed
+            self._arm(series_uid, deadline, only_if_idle=True)
             return None
         reason = skip_reason(series, self._rules)
         purge = reason is not None and self._rules.retention == "purge"

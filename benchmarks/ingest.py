@@ -1,0 +1,200 @@
+"""Ingest rate of the node's SCP against two references, measured side by side with the same files.
+
+    python benchmarks/ingest.py [--files 200] [--rows 256] [--repeats 3] [--parallel 4]
+
+Receivers, each writing to its own folder on the same file system:
+
+- ``storescp``: dcmtk's storescp, with ``TCP_NODELAY=1`` in its environment (without it Debian's
+  build stalls about 40 ms per instance on loopback);
+- ``bare``: a pynetdicom SCP whose handler only writes ``event.encoded_dataset()`` to a file and
+  fsyncs it: the floor of what a Python SCP can do durably;
+- ``node``: the node's StorageSCP with its spool (atomic write: temp file, fsync, rename, directory
+  fsync), SQLite state (WAL, synchronous=FULL) and quiet-period timers.
+
+Each sender is dcmtk's storescu: one association with every file, then ``--parallel`` associations
+at once with the files split between them. The rate is files / wall time of the sender(s); the
+median over ``--repeats`` rounds is reported, receivers interleaved within each round.
+
+``--sender-nodelay`` gives the storescu senders ``TCP_NODELAY=1`` too. Without it, storescp's rate on
+one association is dominated by Nagle / delayed-ACK stalls on this machine (tens of instances/s);
+with it, storescp shows its real speed, which includes no fsync at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.data import get_testdata_file
+from pydicom.uid import MRImageStorage, generate_uid
+from pynetdicom import AE, evt
+
+from ian_node.config import DicomConfig, SeriesConfig, TlsConfig
+from ian_node.scp import TRANSFER_SYNTAXES, StorageSCP
+from ian_node.series import SeriesTracker
+from ian_node.spool import Spool
+from ian_node.state import State
+
+DCMTK = Path("/usr/bin")  # pynetdicom's own storescu shim shadows dcmtk's on PATH
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_for_port(port: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on port {port}")
+
+
+def make_files(folder: Path, count: int, rows: int) -> list[Path]:
+    """``count`` single-frame MR instances of ``rows``² 16-bit pixels in one series."""
+    folder.mkdir(parents=True)
+    template = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    template.Rows = template.Columns = rows
+    rng = np.random.default_rng(0)
+    template.PixelData = rng.integers(0, 4096, (rows, rows), dtype=np.int16).tobytes()
+    template.SeriesInstanceUID = generate_uid(prefix=None)
+    paths = []
+    for number in range(1, count + 1):
+        template.SOPInstanceUID = generate_uid(prefix=None)
+        template.file_meta.MediaStorageSOPInstanceUID = template.SOPInstanceUID
+        template.InstanceNumber = number
+        paths.append(folder / f"{number:05d}.dcm")
+        template.save_as(paths[-1], enforce_file_format=True)
+    return paths
+
+
+@contextmanager
+def storescp_receiver(out: Path) -> Iterator[int]:
+    out.mkdir(parents=True)
+    port = _free_port()
+    env = {**os.environ, "TCP_NODELAY": "1"}
+    proc = subprocess.Popen([str(DCMTK / "storescp"), "-aet", "IANNODE", "-od", str(out), "+xa", str(port)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for_port(port)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+@contextmanager
+def bare_receiver(out: Path) -> Iterator[int]:
+    out.mkdir(parents=True)
+
+    def handle_store(event: evt.Event) -> int:
+        with open(out / f"{event.request.AffectedSOPInstanceUID}.dcm", "wb") as fh:
+            fh.write(event.encoded_dataset())
+            fh.flush()
+            os.fsync(fh.fileno())
+        return 0x0000
+
+    ae = AE(ae_title="IANNODE")
+    ae.maximum_associations = 16
+    ae.add_supported_context(MRImageStorage, list(TRANSFER_SYNTAXES))
+    server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, handle_store)])
+    try:
+        yield int(server.server_address[1])
+    finally:
+        server.shutdown()
+
+
+@contextmanager
+def node_receiver(out: Path) -> Iterator[int]:
+    state = State(out / "state.sqlite3")
+    spool = Spool(out / "spool")
+    tracker = SeriesTracker(state, spool, SeriesConfig(quiet_period_s=3600))
+    scp = StorageSCP(DicomConfig(port=0, max_associations=16), TlsConfig(), state, spool, tracker.instance_stored)
+    tracker.start()
+    scp.start()
+    try:
+        yield scp.port
+    finally:
+        scp.stop()
+        tracker.stop()
+        state.close()
+
+
+RECEIVERS: dict[str, Callable[[Path], AbstractContextManager[int]]] = {
+    "storescp": storescp_receiver,
+    "bare": bare_receiver,
+    "node": node_receiver,
+}
+
+
+def send(port: int, files: list[Path], parallel: int, nodelay: bool = False) -> float:
+    """Seconds for ``parallel`` storescu processes to send ``files`` between them."""
+    chunks = [files[i::parallel] for i in range(parallel)]
+    env = {**os.environ, "TCP_NODELAY": "1"} if nodelay else None
+    start = time.perf_counter()
+    procs = [
+        subprocess.Popen([str(DCMTK / "storescu"), "-aet", "BENCH", "-aec", "IANNODE", "127.0.0.1", str(port),
+                          *map(str, chunk)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        for chunk in chunks
+    ]
+    for proc in procs:
+        _, err = proc.communicate()
+        if proc.returncode != 0:
+            raise RuntimeError(f"storescu failed: {err.decode(errors='replace')[-500:]}")
+    return time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--files", type=int, default=200)
+    parser.add_argument("--rows", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--parallel", type=int, default=4)
+    parser.add_argument("--sender-nodelay", action="store_true", help="TCP_NODELAY=1 for storescu too")
+    args = parser.parse_args(argv)
+
+    with tempfile.TemporaryDirectory(prefix="ian-node-ingest-") as tmp:
+        root = Path(tmp)
+        files = make_files(root / "files", args.files, args.rows)
+        size_kib = files[0].stat().st_size / 1024
+        rates: dict[tuple[str, int], list[float]] = {}
+        for round_ in range(args.repeats):
+            for name, receiver in RECEIVERS.items():
+                for parallel in (1, args.parallel):
+                    with receiver(root / f"{name}-{parallel}-{round_}") as port:
+                        seconds = send(port, files, parallel, args.sender_nodelay)
+                    rates.setdefault((name, parallel), []).append(len(files) / seconds)
+
+    senders = "TCP_NODELAY=1" if args.sender_nodelay else "default environment"
+    print(f"{args.files} files of {size_kib:.0f} KiB, median of {args.repeats} rounds, instances/s;"
+          f" storescu senders with {senders}\n")
+    print("| receiver | 1 association | " + f"{args.parallel} associations |")
+    print("|---|---:|---:|")
+    med = {key: statistics.median(values) for key, values in rates.items()}
+    for name in RECEIVERS:
+        print(f"| {name} | {med[(name, 1)]:.1f} | {med[(name, args.parallel)]:.1f} |")
+    print()
+    for ref in ("storescp", "bare"):
+        ratios = " | ".join(f"{med[('node', p)] / med[(ref, p)]:.2f}×" for p in (1, args.parallel))
+        print(f"node / {ref}: {ratios}  (1 | {args.parallel} associations)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
