@@ -283,13 +283,23 @@ def phantom_datasets(phantom: Phantom) -> list[Dataset]:
 
 
 def ground_truth_segmentation(phantom: Phantom, datasets: list[Dataset]) -> hd.seg.Segmentation:
-    """The phantom's labels as a SEG with MANUAL segments (the phantom stands in for an annotator)."""
-    return build_segmentation(
+    """The phantom's labels as a SEG with MANUAL segments (the phantom stands in for an annotator).
+
+    Its timestamps are the study's, so writing the same phantom twice gives identical bytes.
+    """
+    seg = build_segmentation(
         datasets, phantom.labels, algorithm=None, series_number=GROUND_TRUTH_SERIES_NUMBER,
         series_description=GROUND_TRUTH_DESCRIPTION, series_instance_uid=phantom.uid("seg-series"),
-        sop_instance_uid=phantom.uid("seg-instance"), content_label="IAN_GT",
+        sop_instance_uid=phantom.uid("seg-instance"),
+        dimension_organization_uid=phantom.uid("seg-dimension-organization"), content_label="IAN_GT",
         content_creator_name="Phantom^GroundTruth",
     )
+    seg.InstanceCreationDate = seg.ContentDate = seg.SeriesDate = phantom.study.study_date
+    seg.InstanceCreationTime = seg.ContentTime = seg.SeriesTime = "100000"
+    for item in seg.get("ContributingEquipmentSequence", []):
+        if "ContributionDateTime" in item:
+            item.ContributionDateTime = f"{phantom.study.study_date}100000"
+    return seg
 
 
 def _uid_filename(uid: str) -> str:

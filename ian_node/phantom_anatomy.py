@@ -164,45 +164,61 @@ def canal_radius(anatomy: SideAnatomy) -> float:
     return anatomy.nerve_radius_mm + 2 * max(anatomy.vessel_radius_mm) + 0.25
 
 
-def build_mandible(params: PatientParams, geometry: Geometry) -> Mandible:
-    """Scale the reference mandible into the field of view and centre it there."""
-    lean = np.radians(max(params.right.ramus_lean_deg, params.left.ramus_lean_deg))
-    flare = np.radians(max(params.right.ramus_flare_deg, params.left.ramus_flare_deg))
-    rh, rw = params.ramus_height_mm, params.ramus_width_mm
-    width = 2 * (params.arch_half_width_mm + params.ramus_thickness_mm / 2 + rh * np.tan(flare) + 3)
-    depth = params.arch_depth_mm + params.body_thickness_front_mm / 2 + rh * np.sin(lean) + 4
-    height = params.inferior_rise_mm + rh * 1.1 * np.cos(lean) + 3
-    ss, ps, _ = geometry.spacing
-    fz, fy, fx = np.array(geometry.shape) * np.array([ss, ps, ps])
-    s_xy = min(1.05, FILL * min(fx / width, fy / depth))
-    s_z = min(1.05, FILL * fz / height)
-
+def _dimensions(params: PatientParams, s_xy: float, s_z: float) -> dict[str, float]:
+    """Scaled mandible dimensions; the canal must still fit, so thickness and height have floors."""
     r_canal = max(canal_radius(params.right), canal_radius(params.left))
     min_thick = 2 * (r_canal + params.cortex_mm + 0.8)
     min_height = 2 * (r_canal + params.cortex_inferior_mm) + 8
-    half_width = params.arch_half_width_mm * s_xy
-    arch_depth = params.arch_depth_mm * s_xy
-    t_front = max(params.body_thickness_front_mm * s_xy, min_thick + 1.5)
-    rise = params.inferior_rise_mm * s_z
-    ramus_h, ramus_w = rh * s_z, max(rw * s_xy, 4 * r_canal + 6)
+    lean = np.radians(max(params.right.ramus_lean_deg, params.left.ramus_lean_deg))
+    flare = np.radians(max(params.right.ramus_flare_deg, params.left.ramus_flare_deg))
+    d = {
+        "half_width": params.arch_half_width_mm * s_xy,
+        "depth": params.arch_depth_mm * s_xy,
+        "t_front": max(params.body_thickness_front_mm * s_xy, min_thick + 1.5),
+        "t_back": max(params.body_thickness_back_mm * s_xy, min_thick),
+        "h_front": max(params.body_height_front_mm * s_z, min_height + 2),
+        "h_back": max(params.body_height_back_mm * s_z, min_height),
+        "rise": params.inferior_rise_mm * s_z,
+        "ramus_h": params.ramus_height_mm * s_z,
+        "ramus_w": max(params.ramus_width_mm * s_xy, 4 * r_canal + 6),
+        "ramus_t": max(params.ramus_thickness_mm * s_xy, min_thick),
+        "crown": params.crown_height_mm * max(s_z, 0.7),
+    }
+    d["width"] = 2 * (d["half_width"] + d["ramus_t"] / 2 + d["ramus_h"] * np.tan(flare) + 2)
+    d["post"] = d["ramus_h"] * 1.1 * np.sin(lean) + 2  # condyle behind the gonial angle
+    d["front"] = d["depth"] + d["t_front"] / 2 + 1  # chin in front of the gonial angle
+    d["top"] = max(d["rise"] + d["ramus_h"] * 1.1 * np.cos(lean), d["h_front"] + d["crown"]) + 1
+    return d
+
+
+def build_mandible(params: PatientParams, geometry: Geometry) -> Mandible:
+    """Scale the reference mandible to fill the field of view (at most life size) and centre it there."""
+    ss, ps, _ = geometry.spacing
+    fz, fy, fx = np.array(geometry.shape) * np.array([ss, ps, ps])
+    s_xy = s_z = 1.05
+    for _ in range(8):  # shrink until the floors on thickness and height fit too
+        d = _dimensions(params, s_xy, s_z)
+        fit_xy = FILL * min(fx / d["width"], fy / (d["front"] + d["post"]))
+        fit_z = FILL * fz / d["top"]
+        if fit_xy >= 1 and fit_z >= 1:
+            break
+        s_xy, s_z = s_xy * min(1.0, fit_xy), s_z * min(1.0, fit_z)
+        # Tiny test grids cannot hold the floors; keep the shape plausible rather than flatten it.
+        s_z = max(s_z, 0.6 * s_xy)
+    d = _dimensions(params, s_xy, s_z)
     # Centre the bony envelope in the anatomy frame (the field of view's centre).
-    y_back = (arch_depth + t_front / 2 - ramus_h * np.sin(lean) - 4 * s_xy) / 2
-    z_front = -(rise + ramus_h * 1.1 * np.cos(lean)) / 2
+    y_back = (d["front"] - d["post"]) / 2
     mandible = Mandible(
-        half_width=half_width, depth=arch_depth, exponent=params.arch_exponent, y_back=y_back,
-        z_bottom_front=z_front, rise=rise,
-        height_front=max(params.body_height_front_mm * s_z, min_height + 2),
-        height_back=max(params.body_height_back_mm * s_z, min_height),
-        thickness_front=t_front,
-        thickness_back=max(params.body_thickness_back_mm * s_xy, min_thick),
+        half_width=d["half_width"], depth=d["depth"], exponent=params.arch_exponent, y_back=y_back,
+        z_bottom_front=-d["top"] / 2, rise=d["rise"], height_front=d["h_front"], height_back=d["h_back"],
+        thickness_front=d["t_front"], thickness_back=d["t_back"],
         cortex=params.cortex_mm, cortex_inferior=params.cortex_inferior_mm,
-        rami={}, scale_xy=s_xy, scale_z=s_z,
+        rami={}, scale_xy=float(s_xy), scale_z=float(s_z),
     )
     rami = {}
     for side in (-1, 1):
-        origin = np.array([side * half_width, y_back, float(mandible.bottom(np.float32(HALF_PI)))])
-        ramus_t = max(params.ramus_thickness_mm * s_xy, min_thick)
-        rami[side] = _ramus(side, params.side(side), origin, ramus_h, ramus_w, ramus_t)
+        origin = np.array([side * d["half_width"], y_back, float(mandible.bottom(np.float32(HALF_PI)))])
+        rami[side] = _ramus(side, params.side(side), origin, d["ramus_h"], d["ramus_w"], d["ramus_t"])
     object.__setattr__(mandible, "rami", rami)
     return mandible
 

@@ -35,6 +35,7 @@ class Tissue(IntEnum):
     LINGUAL_NERVE = 10
     CANAL = 11
     METAL = 12
+    VERTEBRA = 13
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,7 @@ def render(params: PatientParams, geometry: Geometry, rng: np.random.Generator) 
     in_arch = np.abs(theta) <= F(HALF_PI)
     radius = m.radius(theta)
     u = rho - radius
+    del dy, rho, radius
     t_half = m.thickness(np.minimum(np.abs(theta), F(HALF_PI))) / 2
     height = m.height(np.minimum(np.abs(theta), F(HALF_PI)))
     v = z - m.bottom(np.minimum(np.abs(theta), F(HALF_PI)))
@@ -122,6 +124,7 @@ def render(params: PatientParams, geometry: Geometry, rng: np.random.Generator) 
     outer = np.where(in_arch, u - t_half, np.abs(x) - F(m.half_width) - t_half)
     below = np.maximum(F(0.0), -v - F(2.0)) * F(0.8)
     depth_in = face - outer - below  # mm inside the skin
+    del face, outer, below
     head = depth_in > 0
     canvas.paint(head, Tissue.SOFT, F(c.soft) * (1 + F(0.06) * tex_lo + F(0.03) * tex_hi))
     fat_value = F(c.fat) * (1 + F(0.04) * tex_lo + F(0.03) * tex_hi)
@@ -165,8 +168,8 @@ def render(params: PatientParams, geometry: Geometry, rng: np.random.Generator) 
     canvas.paint(((x / F(prx)) ** 2 + ((y - F(pyc)) / F(pry)) ** 2) <= 1, Tissue.AIR, F(0.0))
     vyc = pyc + pry + 14
     vert = ((x / F(10)) ** 2 + ((y - F(vyc)) / F(8)) ** 2)
-    canvas.paint(head & (vert <= 1), Tissue.CORTEX, F(c.cortex))
-    canvas.paint(head & (vert <= F(0.7)), Tissue.MARROW, F(c.marrow) * (1 - F(0.25) * (tex_hi > 0.9)))
+    canvas.paint(head & (vert <= 1), Tissue.VERTEBRA, F(c.cortex))
+    canvas.paint(head & (vert <= F(0.7)), Tissue.VERTEBRA, F(c.marrow) * (1 - F(0.25) * (tex_hi > 0.9)))
 
     # --- Mandible: body ∪ rami, cortex by depth below the surface.
     hb = height / 2

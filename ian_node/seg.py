@@ -184,6 +184,7 @@ def build_segmentation(
     series_description: str,
     series_instance_uid: str | None = None,
     sop_instance_uid: str | None = None,
+    dimension_organization_uid: str | None = None,
     instance_number: int = 1,
     uid_prefix: str | None = None,
     content_label: str = "IAN",
@@ -199,8 +200,11 @@ def build_segmentation(
     instances, or the frames of one multi-frame instance, sorted along the increasing slice normal.
     Empty frames are omitted. A side with no voxels keeps its segment description but has no frames:
     highdicom accepts that, readers then see that segment as empty, and the SEG still says both sides
-    were looked for. When both sides are empty highdicom keeps one empty frame so the SEG is valid.
+    were looked for. When both sides are empty highdicom encodes every frame (all empty) instead,
+    since a SEG needs at least one frame.
     `algorithm=None` marks the segments MANUAL (the phantom ground truth stands in for an annotator).
+    UIDs not given come from `generate_uid(prefix=uid_prefix)`: the 2.25 root unless an organisation
+    root is configured.
     """
     if not isinstance(series_number, int) or series_number < 0:
         raise ValueError(f"series_number must be a non-negative int, got {series_number!r}")
@@ -246,6 +250,10 @@ def build_segmentation(
         omit_empty_frames=True,
     )
     seg.SeriesDescription = series_description
+    # highdicom draws this UID from its own root; the project's UIDs come from 2.25 or the user's root.
+    dim_uid = dimension_organization_uid or generate_uid(prefix=uid_prefix)
+    for item in (*seg.DimensionOrganizationSequence, *seg.DimensionIndexSequence):
+        item.DimensionOrganizationUID = dim_uid
     logger.info("built SEG %s (series %s, %d frames) over series %s", seg.SOPInstanceUID,
                 seg.SeriesInstanceUID, int(seg.NumberOfFrames), frames[0].dataset.SeriesInstanceUID)
     return seg
@@ -269,6 +277,14 @@ def read_segmentation_labels(seg_dataset: Dataset, source: Sequence[Dataset]) ->
         raise SegmentationSourceError(
             f"SEG {seg.SOPInstanceUID} is in frame of reference {seg.FrameOfReferenceUID}, "
             f"the source in {frames[0].dataset.FrameOfReferenceUID}"
+        )
+    referenced = {str(item.ReferencedSOPInstanceUID) for series in seg.get("ReferencedSeriesSequence", [])
+                  for item in series.get("ReferencedInstanceSequence", [])}
+    given = {str(f.dataset.SOPInstanceUID) for f in frames}
+    if not referenced & given:
+        # Without this, highdicom would read a SEG of another series as all background.
+        raise SegmentationSourceError(
+            f"SEG {seg.SOPInstanceUID} references none of the {len(given)} source instances given"
         )
     kwargs = dict(segment_numbers=numbers, combine_segments=True, relabel=False,
                   assert_missing_frames_are_empty=True, dtype=np.uint8)
