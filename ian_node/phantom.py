@@ -70,7 +70,8 @@ class PhantomConfig:
         if (not isinstance(self.shape, tuple) or len(self.shape) != 3
                 or not all(isinstance(n, int) and not isinstance(n, bool) for n in self.shape)
                 or self.shape[0] < 4 or min(self.shape[1:]) < 32):
-            raise ValueError(f"PhantomConfig.shape must be 3 ints (slices >= 4, rows/columns >= 32), got {self.shape!r}")
+            raise ValueError("PhantomConfig.shape must be 3 ints (slices >= 4, rows/columns >= 32), "
+                             f"got {self.shape!r}")
         _check_range("pixel_spacing_mm", self.pixel_spacing_mm, 0.1, 5.0)
         _check_range("slice_spacing_mm", self.slice_spacing_mm, 0.1, 10.0)
         _check_range("nerve_diameter_mm", self.nerve_diameter_mm, 0.5, 6.0)

@@ -208,19 +208,18 @@ def build_mandible(params: PatientParams, geometry: Geometry) -> Mandible:
     d = _dimensions(params, s_xy, s_z)
     # Centre the bony envelope in the anatomy frame (the field of view's centre).
     y_back = (d["front"] - d["post"]) / 2
-    mandible = Mandible(
-        half_width=d["half_width"], depth=d["depth"], exponent=params.arch_exponent, y_back=y_back,
-        z_bottom_front=-d["top"] / 2, rise=d["rise"], height_front=d["h_front"], height_back=d["h_back"],
-        thickness_front=d["t_front"], thickness_back=d["t_back"],
-        cortex=params.cortex_mm, cortex_inferior=params.cortex_inferior_mm,
-        rami={}, scale_xy=float(s_xy), scale_z=float(s_z),
-    )
+    z_bottom_front = -d["top"] / 2
     rami = {}
     for side in (-1, 1):
-        origin = np.array([side * d["half_width"], y_back, float(mandible.bottom(np.float32(HALF_PI)))])
+        origin = np.array([side * d["half_width"], y_back, z_bottom_front + d["rise"]])  # gonial angle
         rami[side] = _ramus(side, params.side(side), origin, d["ramus_h"], d["ramus_w"], d["ramus_t"])
-    object.__setattr__(mandible, "rami", rami)
-    return mandible
+    return Mandible(
+        half_width=d["half_width"], depth=d["depth"], exponent=params.arch_exponent, y_back=y_back,
+        z_bottom_front=z_bottom_front, rise=d["rise"], height_front=d["h_front"], height_back=d["h_back"],
+        thickness_front=d["t_front"], thickness_back=d["t_back"],
+        cortex=params.cortex_mm, cortex_inferior=params.cortex_inferior_mm,
+        rami=rami, scale_xy=float(s_xy), scale_z=float(s_z),
+    )
 
 
 @dataclass(frozen=True)
@@ -285,7 +284,7 @@ def side_tubes(side: int, params: PatientParams, mandible: Mandible) -> SideTube
     canal_start = float(arc[np.argmin(np.linalg.norm(points - foramen, axis=1))])
     radius = a.nerve_radius_mm * (1 - a.nerve_taper * np.clip((arc - canal_start) / (arc[-1] - canal_start), 0, 1))
     nerve = Tube(f"{name} IAN", points, radius)
-    # The mental foramen: where the nerve last crosses the buccal surface.
+    # The curve ends 0.8 mm outside the mental foramen; only the canal's part inside bone is drawn.
     canal_end = float(arc[-1]) - 1.0
 
     twist = np.radians(a.vessel_twist_deg) * arc / arc[-1]
@@ -294,17 +293,22 @@ def side_tubes(side: int, params: PatientParams, mandible: Mandible) -> SideTube
         dist = radius + r_v + 0.1
         vessels.append(offset_tube(nerve, f"{name} inferior alveolar {kind}", dist, np.radians(ang) + twist, r_v))
 
+    def half_t(theta_deg: float) -> float:
+        return float(mandible.thickness(np.float32(np.radians(theta_deg)))) / 2
+
+    def h_of(theta_deg: float) -> float:
+        return float(mandible.height(np.float32(np.radians(theta_deg))))
+
+    # The lingual nerve: same brightness and size, medial to the ramus, then in the floor of the mouth.
     lingual = _tube(f"{name} lingual nerve", [
         ram.point(wf + 5.0, hf + a.extraosseous_mm + 2.0, -(tr + 0.5 * gap)),
         ram.point(0.85 * ram.width, hf - 2.0, -(tr + 0.8 * gap)),
-        body(72, None, 0.85, u=-(float(mandible.thickness(np.float32(np.radians(72)))) / 2 + 3.5)),
-        body(52, None, 0.7, u=-(float(mandible.thickness(np.float32(np.radians(52)))) / 2 + 5.0)),
-        body(34, None, 0.6, u=-(float(mandible.thickness(np.float32(np.radians(34)))) / 2 + 8.0)),
+        body(72, None, 0.85, u=-(half_t(72) + 3.5)),
+        body(52, None, 0.7, u=-(half_t(52) + 5.0)),
+        body(34, None, 0.6, u=-(half_t(34) + 8.0)),
     ], a.lingual_nerve_radius_mm)
 
     r_rmv, r_fa, r_fv, r_la = a.distractor_radius_mm
-    half_t = lambda th: float(mandible.thickness(np.float32(np.radians(th)))) / 2  # noqa: E731
-    h_of = lambda th: float(mandible.height(np.float32(np.radians(th))))  # noqa: E731
     distractors = [
         _tube(f"{name} retromandibular vein", [
             ram.point(-5.0, -12.0, 1.5), ram.point(-6.0, 0.5 * ram.height, 1.0),

@@ -10,7 +10,7 @@ import pytest
 from pydicom import dcmwrite
 
 from ian_node.phantom import PhantomConfig, PhantomFiles, generate_phantom, write_phantom
-from ian_node.seg import AlgorithmInfo, build_segmentation
+from ian_node.seg import AlgorithmInfo, build_segmentation, read_segmentation_labels
 from tests.tools import dciodvfy_errors
 
 pytestmark = pytest.mark.integration
@@ -38,8 +38,6 @@ def test_ai_seg_with_one_empty_side_passes_dciodvfy(written: PhantomFiles, tmp_p
     source = [pydicom.dcmread(p) for p in written.instances]
     gt = pydicom.dcmread(written.seg)
     assert gt.SegmentSequence[0].SegmentAlgorithmType == "MANUAL"
-    from ian_node.seg import read_segmentation_labels
-
     labels = read_segmentation_labels(gt, source)
     left_only = np.where(labels == 2, 2, 0).astype(np.uint8)
     seg = build_segmentation(source, left_only, algorithm=AlgorithmInfo("IANNet", "0.1.0", "sha256:" + "0f" * 32),
