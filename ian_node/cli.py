@@ -116,36 +116,152 @@ def _run_phantom(args: argparse.Namespace) -> int:
 # --- demo --------------------------------------------------------------------------------------
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="generate a phantom study and print its summary",
-                       description="Generate one phantom study (MR series + ground-truth SEG) and print "
-                                   "its summary.")
-    p.add_argument("--out", type=Path, default=None, help="output folder (default: a new temporary folder)")
+    p = sub.add_parser("demo", help="run the node end to end on a phantom study",
+                       description="Make a phantom study, start the node and a stand-in PACS on free loopback "
+                                   "ports, send the series with a real SCU, wait for the SEG, validate it and "
+                                   "print per-stage timings and the DSC against the ground truth.")
+    p.add_argument("--out", type=Path, default=None, help="working folder (default: a new temporary folder)")
     p.add_argument("--seed", type=_non_negative, default=0)
     p.add_argument("--patient", type=_non_negative, default=0, help="patient index within the seed")
     p.add_argument("--shape", type=_shape, default=None, help="slices,rows,columns (default 64,192,192)")
+    p.add_argument("--checkpoint", type=Path, default=None, help="model checkpoint (default: the bundled one)")
     p.set_defaults(func=_run_demo)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
     import json
 
-    from ian_node.phantom import generate_phantom, write_phantom
+    from ian_node.demo import run_demo
 
     out = args.out if args.out is not None else Path(tempfile.mkdtemp(prefix="ian-node-demo-"))
-    started = time.perf_counter()
-    phantom = generate_phantom(args.patient, args.seed, _phantom_config(args))
-    generated = time.perf_counter()
-    files = write_phantom(phantom, out)
-    written = time.perf_counter()
-    print(format_summary(json.loads(files.summary.read_text())))
-    print(f"  generated in {generated - started:.2f} s, written in {written - generated:.2f} s")
-    print(f"  series: {files.series_dir} ({len(files.instances)} files)\n  ground truth SEG: {files.seg}")
+    report = run_demo(out, args.seed, args.patient, _phantom_config(args), args.checkpoint)
+    print(format_summary(json.loads((report.phantom_dir / "summary.json").read_text())))
+    print(report.format())
+    return 0 if report.dciodvfy_errors in (None, []) else 1
+
+
+# --- serve -------------------------------------------------------------------------------------
+
+def _add_config_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, default=None,
+                   help="ian-node.toml (default: built-in defaults; IAN_NODE_* environment variables override)")
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="run the DICOM node until SIGTERM/SIGINT")
+    _add_config_arg(p)
+    p.set_defaults(func=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from ian_node.config import load_config
+    from ian_node.node import Node
+
+    Node(load_config(args.config)).serve_forever()
+    return 0
+
+
+# --- predict -----------------------------------------------------------------------------------
+
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="segment DICOM files or a folder into a SEG file (no network)")
+    p.add_argument("inputs", type=Path, nargs="+", help="DICOM files and/or folders (searched recursively)")
+    p.add_argument("--out", type=Path, required=True, help="SEG file to write")
+    p.add_argument("--series", default=None, help="SeriesInstanceUID to use when the inputs hold several")
+    p.add_argument("--checkpoint", type=Path, default=None, help="model checkpoint (default: the bundled one)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.set_defaults(func=_run_predict)
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    from pydicom import dcmread
+    from pydicom.errors import InvalidDicomError
+
+    from ian_node.config import ModelConfig
+    from ian_node.pipeline import segment_series
+    from ian_node.worker import load_predictor, result_segmentation
+
+    files = [f for p in args.inputs for f in (sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else [p])]
+    by_series: dict[str, list[Path]] = {}
+    for path in files:
+        try:
+            ds = dcmread(path, stop_before_pixels=True)
+        except (InvalidDicomError, OSError) as exc:
+            logger.warning("skipping %s: not a readable DICOM file (%s)", path, exc)
+            continue
+        if ds.get("Modality") == "SEG":
+            continue
+        by_series.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append(path)
+    if args.series is not None:
+        by_series = {k: v for k, v in by_series.items() if k == args.series}
+    if len(by_series) != 1:
+        found = ", ".join(f"{k} ({len(v)} files)" for k, v in by_series.items()) or "none"
+        print(f"ian-node predict: need exactly one image series (use --series); found: {found}", file=sys.stderr)
+        return 2
+    (uid, paths), = by_series.items()
+    predictor = load_predictor(ModelConfig(checkpoint=args.checkpoint, device=args.device))
+    result = segment_series(paths, predictor)
+    seg = result_segmentation(result, 1, predictor.checkpoint)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    seg.save_as(args.out, enforce_file_format=True)
+    print(f"series {uid}: {len(paths)} files -> {args.out}; "
+          + ", ".join(f"{k} IAN {v} voxels" for k, v in result.voxels.items()) + "; "
+          + ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items()))
+    return 0
+
+
+# --- jobs --------------------------------------------------------------------------------------
+
+def _add_jobs(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("jobs", help="list, show or retry jobs in the node's state")
+    _add_config_arg(p)
+    actions = p.add_subparsers(dest="action", required=True)
+    ls = actions.add_parser("list", help="recent jobs")
+    ls.add_argument("--state", default=None, help="only jobs in this state")
+    show = actions.add_parser("show", help="one job with its deliveries")
+    show.add_argument("id", type=_positive)
+    retry = actions.add_parser("retry", help="re-deliver a failed job's result, or re-run it")
+    retry.add_argument("id", type=_positive)
+    p.set_defaults(func=_run_jobs)
+
+
+def _run_jobs(args: argparse.Namespace) -> int:
+    from ian_node.config import load_config
+    from ian_node.state import JobState, State, StateError
+
+    config = load_config(args.config)
+    if not config.storage.state_path.exists():
+        print(f"ian-node jobs: no state at {config.storage.state_path}", file=sys.stderr)
+        return 2
+    with State(config.storage.state_path) as state:
+        if args.action == "list":
+            for job in state.list_jobs(JobState(args.state) if args.state else None):
+                print(f"{job.id:6d} {job.state:9s} series {job.series_uid} v{job.series_version}"
+                      + (f"  error: {job.error}" if job.error else ""))
+            return 0
+        job = state.job(args.id)
+        if job is None:
+            print(f"ian-node jobs: no job {args.id}", file=sys.stderr)
+            return 2
+        if args.action == "retry":
+            try:
+                job = state.retry_job(args.id)
+            except StateError as exc:
+                print(f"ian-node jobs: {exc}", file=sys.stderr)
+                return 2
+        print(f"job {job.id}: {job.state}, series {job.series_uid} v{job.series_version}, attempts {job.attempts}"
+              + (f", error: {job.error}" if job.error else ""))
+        for d in state.deliveries(job.id):
+            print(f"  -> {d.target}: {d.state}, attempts {d.attempts}" + (f", last error: {d.last_error}" if d.last_error else ""))
     return 0
 
 
 #: (name, add-parser function) of every subcommand, in help order.
 SUBCOMMANDS: tuple[tuple[str, Callable[[argparse._SubParsersAction], None]], ...] = (
     ("demo", _add_demo),
+    ("serve", _add_serve),
+    ("predict", _add_predict),
+    ("jobs", _add_jobs),
     ("phantom", _add_phantom),
 )
 

@@ -105,3 +105,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"{path}: weights do not fit {meta.architecture} (width {meta.width}): {exc}") from exc
     model.eval()
     return LoadedCheckpoint(model=model, meta=meta, sha256=hashlib.sha256(data).hexdigest(), path=path)
+
+
+#: The phantom-trained demonstration model shipped with the package (training/default_model.py).
+BUNDLED_CHECKPOINT = Path(__file__).resolve().parent / "weights" / "ian_net_phantom.pt"

@@ -1,0 +1,79 @@
+"""The running node: state, spool, SCP, series timers, worker and exporter, wired one way.
+
+    SCP ──stored──▶ SeriesTracker ──job──▶ Worker ──SEG──▶ Exporter ──▶ targets
+
+SQLite is the single source of truth, so `start` first recovers from it: temporaries of a write
+that crashed are removed, jobs a crash interrupted are re-queued, results not yet delivered are
+re-delivered, and the quiet-period timers of open series are re-armed. Only then does the SCP listen.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from types import FrameType
+
+from ian_node.config import NodeConfig
+from ian_node.export import Exporter, build_targets
+from ian_node.pipeline import PipelineOptions
+from ian_node.scp import StorageSCP
+from ian_node.series import SeriesTracker
+from ian_node.spool import Spool
+from ian_node.state import State
+from ian_node.worker import Worker
+
+logger = logging.getLogger(__name__)
+
+
+class Node:
+    """One node process; `start` / `stop`, or `serve_forever` until SIGTERM or SIGINT."""
+
+    def __init__(self, config: NodeConfig, options: PipelineOptions | None = None) -> None:
+        self.config = config
+        config.storage.state_path.parent.mkdir(parents=True, exist_ok=True)
+        self.state = State(config.storage.state_path)
+        self.spool = Spool(config.storage.spool_dir)
+        targets = build_targets(config.export.targets, config.dicom.ae_title)
+        self.exporter = Exporter(self.state, self.spool, targets, config.export)
+        self.worker = Worker(self.state, self.spool, self.exporter, config.model, options)
+        self.tracker = SeriesTracker(self.state, self.spool, config.series, on_job=self.worker.wake)
+        self.scp = StorageSCP(config.dicom, config.tls, self.state, self.spool, on_stored=self.tracker.instance_stored)
+        self._stopped = threading.Event()
+
+    def start(self) -> None:
+        """Recover from the state, then start every part; the SCP listens last."""
+        removed = self.spool.remove_stale_temporaries()
+        recovery = self.state.recover()
+        logger.info(
+            "recovered: %d job(s) re-queued, %d failed after repeated interruptions, %d result(s) to deliver, "
+            "%d open series, %d stale temporary file(s) removed",
+            len(recovery.requeued_jobs), len(recovery.failed_jobs), len(recovery.exporting_jobs),
+            len(recovery.awaiting_series), removed,
+        )
+        self.exporter.start()
+        self.worker.start()
+        self.tracker.start()
+        self.scp.start()
+
+    def stop(self) -> None:
+        """Stop listening first, then the timers, the worker and the exporter; close the state."""
+        self.scp.stop()
+        self.tracker.stop()
+        self.worker.stop()
+        self.exporter.stop()
+        self.state.close()
+        self._stopped.set()
+
+    def serve_forever(self) -> None:
+        """Run until SIGTERM or SIGINT, then stop cleanly."""
+
+        def _signal(signum: int, _frame: FrameType | None) -> None:
+            logger.info("signal %d: stopping", signum)
+            self._stopped.set()
+
+        signal.signal(signal.SIGTERM, _signal)
+        signal.signal(signal.SIGINT, _signal)
+        self.start()
+        self._stopped.wait()
+        self.stop()

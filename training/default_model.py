@@ -1,0 +1,146 @@
+"""Train the small phantom-only model that ships with ian-node, reproducibly.
+
+    python -m training.default_model --out model/weights/ian_net_phantom.pt
+
+Samples are made by exactly the node's path (`ian_node.pipeline.prepare` and `to_model_space`), so
+the bundled model sees at training time what the node feeds it. Besides the coronal slices that
+carry nerve (the paper's samples), a share of empty slices is kept, because the node runs on every
+coronal slice of a side and must learn to answer "no nerve". The result is labelled phantom-trained
+and is not for clinical use: point the node at a `train_benchmark` checkpoint for real data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ian_node.mr_series import build_mr_series
+from ian_node.phantom import PhantomConfig, generate_phantom
+from ian_node.pipeline import prepare, to_model_space
+from ian_node.volume import load_series
+from model import registry
+from model.checkpoint import CheckpointMeta, InputContract, save_checkpoint
+from training.loop import SampleMeta, TrainConfig, load_weights, predict_dataset, seed_everything, train
+
+log = logging.getLogger(__name__)
+
+LABEL = "phantom-trained demonstration model: NOT FOR CLINICAL USE"
+
+
+@dataclass(frozen=True)
+class DefaultModelRecipe:
+    """Every setting of the bundled model; the defaults are what ships."""
+
+    seed: int = 2026
+    train_patients: int = 6
+    val_patients: int = 2
+    architecture: str = "ian_net"
+    width: float = 0.125
+    size: int = 128
+    empty_fraction: float = 0.3  # empty slices kept, relative to the number of nerve slices
+    epochs: int = 5
+    batch_size: int = 16
+    lr: float = 2e-3
+
+
+class SliceSet(Dataset):
+    """Model-space slices and masks of some phantoms, in the loop's dataset contract."""
+
+    def __init__(self, images: np.ndarray, masks: np.ndarray, metas: list[SampleMeta]) -> None:
+        self.images, self.masks, self.metas = images, masks, metas
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, SampleMeta]:
+        image = torch.from_numpy(self.images[i]).float().div_(255.0).unsqueeze(0)
+        mask = torch.from_numpy(self.masks[i]).float().unsqueeze(0)
+        return image, mask, self.metas[i]
+
+
+def phantom_slices(patients: range, recipe: DefaultModelRecipe, config: PhantomConfig | None = None) -> SliceSet:
+    """Nerve-carrying slices of each phantom plus a seeded share of empty ones."""
+    rng = np.random.default_rng(recipe.seed)
+    images, masks, metas = [], [], []
+    for index in patients:
+        phantom = generate_phantom(index, recipe.seed, config)
+        series = load_series(build_mr_series(phantom.volume, phantom.study, phantom.series))
+        prepared = prepare(series, recipe.size)
+        gt = to_model_space(prepared, phantom.labels)
+        sides = [s.stack.side.value for s in prepared.sides for _ in range(len(s.images))]
+        slice_no = [i for s in prepared.sides for i in range(len(s.images))]
+        nerve = gt.reshape(len(gt), -1).any(axis=1)
+        empty = np.flatnonzero(~nerve)
+        n_empty = min(len(empty), int(round(recipe.empty_fraction * nerve.sum())))
+        keep = np.sort(np.concatenate([np.flatnonzero(nerve), rng.choice(empty, n_empty, replace=False)]))
+        images.append(prepared.images[keep])
+        masks.append(gt[keep].astype(np.uint8))
+        metas += [SampleMeta(phantom.study.patient_id, sides[k], slice_no[k]) for k in keep]
+    return SliceSet(np.concatenate(images), np.concatenate(masks), metas)
+
+
+def train_default_model(out: Path, recipe: DefaultModelRecipe, work_dir: Path) -> dict:
+    """Train, evaluate on the validation phantoms, and write the checkpoint; return a summary."""
+    train_set = phantom_slices(range(recipe.train_patients), recipe)
+    val_set = phantom_slices(range(recipe.train_patients, recipe.train_patients + recipe.val_patients), recipe)
+    log.info("training on %d slices, validating on %d", len(train_set), len(val_set))
+    seed_everything(recipe.seed)
+    model = registry.build(recipe.architecture, in_channels=1, width=recipe.width)
+    config = TrainConfig(
+        epochs=recipe.epochs, batch_size=recipe.batch_size, lr=recipe.lr, patience=recipe.epochs,
+        seed=recipe.seed, device="cpu",
+    )
+    result = train(model, train_set, val_set, work_dir, config)
+    load_weights(model, result.best_checkpoint)
+    predictions = predict_dataset(model, val_set, torch.device("cpu"), batch_size=32)
+    scores = predictions.scores("ian_net", 0)
+    dsc = float(np.mean([s.dsc for s in scores]))
+    summary = {
+        "recipe": recipe.__dict__,
+        "train_slices": len(train_set),
+        "val_slices": len(val_set),
+        "best_epoch": result.best_epoch,
+        "epochs_run": result.epochs_run,
+        "val_loss": result.best_val_loss,
+        "val_mean_dsc_per_slice": round(dsc, 4),
+        "train_hours": round(result.train_seconds / 3600, 4),
+        "command": f"python -m training.default_model --out {out}",
+    }
+    meta = CheckpointMeta(
+        architecture=recipe.architecture,
+        width=recipe.width,
+        options={"attention": True},
+        variant=getattr(model, "variant", ""),
+        input=InputContract(size=recipe.size, in_channels=1),
+        label=LABEL,
+        training=summary,
+    )
+    summary["sha256"] = save_checkpoint(out, model, meta)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="checkpoint file to write")
+    parser.add_argument("--epochs", type=int, default=DefaultModelRecipe.epochs)
+    parser.add_argument("--train-patients", type=int, default=DefaultModelRecipe.train_patients)
+    parser.add_argument("--work-dir", type=Path, default=None, help="run folder (default: a temporary one)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    recipe = DefaultModelRecipe(epochs=args.epochs, train_patients=args.train_patients)
+    with tempfile.TemporaryDirectory() as tmp:
+        summary = train_default_model(args.out, recipe, args.work_dir or Path(tmp))
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
