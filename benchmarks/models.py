@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 try:
@@ -143,8 +144,11 @@ def count_macs(entry: Entry, in_channels: int = 3, size: int = SIZE) -> MacCount
 class CpuTiming:
     batch: int
     threads: int
-    #: Seconds per call (one batch), one per repeat, after the warm-up call.
+    #: Wall seconds per call (one batch), one per repeat, after the warm-up call.
     seconds: tuple[float, ...]
+    #: Process CPU seconds (all threads) per call: time spent descheduled by other processes does
+    #: not count, so with one thread this is the latency an idle machine would show.
+    cpu_seconds: tuple[float, ...]
     #: Minor page faults per timed call (process-wide, so other threads' faults count too): large
     #: freed buffers go back to the OS and fault in again on the next call (glibc's mmap threshold).
     minor_faults_per_call: float
@@ -157,25 +161,65 @@ class CpuTiming:
     def per_slice_s(self) -> float:
         return self.median_s / self.batch
 
+    @property
+    def cpu_per_slice_s(self) -> float:
+        return statistics.median(self.cpu_seconds) / self.batch
 
-def cpu_latency(
-    model: SegmentationNetwork, batch: int, repeats: int, min_repeats: int, budget_s: float, size: int = SIZE
-) -> CpuTiming:
-    """Median wall time of eval forwards on the CPU; the warm-up call sets how many repeats fit the budget."""
-    x = torch.randn(batch, model_in_channels(model), size, size, generator=torch.Generator().manual_seed(0))
+
+def cpu_latencies(
+    models: dict[str, SegmentationNetwork],
+    batches: Sequence[int],
+    repeats: int,
+    min_repeats: int,
+    budget_s: float,
+    size: int = SIZE,
+) -> dict[str, list[CpuTiming]]:
+    """Median wall time of eval forwards on the CPU, the networks interleaved round by round.
+
+    On a shared machine, load comes and goes; timing every network once per round spreads a busy
+    spell over all of them instead of ruining one network's cell. After `min_repeats` rounds, a cell
+    that has used up `budget_s` seconds drops out, so slow networks get fewer repeats.
+    """
+    inputs = {b: torch.randn(b, 1, size, size, generator=torch.Generator().manual_seed(b)) for b in batches}
+    cells = [(label, b) for label in models for b in batches]
+    seconds: dict[tuple[str, int], list[float]] = {cell: [] for cell in cells}
+    cpu_seconds: dict[tuple[str, int], list[float]] = {cell: [] for cell in cells}
+    faults: dict[tuple[str, int], int] = {cell: 0 for cell in cells}
     with torch.inference_mode():
-        start = time.perf_counter()
-        model(x)
-        warm_up = time.perf_counter() - start
-        n = max(min(repeats, min_repeats), min(repeats, int(budget_s // max(warm_up, 1e-9))))
-        seconds = []
-        faults = _minor_faults()
-        for _ in range(n):
-            start = time.perf_counter()
-            model(x)
-            seconds.append(time.perf_counter() - start)
-        faults = _minor_faults() - faults
-    return CpuTiming(batch, torch.get_num_threads(), tuple(seconds), faults / n)
+        for label, b in cells:  # warm-up: first-call allocations and kernel selection
+            models[label](_as_channels(inputs[b], models[label]))
+        for round_ in range(repeats):
+            active = [c for c in cells if round_ < min_repeats or sum(seconds[c]) < budget_s]
+            if not active:
+                break
+            for label, b in active:
+                x = _as_channels(inputs[b], models[label])
+                before = _minor_faults()
+                start, cpu_start = time.perf_counter(), time.process_time()
+                models[label](x)
+                seconds[(label, b)].append(time.perf_counter() - start)
+                cpu_seconds[(label, b)].append(time.process_time() - cpu_start)
+                faults[(label, b)] += _minor_faults() - before
+            log.info("CPU round %d/%d done (%d cells)", round_ + 1, repeats, len(active))
+    threads = torch.get_num_threads()
+    return {
+        label: [
+            CpuTiming(
+                b,
+                threads,
+                tuple(seconds[(label, b)]),
+                tuple(cpu_seconds[(label, b)]),
+                faults[(label, b)] / len(seconds[(label, b)]),
+            )
+            for b in batches
+        ]
+        for label in models
+    }
+
+
+def _as_channels(x: Tensor, model: SegmentationNetwork) -> Tensor:
+    channels = model_in_channels(model)
+    return x if channels == x.shape[1] else x.expand(-1, channels, -1, -1).contiguous()
 
 
 def _minor_faults() -> int:
@@ -298,37 +342,42 @@ def _cpu_model() -> str:
     return platform.processor()
 
 
-def run_entry(entry: Entry, args: argparse.Namespace) -> Result:
-    """Count, then time one network; a failing cell is recorded, not fatal to the other networks."""
+def count_entry(entry: Entry, size: int) -> Result:
     params = {c: count_params(entry, c) for c in (3, 1)}
-    macs = count_macs(entry, 3, args.size)
-    result = Result(entry.label, entry.network, dict(entry.options), params, macs, REFERENCES[entry.label])
+    macs = count_macs(entry, 3, size)
     log.info("%s: %.2f M params, %.2f GMACs", entry.label, params[3] / 1e6, macs.macs / 1e9)
+    return Result(entry.label, entry.network, dict(entry.options), params, macs, REFERENCES[entry.label])
+
+
+def time_on_cpu(entries: Sequence[Entry], results: dict[str, Result], args: argparse.Namespace) -> None:
+    models = {}
+    for entry in entries:
+        torch.manual_seed(0)
+        models[entry.label] = entry.build(1).eval()
+    timings = cpu_latencies(models, args.cpu_batches, args.repeats, args.min_repeats, args.cpu_budget, args.size)
+    for label, cells in timings.items():
+        results[label].cpu.extend(cells)
+
+
+def time_on_gpu(entry: Entry, result: Result, args: argparse.Namespace) -> None:
+    """Batch × precision cells for one network; an out-of-memory cell is recorded, not fatal."""
     torch.manual_seed(0)
-    model = entry.build(1).eval()
-    if not args.no_cpu:
-        for batch in args.cpu_batches:
-            timing = cpu_latency(model, batch, args.repeats, args.min_repeats, args.cpu_budget, args.size)
-            log.info("%s: CPU batch %d: %.3f s/slice (%d repeats)", entry.label, batch, timing.per_slice_s,
-                     len(timing.seconds))
-            result.cpu.append(timing)
-    if torch.cuda.is_available() and not args.no_gpu:
-        model = model.to("cuda", memory_format=torch.channels_last)
-        for batch in args.gpu_batches:
-            for precision in ("fp32", {torch.bfloat16: "bf16", torch.float16: "fp16"}[autocast_dtype()]):
-                try:
-                    timing = gpu_timing(model, batch, precision, args.gpu_warmup, args.gpu_iters, args.size)
-                except torch.cuda.OutOfMemoryError as exc:
-                    result.errors.append(f"GPU batch {batch} {precision}: out of memory ({exc})")
-                    log.warning("%s: GPU batch %d %s: out of memory", entry.label, batch, precision)
-                    torch.cuda.empty_cache()
-                    continue
-                log.info("%s: GPU batch %d %s: %.2f ms, %.0f slices/s", entry.label, batch, precision,
-                         timing.median_ms, timing.throughput)
-                result.gpu.append(timing)
-        del model
-        torch.cuda.empty_cache()
-    return result
+    model = entry.build(1).eval().to("cuda", memory_format=torch.channels_last)
+    amp = {torch.bfloat16: "bf16", torch.float16: "fp16"}[autocast_dtype()]
+    for batch in args.gpu_batches:
+        for precision in ("fp32", amp):
+            try:
+                timing = gpu_timing(model, batch, precision, args.gpu_warmup, args.gpu_iters, args.size)
+            except torch.cuda.OutOfMemoryError as exc:
+                result.errors.append(f"GPU batch {batch} {precision}: out of memory ({exc})")
+                log.warning("%s: GPU batch %d %s: out of memory", entry.label, batch, precision)
+                torch.cuda.empty_cache()
+                continue
+            log.info("%s: GPU batch %d %s: %.2f ms, %.0f slices/s", entry.label, batch, precision,
+                     timing.median_ms, timing.throughput)
+            result.gpu.append(timing)
+    del model
+    torch.cuda.empty_cache()
 
 
 #: The issue's GPU targets for the paper's network: the seed's RTX 3090 figure, and a throughput floor.
@@ -357,16 +406,20 @@ def size_table(results: Sequence[Result]) -> str:
 
 
 def cpu_table(results: Sequence[Result]) -> str:
+    """Per batch: median wall s/slice, the fastest repeat, median process CPU s/slice, repeats."""
     batches = sorted({t.batch for r in results for t in r.cpu})
-    head = " | ".join(f"batch {b}: s/slice (repeats)" for b in batches)
-    rows = [f"| network | {head} | slices/s at batch {batches[-1]} |", "|---|" + "---:|" * (len(batches) + 1)]
+    head = " | ".join(f"b{b} wall s/slice, median (min) | b{b} CPU s/slice | b{b} n" for b in batches)
+    rows = [f"| network | {head} |", "|---|" + "---:|" * (3 * len(batches))]
     for r in results:
         by_batch = {t.batch: t for t in r.cpu}
-        cells = [
-            f"{by_batch[b].per_slice_s:.3f} ({len(by_batch[b].seconds)})" if b in by_batch else "—" for b in batches
-        ]
-        last = by_batch.get(batches[-1])
-        rows.append(f"| {r.label} | {' | '.join(cells)} | {'—' if last is None else f'{1 / last.per_slice_s:.1f}'} |")
+        cells = []
+        for b in batches:
+            t = by_batch.get(b)
+            if t is None:
+                cells += ["—"] * 3
+                continue
+            cells += [f"{t.per_slice_s:.3f} ({min(t.seconds) / b:.3f})", f"{t.cpu_per_slice_s:.3f}", str(len(t.seconds))]
+        rows.append(f"| {r.label} | {' | '.join(cells)} |")
     return "\n".join(rows)
 
 
@@ -411,7 +464,8 @@ def target_lines(results: Sequence[Result]) -> list[str]:
 
 def to_json(results: Sequence[Result], info: dict[str, object], args: argparse.Namespace) -> dict[str, object]:
     def cpu(t: CpuTiming) -> dict[str, object]:
-        return {**asdict(t), "median_s": t.median_s, "per_slice_s": t.per_slice_s}
+        return {**asdict(t), "median_s": t.median_s, "per_slice_s": t.per_slice_s,
+                "cpu_per_slice_s": t.cpu_per_slice_s}
 
     def gpu(t: GpuTiming) -> dict[str, object]:
         return {**asdict(t), "median_ms": t.median_ms, "per_slice_s": t.per_slice_s}
@@ -456,7 +510,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=5, help="timed CPU repeats per cell, at most (default 5)")
     parser.add_argument("--min-repeats", type=int, default=3, help="timed CPU repeats per cell, at least (default 3)")
     parser.add_argument("--cpu-budget", type=float, default=30.0,
-                        help="seconds one CPU cell may take beyond the minimum repeats (default 30)")
+                        help="after --min-repeats rounds, a CPU cell stops once its repeats sum to this (default 30 s)")
     parser.add_argument("--cpu-batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--gpu-batches", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--gpu-warmup", type=int, default=10)
@@ -484,7 +538,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.backends.cudnn.benchmark = True
     info = machine()
     started = time.perf_counter()
-    results = [run_entry(e, args) for e in ENTRIES if e.label in args.networks]
+    entries = [e for e in ENTRIES if e.label in args.networks]
+    by_label = {e.label: count_entry(e, args.size) for e in entries}
+    if not args.no_cpu:
+        time_on_cpu(entries, by_label, args)
+    if torch.cuda.is_available() and not args.no_gpu:
+        for entry in entries:
+            time_on_gpu(entry, by_label[entry.label], args)
+    results = list(by_label.values())
     info["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     info["wall_s"] = round(time.perf_counter() - started, 1)
 
