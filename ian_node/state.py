@@ -4,6 +4,14 @@ Everything that must survive a crash is here, written in WAL mode with ``synchro
 committed transaction is on disk when the call returns. Timers, the job queue and the delivery queue
 are rebuilt from these tables on start-up (:meth:`State.recover`).
 
+Instance rows and their files: a row normally names a file that was durable before the row was
+committed. The SCP may instead commit the row while the file's fsync is still in flight (to overlap
+the two waits); such a row carries an ``unconfirmed`` token until the file is known durable, and is
+answered to the peer only after both. After a crash, an unconfirmed row either has an intact file
+(it is confirmed) or is dropped with :meth:`State.drop_unconfirmed`: it was never acknowledged, so
+the sender still holds the instance. Confirmations are written lazily, piggybacked on the next
+transaction, so at most the last few rows are ever unconfirmed.
+
 Life cycles:
 
 - **series** ``receiving`` → ``selected`` (a job exists for its current ``version``) or ``skipped``
@@ -17,6 +25,7 @@ Life cycles:
 
 from __future__ import annotations
 
+import itertools
 import sqlite3
 import threading
 import time
@@ -26,7 +35,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE series (
@@ -54,9 +63,12 @@ CREATE TABLE instances (
     size INTEGER NOT NULL,
     sha256 TEXT NOT NULL,
     received_at REAL NOT NULL,
-    times_received INTEGER NOT NULL DEFAULT 1
+    times_received INTEGER NOT NULL DEFAULT 1,
+    series_version INTEGER,
+    unconfirmed INTEGER
 );
 CREATE INDEX instances_by_series ON instances (series_uid);
+CREATE INDEX instances_unconfirmed ON instances (unconfirmed) WHERE unconfirmed IS NOT NULL;
 CREATE TABLE jobs (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     series_uid TEXT NOT NULL REFERENCES series (series_uid),
@@ -85,6 +97,22 @@ CREATE TABLE deliveries (
 CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 INSERT INTO counters VALUES ('instances_received', 0);
 """
+
+#: Schema upgrades: the script that takes a database from version N - 1 to N.
+_MIGRATIONS = {
+    # The series version an instance row was recorded into, and the token of a row whose file was
+    # not yet known durable when it was committed.
+    2: """
+ALTER TABLE instances ADD COLUMN series_version INTEGER;
+ALTER TABLE instances ADD COLUMN unconfirmed INTEGER;
+CREATE INDEX instances_unconfirmed ON instances (unconfirmed) WHERE unconfirmed IS NOT NULL;
+""",
+}
+
+_INSTANCE_COLUMNS = (
+    "sop_instance_uid, series_uid, sop_class_uid, transfer_syntax_uid, instance_number, frames, path, size,"
+    " sha256, received_at, times_received"
+)
 
 
 class StateError(RuntimeError):
@@ -127,6 +155,9 @@ class ReceivedInstance:
     description: str = ""
     calling_ae: str = ""
     peer_host: str = ""
+    #: False when the file's fsync may still be in flight: the row is then recorded as unconfirmed
+    #: (checked on recovery) until :meth:`State.confirm_instances` is given its token.
+    file_durable: bool = True
 
 
 @dataclass(frozen=True)
@@ -137,6 +168,21 @@ class RecordOutcome:
     new_instance: bool
     #: False for an identical re-send (same UID, same bytes).
     changed: bool
+    sop_instance_uid: str = ""
+    #: The row's unconfirmed token (None when the file was durable before the row).
+    confirm_token: int | None = None
+
+
+@dataclass(frozen=True)
+class UnconfirmedInstance:
+    """A row committed before its file was known durable: recovery checks the file."""
+
+    sop_instance_uid: str
+    series_uid: str
+    path: str
+    size: int
+    sha256: str
+    token: int
 
 
 @dataclass(frozen=True)
@@ -239,8 +285,13 @@ class State:
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
         if version == 0:
             self._db.executescript(f"BEGIN IMMEDIATE; {_SCHEMA}; PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
-        elif version != SCHEMA_VERSION:
+        elif not 1 <= version <= SCHEMA_VERSION:
             raise StateError(f"{path}: schema version {version}, this node reads {SCHEMA_VERSION}")
+        else:
+            for target in range(version + 1, SCHEMA_VERSION + 1):
+                self._db.executescript(f"BEGIN IMMEDIATE; {_MIGRATIONS[target]} PRAGMA user_version = {target}; COMMIT;")
+        # Tokens of unconfirmed rows: unique across restarts of this process, never 0.
+        self._tokens = itertools.count(time.time_ns())
 
     def close(self) -> None:
         with self._lock:
@@ -265,8 +316,8 @@ class State:
             except BaseException as exc:
                 if self._db.in_transaction:
                     self._db.execute("ROLLBACK")
-                if isinstance(exc, sqlite3.Error) and getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
-                    raise StateFullError(f"state database {self.path} is full: {exc}") from exc
+                if isinstance(exc, sqlite3.Error) and isinstance(full := _state_error(exc, self.path), StateFullError):
+                    raise full from exc
                 raise
 
     def _rows(self, sql: str, params: Sequence[object] = ()) -> list[sqlite3.Row]:
@@ -279,47 +330,122 @@ class State:
         """Commit one received instance (replacing an earlier one with the same SOP Instance UID)."""
         now = self._clock()
         with self._tx() as db:
-            old = db.execute(
-                "SELECT series_uid, sha256 FROM instances WHERE sop_instance_uid = ?", (inst.sop_instance_uid,)
-            ).fetchone()
-            changed = old is None or old["sha256"] != inst.sha256 or old["series_uid"] != inst.series_uid
-            series = db.execute("SELECT version FROM series WHERE series_uid = ?", (inst.series_uid,)).fetchone()
-            if series is None:
-                version = 1
-                db.execute(
-                    "INSERT INTO series (series_uid, study_uid, modality, description, calling_ae, peer_host,"
-                    " first_received_at, last_received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (inst.series_uid, inst.study_uid, inst.modality, inst.description, inst.calling_ae,
-                     inst.peer_host, now, now),
-                )
-            else:
-                version = series["version"]
-                has_job = db.execute(
-                    "SELECT 1 FROM jobs WHERE series_uid = ? AND series_version = ?", (inst.series_uid, version)
-                ).fetchone()
-                if changed and has_job:
-                    version += 1
-                db.execute(
-                    "UPDATE series SET version = ?, awaiting_completion = 1, status = 'receiving',"
-                    " status_reason = NULL, last_received_at = ?, modality = ?, description = ?,"
-                    " calling_ae = ?, peer_host = ? WHERE series_uid = ?",
-                    (version, now, inst.modality, inst.description, inst.calling_ae, inst.peer_host,
-                     inst.series_uid),
-                )
+            return self._record(db, inst, now)
+
+    def record_instances(
+        self, instances: Sequence[ReceivedInstance], confirmed: Sequence[tuple[str, int]] = ()
+    ) -> list[RecordOutcome | Exception]:
+        """Commit several instances in one transaction (one WAL fsync), and confirm earlier rows.
+
+        Each instance succeeds or fails alone (its error in its place in the result); a failed commit
+        (for example StateFullError) raises for all of them.
+        """
+        now = self._clock()
+        results: list[RecordOutcome | Exception] = []
+        with self._tx() as db:
+            self._confirm(db, confirmed)
+            for inst in instances:
+                db.execute("SAVEPOINT one_instance")
+                try:
+                    results.append(self._record(db, inst, now))
+                except sqlite3.Error as exc:
+                    db.execute("ROLLBACK TO one_instance")
+                    results.append(_state_error(exc, self.path))
+                db.execute("RELEASE one_instance")
+        return results
+
+    def _record(self, db: sqlite3.Connection, inst: ReceivedInstance, now: float) -> RecordOutcome:
+        old = db.execute(
+            "SELECT series_uid, sha256 FROM instances WHERE sop_instance_uid = ?", (inst.sop_instance_uid,)
+        ).fetchone()
+        changed = old is None or old["sha256"] != inst.sha256 or old["series_uid"] != inst.series_uid
+        series = db.execute("SELECT version FROM series WHERE series_uid = ?", (inst.series_uid,)).fetchone()
+        if series is None:
+            version = 1
             db.execute(
-                "INSERT INTO instances (sop_instance_uid, series_uid, sop_class_uid, transfer_syntax_uid,"
-                " instance_number, frames, path, size, sha256, received_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-                " ON CONFLICT (sop_instance_uid) DO UPDATE SET series_uid = excluded.series_uid,"
-                " sop_class_uid = excluded.sop_class_uid, transfer_syntax_uid = excluded.transfer_syntax_uid,"
-                " instance_number = excluded.instance_number, frames = excluded.frames, path = excluded.path,"
-                " size = excluded.size, sha256 = excluded.sha256, received_at = excluded.received_at,"
-                " times_received = times_received + 1",
-                (inst.sop_instance_uid, inst.series_uid, inst.sop_class_uid, inst.transfer_syntax_uid,
-                 inst.instance_number, inst.frames, inst.path, inst.size, inst.sha256, now),
+                "INSERT INTO series (series_uid, study_uid, modality, description, calling_ae, peer_host,"
+                " first_received_at, last_received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (inst.series_uid, inst.study_uid, inst.modality, inst.description, inst.calling_ae,
+                 inst.peer_host, now, now),
             )
-            db.execute("UPDATE counters SET value = value + 1 WHERE name = 'instances_received'")
-        return RecordOutcome(inst.series_uid, version, now, new_instance=old is None, changed=changed)
+        else:
+            version = series["version"]
+            has_job = db.execute(
+                "SELECT 1 FROM jobs WHERE series_uid = ? AND series_version = ?", (inst.series_uid, version)
+            ).fetchone()
+            if changed and has_job:
+                version += 1
+            db.execute(
+                "UPDATE series SET version = ?, awaiting_completion = 1, status = 'receiving',"
+                " status_reason = NULL, last_received_at = ?, modality = ?, description = ?,"
+                " calling_ae = ?, peer_host = ? WHERE series_uid = ?",
+                (version, now, inst.modality, inst.description, inst.calling_ae, inst.peer_host,
+                 inst.series_uid),
+            )
+        token = None if inst.file_durable else next(self._tokens)
+        db.execute(
+            "INSERT INTO instances (sop_instance_uid, series_uid, sop_class_uid, transfer_syntax_uid,"
+            " instance_number, frames, path, size, sha256, received_at, series_version, unconfirmed)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (sop_instance_uid) DO UPDATE SET series_uid = excluded.series_uid,"
+            " sop_class_uid = excluded.sop_class_uid, transfer_syntax_uid = excluded.transfer_syntax_uid,"
+            " instance_number = excluded.instance_number, frames = excluded.frames, path = excluded.path,"
+            " size = excluded.size, sha256 = excluded.sha256, received_at = excluded.received_at,"
+            " times_received = times_received + 1, series_version = excluded.series_version,"
+            " unconfirmed = excluded.unconfirmed",
+            (inst.sop_instance_uid, inst.series_uid, inst.sop_class_uid, inst.transfer_syntax_uid,
+             inst.instance_number, inst.frames, inst.path, inst.size, inst.sha256, now, version, token),
+        )
+        db.execute("UPDATE counters SET value = value + 1 WHERE name = 'instances_received'")
+        return RecordOutcome(inst.series_uid, version, now, new_instance=old is None, changed=changed,
+                             sop_instance_uid=inst.sop_instance_uid, confirm_token=token)
+
+    def unconfirmed_instances(self) -> list[UnconfirmedInstance]:
+        """Rows committed before their file was known durable (after a clean stop: none)."""
+        rows = self._rows(
+            "SELECT sop_instance_uid, series_uid, path, size, sha256, unconfirmed AS token FROM instances"
+            " WHERE unconfirmed IS NOT NULL ORDER BY received_at"
+        )
+        return [UnconfirmedInstance(**dict(r)) for r in rows]
+
+    def confirm_instances(self, confirmed: Sequence[tuple[str, int]]) -> None:
+        """Record that the files of these (SOP Instance UID, token) rows are durable."""
+        with self._tx() as db:
+            self._confirm(db, confirmed)
+
+    @staticmethod
+    def _confirm(db: sqlite3.Connection, confirmed: Sequence[tuple[str, int]]) -> None:
+        # The token guards a row re-recorded since: only the write that was confirmed is.
+        db.executemany("UPDATE instances SET unconfirmed = NULL WHERE sop_instance_uid = ? AND unconfirmed = ?",
+                       confirmed)
+
+    def drop_unconfirmed(self, sop_instance_uid: str, token: int) -> bool:
+        """Forget an unconfirmed row whose file is not intact, as if it had never been received.
+
+        Its series goes back to the version it had when the row alone bumped it (so no duplicate
+        result is made for unchanged content), and a series left with no instance and no job goes.
+        Returns False when the row is no longer that unconfirmed write.
+        """
+        with self._tx() as db:
+            row = db.execute(
+                "DELETE FROM instances WHERE sop_instance_uid = ? AND unconfirmed = ? RETURNING series_uid,"
+                " series_version", (sop_instance_uid, token),
+            ).fetchone()
+            if row is None:
+                return False
+            series_uid, version = row["series_uid"], row["series_version"]
+            db.execute("UPDATE counters SET value = value - 1 WHERE name = 'instances_received'")
+            jobs = {r[0] for r in db.execute("SELECT series_version FROM jobs WHERE series_uid = ?", (series_uid,))}
+            if not jobs and db.execute("SELECT 1 FROM instances WHERE series_uid = ?", (series_uid,)).fetchone() is None:
+                db.execute("DELETE FROM series WHERE series_uid = ?", (series_uid,))
+            elif version is not None and version not in jobs and version - 1 in jobs:
+                others = db.execute(
+                    "SELECT 1 FROM instances WHERE series_uid = ? AND series_version = ?", (series_uid, version)
+                ).fetchone()
+                if others is None:  # the dropped row opened this version: the previous job covers the rest
+                    db.execute("UPDATE series SET version = ? WHERE series_uid = ? AND version = ?",
+                               (version - 1, series_uid, version))
+        return True
 
     def series(self, series_uid: str) -> Series | None:
         rows = self._rows(_SERIES_SELECT + " WHERE s.series_uid = ? GROUP BY s.series_uid", (series_uid,))
@@ -335,8 +461,8 @@ class State:
     def instances(self, series_uid: str) -> list[Instance]:
         """The instances of a series as stored now, in instance-number order."""
         rows = self._rows(
-            "SELECT * FROM instances WHERE series_uid = ? ORDER BY instance_number IS NULL, instance_number,"
-            " sop_instance_uid",
+            f"SELECT {_INSTANCE_COLUMNS} FROM instances WHERE series_uid = ? ORDER BY instance_number IS NULL,"
+            " instance_number, sop_instance_uid",
             (series_uid,),
         )
         return [Instance(**dict(r)) for r in rows]
@@ -401,6 +527,11 @@ class State:
         for row in self._rows("SELECT state, COUNT(*) FROM jobs GROUP BY state"):
             counts[JobState(row[0])] = int(row[1])
         return counts
+
+    def jobs_of_series(self, series_uid: str) -> list[Job]:
+        """Every job of one series, oldest (lowest version) first."""
+        rows = self._rows("SELECT * FROM jobs WHERE series_uid = ? ORDER BY series_version, id", (series_uid,))
+        return [_job(r) for r in rows]
 
     def claim_next_job(self) -> Job | None:
         """Atomically move the oldest queued job to running and return it (None: queue empty)."""
@@ -488,6 +619,12 @@ class State:
         rows = self._rows("SELECT * FROM deliveries WHERE job_id = ? ORDER BY target", (job_id,))
         return [_delivery(r) for r in rows]
 
+    def delivery_counts(self) -> dict[DeliveryState, int]:
+        counts = dict.fromkeys(DeliveryState, 0)
+        for row in self._rows("SELECT state, COUNT(*) FROM deliveries GROUP BY state"):
+            counts[DeliveryState(row[0])] = int(row[1])
+        return counts
+
     def due_deliveries(self, now: float | None = None) -> list[Delivery]:
         """Pending deliveries whose next attempt is due, oldest first."""
         at = self._clock() if now is None else now
@@ -568,6 +705,13 @@ class State:
         if job is None:
             raise StateError(f"job {job_id} does not exist")
         return job
+
+
+def _state_error(exc: sqlite3.Error, path: Path) -> Exception:
+    """A full disk as StateFullError (the SCP answers out of resources); other errors unchanged."""
+    if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+        return StateFullError(f"state database {path} is full: {exc}")
+    return exc
 
 
 def _series(row: sqlite3.Row) -> Series:
