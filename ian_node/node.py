@@ -1,10 +1,12 @@
 """The running node: state, spool, SCP, series timers, worker and exporter, wired one way.
 
     SCP ──stored──▶ SeriesTracker ──job──▶ Worker ──SEG──▶ Exporter ──▶ targets
+    API (POST /jobs) ──pull──▶ Puller ──job──▶ Worker
 
 SQLite is the single source of truth, so `start` first recovers from it: temporaries of a write
 that crashed are removed, jobs a crash interrupted are re-queued, results not yet delivered are
-re-delivered, and the quiet-period timers of open series are re-armed. Only then does the SCP listen.
+re-delivered, and the quiet-period timers of open series are re-armed. Only then do the HTTP API
+and the SCP listen.
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ import signal
 import threading
 from types import FrameType
 
+from ian_node.api import ApiServer, NodeApi
 from ian_node.config import NodeConfig
 from ian_node.export import Exporter, build_targets
+from ian_node.fetch import Puller
 from ian_node.pipeline import PipelineOptions
 from ian_node.scp import StorageSCP
 from ian_node.series import SeriesTracker
@@ -39,10 +43,12 @@ class Node:
         self.worker = Worker(self.state, self.spool, self.exporter, config.model, options)
         self.tracker = SeriesTracker(self.state, self.spool, config.series, on_job=self.worker.wake)
         self.scp = StorageSCP(config.dicom, config.tls, self.state, self.spool, on_stored=self.tracker.instance_stored)
+        self.puller = Puller(config, self.state, self.spool, on_job=self.worker.wake)
+        self.api = ApiServer(NodeApi(config.api, self.state, self.worker, self.exporter, self.puller))
         self._stopped = threading.Event()
 
     def start(self) -> None:
-        """Recover from the state, then start every part; the SCP listens last."""
+        """Recover from the state, then start every part; the API and then the SCP listen last."""
         removed = self.spool.remove_stale_temporaries()
         recovery = self.state.recover()
         logger.info(
@@ -54,11 +60,14 @@ class Node:
         self.exporter.start()
         self.worker.start()
         self.tracker.start()
+        self.api.start()
         self.scp.start()
 
     def stop(self) -> None:
-        """Stop listening first, then the timers, the worker and the exporter; close the state."""
+        """Stop listening first (SCP, then the API once its requests finish), then the timers, the worker
+        and the exporter; close the state."""
         self.scp.stop()
+        self.api.stop()
         self.tracker.stop()
         self.worker.stop()
         self.exporter.stop()
