@@ -2,19 +2,25 @@
 
 Runs inside Debian's Orthanc with its embedded Python and no virtual environment, so it imports only
 the standard library and `orthanc`. Settings come from the "IanNode" section of Orthanc's
-configuration (see orthanc/orthanc.json):
+configuration (every key is documented in docs/orthanc.md; example in orthanc/orthanc.json):
 
 - "Mode": "push" sends the series to the node by C-STORE (`/modalities/{Modality}/store`, as an
-  asynchronous Orthanc job); "pull" POSTs the node's HTTP trigger with the Orthanc series ID, and the
-  node fetches the instances through Orthanc's REST API and uploads the SEG back.
+  asynchronous Orthanc job that the plugin's worker thread then follows to its end); "pull" POSTs
+  the node's HTTP trigger with the Orthanc series ID, and the node fetches the instances through
+  Orthanc's REST API and uploads the SEG back.
 - "Modality": the DicomModalities entry of the node (push).
 - "NodeUrl", "NodeToken": the node's HTTP API and its optional bearer token (pull).
-- "Modalities" (default ["MR"]), "SeriesDescriptionPattern" (default ".*"), "MinInstances" (default 1).
+- "Modalities" (default ["MR"]), "SeriesDescriptionPattern" (default "", matches all; searched
+  case-insensitively), "MinInstances" (default 1): which stable series are sent.
+- "TimeoutSeconds" (default 300): how long one pull request, or one push job, may take.
 
 The change callback only enqueues; a worker thread does the REST calls, as the Orthanc book advises,
-so Orthanc is never blocked. `POST /ian-node/series/{id}/segment` re-triggers a series by hand.
-A series is triggered once per distinct instance set: the fingerprint of what was sent is kept in the
-series' metadata, so a series that stabilises again unchanged is not sent twice.
+so Orthanc is never blocked. Only MR image series are ever sent, so the SEG the node sends back
+(modality SEG) never triggers anything. A series is sent once per distinct instance set: after a
+confirmed send the fingerprint of its instances is kept in the series' metadata (the "UserMetadata"
+entry "IanNodeTriggered" must be declared), so a series that stabilises again unchanged is not sent
+twice. Failures are logged with the series ID and leave no fingerprint, and
+`POST /ian-node/series/{id}/segment` re-triggers a series by hand (sent even if unchanged).
 """
 
 import hashlib
@@ -22,33 +28,46 @@ import json
 import queue
 import re
 import threading
+import time
 import urllib.error
 import urllib.request
 
 import orthanc
 
 SECTION = "IanNode"
-#: User metadata slot that records the fingerprint of the instance set last triggered.
+#: User metadata slot that records the fingerprint of the instance set last sent.
 METADATA = "IanNodeTriggered"
 #: SOP classes the node segments: MR Image Storage and Enhanced MR Image Storage.
 IMAGE_SOP_CLASSES = {"1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.5.1.4.1.1.4.1"}
 _STOP = object()
 
 
+class NotSelected(Exception):
+    """A series the rules do not send; the message says why."""
+
+
+class SendFailed(Exception):
+    """The node did not get the series; the message says what happened."""
+
+
 def _settings():
-    section = json.loads(orthanc.GetConfiguration()).get(SECTION, {})
+    config = json.loads(orthanc.GetConfiguration())
+    section = config.get(SECTION, {})
     mode = section.get("Mode", "push")
     if mode not in ("push", "pull"):
         raise ValueError('IanNode.Mode must be "push" or "pull", got %r' % (mode,))
+    if METADATA not in config.get("UserMetadata", {}):
+        orthanc.LogError('ian-node: "UserMetadata" does not declare "%s": series cannot be marked as sent, '
+                         "so unchanged series will be sent again" % METADATA)
     return {
         "mode": mode,
         "modality": section.get("Modality", "ian-node"),
-        "node_url": section.get("NodeUrl", "http://127.0.0.1:8080").rstrip("/"),
+        "node_url": section.get("NodeUrl", "http://127.0.0.1:8765").rstrip("/"),
         "node_token": section.get("NodeToken", ""),
         "modalities": set(section.get("Modalities", ["MR"])),
-        "description": re.compile(section.get("SeriesDescriptionPattern", ".*")),
+        "description": re.compile(section.get("SeriesDescriptionPattern", ""), re.IGNORECASE),
         "min_instances": int(section.get("MinInstances", 1)),
-        "timeout": float(section.get("TimeoutSeconds", 30)),
+        "timeout": float(section.get("TimeoutSeconds", 300)),
     }
 
 
@@ -64,23 +83,22 @@ def _fingerprint(instance_ids):
     return hashlib.sha256("\n".join(sorted(instance_ids)).encode()).hexdigest()
 
 
-def _selection(series_id):
-    """(instance ids, reason): ids is None when the series must not be sent, with the reason."""
+def selected_instances(series_id):
+    """The instance IDs of a series the rules select; NotSelected says why not."""
     series = _get_json("/series/%s" % series_id)
     tags = series.get("MainDicomTags", {})
     modality = tags.get("Modality", "")
     if modality not in SETTINGS["modalities"]:
-        return None, "modality %r not selected" % modality
-    description = tags.get("SeriesDescription", "")
-    if not SETTINGS["description"].search(description):
-        return None, "series description does not match"
+        raise NotSelected("modality %r not selected" % modality)
+    if not SETTINGS["description"].search(tags.get("SeriesDescription", "")):
+        raise NotSelected("series description does not match")
     instances = series.get("Instances", [])
     if len(instances) < SETTINGS["min_instances"]:
-        return None, "%d instances, fewer than %d" % (len(instances), SETTINGS["min_instances"])
+        raise NotSelected("%d instances, fewer than %d" % (len(instances), SETTINGS["min_instances"]))
     sop_class = orthanc.RestApiGet("/instances/%s/metadata/SopClassUid" % instances[0]).decode().strip()
     if sop_class not in IMAGE_SOP_CLASSES:
-        return None, "SOP class %s is not an MR image" % sop_class
-    return instances, ""
+        raise NotSelected("SOP class %s is not an MR image" % sop_class)
+    return instances
 
 
 def _already_sent(series_id, fingerprint):
@@ -90,11 +108,27 @@ def _already_sent(series_id, fingerprint):
         return False
 
 
-def _send(series_id):
-    if SETTINGS["mode"] == "push":
-        body = {"Resources": [series_id], "Asynchronous": True, "Synchronous": False}
-        answer = json.loads(orthanc.RestApiPost("/modalities/%s/store" % SETTINGS["modality"], json.dumps(body)))
-        return "Orthanc job %s" % answer.get("ID", "?")
+def _push(series_id):
+    """C-STORE through an asynchronous Orthanc job, followed here (in the worker thread) to its end."""
+    body = {"Resources": [series_id], "Asynchronous": True, "Synchronous": False}
+    answer = json.loads(orthanc.RestApiPost("/modalities/%s/store" % SETTINGS["modality"], json.dumps(body)))
+    job_id = answer["ID"]
+    deadline = time.monotonic() + SETTINGS["timeout"]
+    while True:
+        job = _get_json("/jobs/%s" % job_id)
+        state = job.get("State")
+        if state == "Success":
+            return "Orthanc job %s" % job_id
+        if state == "Failure":
+            raise SendFailed("C-STORE job %s to modality %r failed: %s" % (
+                job_id, SETTINGS["modality"], job.get("ErrorDescription") or job.get("ErrorCode")))
+        if time.monotonic() > deadline:
+            raise SendFailed("C-STORE job %s still %s after %.0f s" % (job_id, state, SETTINGS["timeout"]))
+        time.sleep(0.2)
+
+
+def _pull(series_id):
+    """POST the node's trigger; it answers once the series is fetched and its job queued."""
     request = urllib.request.Request(
         SETTINGS["node_url"] + "/jobs",
         data=json.dumps({"source": "orthanc", "series": series_id}).encode(),
@@ -103,22 +137,29 @@ def _send(series_id):
     )
     if SETTINGS["node_token"]:
         request.add_header("Authorization", "Bearer " + SETTINGS["node_token"])
-    with urllib.request.urlopen(request, timeout=SETTINGS["timeout"]) as response:
-        answer = json.loads(response.read() or b"{}")
-    return "node job %s" % answer.get("id", "?")
+    try:
+        with urllib.request.urlopen(request, timeout=SETTINGS["timeout"]) as response:
+            answer = json.loads(response.read() or b"{}")
+    except urllib.error.HTTPError as exc:
+        detail = exc.read().decode("utf-8", "replace")[:300]
+        raise SendFailed("node answered HTTP %d: %s" % (exc.code, detail))
+    except (urllib.error.URLError, OSError) as exc:
+        raise SendFailed("node unreachable at %s: %s" % (SETTINGS["node_url"], getattr(exc, "reason", exc)))
+    return "node job %s" % answer.get("id")
 
 
 def process(series_id, force=False):
-    """Send one series to the node unless it is not selected or was already sent unchanged."""
-    instances, reason = _selection(series_id)
-    if instances is None:
-        orthanc.LogInfo("ian-node: series %s not sent: %s" % (series_id, reason))
-        return {"series": series_id, "sent": False, "reason": reason}
+    """Send one series unless the rules skip it or it was already sent unchanged; returns a summary."""
+    try:
+        instances = selected_instances(series_id)
+    except NotSelected as exc:
+        orthanc.LogInfo("ian-node: series %s not sent: %s" % (series_id, exc))
+        return {"series": series_id, "sent": False, "reason": str(exc)}
     fingerprint = _fingerprint(instances)
     if not force and _already_sent(series_id, fingerprint):
-        orthanc.LogInfo("ian-node: series %s already sent unchanged" % series_id)
+        orthanc.LogInfo("ian-node: series %s not sent: already sent unchanged" % series_id)
         return {"series": series_id, "sent": False, "reason": "already sent unchanged"}
-    what = _send(series_id)
+    what = _push(series_id) if SETTINGS["mode"] == "push" else _pull(series_id)
     orthanc.RestApiPut("/series/%s/metadata/%s" % (series_id, METADATA), fingerprint)
     orthanc.LogWarning("ian-node: series %s sent (%s mode, %s)" % (series_id, SETTINGS["mode"], what))
     return {"series": series_id, "sent": True, "detail": what}
@@ -126,13 +167,15 @@ def process(series_id, force=False):
 
 def _worker():
     while True:
-        series_id = _jobs.get()
-        if series_id is _STOP:
+        item = _jobs.get()
+        if item is _STOP:
             return
+        series_id, force = item
         try:
-            process(series_id)
-        except urllib.error.URLError as exc:
-            orthanc.LogError("ian-node: series %s: node unreachable: %s" % (series_id, exc))
+            process(series_id, force)
+        except SendFailed as exc:
+            orthanc.LogError("ian-node: series %s failed: %s (re-trigger: POST /ian-node/series/%s/segment)"
+                             % (series_id, exc, series_id))
         except Exception as exc:  # keep the worker alive whatever one series does
             orthanc.LogError("ian-node: series %s failed: %s: %s" % (series_id, type(exc).__name__, exc))
 
@@ -140,28 +183,38 @@ def _worker():
 def on_change(change_type, level, resource_id):
     """Only enqueue: never block Orthanc's callback."""
     if change_type == orthanc.ChangeType.STABLE_SERIES:
-        _jobs.put(resource_id)
+        _jobs.put((resource_id, False))
     elif change_type == orthanc.ChangeType.ORTHANC_STOPPED:
         _jobs.put(_STOP)
 
 
+def _send_status(output, status, message):
+    output.SendHttpStatus(status, message, len(message.encode("utf-8")))
+
+
 def on_segment(output, uri, **request):
-    """POST /ian-node/series/{id}/segment: re-trigger a series by hand (sent even if unchanged)."""
+    """POST /ian-node/series/{id}/segment: queue a series to be sent even if unchanged.
+
+    Answers at once: 200 {"queued": true} when the rules select the series, 409 with the reason when
+    they do not, 404 when Orthanc has no such series. The outcome of the send goes to Orthanc's log.
+    """
     if request["method"] != "POST":
         output.SendMethodNotAllowed("POST")
         return
     series_id = request["groups"][0]
     try:
-        answer = process(series_id, force=True)
-    except urllib.error.URLError as exc:
-        orthanc.LogError("ian-node: series %s: node unreachable: %s" % (series_id, exc))
-        output.SendHttpStatus(502, "node unreachable: %s" % exc)
+        orthanc.RestApiGet("/series/%s" % series_id)
+    except Exception:
+        _send_status(output, 404, "no series %s in this Orthanc\n" % series_id)
         return
-    except Exception as exc:
-        orthanc.LogError("ian-node: series %s failed: %s: %s" % (series_id, type(exc).__name__, exc))
-        output.SendHttpStatus(500, "%s: %s" % (type(exc).__name__, exc))
+    try:
+        selected_instances(series_id)
+    except NotSelected as exc:
+        _send_status(output, 409, "series %s is not sent: %s\n" % (series_id, exc))
         return
-    output.AnswerBuffer(json.dumps(answer), "application/json")
+    _jobs.put((series_id, True))
+    orthanc.LogWarning("ian-node: series %s queued by the re-trigger route" % series_id)
+    output.AnswerBuffer(json.dumps({"series": series_id, "queued": True}), "application/json")
 
 
 threading.Thread(target=_worker, name="ian-node-trigger", daemon=True).start()

@@ -8,6 +8,7 @@ new server may reuse the same storage folder right away.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -61,8 +62,12 @@ class OrthancServer:
         return ids[0] if ids else None
 
     def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
+
+    def log_text(self) -> str:
+        """Everything this server (and earlier ones on the same root) logged."""
         log = self.root / "orthanc.log"
-        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:]) if log.exists() else ""
+        return log.read_text(errors="replace") if log.exists() else ""
 
 
 @contextmanager
@@ -72,8 +77,12 @@ def orthanc_server(
     extra_config: Mapping[str, Any] | None = None,
     aet: str = "ORTHANC",
     startup_timeout: float = 60.0,
+    verbose: bool = False,
 ) -> Iterator[OrthancServer]:
-    """Start Orthanc with storage under ``root`` (kept between runs) and stop it afterwards."""
+    """Start Orthanc with storage under ``root`` (kept between runs) and stop it afterwards.
+
+    ``verbose`` adds Orthanc's ``--verbose`` so that info-level plugin messages reach the log.
+    """
     if not ORTHANC.exists():
         pytest.fail(f"Orthanc is missing at {ORTHANC}: run `make test`, which installs it")
     for plugin in plugins:
@@ -101,7 +110,11 @@ def orthanc_server(
     config_path = root / "orthanc.json"
     config_path.write_text(json.dumps(config, indent=2))
     with (root / "orthanc.log").open("ab") as log:
-        process = subprocess.Popen([str(ORTHANC), str(config_path)], stdout=log, stderr=subprocess.STDOUT)
+        args = [str(ORTHANC), *(["--verbose"] if verbose else []), str(config_path)]
+        # TCP_NODELAY=1: Debian's DCMTK otherwise stalls about 40 ms per instance Orthanc sends on
+        # loopback (measured: 24 instances to the node in 1.1 s without, 0.15 s with).
+        env = {**os.environ, "TCP_NODELAY": "1"}
+        process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
     server = OrthancServer(
         url=f"http://127.0.0.1:{http_port}", dicom_port=dicom_port, aet=aet, username=username,
         password=password, root=root, process=process,
