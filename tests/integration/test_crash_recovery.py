@@ -1,0 +1,133 @@
+"""SIGKILL of `ian-node serve` at each stage, then a restart: nothing acknowledged is lost, one SEG per series.
+
+Each test kills a real `serve` subprocess (no clean-up runs), checks that the kill landed in the
+stage it is about (from the SQLite state), restarts the node on the same state and spool, and counts
+what dcmtk's storescp received (every received instance gets its own file there, so a duplicate
+delivery would show as a second file).
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from ian_node.state import DeliveryState, JobState, State
+from tests.integration.peers import storescu
+from tests.integration.serve_process import (
+    Destination, NodeSetup, ServeProcess, sent_statuses, small_checkpoint, storescu_command, wait_until,
+    write_small_phantom,
+)
+
+pytestmark = pytest.mark.integration
+
+SUCCESS = 0x0000
+JOB_TIMEOUT = 90.0
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return small_checkpoint(tmp_path_factory.mktemp("model") / "small.pt")
+
+
+def _wait_for_state(setup: NodeSetup, serve: ServeProcess, series_uid: str, *states: JobState,
+                    timeout: float = JOB_TIMEOUT) -> None:
+    def reached() -> bool:
+        job = setup.job_for(series_uid)
+        return job is not None and job.state in states
+
+    wait_until(reached, timeout, lambda: f"{setup.describe()}\n--- serve log ---\n{serve.log_tail()}")
+
+
+def test_sigkill_mid_receive_loses_no_acknowledged_instance(tmp_path: Path, checkpoint: Path) -> None:
+    setup = NodeSetup(tmp_path, checkpoint, quiet_period_s=60.0)  # no job may start in this test
+    files = list(write_small_phantom(tmp_path / "phantom", 30).instances)
+    serve = ServeProcess(setup, "first").start()
+    sender = subprocess.Popen(storescu_command(setup.port, files), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True)
+    output = []
+    assert sender.stdout is not None
+    for line in sender.stdout:
+        output.append(line)
+        if len(sent_statuses("".join(output))) >= 8:
+            serve.kill()
+            break
+    rest, _ = sender.communicate(timeout=60)
+    statuses = sent_statuses("".join(output) + rest)
+    acknowledged = [pydicom.dcmread(f) for f, s in zip(files, statuses) if s == SUCCESS]
+    assert 8 <= len(acknowledged) < len(files), "the kill did not land while storescu was sending"
+
+    with ServeProcess(setup, "second"):  # recovery runs before the port opens
+        with State(setup.state_path) as state:
+            stored = {i.sop_instance_uid: i for i in state.instances(acknowledged[0].SeriesInstanceUID)}
+        for ds in acknowledged:
+            back = pydicom.dcmread(setup.spool_dir / stored[ds.SOPInstanceUID].path)
+            assert back.SOPInstanceUID == ds.SOPInstanceUID and back.PixelData == ds.PixelData
+        assert not [p for p in setup.spool_dir.rglob("*") if p.name.startswith(".partial")]
+
+
+def test_sigkill_after_acknowledged_instances_inside_the_quiet_period_still_delivers_one_seg(
+    tmp_path: Path, checkpoint: Path
+) -> None:
+    setup = NodeSetup(tmp_path, checkpoint, quiet_period_s=3.0)
+    phantom = write_small_phantom(tmp_path / "phantom", 31)
+    uid = phantom.series_uid
+    with Destination(tmp_path / "pacs", setup.dest_port) as dest:
+        serve = ServeProcess(setup, "first").start()
+        _, statuses = storescu(setup.port, list(phantom.instances))
+        serve.kill()
+        assert statuses == [SUCCESS] * len(phantom.instances)
+        with State(setup.state_path) as state:  # the kill landed inside the quiet period
+            series = state.series(uid)
+            assert series.awaiting_completion and series.instance_count == len(phantom.instances)
+            assert state.list_jobs() == []
+
+        with ServeProcess(setup, "second") as serve:
+            _wait_for_state(setup, serve, uid, JobState.DONE)
+        (job,) = setup.jobs()
+        assert (job.series_version, job.attempts) == (1, 1)
+        assert len(dest.segs_for(uid)) == 1
+
+
+def test_sigkill_mid_job_reruns_the_job_and_delivers_one_seg(tmp_path: Path, checkpoint: Path) -> None:
+    setup = NodeSetup(tmp_path, checkpoint)
+    phantom = write_small_phantom(tmp_path / "phantom", 32)
+    uid = phantom.series_uid
+    with Destination(tmp_path / "pacs", setup.dest_port) as dest:
+        serve = ServeProcess(setup, "first").start()
+        storescu(setup.port, list(phantom.instances))
+        _wait_for_state(setup, serve, uid, JobState.RUNNING, JobState.EXPORTING, JobState.DONE)
+        serve.kill()
+        assert setup.job_for(uid).state is JobState.RUNNING, "the kill did not land while the job was running"
+        assert dest.segs_for(uid) == []
+
+        with ServeProcess(setup, "second") as serve:
+            _wait_for_state(setup, serve, uid, JobState.DONE)
+        (job,) = setup.jobs()
+        assert job.attempts == 2  # the interrupted run and the re-run
+        assert len(dest.segs_for(uid)) == 1
+
+
+def test_sigkill_during_export_redelivers_the_same_seg_once(tmp_path: Path, checkpoint: Path) -> None:
+    setup = NodeSetup(tmp_path, checkpoint, max_attempts=100, backoff_s=0.2, max_backoff_s=0.5)
+    phantom = write_small_phantom(tmp_path / "phantom", 33)
+    uid = phantom.series_uid
+    serve = ServeProcess(setup, "first").start()  # the destination is down
+    storescu(setup.port, list(phantom.instances))
+    _wait_for_state(setup, serve, uid, JobState.EXPORTING)
+    wait_until(lambda: setup.deliveries(setup.job_for(uid).id)[0].attempts >= 2, 30, setup.describe)
+    serve.kill()
+    job = setup.job_for(uid)
+    (delivery,) = setup.deliveries(job.id)
+    assert job.state is JobState.EXPORTING and delivery.state is DeliveryState.PENDING
+    result_uid = pydicom.dcmread(setup.spool_dir / job.result_path, stop_before_pixels=True).SOPInstanceUID
+
+    with Destination(tmp_path / "pacs", setup.dest_port) as dest:
+        with ServeProcess(setup, "second") as serve:
+            _wait_for_state(setup, serve, uid, JobState.DONE)
+        (seg,) = dest.segs_for(uid)
+    assert seg.SOPInstanceUID == result_uid
+    (job,) = setup.jobs()
+    assert job.attempts == 1  # the stored result was re-delivered, not re-computed
