@@ -8,12 +8,17 @@ Receivers, each writing to its own folder on the same file system:
   build stalls about 40 ms per instance on loopback);
 - ``bare``: a pynetdicom SCP whose handler only writes ``event.encoded_dataset()`` to a file and
   fsyncs it: the floor of what a Python SCP can do durably;
-- ``node``: the node's StorageSCP with its spool (atomic write: temp file, fsync, rename, directory
-  fsync), SQLite state (WAL, synchronous=FULL) and quiet-period timers.
+- ``node``: the node's StorageSCP with its spool, SQLite state (WAL, synchronous=FULL) and quiet-period
+  timers: header check, sha256, temp file + rename, then the file fsync, the directory fsync and the
+  group commit of the row running concurrently; success only after all three (see ian_node/scp.py).
 
 Each sender is dcmtk's storescu: one association with every file, then ``--parallel`` associations
 at once with the files split between them. The rate is files / wall time of the sender(s); the
 median over ``--repeats`` rounds is reported, receivers interleaved within each round.
+
+The last column is the receiver process's CPU time per instance (user + system, all its threads),
+which is what bounds the rate when the machine's cores are busy. ``--dir`` puts the receivers'
+folders elsewhere (``/dev/shm`` shows the cost without any disk), ``--receivers`` picks a subset.
 
 ``--sender-nodelay`` gives the storescu senders ``TCP_NODELAY=1`` too. Without it, storescp's rate on
 one association is dominated by Nagle / delayed-ACK stalls on this machine (tens of instances/s);
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import socket
 import statistics
 import subprocess
@@ -143,6 +149,12 @@ RECEIVERS: dict[str, Callable[[Path], AbstractContextManager[int]]] = {
 }
 
 
+def _cpu_seconds() -> float:
+    """CPU time of this process (the in-process receivers' threads), user + system."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def send(port: int, files: list[Path], parallel: int, nodelay: bool = False) -> float:
     """Seconds for ``parallel`` storescu processes to send ``files`` between them."""
     chunks = [files[i::parallel] for i in range(parallel)]
@@ -167,30 +179,39 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--parallel", type=int, default=4)
     parser.add_argument("--sender-nodelay", action="store_true", help="TCP_NODELAY=1 for storescu too")
+    parser.add_argument("--dir", type=Path, default=None, help="where receivers write (default: the temp folder)")
+    parser.add_argument("--receivers", default=",".join(RECEIVERS), help="comma-separated subset of receivers")
     args = parser.parse_args(argv)
+    chosen = {name: RECEIVERS[name] for name in args.receivers.split(",")}
 
-    with tempfile.TemporaryDirectory(prefix="ian-node-ingest-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="ian-node-ingest-", dir=args.dir) as tmp:
         root = Path(tmp)
         files = make_files(root / "files", args.files, args.rows)
         size_kib = files[0].stat().st_size / 1024
         rates: dict[tuple[str, int], list[float]] = {}
+        cpu: dict[tuple[str, int], list[float]] = {}
         for round_ in range(args.repeats):
-            for name, receiver in RECEIVERS.items():
+            for name, receiver in chosen.items():
                 for parallel in (1, args.parallel):
                     with receiver(root / f"{name}-{parallel}-{round_}") as port:
+                        before = _cpu_seconds()
                         seconds = send(port, files, parallel, args.sender_nodelay)
+                        used = _cpu_seconds() - before
                     rates.setdefault((name, parallel), []).append(len(files) / seconds)
+                    cpu.setdefault((name, parallel), []).append(used / len(files))
 
     senders = "TCP_NODELAY=1" if args.sender_nodelay else "default environment"
     print(f"{args.files} files of {size_kib:.0f} KiB, median of {args.repeats} rounds, instances/s;"
           f" storescu senders with {senders}\n")
-    print("| receiver | 1 association | " + f"{args.parallel} associations |")
-    print("|---|---:|---:|")
+    print(f"| receiver | 1 association | {args.parallel} associations | receiver CPU ms/instance (1 / {args.parallel}) |")
+    print("|---|---:|---:|---:|")
     med = {key: statistics.median(values) for key, values in rates.items()}
-    for name in RECEIVERS:
-        print(f"| {name} | {med[(name, 1)]:.1f} | {med[(name, args.parallel)]:.1f} |")
+    cpu_ms = {key: 1e3 * statistics.median(values) for key, values in cpu.items()}
+    for name in chosen:
+        load = "(separate process)" if name == "storescp" else f"{cpu_ms[(name, 1)]:.2f} / {cpu_ms[(name, args.parallel)]:.2f}"
+        print(f"| {name} | {med[(name, 1)]:.1f} | {med[(name, args.parallel)]:.1f} | {load} |")
     print()
-    for ref in ("storescp", "bare"):
+    for ref in [r for r in ("storescp", "bare") if r in chosen and "node" in chosen]:
         ratios = " | ".join(f"{med[('node', p)] / med[(ref, p)]:.2f}×" for p in (1, args.parallel))
         print(f"node / {ref}: {ratios}  (1 | {args.parallel} associations)")
     return 0

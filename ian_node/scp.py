@@ -1,7 +1,8 @@
 """The DICOM listener: C-ECHO, and C-STORE of MR images into the spool and the state.
 
-A C-STORE is answered with success only after the instance's file is durable in the spool (atomic
-write) and its row is committed in SQLite. Otherwise the peer gets a failure status it can act on:
+A C-STORE is answered with success only after the instance's file is durable in the spool and its
+row is committed in SQLite (``synchronous=FULL``), so an acknowledged instance survives SIGKILL and
+power loss. Otherwise the peer gets a failure status it can act on:
 
 - ``0xA700`` out of resources: the disk (spool or state) is full;
 - ``0xA900`` data set does not match SOP class;
@@ -13,6 +14,31 @@ Association checks: the calling AE allow-list (with an optional source IP per AE
 title, the maximum number of associations and, when configured, TLS (mutual with a CA).
 Unknown SOP classes are refused in presentation-context negotiation. The log names UIDs and AE
 titles, never patient names or IDs.
+
+**How one C-STORE becomes durable, fast.** Done one after the other, the file's fsync, its
+directory's fsync and the SQLite commit are three waits for the disk (about three times what a bare
+"write + fsync" SCP pays). Here they run at once, and the answer waits for all three:
+
+1. the data set is written under a temporary name and renamed to its final name
+   (:meth:`Spool.stage_instance`), which starts the directory's fsync in a background thread;
+2. the row goes to the :class:`GroupCommitter`, whose thread commits the rows of every association
+   that arrived meanwhile in one transaction (one WAL fsync for the batch);
+3. the handler fsyncs the file, waits for the directory fsync and the commit, and answers success.
+
+Because the row may be committed before the file is durable, it is recorded *unconfirmed* (with a
+token) and confirmed later, in a following transaction at no extra fsync. A crash can then leave:
+
+- a SIGKILL (the OS survives): the row was submitted only after the file's ``write`` and ``rename``
+  returned, so the file is whole in the page cache and reaches the disk anyway;
+- a power loss: an unconfirmed row may name a missing, empty or partial file. Start-up
+  (:func:`recover_unconfirmed`, run when the SCP is built, before the series timers or the worker
+  start) reads every unconfirmed row's file, confirms it when its file meta, size and sha256 match
+  (fsyncing it first), and otherwise drops the row and the file with a warning. Such an instance was
+  never acknowledged, so the sender still has it and will send it again.
+
+An instance that *replaces* a stored copy (a re-send) is written the fully atomic way first (temp
+file, fsync, rename, directory fsync) and recorded as confirmed, so a crash can never cost the copy
+acknowledged before. Two associations sending the same SOP Instance UID at once are serialised.
 """
 
 from __future__ import annotations
@@ -20,12 +46,21 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import logging
+import queue
 import ssl
-from collections.abc import Callable
-from dataclasses import replace
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from enum import IntEnum
+from io import BytesIO
 
+from pydicom.dataset import Dataset
+from pydicom.filereader import read_dataset
+from pydicom.tag import Tag
 from pydicom.uid import (
+    UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
@@ -45,7 +80,7 @@ from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
 from ian_node.config import ConfigError, DicomConfig, TlsConfig, is_dicom_uid
-from ian_node.spool import Spool, SpoolFullError, UnsafeUIDError, checked_uid
+from ian_node.spool import Spool, SpoolFullError, StagedInstance, UnsafeUIDError, checked_uid
 from ian_node.state import ReceivedInstance, RecordOutcome, State, StateFullError
 
 logger = logging.getLogger(__name__)
@@ -86,6 +121,150 @@ class _Refused(Exception):
         self.status = status
 
 
+@dataclass(frozen=True)
+class _Record:
+    instance: ReceivedInstance
+    future: Future[RecordOutcome]
+
+
+_STOP = object()
+
+
+class GroupCommitter:
+    """Records received instances for every association, as many per SQLite transaction as arrived
+    while the previous one was committing (group commit: one WAL fsync per batch, not per instance).
+
+    Confirmations of unconfirmed rows (:meth:`confirm`) ride along with the next batch; when nothing
+    else comes for ``idle_confirm_s`` they are committed on their own.
+    """
+
+    def __init__(self, state: State, max_batch: int = 64, idle_confirm_s: float = 0.5) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        self._state = state
+        self._max_batch = max_batch
+        self._idle_confirm_s = idle_confirm_s
+        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._confirms: list[tuple[str, int]] = []
+        self._running = False
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        with self._lock:
+            if self._thread is not None:
+                raise RuntimeError("the committer is already running")
+            self._running = True
+            self._thread = threading.Thread(target=self._run, name="scp-group-commit", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        """Commit everything submitted so far (and pending confirmations), then end the thread."""
+        with self._lock:
+            thread, self._thread = self._thread, None
+            if thread is None:
+                return
+            self._running = False
+            self._queue.put(_STOP)
+        thread.join()
+
+    def submit(self, instance: ReceivedInstance) -> Future[RecordOutcome]:
+        """Queue one instance; the future gives its outcome once committed (or the commit's error)."""
+        record = _Record(instance, Future())
+        with self._lock:  # nothing is queued behind the stop marker
+            if not self._running:
+                raise RuntimeError("the SCP's committer is not running")
+            self._queue.put(record)
+        return record.future
+
+    def confirm(self, outcome: RecordOutcome) -> None:
+        """The file of an unconfirmed row is durable: clear its token with the next transaction."""
+        if outcome.confirm_token is not None:
+            with self._lock:
+                self._confirms.append((outcome.sop_instance_uid, outcome.confirm_token))
+
+    def _run(self) -> None:
+        while True:
+            try:
+                first = self._queue.get(timeout=self._idle_confirm_s)
+            except queue.Empty:  # idle: commit the confirmations that are waiting, if any
+                self._commit([])
+                continue
+            batch = [first]
+            while len(batch) < self._max_batch:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            self._commit([item for item in batch if isinstance(item, _Record)])
+            if _STOP in batch:
+                self._commit([])
+                return
+
+    def _commit(self, records: list[_Record]) -> None:
+        with self._lock:
+            confirms, self._confirms = self._confirms, []
+        if not records and not confirms:
+            return
+        try:
+            results = self._state.record_instances([r.instance for r in records], confirms)
+        except Exception as exc:
+            with self._lock:  # try the confirmations again with the next batch
+                self._confirms[:0] = confirms
+            if not records:
+                logger.warning("could not record confirmations (retried later): %s", exc)
+            for record in records:
+                record.future.set_exception(exc)
+            return
+        for record, result in zip(records, results):
+            if isinstance(result, Exception):
+                record.future.set_exception(result)
+            else:
+                record.future.set_result(result)
+
+
+class _KeyLocks:
+    """One lock per key (SOP Instance UID), created on demand and gone when free."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._held: set[str] = set()
+
+    @contextmanager
+    def hold(self, key: str) -> Iterator[None]:
+        with self._cond:
+            while key in self._held:
+                self._cond.wait()
+            self._held.add(key)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._held.discard(key)
+                self._cond.notify_all()
+
+
+def recover_unconfirmed(state: State, spool: Spool) -> tuple[int, int]:
+    """Settle the rows a crash left unconfirmed: confirm those whose file is intact (now made
+    durable), drop the others with their file. Returns (confirmed, dropped)."""
+    kept = dropped = 0
+    for inst in state.unconfirmed_instances():
+        if spool.verify_instance(inst.path, inst.sop_instance_uid, inst.size, inst.sha256):
+            state.confirm_instances([(inst.sop_instance_uid, inst.token)])
+            kept += 1
+            continue
+        if state.drop_unconfirmed(inst.sop_instance_uid, inst.token):
+            spool.remove([inst.path])
+            dropped += 1
+            logger.warning(
+                "instance %s of series %s dropped: its file was not intact after a crash (it was never"
+                " acknowledged, so the sender still has it)", inst.sop_instance_uid, inst.series_uid,
+            )
+    if kept or dropped:
+        logger.info("unconfirmed instances after a crash: %d intact, %d dropped", kept, dropped)
+    return kept, dropped
+
+
 def server_ssl_context(tls: TlsConfig) -> ssl.SSLContext | None:
     """The SCP's TLS context (None when TLS is off); client certificates required when a CA is set."""
     if not tls.enabled:
@@ -106,7 +285,11 @@ def server_ssl_context(tls: TlsConfig) -> ssl.SSLContext | None:
 
 
 class StorageSCP:
-    """The node's listener; ``on_stored`` is called after each committed instance (the series timers)."""
+    """The node's listener; ``on_stored`` is called after each committed instance (the series timers).
+
+    Building it settles what a crashed run left unconfirmed (:func:`recover_unconfirmed`), so that
+    nothing downstream ever sees a row whose file may be bad.
+    """
 
     def __init__(
         self,
@@ -132,6 +315,9 @@ class StorageSCP:
                 self._allowed[title] = hosts | {ipaddress.ip_address(entry.host)}
         self._sop_classes = frozenset(dicom.sop_classes)
         self._server: ThreadedAssociationServer | None = None
+        self._committer: GroupCommitter | None = None
+        self._sop_locks = _KeyLocks()
+        recover_unconfirmed(state, spool)
 
         ae = AE(ae_title=dicom.ae_title)
         ae.maximum_associations = dicom.max_associations
@@ -158,19 +344,29 @@ class StorageSCP:
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_C_STORE, self.handle_store),
         ]
-        self._server = self._ae.start_server(
-            (self._dicom.bind, self._dicom.port), block=False, evt_handlers=handlers, ssl_context=self._ssl
-        )
+        self._committer = GroupCommitter(self._state)
+        self._committer.start()
+        try:
+            self._server = self._ae.start_server(
+                (self._dicom.bind, self._dicom.port), block=False, evt_handlers=handlers, ssl_context=self._ssl
+            )
+        except BaseException:
+            self._committer.stop()
+            self._committer = None
+            raise
         mode = ""
         if self._ssl is not None:
             mode = " with mutual TLS" if self._ssl.verify_mode == ssl.CERT_REQUIRED else " with TLS"
         logger.info("listening as %s on %s:%d%s", self._dicom.ae_title, self._dicom.bind, self.port, mode)
 
     def stop(self) -> None:
-        """Stop listening and end open associations."""
+        """Stop listening, then commit what was received (pending confirmations included)."""
         if self._server is not None:
             self._server.shutdown()
             self._server = None
+        if self._committer is not None:
+            self._committer.stop()
+            self._committer = None
 
     def _check_requestor(self, event: evt.Event) -> None:
         """Reject an association whose calling AE title (or its source address) is not allowed."""
@@ -207,20 +403,40 @@ class StorageSCP:
     def _receive(self, event: evt.Event) -> ReceivedInstance:
         header = self._describe(event)
         uid = header.sop_instance_uid
+        committer = self._committer
+        if committer is None:
+            raise _Refused(Status.PROCESSING_FAILURE, f"cannot record {uid}: the SCP is stopping")
         stream = event.encoded_dataset(include_meta=False)
-        try:
-            relpath = self._spool.write_instance(header.series_uid, uid, event.encoded_dataset())
-        except SpoolFullError as exc:
-            raise _Refused(Status.OUT_OF_RESOURCES, f"spool full writing {uid}: {exc}") from exc
-        except OSError as exc:
-            raise _Refused(Status.PROCESSING_FAILURE, f"cannot write {uid}: {exc}") from exc
-        received = replace(header, path=relpath, size=len(stream), sha256=hashlib.sha256(stream).hexdigest())
-        try:
-            outcome = self._state.record_instance(received)
-        except StateFullError as exc:
-            raise _Refused(Status.OUT_OF_RESOURCES, f"state full recording {uid}: {exc}") from exc
-        except Exception as exc:
-            raise _Refused(Status.PROCESSING_FAILURE, f"cannot record {uid}: {exc}") from exc
+        digest = hashlib.sha256(stream).hexdigest()
+        with self._sop_locks.hold(uid):
+            try:
+                staged = self._spool.stage_instance(header.series_uid, uid, (event.encoded_dataset(),))
+            except SpoolFullError as exc:
+                raise _Refused(Status.OUT_OF_RESOURCES, f"spool full writing {uid}: {exc}") from exc
+            except OSError as exc:
+                raise _Refused(Status.PROCESSING_FAILURE, f"cannot write {uid}: {exc}") from exc
+            # The row is submitted only now that write and rename have returned, so a committed row
+            # always names a whole file, at least in the page cache; its commit runs during the fsyncs.
+            received = replace(header, path=staged.relpath, size=len(stream), sha256=digest,
+                               file_durable=staged.durable)
+            try:
+                recorded = committer.submit(received)
+            except RuntimeError as exc:
+                staged.discard()
+                raise _Refused(Status.PROCESSING_FAILURE, f"cannot record {uid}: {exc}") from exc
+            try:
+                staged.wait_durable()
+            except OSError as exc:
+                self._abandon(staged, recorded)
+                status = Status.OUT_OF_RESOURCES if isinstance(exc, SpoolFullError) else Status.PROCESSING_FAILURE
+                raise _Refused(status, f"cannot make {uid} durable: {exc}") from exc
+            try:
+                outcome = recorded.result()
+            except StateFullError as exc:
+                raise _Refused(Status.OUT_OF_RESOURCES, f"state full recording {uid}: {exc}") from exc
+            except Exception as exc:
+                raise _Refused(Status.PROCESSING_FAILURE, f"cannot record {uid}: {exc}") from exc
+            committer.confirm(outcome)
         if self._on_stored is not None:
             try:
                 self._on_stored(outcome)
@@ -228,11 +444,24 @@ class StorageSCP:
                 logger.exception("series %s: after-store notification failed", outcome.series_uid)
         return received
 
+    def _abandon(self, staged: StagedInstance, recorded: Future[RecordOutcome]) -> None:
+        """The new file could not be made durable: take its row back, then remove the file."""
+        try:
+            outcome = recorded.result()
+        except Exception:
+            outcome = None  # no row (if the commit's outcome is unknown, recovery finds no file)
+        if outcome is not None and outcome.confirm_token is not None:
+            try:
+                self._state.drop_unconfirmed(outcome.sop_instance_uid, outcome.confirm_token)
+            except Exception:
+                logger.exception("could not take back the row of %s (recovery will)", outcome.sop_instance_uid)
+        staged.discard()
+
     def _describe(self, event: evt.Event) -> ReceivedInstance:
         """The header facts the state needs, checked (anything wrong is 0xC210 or 0xA900); no file yet."""
         requestor = event.assoc.requestor
         try:
-            ds = event.dataset
+            ds = _header(event)
             uids = {
                 key: checked_uid(ds.get(keyword), keyword)
                 for key, keyword in (
@@ -273,6 +502,27 @@ class StorageSCP:
             calling_ae=requestor.ae_title.strip(),
             peer_host=str(requestor.address),
         )
+
+
+#: The elements _describe reads; all sit before group 0x0029, where header parsing stops.
+_HEADER_TAGS = [
+    Tag(keyword)
+    for keyword in ("SpecificCharacterSet", "SOPClassUID", "SOPInstanceUID", "Modality", "SeriesDescription",
+                    "StudyInstanceUID", "SeriesInstanceUID", "InstanceNumber", "NumberOfFrames")
+]
+
+
+def _header(event: evt.Event) -> Dataset:
+    """The data set's leading elements, parsed up to group 0x0028 only: the full parse that
+    ``event.dataset`` does (every element, a copy of the pixel data) costs twice as much CPU, which
+    shows in the ingest rate. A deflated data set takes the full path."""
+    syntax = UID(str(event.context.transfer_syntax))
+    if syntax.is_deflated:
+        return event.dataset
+    return read_dataset(
+        BytesIO(event.encoded_dataset(include_meta=False)), syntax.is_implicit_VR, syntax.is_little_endian,
+        stop_when=lambda tag, vr, length: tag >> 16 > 0x0028, specific_tags=_HEADER_TAGS,
+    )
 
 
 def handle_echo(event: evt.Event) -> int:

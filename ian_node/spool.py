@@ -1,9 +1,29 @@
-"""Durable, UID-safe files: received instances and results, each written atomically.
+"""Durable, UID-safe files: received instances and results.
 
-A file either exists complete or not at all: it is written to a temporary file in the same
-directory, fsynced, renamed over its final name, and the directory is fsynced so that the rename
-itself survives a power cut. Paths are built only from UIDs that passed :func:`checked_uid`, so a
-hostile UID such as ``../../etc`` can never leave the spool.
+Paths are built only from UIDs that passed :func:`checked_uid`, so a hostile UID such as
+``../../etc`` can never leave the spool. Every file is written to a temporary name in its final
+directory and renamed, so a crash mid-write leaves only a ``.partial-*`` temporary (removed at
+start-up), never a half file under a final name that something else put there.
+
+Two ways to write, by what a crash may do to the name's previous content:
+
+- :func:`atomic_write` (results, and an instance that *replaces* a stored one): temp file, fsync,
+  rename, directory fsync. The name holds either the old or the new content at every instant.
+- :meth:`Spool.stage_instance` (an instance the spool does not hold yet, the common case): temp
+  file, rename, and the directory's fsync starts in a background thread; the caller goes on (the
+  SCP submits the row to SQLite) and then calls :meth:`StagedInstance.wait_durable`, which fsyncs
+  the file while the directory fsync and the commit run, and returns once both fsyncs are done.
+  Nothing old can be lost, since the name was empty; a crash before both fsyncs returned may leave a
+  missing, empty or partial file under the final name, which is why the SCP does not answer before
+  ``wait_durable`` and why recovery checks such files (:meth:`Spool.verify_instance`).
+
+Why both fsyncs, when one would do on ext4: POSIX makes a new directory entry durable only with an
+fsync of the directory. On ext4 with a journal (data=ordered, no fast commits) an fsync of the file
+commits the running journal transaction, which also holds the rename (ext4 updates the inode's
+ctime in the same handle), so the directory fsync is then cheap; on other file systems (XFS, btrfs,
+ext4 without a journal) it is what makes the name durable. Issued concurrently, the two fsyncs
+usually share one journal commit, so correctness on every POSIX file system costs almost nothing.
+Concurrent writers in one directory also share directory fsyncs (:class:`DirectorySyncer`).
 
 Layout under the spool root::
 
@@ -14,11 +34,17 @@ Layout under the spool root::
 from __future__ import annotations
 
 import errno
+import hashlib
+import io
 import logging
 import os
 import tempfile
-from collections.abc import Iterable
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+
+import pydicom
 
 from ian_node.config import is_dicom_uid
 
@@ -59,30 +85,154 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that after a crash ``path`` holds either all of it or its old content."""
-    directory = path.parent
-    temp_name = None
+def atomic_write(path: Path, data: bytes | Sequence[bytes]) -> None:
+    """Write ``data`` (bytes, or parts written in order) to ``path`` so that after a crash ``path``
+    holds either all of it or its old content."""
+    _atomic_write(path, data, _temporary)
+
+
+def _atomic_write(path: Path, data: bytes | Sequence[bytes], temporary: Callable[[Path], tuple[int, str]]) -> None:
+    parts = (data,) if isinstance(data, bytes | bytearray | memoryview) else tuple(data)
+    fd, temp_name = temporary(path)
     try:
         try:
-            _ensure_dir(directory)
-            fd, temp_name = tempfile.mkstemp(dir=directory, prefix=_TEMP_PREFIX)
-        except FileNotFoundError:  # the folder was purged just now: make it again, once
-            _ensure_dir(directory)
-            fd, temp_name = tempfile.mkstemp(dir=directory, prefix=_TEMP_PREFIX)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+            _write_all(fd, parts)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(temp_name, path)
         temp_name = None
-        fsync_dir(directory)
+        fsync_dir(path.parent)
     except OSError as exc:
         if temp_name is not None:
             _unlink_quietly(Path(temp_name))
-        if exc.errno in _FULL_ERRNOS:
-            raise SpoolFullError(exc.errno, f"no space left to write {path.name}") from exc
-        raise
+        raise _full_or(exc, path) from exc
+
+
+def _temporary(path: Path) -> tuple[int, str]:
+    """A new temporary file next to ``path`` (its folder made if needed), open for writing."""
+    try:
+        try:
+            return tempfile.mkstemp(dir=path.parent, prefix=_TEMP_PREFIX)
+        except FileNotFoundError:  # a new folder, or one purged just now: make it (durably), then retry
+            _ensure_dir(path.parent)
+            return tempfile.mkstemp(dir=path.parent, prefix=_TEMP_PREFIX)
+    except OSError as exc:
+        raise _full_or(exc, path) from exc
+
+
+def _write_all(fd: int, parts: Sequence[bytes]) -> None:
+    """Write every part in order (os.writev may write less than asked, e.g. just before a full disk)."""
+    views = [memoryview(p) for p in parts if len(p)]
+    while views:
+        written = os.writev(fd, views)
+        while views and written >= len(views[0]):
+            written -= len(views[0])
+            views.pop(0)
+        if views and written:
+            views[0] = views[0][written:]
+
+
+def _full_or(exc: OSError, path: Path) -> OSError:
+    """``exc`` as SpoolFullError when the disk is full or over quota, else unchanged."""
+    if exc.errno in _FULL_ERRNOS and not isinstance(exc, SpoolFullError):
+        return SpoolFullError(exc.errno, f"no space left to write {path.name}")
+    return exc
+
+
+class DirectorySyncer:
+    """Directory fsyncs shared by concurrent writers.
+
+    :meth:`request` returns a future of an fsync of the directory that starts after the call, so it
+    covers every entry change the caller made before calling. Requests that arrive while an fsync of
+    the same directory is queued but not started join it instead of queuing another.
+    """
+
+    def __init__(self, workers: int = 4) -> None:
+        self._lock = threading.Lock()
+        self._queued: dict[Path, Future[None]] = {}
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="spool-dir-fsync")
+
+    def request(self, directory: Path) -> Future[None]:
+        with self._lock:
+            future = self._queued.get(directory)
+            if future is None:
+                future = Future()
+                self._queued[directory] = future
+                self._pool.submit(self._sync, directory, future)
+        return future
+
+    def _sync(self, directory: Path, future: Future[None]) -> None:
+        with self._lock:  # from here on, new requests need a new fsync
+            if self._queued.get(directory) is future:
+                del self._queued[directory]
+        try:
+            fsync_dir(directory)
+        except BaseException as exc:
+            future.set_exception(exc)
+        else:
+            future.set_result(None)
+
+
+class StagedInstance:
+    """A received instance under its final name, its directory's fsync in flight and its file still
+    open; ``wait_durable`` (or ``discard``) must follow, once.
+
+    ``durable`` is True when it was written the fully atomic way (it replaced a stored copy), so
+    there is nothing to wait for.
+    """
+
+    def __init__(self, relpath: str, path: Path, fd: int | None = None, dir_synced: Future[None] | None = None) -> None:
+        self.relpath = relpath
+        self.path = path
+        self.durable = fd is None
+        self._fd = fd
+        self._dir_synced = dir_synced
+
+    def wait_durable(self) -> None:
+        """Fsync the file, wait for the directory's fsync: the content and the name then survive a
+        power cut. SpoolFullError or OSError if not."""
+        try:
+            self._close(sync=True)
+            if self._dir_synced is not None:
+                self._dir_synced.result()
+        except OSError as exc:
+            raise _full_or(exc, self.path) from exc
+
+    def discard(self) -> None:
+        """Remove a staged new file that will not be acknowledged."""
+        if not self.durable:
+            try:
+                self._close(sync=False)
+            finally:
+                _unlink_quietly(self.path)
+
+    def _close(self, sync: bool) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            try:
+                if sync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def _dataset_offset(data: bytes, sop_instance_uid: str) -> int | None:
+    """Where the data set starts in a DICOM file written by the SCP, if its preamble and file meta are
+    sound and name ``sop_instance_uid``; None otherwise."""
+    if len(data) < 144 or data[128:132] != b"DICM":
+        return None
+    try:
+        meta = pydicom.dcmread(io.BytesIO(data[:144 + _u32(data, 140)])).file_meta
+        if str(meta.MediaStorageSOPInstanceUID) != sop_instance_uid:
+            return None
+        return 144 + int(meta.FileMetaInformationGroupLength)
+    except Exception:  # anything unreadable in the meta means the file is not whole
+        return None
+
+
+def _u32(data: bytes, offset: int) -> int:
+    return int.from_bytes(data[offset:offset + 4], "little")
 
 
 def _ensure_dir(directory: Path) -> None:
@@ -91,8 +241,8 @@ def _ensure_dir(directory: Path) -> None:
     _ensure_dir(directory.parent)
     try:
         directory.mkdir()
-    except FileExistsError:
-        return
+    except FileExistsError:  # made by another thread just now, whose parent fsync may not be done
+        pass
     fsync_dir(directory.parent)
 
 
@@ -111,20 +261,103 @@ class Spool:
     def __init__(self, root: Path) -> None:
         root.mkdir(parents=True, exist_ok=True)
         self.root = root.resolve()
+        fsync_dir(self.root.parent)
+        self._dir_syncer = DirectorySyncer()
+        self._dirs_lock = threading.Lock()
+        # Folders whose entry in their parent this process has made durable. A folder that already
+        # exists is synced once anyway: a crashed run may have made it without syncing its parent.
+        self._durable_dirs: set[Path] = {self.root}
 
     def write_instance(self, series_uid: str, sop_instance_uid: str, data: bytes) -> str:
-        """Store one received instance (replacing an earlier copy); returns its relative path."""
+        """Store one received instance (replacing an earlier copy) durably; returns its relative path."""
         relpath = self.instance_relpath(series_uid, sop_instance_uid)
-        atomic_write(self.root / relpath, data)
+        _atomic_write(self.root / relpath, data, self._temporary)
         return relpath
+
+    def stage_instance(self, series_uid: str, sop_instance_uid: str, parts: Sequence[bytes]) -> StagedInstance:
+        """Put one received instance (``parts`` written in order) under its final name and start making
+        it durable; the caller must :meth:`StagedInstance.wait_durable` before relying on it.
+
+        A name that already holds a file (a re-send) is replaced with :func:`atomic_write` instead,
+        durable on return, so that a crash can never cost the copy stored before. Callers must not
+        stage the same instance from two threads at once (the SCP holds a lock per SOP Instance UID).
+        """
+        relpath = self.instance_relpath(series_uid, sop_instance_uid)
+        path = self.root / relpath
+        if path.exists():
+            _atomic_write(path, parts, self._temporary)
+            return StagedInstance(relpath, path)
+        fd, temp_name = self._temporary(path)
+        try:
+            _write_all(fd, parts)
+            os.rename(temp_name, path)
+        except OSError as exc:
+            os.close(fd)
+            _unlink_quietly(Path(temp_name))
+            raise _full_or(exc, path) from exc
+        return StagedInstance(relpath, path, fd, self._dir_syncer.request(path.parent))
+
+    def verify_instance(self, relpath: str, sop_instance_uid: str, size: int, sha256: str) -> bool:
+        """Whether a stored instance file is whole: its file meta names ``sop_instance_uid`` and the data
+        set after it has exactly ``size`` bytes with digest ``sha256``; if so, it is made durable now.
+
+        Recovery uses this for instances recorded while their fsync was still in flight.
+        """
+        try:
+            path = self.path(relpath)
+            with open(path, "rb") as fh:
+                data = fh.read()
+                start = _dataset_offset(data, sop_instance_uid)
+                intact = (start is not None and len(data) - start == size
+                          and hashlib.sha256(memoryview(data)[start:]).hexdigest() == sha256)
+                if intact:
+                    os.fsync(fh.fileno())
+        except (OSError, ValueError):
+            return False
+        if intact:
+            fsync_dir(path.parent)
+        return intact
 
     def write_result(self, job_id: int, data: bytes) -> str:
         """Store the result file of job ``job_id``; returns its relative path."""
         if not isinstance(job_id, int) or job_id < 0:
             raise ValueError(f"job_id must be a non-negative integer, got {job_id!r}")
         relpath = f"{RESULTS_DIR}/job-{job_id}.dcm"
-        atomic_write(self.root / relpath, data)
+        _atomic_write(self.root / relpath, data, self._temporary)
         return relpath
+
+    def _temporary(self, path: Path) -> tuple[int, str]:
+        """A new temporary file next to ``path``, whose folder exists durably; open for writing."""
+        try:
+            try:
+                self._durable_dir(path.parent)
+                return tempfile.mkstemp(dir=path.parent, prefix=_TEMP_PREFIX)
+            except FileNotFoundError:  # the folder was purged just now: make it again, once
+                with self._dirs_lock:
+                    self._durable_dirs.discard(path.parent)
+                self._durable_dir(path.parent)
+                return tempfile.mkstemp(dir=path.parent, prefix=_TEMP_PREFIX)
+        except OSError as exc:
+            raise _full_or(exc, path) from exc
+
+    def _durable_dir(self, directory: Path) -> None:
+        """Make ``directory`` (inside the spool) exist with its entry durable in its parent."""
+        if directory in self._durable_dirs:
+            return
+        with self._dirs_lock:
+            chain = []
+            while directory not in self._durable_dirs:
+                if directory == directory.parent:
+                    raise ValueError(f"{directory} is outside the spool {self.root}")
+                chain.append(directory)
+                directory = directory.parent
+            for folder in reversed(chain):
+                try:
+                    folder.mkdir()
+                except FileExistsError:
+                    pass
+                fsync_dir(folder.parent)
+                self._durable_dirs.add(folder)
 
     @staticmethod
     def instance_relpath(series_uid: str, sop_instance_uid: str) -> str:
@@ -154,9 +387,12 @@ class Spool:
         for parent in parents:
             try:
                 parent.rmdir()  # a series folder left empty
-                fsync_dir(parent.parent)
             except OSError:  # not empty (e.g. new instances arrived meanwhile)
                 fsync_dir(parent)
+                continue
+            with self._dirs_lock:
+                self._durable_dirs.discard(parent)
+            fsync_dir(parent.parent)
         return removed
 
     def remove_stale_temporaries(self) -> int:

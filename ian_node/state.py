@@ -330,7 +330,9 @@ class State:
         """Commit one received instance (replacing an earlier one with the same SOP Instance UID)."""
         now = self._clock()
         with self._tx() as db:
-            return self._record(db, inst, now)
+            outcome = self._record(db, inst, now)
+            db.execute("UPDATE counters SET value = value + 1 WHERE name = 'instances_received'")
+        return outcome
 
     def record_instances(
         self, instances: Sequence[ReceivedInstance], confirmed: Sequence[tuple[str, int]] = ()
@@ -344,14 +346,20 @@ class State:
         results: list[RecordOutcome | Exception] = []
         with self._tx() as db:
             self._confirm(db, confirmed)
-            for inst in instances:
-                db.execute("SAVEPOINT one_instance")
-                try:
-                    results.append(self._record(db, inst, now))
-                except sqlite3.Error as exc:
-                    db.execute("ROLLBACK TO one_instance")
-                    results.append(_state_error(exc, self.path))
-                db.execute("RELEASE one_instance")
+            if len(instances) == 1:  # no savepoint needed: its failure is the transaction's
+                results.append(self._record(db, instances[0], now))
+            else:
+                for inst in instances:
+                    db.execute("SAVEPOINT one_instance")
+                    try:
+                        results.append(self._record(db, inst, now))
+                    except sqlite3.Error as exc:
+                        db.execute("ROLLBACK TO one_instance")
+                        results.append(_state_error(exc, self.path))
+                    db.execute("RELEASE one_instance")
+            recorded = sum(1 for r in results if isinstance(r, RecordOutcome))
+            if recorded:
+                db.execute("UPDATE counters SET value = value + ? WHERE name = 'instances_received'", (recorded,))
         return results
 
     def _record(self, db: sqlite3.Connection, inst: ReceivedInstance, now: float) -> RecordOutcome:
@@ -359,7 +367,11 @@ class State:
             "SELECT series_uid, sha256 FROM instances WHERE sop_instance_uid = ?", (inst.sop_instance_uid,)
         ).fetchone()
         changed = old is None or old["sha256"] != inst.sha256 or old["series_uid"] != inst.series_uid
-        series = db.execute("SELECT version FROM series WHERE series_uid = ?", (inst.series_uid,)).fetchone()
+        series = db.execute(
+            "SELECT version, EXISTS (SELECT 1 FROM jobs j WHERE j.series_uid = s.series_uid"
+            " AND j.series_version = s.version) AS has_job FROM series s WHERE series_uid = ?",
+            (inst.series_uid,),
+        ).fetchone()
         if series is None:
             version = 1
             db.execute(
@@ -370,10 +382,7 @@ class State:
             )
         else:
             version = series["version"]
-            has_job = db.execute(
-                "SELECT 1 FROM jobs WHERE series_uid = ? AND series_version = ?", (inst.series_uid, version)
-            ).fetchone()
-            if changed and has_job:
+            if changed and series["has_job"]:
                 version += 1
             db.execute(
                 "UPDATE series SET version = ?, awaiting_completion = 1, status = 'receiving',"
@@ -396,7 +405,6 @@ class State:
             (inst.sop_instance_uid, inst.series_uid, inst.sop_class_uid, inst.transfer_syntax_uid,
              inst.instance_number, inst.frames, inst.path, inst.size, inst.sha256, now, version, token),
         )
-        db.execute("UPDATE counters SET value = value + 1 WHERE name = 'instances_received'")
         return RecordOutcome(inst.series_uid, version, now, new_instance=old is None, changed=changed,
                              sop_instance_uid=inst.sop_instance_uid, confirm_token=token)
 
