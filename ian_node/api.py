@@ -20,6 +20,7 @@ With ``api.token`` set, every route but ``/health`` needs ``Authorization: Beare
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import json
 import logging
 import re
@@ -335,6 +336,9 @@ class ApiServer:
         self._thread.start()
         logger.info("HTTP API on http://%s:%d%s", self.api.config.bind, self.port,
                     " (bearer token required)" if self.api.config.token else "")
+        if self.api.config.token is None and not ipaddress.ip_address(self.api.config.bind).is_loopback:
+            logger.warning("the HTTP API listens on %s without a token: anyone who reaches it can trigger "
+                           "pulls and retries (set api.token)", self.api.config.bind)
 
     def stop(self) -> None:
         if self._server is None:

@@ -15,14 +15,15 @@ from pathlib import Path
 
 import pydicom
 import pytest
+import requests
 
-from ian_node.config import ApiConfig, DicomConfig, DicomTarget, ExportConfig, OrthancTarget
+from ian_node.config import ApiConfig, DicomConfig, DicomTarget, ExportConfig, OrthancTarget, SeriesConfig
 from ian_node.fetch import dataset_bytes
 from ian_node.node import Node
 from ian_node.phantom import PhantomFiles
 from tests.integration.node_harness import (  # noqa: F401 (dcmtk_nodelay is a fixture)
     dcmtk_nodelay,
-    node_config, running_node, small_phantom, untrained_checkpoint, wait_for,
+    api_url, node_config, post_json, running_node, small_phantom, untrained_checkpoint, wait_for,
 )
 from tests.integration.orthanc_server import DICOMWEB_PLUGIN, PYTHON_PLUGIN, OrthancServer, orthanc_server
 from tests.integration.peers import CT_SMALL, storescu
@@ -193,11 +194,17 @@ def pull_orthanc(tmp_path_factory: pytest.TempPathFactory, api_port: int) -> Ite
         yield orthanc
 
 
-def pull_node(root: Path, checkpoint: Path, orthanc: OrthancServer, api_port: int):  # type: ignore[no-untyped-def]
-    target = OrthancTarget(name="orthanc", url=orthanc.url, username=orthanc.username, password=orthanc.password)
+def pull_node(root: Path, checkpoint: Path, orthanc: OrthancServer, api_port: int = 0, password: str | None = None,
+              **sections: object):  # type: ignore[no-untyped-def]
+    target = OrthancTarget(name="orthanc", url=orthanc.url, username=orthanc.username,
+                           password=orthanc.password if password is None else password)
     config = node_config(root, checkpoint, api=ApiConfig(port=api_port, token=TOKEN),
-                         export=ExportConfig(targets=(target,)))
+                         export=ExportConfig(targets=(target,)), **sections)
     return running_node(config)
+
+
+def pull(node: Node, series_id: str) -> requests.Response:
+    return post_json(f"{api_url(node)}/jobs", {"source": "orthanc", "series": series_id}, token=TOKEN)
 
 
 def test_pull_mode_stable_mr_series_gets_a_seg_in_the_same_study(
@@ -245,3 +252,37 @@ def test_retrigger_route_refuses_a_series_the_rules_do_not_send(pull_orthanc: Or
     response = pull_orthanc.post(f"/ian-node/series/{series_id}/segment")
     assert response.status_code == 409 and "modality 'CT' not selected" in response.text
     assert pull_orthanc.post("/ian-node/series/00000000-00000000-00000000-00000000-00000000/segment").status_code == 404
+
+
+def test_pulling_a_series_of_a_sop_class_the_node_does_not_accept_is_422_and_records_nothing(
+    pull_orthanc: OrthancServer, checkpoint: Path, tmp_path: Path
+) -> None:
+    store_in_orthanc(pull_orthanc, [CT_SMALL])
+    ct = pydicom.dcmread(CT_SMALL, stop_before_pixels=True)
+    with pull_node(tmp_path, checkpoint, pull_orthanc) as node:
+        response = pull(node, orthanc_id(pull_orthanc, ct.SeriesInstanceUID, "Series"))
+        assert response.status_code == 422 and "does not accept" in response.json()["error"]
+        assert node.state.series(ct.SeriesInstanceUID) is None and node.state.instances_received() == 0
+
+
+def test_pulling_a_series_the_node_rules_skip_is_422_with_the_reason(
+    pull_orthanc: OrthancServer, checkpoint: Path, phantoms: list[PhantomFiles], tmp_path: Path
+) -> None:
+    phantom = phantoms[0]
+    store_in_orthanc(pull_orthanc, list(phantom.instances))
+    with pull_node(tmp_path, checkpoint, pull_orthanc, series=SeriesConfig(min_slices=1000)) as node:
+        response = pull(node, orthanc_id(pull_orthanc, phantom.series_uid, "Series"))
+        assert response.status_code == 422
+        assert "fewer than the minimum of 1000" in response.json()["skip_reason"]
+        assert node.state.series(phantom.series_uid).status == "skipped" and node.state.list_jobs() == []
+
+
+def test_pulling_an_unknown_series_is_404_and_with_wrong_credentials_502(
+    pull_orthanc: OrthancServer, checkpoint: Path, phantoms: list[PhantomFiles], tmp_path: Path
+) -> None:
+    with pull_node(tmp_path / "a", checkpoint, pull_orthanc) as node:
+        assert pull(node, "00000000-00000000-00000000-00000000-00000000").status_code == 404
+    store_in_orthanc(pull_orthanc, list(phantoms[0].instances))
+    with pull_node(tmp_path / "b", checkpoint, pull_orthanc, password="wrong") as node:
+        response = pull(node, orthanc_id(pull_orthanc, phantoms[0].series_uid, "Series"))
+        assert response.status_code == 502 and "HTTP 401" in response.json()["error"]
