@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import tempfile
 import time
@@ -143,8 +144,10 @@ def _run_demo(args: argparse.Namespace) -> int:
 # --- serve -------------------------------------------------------------------------------------
 
 def _add_config_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", type=Path, default=None,
-                   help="ian-node.toml (default: built-in defaults; IAN_NODE_* environment variables override)")
+    default = os.environ.get("IAN_NODE_CONFIG")
+    p.add_argument("--config", type=Path, default=Path(default) if default else None,
+                   help="ian-node.toml (default: $IAN_NODE_CONFIG, else built-in defaults; "
+                        "IAN_NODE_<SECTION>_<KEY> environment variables override)")
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:

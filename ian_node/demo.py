@@ -27,7 +27,7 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import MRImageStorage
 
 from ian_node.config import (
-    DicomConfig, DicomTarget, ExportConfig, ModelConfig, NodeConfig, SeriesConfig, StorageConfig,
+    ApiConfig, DicomConfig, DicomTarget, ExportConfig, ModelConfig, NodeConfig, SeriesConfig, StorageConfig,
 )
 from ian_node.node import Node
 from ian_node.phantom import PhantomConfig, generate_phantom, write_phantom
@@ -129,6 +129,7 @@ def run_demo(out: Path, seed: int = 0, patient: int = 0, phantom: PhantomConfig 
     listener = _Listener(received)
     config = NodeConfig(
         dicom=DicomConfig(port=free_port()),
+        api=ApiConfig(port=0),  # any free port: the demo may run beside a serving node
         storage=StorageConfig(spool_dir=out / "node" / "spool", state_path=out / "node" / "state.sqlite3"),
         series=SeriesConfig(quiet_period_s=1.0),
         export=ExportConfig(targets=(DicomTarget(name="pacs", ae_title=PACS_AE, host="127.0.0.1", port=listener.port),)),
