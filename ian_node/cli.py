@@ -144,7 +144,9 @@ def _run_demo(args: argparse.Namespace) -> int:
 # --- serve -------------------------------------------------------------------------------------
 
 def _add_config_arg(p: argparse.ArgumentParser) -> None:
-    default = os.environ.get("IAN_NODE_CONFIG")
+    from ian_node.config import ENV_CONFIG_FILE
+
+    default = os.environ.get(ENV_CONFIG_FILE)
     p.add_argument("--config", type=Path, default=Path(default) if default else None,
                    help="ian-node.toml (default: $IAN_NODE_CONFIG, else built-in defaults; "
                         "IAN_NODE_<SECTION>_<KEY> environment variables override)")
