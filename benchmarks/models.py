@@ -4,9 +4,11 @@
 
 Everything runs at full width. Parameters are counted for 1 and 3 input channels (REFERENCE.md counts
 3-channel models); MACs are FlopCounterMode FLOPs / 2 at 256×256 with 3 input channels. Latency uses
-1 input channel (the node's grey MR slices), eval mode and `torch.inference_mode`, after a warm-up
-call, and reports the median over repeats. On the CPU, a slow network gets fewer repeats (never fewer
-than `--min-repeats`) so that one (network, batch) cell stays near `--cpu-budget` seconds. When CUDA is
+1 input channel (the node's grey MR slices), eval mode and `torch.inference_mode`, after one warm-up
+call per cell, and reports the median over repeats. On the CPU the networks are timed round by round
+(one call per network and batch per round), so that a busy spell on a shared machine is spread over
+all of them; after `--min-repeats` rounds a cell whose repeats add up to `--cpu-budget` seconds stops,
+so slow networks get fewer repeats. Process CPU time is recorded next to wall time. When CUDA is
 present the GPU cells are measured too: batch 1 and 32, fp32 and autocast (bf16 where supported,
 else fp16), channels_last, timed with CUDA events.
 
@@ -35,11 +37,14 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 try:
     import resource
-except ImportError:  # not on Windows; page faults are then reported as 0
+except ImportError:  # Unix only; page faults are then reported as 0
     resource = None  # type: ignore[assignment]
 
-from model.networks.base import SegmentationNetwork
-from model.registry import build
+# Runnable from a plain checkout (e.g. a fresh GPU machine) without `pip install -e .`.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from model.networks.base import SegmentationNetwork  # noqa: E402
+from model.registry import build  # noqa: E402
 
 log = logging.getLogger("benchmarks.models")
 
@@ -202,19 +207,12 @@ def cpu_latencies(
                 faults[(label, b)] += _minor_faults() - before
             log.info("CPU round %d/%d done (%d cells)", round_ + 1, repeats, len(active))
     threads = torch.get_num_threads()
-    return {
-        label: [
-            CpuTiming(
-                b,
-                threads,
-                tuple(seconds[(label, b)]),
-                tuple(cpu_seconds[(label, b)]),
-                faults[(label, b)] / len(seconds[(label, b)]),
-            )
-            for b in batches
-        ]
-        for label in models
+    timing = {
+        (label, b): CpuTiming(b, threads, tuple(seconds[(label, b)]), tuple(cpu_seconds[(label, b)]),
+                              faults[(label, b)] / len(seconds[(label, b)]))
+        for label, b in cells
     }
+    return {label: [timing[(label, b)] for b in batches] for label in models}
 
 
 def _as_channels(x: Tensor, model: SegmentationNetwork) -> Tensor:
@@ -360,7 +358,7 @@ def time_on_cpu(entries: Sequence[Entry], results: dict[str, Result], args: argp
 
 
 def time_on_gpu(entry: Entry, result: Result, args: argparse.Namespace) -> None:
-    """Batch × precision cells for one network; an out-of-memory cell is recorded, not fatal."""
+    """Batch × precision cells for one network; a failing cell is recorded in `errors`, not fatal."""
     torch.manual_seed(0)
     model = entry.build(1).eval().to("cuda", memory_format=torch.channels_last)
     amp = {torch.bfloat16: "bf16", torch.float16: "fp16"}[autocast_dtype()]
@@ -368,9 +366,10 @@ def time_on_gpu(entry: Entry, result: Result, args: argparse.Namespace) -> None:
         for precision in ("fp32", amp):
             try:
                 timing = gpu_timing(model, batch, precision, args.gpu_warmup, args.gpu_iters, args.size)
-            except torch.cuda.OutOfMemoryError as exc:
-                result.errors.append(f"GPU batch {batch} {precision}: out of memory ({exc})")
-                log.warning("%s: GPU batch %d %s: out of memory", entry.label, batch, precision)
+            except RuntimeError as exc:  # out of memory, or an op without a kernel for this dtype
+                kind = "out of memory" if isinstance(exc, torch.cuda.OutOfMemoryError) else "failed"
+                result.errors.append(f"GPU batch {batch} {precision}: {kind}: {exc}")
+                log.error("%s: GPU batch %d %s: %s: %s", entry.label, batch, precision, kind, exc)
                 torch.cuda.empty_cache()
                 continue
             log.info("%s: GPU batch %d %s: %.2f ms, %.0f slices/s", entry.label, batch, precision,
@@ -472,18 +471,7 @@ def to_json(results: Sequence[Result], info: dict[str, object], args: argparse.N
 
     return {
         "machine": info,
-        "settings": {
-            "size": args.size,
-            "repeats": args.repeats,
-            "min_repeats": args.min_repeats,
-            "cpu_budget_s": args.cpu_budget,
-            "cpu_batches": args.cpu_batches,
-            "gpu_batches": args.gpu_batches,
-            "gpu_warmup": args.gpu_warmup,
-            "gpu_iters": args.gpu_iters,
-            "latency_in_channels": 1,
-            "macs_in_channels": 3,
-        },
+        "settings": {**{k: v for k, v in vars(args).items() if k != "json"}, "latency_in_channels": 1, "macs_in_channels": 3},
         "networks": [
             {
                 "label": r.label,
@@ -560,14 +548,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(gpu_table(results))
         for line in target_lines(results):
             print(f"- {line}")
-    for r in results:
-        for error in r.errors:
-            log.error("%s: %s", r.label, error)
+    errors = [f"{r.label}: {error}" for r in results for error in r.errors]
+    if errors:
+        print("\n## Failed cells\n")
+        print("\n".join(f"- {e}" for e in errors))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(to_json(results, info, args), indent=2, default=str) + "\n")
         log.info("wrote %s", args.json)
-    return 0
+    return 1 if errors else 0
 
 
 if __name__ == "__main__":

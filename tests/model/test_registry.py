@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from model.networks.base import SegmentationNetwork
+from model.networks.base import InputSizeError, SegmentationNetwork
 from model.registry import NETWORKS, PAPER_NETWORK, build, network_class
 
 WIDTH = 0.1
@@ -63,6 +63,15 @@ def test_small_network_gives_input_sized_logits_in_eval_and_declared_aux_in_trai
     assert out.logits.shape == (2, 1, side, side)
     assert len(out.aux) == len(model.loss_weights) - 1
     assert all(a.shape == (2, 1, side, side) for a in out.aux)
+
+
+@pytest.mark.parametrize("name", ALL_NAMES)
+def test_input_off_the_size_multiple_is_refused_naming_the_multiple(name: str) -> None:
+    model = build(name, in_channels=1, width=WIDTH).eval()
+    side = smallest_side(model)
+    assert model.size_multiple > 8
+    with pytest.raises(InputSizeError, match=f"multiples of {model.size_multiple}"):
+        model(torch.zeros(1, 1, side + 8, side))
 
 
 @pytest.mark.parametrize("name", ALL_NAMES)
