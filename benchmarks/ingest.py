@@ -14,7 +14,9 @@ Receivers, each writing to its own folder on the same file system:
 
 Each sender is dcmtk's storescu: one association with every file, then ``--parallel`` associations
 at once with the files split between them. The rate is files / wall time of the sender(s); the
-median over ``--repeats`` rounds is reported, receivers interleaved within each round.
+median over ``--repeats`` rounds is reported, receivers interleaved within each round, and the
+ratios are those of the medians, followed by the median and range of the per-round ratios (on a
+shared machine the rates drift by a factor of two between minutes, so use many rounds).
 
 The last column is the receiver process's CPU time per instance (user + system, all its threads),
 which is what bounds the rate when the machine's cores are busy. ``--dir`` puts the receivers'
@@ -149,6 +151,12 @@ RECEIVERS: dict[str, Callable[[Path], AbstractContextManager[int]]] = {
 }
 
 
+def _round_ratios(node: list[float], ref: list[float]) -> str:
+    """The node / reference ratio of each round (measured back to back): median [min–max]."""
+    ratios = [n / r for n, r in zip(node, ref)]
+    return f"{statistics.median(ratios):.2f} [{min(ratios):.2f}–{max(ratios):.2f}]"
+
+
 def _cpu_seconds() -> float:
     """CPU time of this process (the in-process receivers' threads), user + system."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -213,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     for ref in [r for r in ("storescp", "bare") if r in chosen and "node" in chosen]:
         ratios = " | ".join(f"{med[('node', p)] / med[(ref, p)]:.2f}×" for p in (1, args.parallel))
-        print(f"node / {ref}: {ratios}  (1 | {args.parallel} associations)")
+        spread = " | ".join(_round_ratios(rates[("node", p)], rates[(ref, p)]) for p in (1, args.parallel))
+        print(f"node / {ref}: {ratios}  (1 | {args.parallel} associations); per round: {spread}")
     return 0
 
 

@@ -19,17 +19,22 @@ titles, never patient names or IDs.
 directory's fsync and the SQLite commit are three waits for the disk (about three times what a bare
 "write + fsync" SCP pays). Here they run at once, and the answer waits for all three:
 
-1. the data set is written under a temporary name and renamed to its final name
-   (:meth:`Spool.stage_instance`), which starts the directory's fsync in a background thread;
-2. the row goes to the :class:`GroupCommitter`, whose thread commits the rows of every association
-   that arrived meanwhile in one transaction (one WAL fsync for the batch);
+1. the file is created under its final name and written (:meth:`Spool.stage_instance`), which
+   starts the directory's fsync in a background thread;
+2. the row goes to the :class:`GroupCommitter`, whose thread hashes the data set (sha256) and
+   commits the rows of every association that arrived meanwhile in one transaction (one WAL fsync
+   for the batch);
 3. the handler fsyncs the file, waits for the directory fsync and the commit, and answers success.
+
+The handler thread itself makes as few GIL-releasing calls as it can (one ``open``, one
+``writev``, one ``fsync``): under load, each release costs a wait to take the GIL back, which
+showed up as a large share of the per-instance time when the hash and an existence check ran there.
 
 Because the row may be committed before the file is durable, it is recorded *unconfirmed* (with a
 token) and confirmed later, in a following transaction at no extra fsync. A crash can then leave:
 
-- a SIGKILL (the OS survives): the row was submitted only after the file's ``write`` and ``rename``
-  returned, so the file is whole in the page cache and reaches the disk anyway;
+- a SIGKILL (the OS survives): the row was submitted only after the file's ``write`` returned,
+  so the file is whole in the page cache and reaches the disk anyway;
 - a power loss: an unconfirmed row may name a missing, empty or partial file. Start-up
   (:func:`recover_unconfirmed`, run when the SCP is built, before the series timers or the worker
   start) reads every unconfirmed row's file, confirms it when its file meta, size and sha256 match
@@ -124,6 +129,7 @@ class _Refused(Exception):
 @dataclass(frozen=True)
 class _Record:
     instance: ReceivedInstance
+    dataset: bytes | None
     future: Future[RecordOutcome]
 
 
@@ -168,9 +174,13 @@ class GroupCommitter:
             self._queue.put(_STOP)
         thread.join()
 
-    def submit(self, instance: ReceivedInstance) -> Future[RecordOutcome]:
-        """Queue one instance; the future gives its outcome once committed (or the commit's error)."""
-        record = _Record(instance, Future())
+    def submit(self, instance: ReceivedInstance, dataset: bytes | None = None) -> Future[RecordOutcome]:
+        """Queue one instance; the future gives its outcome once committed (or the commit's error).
+
+        With ``dataset``, the instance's size and sha256 are taken from it in the commit thread, so
+        that hashing overlaps the submitter's fsync.
+        """
+        record = _Record(instance, dataset, Future())
         with self._lock:  # nothing is queued behind the stop marker
             if not self._running:
                 raise RuntimeError("the SCP's committer is not running")
@@ -197,7 +207,7 @@ class GroupCommitter:
                 except queue.Empty:
                     break
             self._commit([item for item in batch if isinstance(item, _Record)])
-            if _STOP in batch:
+            if any(item is _STOP for item in batch):
                 self._commit([])
                 return
 
@@ -206,8 +216,13 @@ class GroupCommitter:
             confirms, self._confirms = self._confirms, []
         if not records and not confirms:
             return
+        instances = [
+            r.instance if r.dataset is None
+            else replace(r.instance, size=len(r.dataset), sha256=hashlib.sha256(r.dataset).hexdigest())
+            for r in records
+        ]
         try:
-            results = self._state.record_instances([r.instance for r in records], confirms)
+            results = self._state.record_instances(instances, confirms)
         except Exception as exc:
             with self._lock:  # try the confirmations again with the next batch
                 self._confirms[:0] = confirms
@@ -406,8 +421,6 @@ class StorageSCP:
         committer = self._committer
         if committer is None:
             raise _Refused(Status.PROCESSING_FAILURE, f"cannot record {uid}: the SCP is stopping")
-        stream = event.encoded_dataset(include_meta=False)
-        digest = hashlib.sha256(stream).hexdigest()
         with self._sop_locks.hold(uid):
             try:
                 staged = self._spool.stage_instance(header.series_uid, uid, (event.encoded_dataset(),))
@@ -415,12 +428,11 @@ class StorageSCP:
                 raise _Refused(Status.OUT_OF_RESOURCES, f"spool full writing {uid}: {exc}") from exc
             except OSError as exc:
                 raise _Refused(Status.PROCESSING_FAILURE, f"cannot write {uid}: {exc}") from exc
-            # The row is submitted only now that write and rename have returned, so a committed row
-            # always names a whole file, at least in the page cache; its commit runs during the fsyncs.
-            received = replace(header, path=staged.relpath, size=len(stream), sha256=digest,
-                               file_durable=staged.durable)
+            # The row is submitted only now that the write has returned, so a committed row always
+            # names a whole file, at least in the page cache; it is hashed and committed during the fsyncs.
+            received = replace(header, path=staged.relpath, file_durable=staged.durable)
             try:
-                recorded = committer.submit(received)
+                recorded = committer.submit(received, event.encoded_dataset(include_meta=False))
             except RuntimeError as exc:
                 staged.discard()
                 raise _Refused(Status.PROCESSING_FAILURE, f"cannot record {uid}: {exc}") from exc

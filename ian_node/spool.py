@@ -1,29 +1,34 @@
 """Durable, UID-safe files: received instances and results.
 
 Paths are built only from UIDs that passed :func:`checked_uid`, so a hostile UID such as
-``../../etc`` can never leave the spool. Every file is written to a temporary name in its final
-directory and renamed, so a crash mid-write leaves only a ``.partial-*`` temporary (removed at
-start-up), never a half file under a final name that something else put there.
+``../../etc`` can never leave the spool.
 
 Two ways to write, by what a crash may do to the name's previous content:
 
-- :func:`atomic_write` (results, and an instance that *replaces* a stored one): temp file, fsync,
-  rename, directory fsync. The name holds either the old or the new content at every instant.
-- :meth:`Spool.stage_instance` (an instance the spool does not hold yet, the common case): temp
-  file, rename, and the directory's fsync starts in a background thread; the caller goes on (the
-  SCP submits the row to SQLite) and then calls :meth:`StagedInstance.wait_durable`, which fsyncs
-  the file while the directory fsync and the commit run, and returns once both fsyncs are done.
-  Nothing old can be lost, since the name was empty; a crash before both fsyncs returned may leave a
-  missing, empty or partial file under the final name, which is why the SCP does not answer before
-  ``wait_durable`` and why recovery checks such files (:meth:`Spool.verify_instance`).
+- :func:`atomic_write` (results, and an instance that *replaces* a stored one): temporary file,
+  fsync, rename, directory fsync. The name holds either the old or the new content at every
+  instant; a crash mid-write leaves a ``.partial-*`` temporary, removed at start-up.
+- :meth:`Spool.stage_instance` (an instance the spool does not hold yet, the common case): the file
+  is created under its final name (``O_EXCL``: no temporary, no rename, no separate existence
+  check), the directory's fsync starts in a background thread, and the caller goes on (the SCP
+  submits the row to SQLite) before :meth:`StagedInstance.wait_durable` fsyncs the file and waits
+  for the directory. Nothing old can be lost, since the name was free. A crash before both fsyncs
+  returned may leave a missing, empty or partial file under the final name: the SCP does not answer
+  before ``wait_durable``, recovery checks the files of rows committed meanwhile
+  (:meth:`Spool.verify_instance`), and a file with no row is replaced atomically when the sender
+  sends the instance again (it was not acknowledged). Until then it is an orphan nobody reads (only
+  rows lead to files); orphans are not swept, since telling one from a file whose state was lost
+  needs a full scan against the state.
 
-Why both fsyncs, when one would do on ext4: POSIX makes a new directory entry durable only with an
-fsync of the directory. On ext4 with a journal (data=ordered, no fast commits) an fsync of the file
-commits the running journal transaction, which also holds the rename (ext4 updates the inode's
-ctime in the same handle), so the directory fsync is then cheap; on other file systems (XFS, btrfs,
-ext4 without a journal) it is what makes the name durable. Issued concurrently, the two fsyncs
-usually share one journal commit, so correctness on every POSIX file system costs almost nothing.
-Concurrent writers in one directory also share directory fsyncs (:class:`DirectorySyncer`).
+Why the directory fsync, when the file's would do on ext4: POSIX makes a new directory entry
+durable only with an fsync of the directory. On ext4 with a journal, an fsync of a new file commits
+the journal transaction that holds its creation, so the name is durable too and the directory fsync
+then finds nothing left to commit; on other file systems (XFS, btrfs, ext4 without a journal, NFS)
+the directory fsync is what makes the name durable. Issued concurrently, the two fsyncs usually
+share one journal commit, so correctness on every POSIX file system costs little (measured: no
+significant difference in ingest rate on ext4). Concurrent writers in one directory also share
+directory fsyncs (:class:`DirectorySyncer`). A folder's own entry in its parent is made durable
+once per process (a crashed run may have made the folder without syncing its parent).
 
 Layout under the spool root::
 
@@ -284,18 +289,36 @@ class Spool:
         """
         relpath = self.instance_relpath(series_uid, sop_instance_uid)
         path = self.root / relpath
-        if path.exists():
+        try:
+            fd = self._create_new(path)
+        except FileExistsError:
             _atomic_write(path, parts, self._temporary)
             return StagedInstance(relpath, path)
-        fd, temp_name = self._temporary(path)
         try:
             _write_all(fd, parts)
-            os.rename(temp_name, path)
         except OSError as exc:
             os.close(fd)
-            _unlink_quietly(Path(temp_name))
+            _unlink_quietly(path)
             raise _full_or(exc, path) from exc
         return StagedInstance(relpath, path, fd, self._dir_syncer.request(path.parent))
+
+    def _create_new(self, path: Path) -> int:
+        """Open ``path`` for writing if no file has that name (FileExistsError otherwise); its folder
+        is made, durably, when missing."""
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        try:
+            try:
+                self._durable_dir(path.parent)
+                return os.open(path, flags, 0o600)
+            except FileNotFoundError:  # the folder was purged just now: make it again, once
+                with self._dirs_lock:
+                    self._durable_dirs.discard(path.parent)
+                self._durable_dir(path.parent)
+                return os.open(path, flags, 0o600)
+        except FileExistsError:
+            raise
+        except OSError as exc:
+            raise _full_or(exc, path) from exc
 
     def verify_instance(self, relpath: str, sop_instance_uid: str, size: int, sha256: str) -> bool:
         """Whether a stored instance file is whole: its file meta names ``sop_instance_uid`` and the data
