@@ -1,4 +1,4 @@
-"""Instances recorded before their file was known durable: confirmed, or dropped, after a crash.
+"""The SCP's durable ingest path: staged files, group commit, and recovery of unconfirmed rows.
 
 The SCP commits a row while the file's fsync is still in flight (``file_durable=False``). A power
 cut in that window can leave the row naming a missing, empty, truncated or zero-filled file; these
@@ -220,3 +220,33 @@ def test_rows_queued_during_a_commit_are_committed_together_in_the_next_one(tmp_
             committer.stop()  # commits the pending confirmations
         assert len({o.received_at for o in outcomes[1:]}) == 1 != len({o.received_at for o in outcomes})
         assert state.unconfirmed_instances() == [] and state.instances_received() == 5
+
+
+def test_a_new_instance_is_staged_under_its_final_name_and_a_resend_replaces_it_atomically(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    uid = f"{SERIES}.1"
+    first, second = _scp_file(uid)[0], _scp_file(uid)[0] + b"\0\0"
+    staged = spool.stage_instance(SERIES, uid, (first,))
+    assert not staged.durable  # its fsyncs are the caller's to wait for
+    staged.wait_durable()
+    again = spool.stage_instance(SERIES, uid, (second[:100], second[100:]))
+    assert again.durable and again.relpath == staged.relpath  # temp file, fsync, rename, directory fsync
+    assert spool.path(again.relpath).read_bytes() == second
+    assert [p.name for p in spool.path(again.relpath).parent.iterdir()] == [f"{uid}.dcm"]
+
+
+def test_a_series_folder_purged_between_two_instances_is_made_again(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    staged = spool.stage_instance(SERIES, f"{SERIES}.1", (b"first",))
+    staged.wait_durable()
+    assert spool.remove([staged.relpath]) == 1 and not spool.path(staged.relpath).parent.exists()
+    staged = spool.stage_instance(SERIES, f"{SERIES}.2", (b"second",))
+    staged.wait_durable()
+    assert spool.path(staged.relpath).read_bytes() == b"second"
+
+
+def test_a_discarded_staged_file_is_gone(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    staged = spool.stage_instance(SERIES, f"{SERIES}.1", (b"never acknowledged",))
+    staged.discard()
+    assert not spool.path(staged.relpath).exists()
