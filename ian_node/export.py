@@ -34,6 +34,10 @@ from ian_node.state import Delivery, Job, State
 
 logger = logging.getLogger(__name__)
 
+#: Longest idle wait between looks at the state: an operator's `ian-node jobs retry` changes the
+#: SQLite state from another process, and the running node must act on it within seconds.
+POLL_S = 2.0
+
 #: C-STORE warnings that still mean "stored" (PS3.4 B.2.3): coercion, elements discarded.
 _STORED_WARNINGS = frozenset({0xB000, 0xB006, 0xB007})
 
@@ -265,5 +269,5 @@ class Exporter:
             except Exception:  # e.g. the state is unreadable for a moment: try again shortly
                 logger.exception("delivery pass failed")
                 due = self._clock() + 5.0
-            wait = 60.0 if due is None else min(max(due - self._clock(), 0.0), 60.0)
+            wait = POLL_S if due is None else min(max(due - self._clock(), 0.0), POLL_S)
             self._wake.wait(wait)
