@@ -216,7 +216,7 @@ def _study(seg_path: Path, index: _Index, collector: _Collector, root: Path) -> 
     for side in Side:
         if any(m.side in (side, None) for m in used):
             side_values[side] = (side.label, EITHER_SIDE)
-    sides, _ = volume_samples(series, labels, side_values, patient, collector.options)
+    sides = volume_samples(series, labels, side_values, patient, collector.options)
     for side, samples in sides.items():
         if samples.nerve_slices == 0 and not any(m.side is None for m in used):
             raise EmptyMaskError(f"{where}: the {side.value} IAN segment has no voxel inside the {side.value} "

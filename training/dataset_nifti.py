@@ -114,7 +114,7 @@ def _pair(image_path: Path, label_path: Path, patient: str, collector: _Collecto
         how = f"labels right={options.right_label}, left={options.left_label}"
     series = SeriesVolume(series_uid=f"nifti:{image_path.name}",
                           volume=image.with_array(np.asarray(image.array, dtype=np.float32)), frames=())
-    sides, _ = volume_samples(series, labels, side_values, patient, options)
+    sides = volume_samples(series, labels, side_values, patient, options)
     if options.right_label != options.left_label:
         for side, samples in sides.items():
             if samples.nerve_slices == 0:

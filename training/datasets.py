@@ -4,10 +4,11 @@ Every input form ends as a `SliceSet`: uint8 model-space images (N, S, S), boole
 and one `SampleMeta` (patient, side, slice) per sample, ordered by (patient, side, slice).
 
 3D inputs (DICOM series + SEG, NIfTI image + label volume) take exactly the node's path, so training
-and inference cannot drift apart: `ian_node.volume.side_stacks` (the default ROI halves, the coronal
-reformat, the left side flipped to right-side orientation), then `model.preprocess` per slice
-(min-max to uint8, physically square zero-pad, LANCZOS into `size`, centre pad) for the image and its
-nearest-neighbour mask transform for the label. `slice` is the coronal index in the side's stack
+and inference cannot drift apart: images come from `ian_node.pipeline.prepare` (the side stacks of
+`ian_node.volume` with the default ROI halves, the coronal reformat, the left side flipped to
+right-side orientation, then `model.preprocess` per slice: min-max to uint8, physically square
+zero-pad, LANCZOS into `size`, centre pad), and masks take the same stacks and slice transforms
+through `model.preprocess.mask_to_model` (nearest neighbour). `slice` is the coronal index in the side's stack
 (anterior → posterior). A coronal slice is a sample when its mask is non-empty *in model space*
 (what the network sees and is scored on); `empty_ratio` adds nerve-free slices of the same side
 (`round(ratio × nerve slices)`, drawn with a seed per patient and side) and `slice_step` keeps every
@@ -40,7 +41,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ian_node.volume import CoronalStack, SeriesError, SeriesVolume, Side, side_stacks
+from ian_node.pipeline import PreparedSide, prepare
+from ian_node.volume import SeriesError, SeriesVolume, Side
 from model.preprocess import image_to_model, mask_to_model, model_input, plan_slice_transform
 from training.loop import SampleMeta
 
@@ -203,42 +205,45 @@ class SideSamples:
     lost_slices: int  # nerve in the source slice but none left at the model size
 
 
-def stack_samples(stack: CoronalStack, side_labels: np.ndarray, options: LoadOptions,
-                  rng: np.random.Generator) -> SideSamples:
+def side_samples(side: PreparedSide, side_labels: np.ndarray, options: LoadOptions,
+                 rng: np.random.Generator) -> SideSamples:
     """One side's samples: `side_labels` (n, h, w) bool says which stack pixels are this side's nerve."""
-    t = plan_slice_transform(stack.slices.shape[1:], stack.pixel_spacing, options.size)
-    model_masks = np.stack([mask_to_model(m, t) for m in side_labels]) if len(side_labels) else np.zeros(
-        (0, options.size, options.size), bool)
+    size = options.size
+    model_masks = (np.stack([mask_to_model(m, side.transform) for m in side_labels]) if len(side_labels)
+                   else np.zeros((0, size, size), bool))
     in_source = side_labels.reshape(len(side_labels), -1).any(axis=1)
     in_model = model_masks.reshape(len(model_masks), -1).any(axis=1)
-    nerve = np.flatnonzero(in_model)[:: options.slice_step]
-    chosen = list(nerve)
+    chosen = list(np.flatnonzero(in_model)[:: options.slice_step])
     if options.empty_ratio > 0:
         empty = np.flatnonzero(~in_source)
-        n_empty = min(len(empty), int(round(options.empty_ratio * len(nerve))))
+        n_empty = min(len(empty), int(round(options.empty_ratio * len(chosen))))
         chosen += list(rng.choice(empty, size=n_empty, replace=False)) if n_empty else []
     chosen = sorted(int(k) for k in chosen)
-    images = np.stack([image_to_model(stack.slices[k], t) for k in chosen]) if chosen else np.zeros(
-        (0, options.size, options.size), np.uint8)
-    return SideSamples(images, model_masks[chosen], tuple(chosen), int(in_model.sum()),
+    return SideSamples(side.images[chosen], model_masks[chosen], tuple(chosen), int(in_model.sum()),
                        int((in_source & ~in_model).sum()))
 
 
 def volume_samples(series: SeriesVolume, labels: np.ndarray, side_values: dict[Side, tuple[int, ...]],
-                   patient: str, options: LoadOptions) -> tuple[dict[Side, SideSamples], dict[Side, CoronalStack]]:
-    """Samples of each side listed in `side_values` (the label values that count as that side's nerve)."""
+                   patient: str, options: LoadOptions) -> dict[Side, SideSamples]:
+    """Samples of each side listed in `side_values` (the label values that count as that side's nerve).
+
+    Images come from the node's own `ian_node.pipeline.prepare`; masks take the same side stacks and
+    slice transforms through `mask_to_model`.
+    """
     if labels.shape != series.shape:
         raise ValueError(f"label volume {labels.shape} does not match image volume {series.shape}")
     flat = labels.reshape(-1)
-    stacks = side_stacks(series)
     out = {}
-    for side, values in side_values.items():
-        stack = stacks[side]
-        side_labels = np.isin(flat[stack.source_index], values) & stack.inside
+    for side in prepare(series, options.size).sides:
+        values = side_values.get(side.stack.side)
+        if values is None:
+            continue
+        side_labels = np.isin(flat[side.stack.source_index], values) & side.stack.inside
+        name = side.stack.side.value
         rng = np.random.default_rng(np.random.SeedSequence(
-            [options.seed, int(hashlib.sha256(f"{patient}/{side.value}".encode()).hexdigest()[:8], 16)]))
-        out[side] = stack_samples(stack, side_labels, options, rng)
-    return out, stacks
+            [options.seed, int(hashlib.sha256(f"{patient}/{name}".encode()).hexdigest()[:8], 16)]))
+        out[side.stack.side] = side_samples(side, side_labels, options, rng)
+    return out
 
 
 # ---------------------------------------------------------------- assembling sets

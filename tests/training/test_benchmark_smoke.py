@@ -1,0 +1,174 @@
+"""`train_benchmark --preset smoke` end to end on generated phantoms: every artefact, consistent; resume after SIGKILL."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import importlib.metadata
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from model.checkpoint import load_checkpoint
+from model.registry import NETWORKS
+from training.benchmark import main
+from training.datasets import load_slice_set
+from training.metrics import METRICS
+from training.runner import load_predictions
+
+SMOKE = ["--preset", "smoke", "--threads", "1", "--no-progress"]
+REPORTS = ("per_image_metrics.csv", "table1.csv", "table1.md", "table2.csv", "table2.md", "pvalues.csv",
+           "pvalues.md", "timing.csv", "timing.md", "fig4_boxplots.png", "fig5_overlays.png", "fig6_grid.png")
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory) -> Path:
+    threads = torch.get_num_threads()
+    out = tmp_path_factory.mktemp("smoke") / "bench"
+    try:
+        assert main([*SMOKE, "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_smoke_run_writes_every_artefact(smoke):
+    for name in REPORTS:
+        assert (smoke / "reports" / name).stat().st_size > 0, name
+    for name in ("fig4_boxplots.png", "fig5_overlays.png", "fig6_grid.png"):
+        assert (smoke / "reports" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for model in NETWORKS:
+        run = smoke / "runs" / model / "repeat_0"
+        for name in ("train.log", "checkpoint_best.pt", "checkpoint_final.pt", "result.json", "test_predictions.npz"):
+            assert (run / name).is_file(), f"{model}: {name}"
+    assert (smoke / "benchmark.log").stat().st_size > 0
+    assert (smoke / "export" / "ian_net_best.pt").is_file()
+
+
+def test_table1_means_equal_the_means_of_the_per_image_csv(smoke):
+    per_image = _rows(smoke / "reports" / "per_image_metrics.csv")
+    assert {r["model"] for r in per_image} == set(NETWORKS)
+    table = {r["model"]: r for r in _rows(smoke / "reports" / "table1.csv")}
+    for model in NETWORKS:
+        rows = [r for r in per_image if r["model"] == model]
+        assert int(table[model]["n"]) == len(rows) > 0
+        for metric in METRICS:
+            values = np.array([float(r[metric]) for r in rows])
+            assert float(table[model][f"{metric}_mean"]) == pytest.approx(values.mean(), abs=1e-12)
+            assert float(table[model][f"{metric}_median"]) == pytest.approx(np.median(values), abs=1e-12)
+
+
+def test_table2_rates_follow_the_dsc_thresholds_of_the_per_image_csv(smoke):
+    dsc = defaultdict(list)
+    for r in _rows(smoke / "reports" / "per_image_metrics.csv"):
+        dsc[r["model"]].append(float(r["dsc"]))
+    for row in _rows(smoke / "reports" / "table2.csv"):
+        v = np.array(dsc[row["model"]])
+        assert float(row["complete_pct"]) == pytest.approx(100 * np.mean(v == 0))
+        assert float(row["tracking_pct"]) == pytest.approx(100 * np.mean(v < 0.2))
+        assert float(row["boundary_pct"]) == pytest.approx(100 * np.mean(v < 0.3))
+
+
+def test_pvalue_table_compares_our_network_with_six_comparators_on_four_metrics(smoke):
+    rows = _rows(smoke / "reports" / "pvalues.csv")
+    assert {r["reference"] for r in rows} == {"ian_net"}
+    assert {r["comparator"] for r in rows} == set(NETWORKS) - {"ian_net"}
+    assert len(rows) == 6 * 4 and {r["metric"] for r in rows} == set(METRICS)
+    assert all(0 <= float(r["p_adjusted"]) <= 1 for r in rows)
+
+
+def test_exported_checkpoint_loads_and_reproduces_its_runs_test_predictions(smoke):
+    loaded = load_checkpoint(smoke / "export" / "ian_net_best.pt")
+    meta = loaded.meta
+    assert meta.architecture == "ian_net" and meta.variant == "paper-attention" and meta.width == 0.125
+    assert (meta.input.size, meta.input.in_channels) == (64, 1)
+    assert meta.training["repeat"] == 0 and meta.training["protocol"]["epochs"] == 1
+    assert set(meta.training["test_metrics_mean"]) == set(METRICS)
+    slices, _ = load_slice_set(smoke / "data" / "samples.npz")
+    indices, saved = load_predictions(smoke / "runs" / "ian_net" / "repeat_0")
+    x = torch.from_numpy(slices.images[indices]).float().div(255)[:, None]
+    with torch.no_grad():
+        pred = torch.sigmoid(loaded.model(x).logits)[:, 0].numpy() >= meta.threshold
+    np.testing.assert_array_equal(pred, saved)
+
+
+def test_summary_holds_results_versions_device_and_commit(smoke):
+    summary = json.loads((smoke / "summary.json").read_text())
+    assert summary["software"]["torch"] == importlib.metadata.version("torch")
+    assert summary["device"]["type"] == "cpu" and "commit" in summary["git"]
+    assert len(summary["runs"]) == 7 and summary["repeats_reported"] == [0]
+    assert set(summary["table1"]) == set(NETWORKS) and len(summary["pvalues"]) == 24
+    assert summary["protocol"]["size"] == 64 and summary["data_report"]["n_skipped"] == 0
+    exported = summary["exported_checkpoint"]
+    assert exported["sha256"] == hashlib.sha256((smoke / "export" / "ian_net_best.pt").read_bytes()).hexdigest()
+
+
+def test_evaluate_only_rebuilds_identical_reports_from_saved_runs(smoke):
+    before = (smoke / "reports" / "per_image_metrics.csv").read_bytes()
+    table1 = (smoke / "reports" / "table1.csv").read_bytes()
+    for name in REPORTS:
+        (smoke / "reports" / name).unlink()
+    assert main(["--out", str(smoke), "--evaluate-only", "--threads", "1", "--no-progress"]) == 0
+    assert (smoke / "reports" / "per_image_metrics.csv").read_bytes() == before
+    assert (smoke / "reports" / "table1.csv").read_bytes() == table1
+    assert all((smoke / "reports" / name).is_file() for name in REPORTS)
+
+
+def test_changed_settings_in_an_existing_folder_are_refused(smoke, caplog):
+    ledger = (smoke / "ledger.json").read_bytes()
+    assert main([*SMOKE, "--out", str(smoke), "--epochs", "2"]) == 2
+    assert "other settings (epochs: 1 vs 2)" in caplog.text
+    assert (smoke / "ledger.json").read_bytes() == ledger
+
+
+def test_paper_preset_without_data_is_refused(tmp_path, caplog):
+    assert main(["--out", str(tmp_path / "x"), "--no-progress"]) == 2
+    assert "--data is required" in caplog.text
+
+
+def test_killed_run_resumes_and_matches_an_uninterrupted_run(smoke, tmp_path):
+    out = tmp_path / "resumed"
+    proc = subprocess.Popen([sys.executable, "-m", "training.benchmark", *SMOKE, "--out", str(out)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    try:
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"the benchmark exited ({proc.returncode}) before a run had finished")
+            ledger = out / "ledger.json"
+            if ledger.is_file():
+                runs = json.loads(ledger.read_text())["runs"]
+                if any(r["status"] == "finished" for r in runs.values()):
+                    break
+            assert time.monotonic() < deadline, "no run finished in time"
+            time.sleep(0.1)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    runs = json.loads((out / "ledger.json").read_text())["runs"]
+    finished = [k for k, r in runs.items() if r["status"] == "finished"]
+    assert 1 <= len(finished) < len(NETWORKS)
+    first = out / "runs" / finished[0] / "result.json"
+    stamp = first.stat().st_mtime_ns
+    threads = torch.get_num_threads()
+    try:
+        assert main([*SMOKE, "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert first.stat().st_mtime_ns == stamp  # a finished run is never retrained
+    assert (out / "reports" / "per_image_metrics.csv").read_bytes() == (
+        smoke / "reports" / "per_image_metrics.csv").read_bytes()

@@ -1,0 +1,236 @@
+"""The `train_benchmark` command: the paper's seven-network benchmark on exported studies, in one folder.
+
+    train_benchmark [run] --out DIR [--data DIR --format dicom|nifti|2d] [--preset paper|smoke|phantom]
+                    [--models ...] [protocol flags] [--evaluate-only]
+    train_benchmark export-2d IN OUT --format dicom|nifti [--size N]
+
+`run` (the default) trains every (model, repeat) of the protocol, resumably, then writes the per-image
+metrics, Tables 1 and 2, p-values, Figs 4-6, the timing table, `summary.json` and our network's best
+checkpoint under `--out` (layout in `training.runner`). Every protocol setting is a flag; a flag left
+out takes the preset's value (default preset: `paper`). Running the same command again continues an
+interrupted benchmark; `--evaluate-only` rebuilds the reports from the saved runs.
+Exit status: 0 done, 2 bad input or settings (the message names the file or setting), 1 other errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from model.registry import NETWORKS
+from training.datasets import FORMATS, DatasetError, LoadOptions, export_2d, load_dataset
+from training.presets import IAN_NET_VARIANTS, PRESETS, Protocol, Runtime, preset
+from training.runner import BenchmarkError, BenchmarkPaths, Ledger, prepare_data, reevaluate, train_all
+
+log = logging.getLogger("training.benchmark")
+
+
+def _triple(kind: type, sep: str = ","):  # type: ignore[no-untyped-def]
+    def parse(text: str) -> tuple:
+        parts = text.replace("x", sep).split(sep)
+        try:
+            values = tuple(kind(p) for p in parts)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected three numbers like 1{sep}2{sep}3, got {text!r}") from None
+        if len(values) != 3:
+            raise argparse.ArgumentTypeError(f"expected three numbers, got {text!r}")
+        return values
+    return parse
+
+
+def _labels(text: str) -> tuple[int, int]:
+    try:
+        right, left = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected RIGHT,LEFT label values like 1,2, got {text!r}") from None
+    return right, left
+
+
+def _add_data_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("input data")
+    g.add_argument("--skip-bad", action="store_true",
+                   help="skip inputs that cannot be used (reported in the summary) instead of stopping")
+    g.add_argument("--unsided-segments", choices=("error", "split"), default="error",
+                   help="a SEG segment without right/left: refuse it (default) or split it by side of the head")
+    g.add_argument("--nifti-labels", type=_labels, default=(1, 2), metavar="R,L",
+                   help="label values of the right and left nerve in NIfTI label volumes (equal: split by side)")
+
+
+def _add_run_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="train and evaluate the benchmark (default)",
+                       description="Train and evaluate the seven networks under the paper's protocol.")
+    p.add_argument("--out", type=Path, required=True, help="folder that holds everything the benchmark writes")
+    p.add_argument("--data", type=Path, help="dataset folder (optional for the smoke and phantom presets)")
+    p.add_argument("--format", choices=FORMATS, default="dicom", help="dataset form (default dicom)")
+    p.add_argument("--preset", choices=tuple(PRESETS), default="paper", help="settings not given as flags")
+    p.add_argument("--evaluate-only", action="store_true", help="rebuild the reports from the saved runs")
+    g = p.add_argument_group("protocol (default: the preset's value)")
+    g.add_argument("--models", nargs="+", choices=tuple(NETWORKS), help="networks to train")
+    g.add_argument("--repeats", type=int, help="Monte Carlo repeats (paper: 10)")
+    g.add_argument("--fractions", type=_triple(float), metavar="TRAIN,VAL,TEST",
+                   help="patient fractions (paper: 0.7,0.15,0.15)")
+    g.add_argument("--seed", type=int, help="master seed of splits, weights and shuffling")
+    g.add_argument("--epochs", type=int, help="paper: 50")
+    g.add_argument("--batch-size", type=int, help="paper: 32")
+    g.add_argument("--lr", type=float, help="AdamW learning rate (paper: 1e-3)")
+    g.add_argument("--weight-decay", type=float, help="AdamW weight decay (paper: 1e-4)")
+    g.add_argument("--min-lr", type=float, help="cosine annealing floor (default 0)")
+    g.add_argument("--patience", type=int, help="early stopping patience in epochs (paper: 25)")
+    g.add_argument("--alpha", dest="tversky_alpha", type=float, help="Tversky weight of false negatives (0.7)")
+    g.add_argument("--beta", dest="tversky_beta", type=float, help="Tversky weight of false positives (0.3)")
+    g.add_argument("--gamma", dest="focal_gamma", type=float, help="focal exponent (paper: 2.0)")
+    g.add_argument("--threshold", type=float, help="probability threshold of the masks (0.5)")
+    g.add_argument("--no-amp", dest="amp", action="store_const", const=False, help="no mixed precision on CUDA")
+    g.add_argument("--width", type=float, help="channel width factor of every network (paper: 1.0)")
+    g.add_argument("--size", type=int, help="model input size in pixels (paper: 256)")
+    g.add_argument("--in-channels", type=int, choices=(1, 3), help="grey replicated to 1 or 3 channels")
+    g.add_argument("--ian-net-variant", choices=IAN_NET_VARIANTS, help="our network's variant")
+    g.add_argument("--empty-slices", dest="empty_ratio", type=float, metavar="RATIO",
+                   help="nerve-free slices added per nerve slice (3D inputs; default 0: nerve slices only)")
+    g.add_argument("--slice-step", type=int, help="keep every k-th nerve slice (default 1)")
+    g.add_argument("--phantom-patients", type=int, help="generated phantom patients when --data is absent")
+    g.add_argument("--phantom-shape", type=_triple(int), metavar="S,R,C", help="phantom volume shape")
+    g.add_argument("--phantom-seed", type=int, help="phantom generator seed")
+    _add_data_options(p)
+    r = p.add_argument_group("runtime")
+    r.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    r.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    r.add_argument("--num-workers", type=int, help="data loader workers (default: min(8, CPUs) on CUDA, 0 on CPU)")
+    r.add_argument("--eval-batch-size", type=int, help="batch size of validation and test prediction")
+    r.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    r.add_argument("-v", "--verbose", action="store_true", help="log INFO messages on the console")
+
+
+def _add_export_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export-2d", help="write a 3D dataset in the paper's 2D form",
+                       description="Write DICOM or NIfTI studies as coronal PNG images and masks + samples.csv.")
+    p.add_argument("input", type=Path)
+    p.add_argument("output", type=Path)
+    p.add_argument("--format", choices=("dicom", "nifti"), default="dicom")
+    p.add_argument("--size", type=int, default=256, help="image size in pixels (default 256)")
+    p.add_argument("--empty-slices", dest="empty_ratio", type=float, default=0.0, metavar="RATIO")
+    p.add_argument("--slice-step", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0, help="seed for drawing empty slices")
+    _add_data_options(p)
+    p.add_argument("-v", "--verbose", action="store_true")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="train_benchmark", description=__doc__.split("\n\n")[0],
+                                epilog="`run` is the default command: `train_benchmark --out DIR ...` is "
+                                       "`train_benchmark run --out DIR ...`. See docs/benchmark.md.")
+    sub = p.add_subparsers(dest="command", required=True)
+    _add_run_parser(sub)
+    _add_export_parser(sub)
+    return p
+
+
+def _protocol(args: argparse.Namespace) -> Protocol:
+    names = [f for f in Protocol.__dataclass_fields__ if f != "models"]
+    overrides = {n: getattr(args, n, None) for n in names}
+    return preset(args.preset, models=tuple(args.models) if args.models else None, **overrides)
+
+
+def _setup_logging(verbose: bool, log_file: Path | None) -> list[logging.Handler]:
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    console = logging.StreamHandler()
+    console.setLevel(logging.INFO if verbose else logging.WARNING)
+    console.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handlers: list[logging.Handler] = [console]
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        file_handler = logging.FileHandler(log_file, encoding="utf-8")
+        file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handlers.append(file_handler)
+    for h in handlers:
+        root.addHandler(h)
+    logging.getLogger("highdicom").setLevel(logging.WARNING)  # per-attribute copy notes drown ours
+    return handlers
+
+
+def _load_options(args: argparse.Namespace) -> LoadOptions:
+    return LoadOptions(skip_bad=args.skip_bad, unsided=args.unsided_segments, right_label=args.nifti_labels[0],
+                       left_label=args.nifti_labels[1])
+
+
+def run(args: argparse.Namespace) -> int:
+    """The `run` command; returns the exit status."""
+    from training.outputs import environment, export_best, write_reports, write_summary
+
+    paths = BenchmarkPaths(args.out)
+    runtime = Runtime(device=args.device, threads=args.threads, num_workers=args.num_workers,
+                      eval_batch_size=args.eval_batch_size, progress=args.progress)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if args.evaluate_only:
+        if not paths.ledger.is_file():
+            raise BenchmarkError(f"{paths.ledger}: no benchmark to evaluate in {args.out}")
+        protocol = Ledger.read(paths.ledger).protocol
+        log.info("evaluate only: using the protocol stored in %s", paths.ledger)
+    else:
+        protocol = _protocol(args)
+    slices, source = prepare_data(paths, protocol, args.data, args.format, _load_options(args),
+                                  reuse=args.evaluate_only)
+    ledger = Ledger.open(paths.ledger, protocol, slices, args.preset)
+    context = environment(args.device)
+    context["preset"] = ledger.preset
+    context["data"] = {**source, "samples": len(slices),
+                       "skipped_sources": [asdict(s) for s in slices.report.skipped]}
+    context["runtime"] = asdict(runtime)
+    if slices.report.skipped:
+        log.warning("%d input source(s) skipped (--skip-bad); see summary.json data_report",
+                    len(slices.report.skipped))
+    records = reevaluate(ledger, paths, slices, runtime) if args.evaluate_only else train_all(
+        ledger, paths, slices, runtime)
+    reports = write_reports(records, ledger, paths, slices)
+    exported = export_best(records, reports["scores"], ledger, paths, slices, context)
+    summary = write_summary(paths, ledger, records, reports, exported, slices, context)
+    print(f"benchmark in {paths.root}: {len(records)} runs, repeats {reports['repeats_reported']} reported")
+    print(f"  Table 1: {reports['files']['table1_md']}\n  summary: {summary}")
+    if exported:
+        print(f"  checkpoint: {exported['path']} (repeat {exported['repeat']})")
+    return 0
+
+
+def export(args: argparse.Namespace) -> int:
+    """The `export-2d` command."""
+    options = LoadOptions(**{**asdict(_load_options(args)), "size": args.size, "empty_ratio": args.empty_ratio,
+                             "slice_step": args.slice_step, "seed": args.seed})
+    slices = load_dataset(args.input, args.format, options)
+    table = export_2d(slices, args.output)
+    print(f"wrote {len(slices)} samples to {args.output} ({table.name}); {len(slices.report.skipped)} source(s) skipped")
+    for s in slices.report.skipped:
+        print(f"  skipped {s.source}: {s.detail}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in ("run", "export-2d", "-h", "--help"):
+        argv = ["run", *argv]
+    args = parser().parse_args(argv)
+    log_file = args.out / "benchmark.log" if args.command == "run" else None
+    handlers = _setup_logging(args.verbose, log_file)
+    try:
+        with logging_redirect_tqdm():
+            return run(args) if args.command == "run" else export(args)
+    except (DatasetError, BenchmarkError, ValueError) as exc:
+        log.error("%s", exc)
+        log.info("details", exc_info=True)  # the traceback goes to the log file only
+        return 2
+    finally:
+        for h in handlers:
+            logging.getLogger().removeHandler(h)
+            h.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,197 @@
+"""From finished runs to the paper's artefacts: scores, tables, p-values, figures, timing, export, summary.
+
+Reports cover the repeats that every model of the protocol finished (so that the paired tests compare
+the same images); runs of other repeats are listed in the summary as left out.
+
+The exported checkpoint is our network's run with the highest mean test DSC over the repeats (the
+paper reports one model; which repeat is chosen, and why, is written into its metadata).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import platform
+import subprocess
+import sys
+from collections import defaultdict
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from model.checkpoint import CheckpointMeta, InputContract, save_checkpoint
+from model.registry import PAPER_NETWORK
+from training.datasets import SliceSet
+from training.loop import load_weights, resolve_device
+from training.metrics import METRICS, ImageScore, failure_rates, image_metrics
+from training.report import (GridRow, OverlayCase, RunTiming, plot_fig5, plot_fig6, select_fig5_cases,
+                             select_fig6_keys, summarize, write_metric_reports, write_timing)
+from training.runner import BenchmarkPaths, Ledger, RunRecord, build_model, load_predictions, write_json
+from training.stats import compare_to_reference
+
+log = logging.getLogger(__name__)
+
+SOFTWARE = ("ian-node", "torch", "numpy", "scipy", "highdicom", "pydicom", "nibabel", "matplotlib", "pillow")
+
+
+def complete_repeats(records: list[RunRecord], models: tuple[str, ...]) -> list[int]:
+    """Repeats that every model finished."""
+    by_repeat: dict[int, set[str]] = defaultdict(set)
+    for r in records:
+        by_repeat[r.repeat].add(r.model)
+    return sorted(k for k, ms in by_repeat.items() if set(models) <= ms)
+
+
+def score_runs(records: list[RunRecord], paths: BenchmarkPaths, slices: SliceSet) -> list[ImageScore]:
+    """Per-image metrics of every run's test predictions against the samples' masks."""
+    scores = []
+    for r in records:
+        indices, masks = load_predictions(paths.run_dir(r.model, r.repeat))
+        for k, pred in zip(indices, masks):
+            m = slices.metas[k]
+            scores.append(ImageScore.of(r.model, r.repeat, m.patient, m.side, m.slice,
+                                        image_metrics(pred, slices.masks[k])))
+    return scores
+
+
+def _prediction_lookup(paths: BenchmarkPaths, slices: SliceSet, model: str, keys: list[tuple]) -> dict[tuple, np.ndarray]:
+    """Predictions of `model` for image keys (repeat, patient, side, slice), loading each run once."""
+    index = slices.index_of()
+    out = {}
+    for repeat in sorted({k[0] for k in keys}):
+        indices, masks = load_predictions(paths.run_dir(model, repeat))
+        where = {int(i): j for j, i in enumerate(indices)}
+        for key in (k for k in keys if k[0] == repeat):
+            out[key] = masks[where[index[key[1:]]]]
+    return out
+
+
+def write_figures(scores: list[ImageScore], paths: BenchmarkPaths, slices: SliceSet, models: tuple[str, ...]) -> dict[str, Path]:
+    """Fig 5 (our network's overlays) and Fig 6 (every model on representative slices)."""
+    index = slices.index_of()
+    out: dict[str, Path] = {}
+    reference = PAPER_NETWORK if PAPER_NETWORK in models else models[0]
+    cases = select_fig5_cases(scores, reference)
+    preds = _prediction_lookup(paths, slices, reference, [s.key for _, s in cases])
+    out["fig5"] = plot_fig5([
+        OverlayCase(slices.images[index[s.key[1:]]] / 255.0, slices.masks[index[s.key[1:]]], preds[s.key],
+                    f"{title}\nDSC {s.dsc:.3f}") for title, s in cases
+    ], paths.reports / "fig5_overlays.png")
+    keys = select_fig6_keys(scores, reference)
+    per_model = {m: _prediction_lookup(paths, slices, m, keys) for m in models}
+    out["fig6"] = plot_fig6([
+        GridRow(slices.images[index[k[1:]]] / 255.0, slices.masks[index[k[1:]]], {m: per_model[m][k] for m in models})
+        for k in keys
+    ], paths.reports / "fig6_grid.png", models=list(models))
+    return out
+
+
+def write_reports(records: list[RunRecord], ledger: Ledger, paths: BenchmarkPaths, slices: SliceSet) -> dict[str, Any]:
+    """Every report file; returns what the summary needs (numbers and file paths)."""
+    models = ledger.protocol.models
+    repeats = complete_repeats(records, models)
+    if not repeats:
+        raise ValueError("no repeat has been finished by every model; nothing to report yet")
+    used = [r for r in records if r.repeat in repeats]
+    left_out = sorted({r.key for r in records} - {r.key for r in used})
+    scores = score_runs(used, paths, slices)
+    pvalues = compare_to_reference(scores, PAPER_NETWORK) if PAPER_NETWORK in models and len(models) > 1 else []
+    files = write_metric_reports(scores, paths.reports, pvalues)
+    files.update(write_figures(scores, paths, slices, models))
+    files["timing_csv"], files["timing_md"] = write_timing(
+        [RunTiming(r.model, r.repeat, r.train_seconds, r.seconds_per_slice) for r in used], paths.reports)
+    table1 = {s.model: {"n": s.n, **{m: asdict(s.metrics[m]) for m in METRICS}} for s in summarize(scores)}
+    return {"repeats_reported": repeats, "runs_left_out": left_out, "scores": scores, "table1": table1,
+            "pvalues": [asdict(p) for p in pvalues], "files": {k: str(v) for k, v in files.items()}}
+
+
+def export_best(records: list[RunRecord], scores: list[ImageScore], ledger: Ledger, paths: BenchmarkPaths,
+                slices: SliceSet, context: dict[str, Any]) -> dict[str, Any] | None:
+    """Our network's best repeat (highest mean test DSC) as a self-describing node checkpoint."""
+    protocol = ledger.protocol
+    ours = [r for r in records if r.model == PAPER_NETWORK]
+    if not ours:
+        log.info("%s is not among the models; no checkpoint to export", PAPER_NETWORK)
+        return None
+    dsc: dict[int, list[float]] = defaultdict(list)
+    for s in scores:
+        if s.model == PAPER_NETWORK:
+            dsc[s.repeat].append(s.dsc)
+    best = max((r for r in ours if r.repeat in dsc), key=lambda r: (float(np.mean(dsc[r.repeat])), -r.repeat))
+    split = next(s for s in ledger.splits if s.repeat == best.repeat)
+    net = build_model(protocol, PAPER_NETWORK, split)
+    load_weights(net, paths.run_dir(PAPER_NETWORK, best.repeat) / "checkpoint_best.pt")
+    test = {m: float(np.mean([getattr(s, m) for s in scores if s.model == PAPER_NETWORK and s.repeat == best.repeat]))
+            for m in METRICS}
+    meta = CheckpointMeta(
+        architecture=PAPER_NETWORK, width=protocol.width, options=protocol.model_options(PAPER_NETWORK),
+        variant=getattr(net, "variant", ""), input=InputContract(size=protocol.size, in_channels=protocol.in_channels),
+        threshold=protocol.threshold, label="Inferior alveolar nerve",
+        training={
+            "selection": "repeat with the highest mean test DSC", "repeat": best.repeat, "split_seed": split.seed,
+            "patients": {"train": len(split.train), "val": len(split.val), "test": len(split.test)},
+            "samples": {"train": best.n_train, "val": best.n_val, "test": best.n_test},
+            "epochs_run": best.epochs_run, "best_epoch": best.best_epoch, "best_val_loss": best.best_val_loss,
+            "stopped_early": best.stopped_early, "training_hours": best.train_seconds / 3600,
+            "test_metrics_mean": test, "protocol": protocol.to_dict(), "data_fingerprint": ledger.fingerprint,
+            "data": context.get("data", {}), "software": context.get("software", {}),
+            "git_commit": context.get("git", {}).get("commit"), "device": context.get("device", {}).get("name"),
+        })
+    sha = save_checkpoint(paths.export, net, meta)
+    log.info("exported %s repeat %d (mean test DSC %.4f) to %s", PAPER_NETWORK, best.repeat, test["dsc"], paths.export)
+    return {"path": str(paths.export), "sha256": sha, "repeat": best.repeat, "test_metrics_mean": test}
+
+
+def environment(device: str) -> dict[str, Any]:
+    """Software versions, device and git commit, for the summary and the exported checkpoint."""
+    versions = {"python": sys.version.split()[0]}
+    for name in SOFTWARE:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    dev = resolve_device(device)
+    info = {"type": dev.type, "name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor()
+            or platform.machine(), "torch_threads": torch.get_num_threads(), "cuda": torch.version.cuda}
+    return {"software": versions, "device": info, "platform": platform.platform(), "git": _git()}
+
+
+def _git() -> dict[str, Any]:
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip() != ""
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+    return {"commit": commit, "dirty": dirty}
+
+
+def write_summary(paths: BenchmarkPaths, ledger: Ledger, records: list[RunRecord], reports: dict[str, Any],
+                  exported: dict[str, Any] | None, slices: SliceSet, context: dict[str, Any]) -> Path:
+    by_model: dict[str, list[float]] = defaultdict(list)
+    for s in reports["scores"]:
+        by_model[s.model].append(s.dsc)
+    summary = {
+        **context,
+        "protocol": ledger.protocol.to_dict(),
+        "data_fingerprint": ledger.fingerprint,
+        "samples": len(slices), "patients": len(set(slices.patients)),
+        "data_report": slices.report.to_dict(),
+        "splits": [s.to_dict() for s in ledger.splits],
+        "runs": [asdict(r) for r in records],
+        "repeats_reported": reports["repeats_reported"], "runs_left_out": reports["runs_left_out"],
+        "table1": reports["table1"],
+        "table2": {m: asdict(failure_rates(v)) for m, v in by_model.items()},
+        "pvalues": reports["pvalues"],
+        "timing": {r.key: {"train_hours": r.train_seconds / 3600, "seconds_per_slice": r.seconds_per_slice}
+                   for r in records},
+        "files": reports["files"],
+        "exported_checkpoint": exported,
+    }
+    write_json(paths.summary, summary)
+    return paths.summary

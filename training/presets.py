@@ -1,0 +1,134 @@
+"""The benchmark's settings: the protocol (what is computed) and the runtime (how), with named presets.
+
+`Protocol` holds everything that changes results; its defaults are the paper's protocol and a run
+folder's ledger stores it, so a resumed or re-evaluated benchmark can check it is continuing the same
+experiment. `Runtime` holds what may change between sessions (device, threads, progress bars).
+
+Presets:
+
+- `paper`: the paper (10 repeats, 70/15/15 patient-level splits, AdamW 1e-3 / 1e-4, cosine, 50
+  epochs, batch 32, Focal Tversky γ 2, α 0.7, β 0.3, patience 25, all seven networks at full width,
+  256 px). Needs `--data`. Three input channels, as the authors' released code and every comparator's
+  original take (grey replicated); the node reads the channel count from the checkpoint.
+- `smoke`: the whole pipeline in about a minute on a 2-core CPU (CI): six generated phantom patients
+  of (24, 96, 96), every second nerve slice, 64 px, width 0.125, one channel, batch 16, one repeat,
+  one epoch.
+- `phantom`: long enough for the seven networks to learn the phantom task on a 2-core CPU in about
+  half an hour (docs/benchmark.md has its measured tables): ten phantom patients, every second nerve
+  slice, 128 px (at 64 px the stride-8 heads of CaraNet, HarDNet-MSEG and MEGANet see the 2-3 mm
+  nerve as less than one logit pixel), width 0.25, one channel, batch 8, one repeat of 16 epochs.
+
+Everything a preset does not name is the paper's value (optimiser, schedule, loss, patience, splits).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+from model.registry import NETWORKS, PAPER_NETWORK
+from training.splits import PAPER_FRACTIONS, PAPER_REPEATS
+
+IAN_NET_VARIANTS = ("paper-attention", "released-no-attention")
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """Every setting that changes results. Defaults: the paper's protocol."""
+
+    models: tuple[str, ...] = tuple(NETWORKS)
+    repeats: int = PAPER_REPEATS
+    fractions: tuple[float, float, float] = PAPER_FRACTIONS
+    seed: int = 0
+    epochs: int = 50
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    min_lr: float = 0.0
+    patience: int = 25
+    tversky_alpha: float = 0.7
+    tversky_beta: float = 0.3
+    focal_gamma: float = 2.0
+    threshold: float = 0.5
+    amp: bool = True  # used on CUDA only
+    width: float = 1.0
+    size: int = 256
+    in_channels: int = 3
+    ian_net_variant: str = "paper-attention"
+    # how samples are drawn from 3D inputs
+    empty_ratio: float = 0.0
+    slice_step: int = 1
+    # generated phantom data, used when no --data is given (0 patients: --data is required)
+    phantom_patients: int = 0
+    phantom_shape: tuple[int, int, int] = (24, 96, 96)
+    phantom_seed: int = 0
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.models if m not in NETWORKS]
+        if unknown or not self.models:
+            raise ValueError(f"unknown or no models {unknown}; valid: {', '.join(NETWORKS)}")
+        if len(set(self.models)) != len(self.models):
+            raise ValueError(f"models listed twice: {list(self.models)}")
+        if self.ian_net_variant not in IAN_NET_VARIANTS:
+            raise ValueError(f"ian_net_variant must be one of {IAN_NET_VARIANTS}, got {self.ian_net_variant!r}")
+        if not 0 < self.width <= 4:
+            raise ValueError(f"width must be in (0, 4], got {self.width}")
+        if self.in_channels not in (1, 3):
+            raise ValueError(f"in_channels must be 1 or 3, got {self.in_channels}")
+        if not isinstance(self.repeats, int) or self.repeats < 1:
+            raise ValueError(f"repeats must be a positive integer, got {self.repeats!r}")
+        if self.phantom_patients and self.phantom_patients < 3:
+            raise ValueError(f"phantom_patients must be 0 or at least 3 (train/val/test), got {self.phantom_patients}")
+
+    def model_options(self, model: str) -> dict[str, Any]:
+        """Constructor options of `model` beyond in_channels and width."""
+        if model == PAPER_NETWORK:
+            from model.networks.ian_net import IANNet
+            return dict(IANNet.VARIANTS[self.ian_net_variant])
+        return {}
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Protocol:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown protocol settings {sorted(unknown)}")
+        tuples = {"models", "fractions", "phantom_shape"}
+        return cls(**{k: tuple(v) if k in tuples else v for k, v in data.items()})
+
+    def differences(self, other: Protocol) -> list[str]:
+        a, b = self.to_dict(), other.to_dict()
+        return [f"{k}: {a[k]!r} vs {b[k]!r}" for k in a if a[k] != b[k]]
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Settings that may differ between sessions of one benchmark without changing what is computed."""
+
+    device: str = "auto"
+    threads: int | None = None  # torch CPU threads; None: torch's default
+    num_workers: int | None = None  # data loader workers; None: the loop's choice (min(8, CPUs) on CUDA)
+    eval_batch_size: int | None = None
+    progress: bool = True
+
+
+PRESETS: dict[str, Protocol] = {
+    "paper": Protocol(),
+    "smoke": Protocol(repeats=1, epochs=1, batch_size=16, width=0.125, size=64, in_channels=1, slice_step=2,
+                      phantom_patients=6, phantom_shape=(24, 96, 96)),
+    "phantom": Protocol(repeats=1, epochs=16, batch_size=8, width=0.25, size=128, in_channels=1, slice_step=2,
+                        phantom_patients=10, phantom_shape=(24, 96, 96)),
+}
+
+
+def preset(name: str, **overrides: Any) -> Protocol:
+    """A named preset with some settings replaced (None values are ignored)."""
+    try:
+        base = PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; valid: {', '.join(PRESETS)}") from None
+    return replace(base, **{k: v for k, v in overrides.items() if v is not None})
