@@ -44,6 +44,16 @@ token) and confirmed later, in a following transaction at no extra fsync. A cras
 An instance that *replaces* a stored copy (a re-send) is written the fully atomic way first (temp
 file, fsync, rename, directory fsync) and recorded as confirmed, so a crash can never cost the copy
 acknowledged before. Two associations sending the same SOP Instance UID at once are serialised.
+
+Measured (``benchmarks/ingest.py``, 200 instances of 130 KiB, a 2-vCPU VM shared with other jobs,
+ext4 without a journal), against a bare pynetdicom SCP that only writes and fsyncs each file: one
+association 0.94x on a quiet machine (the former sequential version: 0.93x) and 1.02x while other
+jobs made every fsync slow (sequential: 0.66x); four associations 0.80-0.82x either way
+(sequential: 0.77-0.84x). What remains is CPU, not the disk: on a RAM disk the same comparison
+gives 0.79x / 0.87x. With four associations the process is CPU- and GIL-bound (pynetdicom itself
+costs the bare SCP 1.4-2.5 ms of CPU per instance), so this SCP's ~0.5 ms of bookkeeping per
+instance (pydicom header parse ~0.2 ms, sha256 ~0.13 ms, SQLite, thread hand-offs) shows in full,
+and no ordering of the fsyncs can hide it.
 """
 
 from __future__ import annotations
