@@ -26,6 +26,7 @@ from ian_node.series import SeriesTracker
 from ian_node.spool import Spool
 from ian_node.state import State
 from ian_node.worker import Worker
+from model.predictor import Predictor
 
 logger = logging.getLogger(__name__)
 
@@ -33,14 +34,16 @@ logger = logging.getLogger(__name__)
 class Node:
     """One node process; `start` / `stop`, or `serve_forever` until SIGTERM or SIGINT."""
 
-    def __init__(self, config: NodeConfig, options: PipelineOptions | None = None) -> None:
+    def __init__(self, config: NodeConfig, options: PipelineOptions | None = None,
+                 predictor: Predictor | None = None) -> None:
+        """`predictor` replaces the configured checkpoint (tests, or an embedding application)."""
         self.config = config
         config.storage.state_path.parent.mkdir(parents=True, exist_ok=True)
         self.state = State(config.storage.state_path)
         self.spool = Spool(config.storage.spool_dir)
         targets = build_targets(config.export.targets, config.dicom.ae_title)
         self.exporter = Exporter(self.state, self.spool, targets, config.export)
-        self.worker = Worker(self.state, self.spool, self.exporter, config.model, options)
+        self.worker = Worker(self.state, self.spool, self.exporter, config.model, options, predictor)
         self.tracker = SeriesTracker(self.state, self.spool, config.series, on_job=self.worker.wake)
         self.scp = StorageSCP(config.dicom, config.tls, self.state, self.spool, on_stored=self.tracker.instance_stored)
         self.puller = Puller(config, self.state, self.spool, on_job=self.worker.wake)
@@ -84,5 +87,7 @@ class Node:
         signal.signal(signal.SIGTERM, _signal)
         signal.signal(signal.SIGINT, _signal)
         self.start()
-        self._stopped.wait()
+        # A timed wait: an untimed one was seen to miss a SIGTERM that arrived right after start-up.
+        while not self._stopped.wait(0.5):
+            pass
         self.stop()

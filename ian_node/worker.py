@@ -85,13 +85,13 @@ class Worker:
     """Runs queued jobs in a background thread; `wake` after queueing one."""
 
     def __init__(self, state: State, spool: Spool, exporter: Exporter, model: ModelConfig,
-                 options: PipelineOptions | None = None) -> None:
+                 options: PipelineOptions | None = None, predictor: Predictor | None = None) -> None:
         self._state = state
         self._spool = spool
         self._exporter = exporter
         self._model_config = model
         self._options = options or PipelineOptions()
-        self._predictor: Predictor | None = None
+        self._predictor = predictor  # None: load the configured checkpoint on first use
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None

@@ -19,7 +19,9 @@ import pydicom
 import pytest
 from pydicom.uid import JPEGLosslessSV1, JPEGLSLossless, SegmentationStorage
 
-from ian_node.config import DicomConfig, DicomTarget, ExportConfig, ModelConfig, NodeConfig, SeriesConfig, StorageConfig
+from ian_node.config import (
+    ApiConfig, DicomConfig, DicomTarget, ExportConfig, ModelConfig, NodeConfig, SeriesConfig, StorageConfig,
+)
 from ian_node.node import Node
 from ian_node.phantom import PhantomFiles, generate_phantom, write_phantom
 from ian_node.pipeline import prepare, to_model_space
@@ -172,9 +174,9 @@ def test_ground_truth_predictor_through_the_node_reproduces_the_ground_truth_in_
         model=ModelConfig(checkpoint=checkpoint, device="cpu"),
         series=SeriesConfig(quiet_period_s=1.0),
         export=ExportConfig(targets=(DicomTarget(name="pacs", ae_title=DEST_AE, host="127.0.0.1", port=dest_port),)),
+        api=ApiConfig(port=0),
     )
-    node = Node(config)
-    node.worker._predictor = oracle  # no constructor seam for a predictor yet (see the task report)
+    node = Node(config, predictor=oracle)
     with Destination(tmp_path / "pacs", dest_port) as dest:
         node.start()
         try:
