@@ -195,9 +195,14 @@ class ModelConfig:
     checkpoint: Path | None = None
     device: str = "auto"
     batch_size: int = 8
+    #: CPU threads for inference; unset: torch's default (all cores). On a host shared with a PACS
+    #: or Orthanc, 1–2 threads give far steadier times than oversubscribed cores.
+    threads: int | None = None
 
     def __post_init__(self) -> None:
         _check_file("checkpoint", self.checkpoint)
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError("threads", f"must be at least 1, got {self.threads}")
         if _DEVICE_RE.fullmatch(self.device) is None:
             raise ConfigError("device", f"must be auto, cpu, mps, cuda or cuda:N, got {self.device!r}")
         if self.batch_size < 1:

@@ -15,6 +15,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
@@ -37,6 +38,8 @@ SEG_SERIES_NUMBER_BASE = 9000
 def load_predictor(config: ModelConfig) -> Predictor:
     """The configured checkpoint (or the bundled phantom model) on the configured device."""
     path = config.checkpoint or BUNDLED_CHECKPOINT
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
     checkpoint = load_checkpoint(path)
     device = None if config.device == "auto" else config.device
     predictor = Predictor(checkpoint, PredictorOptions(device=device, batch_size=config.batch_size))
