@@ -416,6 +416,20 @@ def default_rois(series: SeriesVolume) -> dict[Side, PatientBox]:
             Side.LEFT: PatientBox(x_min=mid, x_max=float(hi[0]), **yz)}
 
 
+def _inside_roi(affine: np.ndarray, axes: Sequence[np.ndarray], roi: PatientBox) -> np.ndarray:
+    """Which voxels of the index box `axes` have their centre in `roi` (PatientBox.contains rules).
+
+    The affine is linear, so each patient coordinate is a sum of three broadcast 1-D terms; one
+    coordinate at a time keeps the peak at one float array of the box's size.
+    """
+    inside = np.ones(tuple(len(a) for a in axes), dtype=bool)
+    for c, (lo, hi) in enumerate(roi.bounds - _FACE_SHIFT_MM):
+        coord = (affine[c, 3] + (affine[c, 0] * axes[0])[:, None, None]
+                 + (affine[c, 1] * axes[1])[None, :, None] + (affine[c, 2] * axes[2])[None, None, :])
+        inside &= (coord >= lo) & (coord < hi)
+    return inside
+
+
 def coronal_stack(series: SeriesVolume, side: Side | str, roi: PatientBox | None = None) -> CoronalStack:
     """One side's region of interest as coronal slices, LEFT flipped so column 0 is lateral."""
     side = Side(side)
@@ -436,17 +450,21 @@ def coronal_stack(series: SeriesVolume, side: Side | str, roi: PatientBox | None
     lo = np.clip(np.floor(idx.min(axis=0)).astype(int) - 1, 0, shape)
     hi = np.clip(np.ceil(idx.max(axis=0)).astype(int) + 2, 0, shape)
     axes = [np.arange(a, b) for a, b in zip(lo, hi)]
-    grid = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1)
-    inside = roi.contains(canon.map_indices_to_reference(grid.reshape(-1, 3)).reshape(grid.shape))
+    inside = _inside_roi(canon.affine, axes, roi)
     if not inside.any():
         raise RoiError(f"series {series.series_uid}: the {side.value} region of interest {roi} contains no voxel")
     tight = [np.flatnonzero(inside.any(axis=tuple(j for j in range(3) if j != k))) for k in range(3)]
     cut = tuple(slice(t[0], t[-1] + 1) for t in tight)
-    inside, grid = inside[cut], grid[cut]
+    inside = inside[cut]
+    axes = [a[c] for a, c in zip(axes, cut)]
 
-    # canonical index → source index is an exact signed permutation plus offset
-    source_indices = np.rint(grid @ exact[:3, :3].T + exact[:3, 3]).astype(np.int64)
-    flat = np.ravel_multi_index(tuple(np.moveaxis(source_indices, -1, 0)), source.spatial_shape)
+    # canonical index → source index is an exact signed permutation plus offset, so the flat source
+    # index is linear in the canonical indices: a sum of three broadcast 1-D terms, no index grids.
+    strides = np.array([int(np.prod(source.spatial_shape[k + 1:])) for k in range(3)], dtype=np.int64)
+    perm, offset = exact[:3, :3].astype(np.int64), exact[:3, 3].astype(np.int64)
+    weights = strides @ perm  # flat-index step per canonical axis
+    flat = (int(strides @ offset) + (weights[0] * axes[0])[:, None, None]
+            + (weights[1] * axes[1])[None, :, None] + (weights[2] * axes[2])[None, None, :])
     if side is Side.LEFT:
         flat, inside = flat[:, :, ::-1], inside[:, :, ::-1]
     flat, inside = np.ascontiguousarray(flat), np.ascontiguousarray(inside)
