@@ -11,7 +11,7 @@ zero-pad, LANCZOS into `size`, centre pad), and masks take the same stacks and s
 through `model.preprocess.mask_to_model` (nearest neighbour). `slice` is the coronal index in the side's stack
 (anterior → posterior). A coronal slice is a sample when its mask is non-empty *in model space*
 (what the network sees and is scored on); `empty_ratio` adds nerve-free slices of the same side
-(`round(ratio × nerve slices)`, drawn with a seed per patient and side) and `slice_step` keeps every
+(`round(ratio × nerve samples)`, drawn with a seed per patient and side) and `slice_step` keeps every
 k-th nerve slice (a speed knob for smoke runs: neighbouring coronal slices are nearly identical).
 
 The 2D form (paper's own): `samples.csv` at the root with columns image, mask, patient, side and

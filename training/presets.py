@@ -15,8 +15,8 @@ Presets:
   one epoch.
 - `phantom`: long enough for the seven networks to learn the phantom task on a 2-core CPU in about
   half an hour (docs/benchmark.md has its measured tables): ten phantom patients, every second nerve
-  slice, 128 px (at 64 px the stride-8 heads of CaraNet, HarDNet-MSEG and MEGANet see the 2-3 mm
-  nerve as less than one logit pixel), width 0.25, one channel, batch 8, one repeat of 16 epochs.
+  slice, 128 px (at 64 px the stride-8 decoders of CaraNet and HarDNet-MSEG see the 2-3 mm nerve
+  as less than one pixel), width 0.25, one channel, batch 8, one repeat of 16 epochs.
 
 Everything a preset does not name is the paper's value (optimiser, schedule, loss, patience, splits).
 """

@@ -117,12 +117,15 @@ def test_summary_holds_results_versions_device_and_commit(smoke):
     assert exported["sha256"] == hashlib.sha256((smoke / "export" / "ian_net_best.pt").read_bytes()).hexdigest()
 
 
-def test_evaluate_only_rebuilds_identical_reports_from_saved_runs(smoke):
+def test_evaluate_only_rebuilds_identical_reports_from_saved_predictions_and_checkpoints(smoke):
     before = (smoke / "reports" / "per_image_metrics.csv").read_bytes()
     table1 = (smoke / "reports" / "table1.csv").read_bytes()
     for name in REPORTS:
         (smoke / "reports" / name).unlink()
+    run = smoke / "runs" / "meganet" / "repeat_0"
+    (run / "test_predictions.npz").unlink()  # this run is predicted again from checkpoint_best.pt
     assert main(["--out", str(smoke), "--evaluate-only", "--threads", "1", "--no-progress"]) == 0
+    assert (run / "test_predictions.npz").is_file()
     assert (smoke / "reports" / "per_image_metrics.csv").read_bytes() == before
     assert (smoke / "reports" / "table1.csv").read_bytes() == table1
     assert all((smoke / "reports" / name).is_file() for name in REPORTS)
