@@ -100,7 +100,8 @@ class CStoreExport:
             raise DeliveryError(f"{where} answered C-STORE status 0x{code:04X}")
 
 
-def _http_session(config: StowRsTarget | OrthancTarget) -> requests.Session:
+def http_session(config: StowRsTarget | OrthancTarget) -> requests.Session:
+    """A requests session carrying the target's basic-auth credentials or bearer token."""
     session = requests.Session()
     if config.username is not None:
         session.auth = (config.username, config.password or "")
@@ -114,7 +115,7 @@ class StowRsExport:
 
     def __init__(self, config: StowRsTarget, calling_ae_title: str = "") -> None:
         self.name = config.name
-        self._client = DICOMwebClient(url=config.url, session=_http_session(config), timeout=config.timeout_s)
+        self._client = DICOMwebClient(url=config.url, session=http_session(config), timeout=config.timeout_s)
         self._client.set_http_retry_params(retry=False)
 
     def send(self, path: Path, origin: Origin) -> None:
@@ -139,7 +140,7 @@ class OrthancExport:
         self.name = config.name
         self._url = config.url.rstrip("/") + "/instances"
         self._timeout = config.timeout_s
-        self._session = _http_session(config)
+        self._session = http_session(config)
 
     def send(self, path: Path, origin: Origin) -> None:
         try:

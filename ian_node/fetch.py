@@ -39,6 +39,7 @@ from pydicom import dcmread, dcmwrite
 from pydicom.errors import InvalidDicomError
 
 from ian_node.config import NodeConfig, OrthancTarget, StowRsTarget, is_dicom_uid
+from ian_node.export import http_session
 from ian_node.series import skip_reason
 from ian_node.spool import Spool, UnsafeUIDError, checked_uid
 from ian_node.state import Job, ReceivedInstance, State
@@ -149,16 +150,6 @@ def parse_pull_request(body: Any) -> PullRequest:
         if not is_dicom_uid(body[key]):
             raise PullRequestError(f"{key} is not a DICOM UID")
     return DicomwebPull(url=body["url"], study_uid=body["study_uid"], series_uid=body["series_uid"])
-
-
-def http_session(config: OrthancTarget | StowRsTarget) -> requests.Session:
-    """A requests session carrying the target's basic-auth credentials or bearer token."""
-    session = requests.Session()
-    if config.username is not None:
-        session.auth = (config.username, config.password or "")
-    if config.token is not None:
-        session.headers["Authorization"] = f"Bearer {config.token}"
-    return session
 
 
 def _same_url(a: str, b: str) -> bool:
