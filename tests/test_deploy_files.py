@@ -48,7 +48,7 @@ def orthanc_json() -> dict[str, Any]:
 
 
 def compose() -> dict[str, Any]:
-    yaml = pytest.importorskip("yaml", reason="PyYAML is not installed (it is not a project dependency)")
+    yaml = pytest.importorskip("yaml", reason="PyYAML is not installed (the test extra installs it: pip install -e .[test])")
     return yaml.safe_load(COMPOSE.read_text())
 
 
