@@ -128,21 +128,21 @@ def count_macs(entry: Entry, in_channels: int = 3, size: int = SIZE) -> MacCount
     decomposes into matmuls the counter sees; if a network cannot run on meta, a real CPU forward
     is counted, with the CPU fused-attention kernel given the counter's SDPA formula.
     """
-    for device in ("meta", "cpu"):
-        try:
-            with torch.device(device):
-                model = entry.build(in_channels).eval()
-                x = torch.zeros(1, in_channels, size, size)
-            with FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS) as counter, torch.no_grad():
-                model(x)
-        except (NotImplementedError, RuntimeError) as exc:
-            if device == "cpu":
-                raise
-            log.info("%s: cannot count on the meta device (%s); counting a CPU forward", entry.label, exc)
-            continue
-        by_op = {str(op): flops // 2 for op, flops in counter.get_flop_counts()["Global"].items()}
-        return MacCount(counter.get_total_flops() // 2, by_op, device)
-    raise AssertionError("unreachable")
+    try:
+        return _count_macs_on("meta", entry, in_channels, size)
+    except (NotImplementedError, RuntimeError) as exc:  # an op without a meta kernel, or a data-dependent one
+        log.info("%s: cannot count on the meta device (%s); counting a CPU forward", entry.label, exc)
+        return _count_macs_on("cpu", entry, in_channels, size)
+
+
+def _count_macs_on(device: str, entry: Entry, in_channels: int, size: int) -> MacCount:
+    with torch.device(device):
+        model = entry.build(in_channels).eval()
+        x = torch.zeros(1, in_channels, size, size)
+    with FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS) as counter, torch.no_grad():
+        model(x)
+    by_op = {str(op): flops // 2 for op, flops in counter.get_flop_counts()["Global"].items()}
+    return MacCount(counter.get_total_flops() // 2, by_op, device)
 
 
 @dataclass(frozen=True)
