@@ -14,7 +14,6 @@ STOW-RS HTTP 200 with no failed SOP, Orthanc REST HTTP 200 with status Success /
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, UID
 from pynetdicom import AE
 
 from ian_node.config import DicomTarget, ExportConfig, OrthancTarget, StowRsTarget, TargetConfig
+from ian_node.polling import PollingThread
 from ian_node.spool import Spool
 from ian_node.state import Delivery, Job, State
 
@@ -195,9 +195,7 @@ class Exporter:
         self._targets = dict(targets)
         self._policy = policy
         self._clock = clock
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._loop = PollingThread("ian-node-exporter", self._pass, error_wait_s=POLL_S)
 
     def submit(self, job_id: int, result: Dataset) -> Job:
         """Store a running job's result durably and queue one delivery per target."""
@@ -211,7 +209,7 @@ class Exporter:
 
     def wake(self) -> None:
         """Look for due deliveries now (after a submit or an operator's retry)."""
-        self._wake.set()
+        self._loop.wake()
 
     def deliver_due(self) -> int:
         """Attempt every delivery that is due now; returns how many were attempted."""
@@ -250,25 +248,13 @@ class Exporter:
 
     def start(self) -> None:
         """Deliver in a background thread until :meth:`stop`."""
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="ian-node-exporter", daemon=True)
-        self._thread.start()
+        self._loop.start()
 
     def stop(self, timeout: float = 30.0) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
+        self._loop.stop(timeout)
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self._wake.clear()
-            try:
-                self.deliver_due()
-                due = self._state.next_delivery_at()
-            except Exception:  # e.g. the state is unreadable for a moment: try again shortly
-                logger.exception("delivery pass failed")
-                due = self._clock() + 5.0
-            wait = POLL_S if due is None else min(max(due - self._clock(), 0.0), POLL_S)
-            self._wake.wait(wait)
+    def _pass(self) -> float:
+        """Deliver what is due; return how long to wait before the next look."""
+        self.deliver_due()
+        due = self._state.next_delivery_at()
+        return POLL_S if due is None else min(max(due - self._clock(), 0.0), POLL_S)

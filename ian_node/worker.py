@@ -9,7 +9,6 @@ so a job re-run after a crash produces the same SEG instance and a PACS sees one
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from pydicom.uid import generate_uid
 from ian_node import __version__
 from ian_node.config import ModelConfig
 from ian_node.export import Exporter
+from ian_node.polling import PollingThread
 from ian_node.pipeline import PipelineOptions, PipelineResult, segment_series
 from ian_node.seg import AlgorithmInfo, build_segmentation
 from ian_node.spool import Spool
@@ -30,6 +30,9 @@ from model.checkpoint import BUNDLED_CHECKPOINT, LoadedCheckpoint, load_checkpoi
 from model.predictor import Predictor, PredictorOptions
 
 logger = logging.getLogger(__name__)
+
+#: Longest idle wait between looks at the job queue (jobs from another process appear within it).
+IDLE_WAIT_S = 5.0
 
 #: Result series numbers are this plus the source series version, so each version is told apart.
 SEG_SERIES_NUMBER_BASE = 9000
@@ -95,9 +98,7 @@ class Worker:
         self._model_config = model
         self._options = options or PipelineOptions()
         self._predictor = predictor  # None: load the configured checkpoint on first use
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._loop = PollingThread("ian-node-worker", self._pass, error_wait_s=IDLE_WAIT_S)
         self.totals = StageTotals(defaultdict(float))
 
     @property
@@ -133,31 +134,20 @@ class Worker:
     def run_pending(self) -> int:
         """Run queued jobs until the queue is empty; returns how many ran."""
         count = 0
-        while not self._stop.is_set() and (job := self._state.claim_next_job()) is not None:
+        while not self._loop.stopping and (job := self._state.claim_next_job()) is not None:
             self.run_job(job)
             count += 1
         return count
 
     def wake(self, *_: object) -> None:
-        self._wake.set()
+        self._loop.wake()
 
     def start(self) -> None:
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="ian-node-worker", daemon=True)
-        self._thread.start()
+        self._loop.start()
 
     def stop(self, timeout: float = 60.0) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
+        self._loop.stop(timeout)
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self._wake.clear()
-            try:
-                self.run_pending()
-            except Exception:  # the state was unreadable for a moment: try again shortly
-                logger.exception("worker pass failed")
-            self._wake.wait(5.0)
+    def _pass(self) -> float:
+        self.run_pending()
+        return IDLE_WAIT_S
