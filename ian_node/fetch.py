@@ -40,6 +40,7 @@ from pydicom.errors import InvalidDicomError
 
 from ian_node.config import NodeConfig, OrthancTarget, StowRsTarget, is_dicom_uid
 from ian_node.export import http_session
+from ian_node.header import HeaderError, read_header_facts
 from ian_node.series import skip_reason
 from ian_node.spool import Spool, UnsafeUIDError, checked_uid
 from ian_node.state import Job, ReceivedInstance, State
@@ -322,39 +323,20 @@ class Puller:
     def _describe(self, data: bytes, what: str, origin_host: str) -> ReceivedInstance:
         """The header facts the state needs, checked as the SCP checks a C-STORE."""
         try:
-            ds = dcmread(BytesIO(data), stop_before_pixels=True)
-            uids = {
-                key: checked_uid(ds.get(keyword), keyword)
-                for key, keyword in (
-                    ("sop_class_uid", "SOPClassUID"),
-                    ("sop_instance_uid", "SOPInstanceUID"),
-                    ("series_uid", "SeriesInstanceUID"),
-                    ("study_uid", "StudyInstanceUID"),
-                )
-            }
-            syntax = checked_uid(ds.file_meta.get("TransferSyntaxUID"), "TransferSyntaxUID")
-            frames = int(ds.get("NumberOfFrames") or 1)
-            number = ds.get("InstanceNumber")
-            modality = str(ds.get("Modality") or "").strip().upper()
-            description = str(ds.get("SeriesDescription") or "")
+            meta = dcmread(BytesIO(data), specific_tags=["SOPClassUID"]).file_meta  # the meta only, in effect
+            syntax = checked_uid(meta.get("TransferSyntaxUID"), "TransferSyntaxUID")
+            payload = dataset_bytes(data)
+            facts = read_header_facts(payload, syntax)
         except UnsafeUIDError as exc:
             raise SourceRefusedError(f"{what}: {exc}") from exc
-        except (InvalidDicomError, ValueError, TypeError, AttributeError, OSError) as exc:
+        except (InvalidDicomError, HeaderError, ValueError, TypeError, AttributeError, OSError) as exc:
             raise SourceRefusedError(f"{what}: cannot decode a fetched instance ({type(exc).__name__})") from exc
-        if uids["sop_class_uid"] not in self._sop_classes:
-            raise SourceRefusedError(f"{what}: instance {uids['sop_instance_uid']} has SOP class "
-                                     f"{uids['sop_class_uid']}, which this node does not accept")
-        if frames < 1:
-            raise SourceRefusedError(f"{what}: NumberOfFrames is {frames} in {uids['sop_instance_uid']}")
-        payload = dataset_bytes(data)
-        try:
-            instance_number = int(number) if number is not None else None
-        except (TypeError, ValueError):
-            instance_number = None
-        return ReceivedInstance(
-            **uids, transfer_syntax_uid=syntax, path="", size=len(payload),
-            sha256=hashlib.sha256(payload).hexdigest(), frames=frames, instance_number=instance_number,
-            modality=modality, description=description, calling_ae="", peer_host=origin_host,
+        if facts.sop_class_uid not in self._sop_classes:
+            raise SourceRefusedError(f"{what}: instance {facts.sop_instance_uid} has SOP class "
+                                     f"{facts.sop_class_uid}, which this node does not accept")
+        return ReceivedInstance.from_facts(
+            facts, transfer_syntax_uid=syntax, peer_host=origin_host, size=len(payload),
+            sha256=hashlib.sha256(payload).hexdigest(),
         )
 
     def _conclude(self, source: str, received: list[ReceivedInstance]) -> PullOutcome:

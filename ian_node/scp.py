@@ -69,13 +69,8 @@ from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from enum import IntEnum
-from io import BytesIO
 
-from pydicom.dataset import Dataset
-from pydicom.filereader import read_dataset
-from pydicom.tag import Tag
 from pydicom.uid import (
-    UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
@@ -95,7 +90,8 @@ from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
 from ian_node.config import ConfigError, DicomConfig, TlsConfig, is_dicom_uid
-from ian_node.spool import Spool, SpoolFullError, StagedInstance, UnsafeUIDError, checked_uid
+from ian_node.header import HeaderError, read_header_facts
+from ian_node.spool import Spool, SpoolFullError, StagedInstance, UnsafeUIDError
 from ian_node.state import ReceivedInstance, RecordOutcome, State, StateFullError
 
 logger = logging.getLogger(__name__)
@@ -481,70 +477,23 @@ class StorageSCP:
 
     def _describe(self, event: evt.Event) -> ReceivedInstance:
         """The header facts the state needs, checked (anything wrong is 0xC210 or 0xA900); no file yet."""
-        requestor = event.assoc.requestor
+        syntax = str(event.context.transfer_syntax)
         try:
-            ds = _header(event)
-            uids = {
-                key: checked_uid(ds.get(keyword), keyword)
-                for key, keyword in (
-                    ("sop_class_uid", "SOPClassUID"),
-                    ("sop_instance_uid", "SOPInstanceUID"),
-                    ("series_uid", "SeriesInstanceUID"),
-                    ("study_uid", "StudyInstanceUID"),
-                )
-            }
-            frames = int(ds.get("NumberOfFrames") or 1)
-            number = ds.get("InstanceNumber")
-            modality = str(ds.get("Modality") or "")
-            description = str(ds.get("SeriesDescription") or "")
-        except UnsafeUIDError as exc:
+            facts = read_header_facts(event.encoded_dataset(include_meta=False), syntax)
+        except (HeaderError, UnsafeUIDError) as exc:
             raise _Refused(Status.CANNOT_UNDERSTAND, str(exc)) from exc
-        except Exception as exc:  # the trust boundary: any decoding error means we cannot understand it
-            raise _Refused(Status.CANNOT_UNDERSTAND, f"cannot decode the data set ({type(exc).__name__})") from exc
-        if frames < 1:
-            raise _Refused(Status.CANNOT_UNDERSTAND, f"NumberOfFrames is {frames} in {uids['sop_instance_uid']}")
         context_class = event.context.abstract_syntax
-        if uids["sop_class_uid"] != context_class or uids["sop_class_uid"] not in self._sop_classes:
+        if facts.sop_class_uid != context_class or facts.sop_class_uid not in self._sop_classes:
             raise _Refused(
                 Status.DATASET_MISMATCH,
-                f"{uids['sop_instance_uid']} has SOP class {uids['sop_class_uid']}, sent as {context_class}",
+                f"{facts.sop_instance_uid} has SOP class {facts.sop_class_uid}, sent as {context_class}",
             )
-        if uids["sop_instance_uid"] != event.request.AffectedSOPInstanceUID:
-            raise _Refused(Status.CANNOT_UNDERSTAND, f"{uids['sop_instance_uid']} differs from the command's UID")
-        return ReceivedInstance(
-            **uids,
-            transfer_syntax_uid=str(event.context.transfer_syntax),
-            path="",
-            size=0,
-            sha256="",
-            frames=frames,
-            instance_number=_int_or_none(number),
-            modality=modality.strip().upper(),
-            description=description,
-            calling_ae=requestor.ae_title.strip(),
-            peer_host=str(requestor.address),
+        if facts.sop_instance_uid != event.request.AffectedSOPInstanceUID:
+            raise _Refused(Status.CANNOT_UNDERSTAND, f"{facts.sop_instance_uid} differs from the command's UID")
+        requestor = event.assoc.requestor
+        return ReceivedInstance.from_facts(
+            facts, transfer_syntax_uid=syntax, calling_ae=requestor.ae_title.strip(), peer_host=str(requestor.address)
         )
-
-
-#: The elements _describe reads; all sit before group 0x0029, where header parsing stops.
-_HEADER_TAGS = [
-    Tag(keyword)
-    for keyword in ("SpecificCharacterSet", "SOPClassUID", "SOPInstanceUID", "Modality", "SeriesDescription",
-                    "StudyInstanceUID", "SeriesInstanceUID", "InstanceNumber", "NumberOfFrames")
-]
-
-
-def _header(event: evt.Event) -> Dataset:
-    """The data set's leading elements, parsed up to group 0x0028 only: the full parse that
-    ``event.dataset`` does (every element, a copy of the pixel data) costs twice as much CPU, which
-    shows in the ingest rate. A deflated data set takes the full path."""
-    syntax = UID(str(event.context.transfer_syntax))
-    if syntax.is_deflated:
-        return event.dataset
-    return read_dataset(
-        BytesIO(event.encoded_dataset(include_meta=False)), syntax.is_implicit_VR, syntax.is_little_endian,
-        stop_when=lambda tag, vr, length: tag >> 16 > 0x0028, specific_tags=_HEADER_TAGS,
-    )
 
 
 def handle_echo(event: evt.Event) -> int:
@@ -560,10 +509,3 @@ def _ip(address: str) -> _IP | None:
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         return ip.ipv4_mapped
     return ip
-
-
-def _int_or_none(value: object) -> int | None:
-    try:
-        return int(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return None

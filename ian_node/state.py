@@ -34,6 +34,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ian_node.header import HeaderFacts
 
 SCHEMA_VERSION = 2
 
@@ -158,6 +162,17 @@ class ReceivedInstance:
     #: False when the file's fsync may still be in flight: the row is then recorded as unconfirmed
     #: (checked on recovery) until :meth:`State.confirm_instances` is given its token.
     file_durable: bool = True
+
+    @classmethod
+    def from_facts(cls, facts: HeaderFacts, transfer_syntax_uid: str, calling_ae: str = "", peer_host: str = "",
+                   path: str = "", size: int = 0, sha256: str = "") -> ReceivedInstance:
+        """The instance described by its header facts (the SCP and the pull read them the same way)."""
+        return cls(
+            sop_instance_uid=facts.sop_instance_uid, sop_class_uid=facts.sop_class_uid, series_uid=facts.series_uid,
+            study_uid=facts.study_uid, transfer_syntax_uid=transfer_syntax_uid, path=path, size=size, sha256=sha256,
+            frames=facts.frames, instance_number=facts.instance_number, modality=facts.modality,
+            description=facts.description, calling_ae=calling_ae, peer_host=peer_host,
+        )
 
 
 @dataclass(frozen=True)
