@@ -17,29 +17,23 @@ titles, never patient names or IDs.
 
 **How one C-STORE becomes durable, fast.** Done one after the other, the file's fsync, its
 directory's fsync and the SQLite commit are three waits for the disk (about three times what a bare
-"write + fsync" SCP pays). Here they run at once, and the answer waits for all three:
+"write + fsync" SCP pays). Here they overlap, and the answer waits for all three:
 
-1. the file is created under its final name and written (:meth:`Spool.stage_instance`), which
-   starts the directory's fsync in a background thread;
-2. the row goes to the :class:`GroupCommitter`, whose thread hashes the data set (sha256) and
-   commits the rows of every association that arrived meanwhile in one transaction (one WAL fsync
-   for the batch);
-3. the handler fsyncs the file, waits for the directory fsync and the commit, and answers success.
+1. the header facts are read (:mod:`ian_node.header`) and the file is created, empty, under its
+   final name (:meth:`Spool.stage_instance`);
+2. the row goes to the :class:`GroupCommitter`, whose thread hashes the data set (sha256), fsyncs
+   the folders of the batch's new files (once per folder) and commits the rows of every association
+   that arrived meanwhile in one transaction (one WAL fsync for the batch);
+3. meanwhile the handler writes and fsyncs the file, then waits for the commit and answers success.
 
-The handler thread itself makes as few GIL-releasing calls as it can (one ``open``, one
-``writev``, one ``fsync``): under load, each release costs a wait to take the GIL back, which
-showed up as a large share of the per-instance time when the hash and an existence check ran there.
-
-Because the row may be committed before the file is durable, it is recorded *unconfirmed* (with a
-token) and confirmed later, in a following transaction at no extra fsync. A crash can then leave:
-
-- a SIGKILL (the OS survives): the row was submitted only after the file's ``write`` returned,
-  so the file is whole in the page cache and reaches the disk anyway;
-- a power loss: an unconfirmed row may name a missing, empty or partial file. Start-up
-  (:func:`recover_unconfirmed`, run when the SCP is built, before the series timers or the worker
-  start) reads every unconfirmed row's file, confirms it when its file meta, size and sha256 match
-  (fsyncing it first), and otherwise drops the row and the file with a warning. Such an instance was
-  never acknowledged, so the sender still has it and will send it again.
+Because the row is committed before the file is durable, it is recorded *unconfirmed* (with a
+token) and confirmed later, in a following transaction at no extra fsync; until then a job of an
+earlier series version does not read it (:meth:`State.instances`). A crash (SIGKILL or power loss)
+can leave an unconfirmed row naming a missing, empty or partial file. Start-up
+(:func:`recover_unconfirmed`, run when the SCP is built, before the series timers or the worker
+start) reads every unconfirmed row's file, confirms it when its file meta, size and sha256 match
+(fsyncing it first), and otherwise drops the row and the file with a warning. Such an instance was
+never acknowledged, so the sender still has it and will send it again.
 
 An instance that *replaces* a stored copy (a re-send) is written the fully atomic way first (temp
 file, fsync, rename, directory fsync) and recorded as confirmed, so a crash can never cost the copy
@@ -69,6 +63,7 @@ from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from enum import IntEnum
+from pathlib import Path
 
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
@@ -91,7 +86,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from ian_node.config import ConfigError, DicomConfig, TlsConfig, is_dicom_uid
 from ian_node.header import HeaderError, read_header_facts
-from ian_node.spool import Spool, SpoolFullError, StagedInstance, UnsafeUIDError
+from ian_node.spool import Spool, SpoolFullError, StagedInstance, UnsafeUIDError, fsync_dir
 from ian_node.state import ReceivedInstance, RecordOutcome, State, StateFullError
 
 logger = logging.getLogger(__name__)
@@ -136,6 +131,7 @@ class _Refused(Exception):
 class _Record:
     instance: ReceivedInstance
     dataset: bytes | None
+    directory: Path | None
     future: Future[RecordOutcome]
 
 
@@ -145,6 +141,7 @@ _STOP = object()
 class GroupCommitter:
     """Records received instances for every association, as many per SQLite transaction as arrived
     while the previous one was committing (group commit: one WAL fsync per batch, not per instance).
+    The folders that hold the batch's new files are fsynced first, once per folder and batch.
 
     Confirmations of unconfirmed rows (:meth:`confirm`) ride along with the next batch; when nothing
     else comes for ``idle_confirm_s`` they are committed on their own.
@@ -180,13 +177,16 @@ class GroupCommitter:
             self._queue.put(_STOP)
         thread.join()
 
-    def submit(self, instance: ReceivedInstance, dataset: bytes | None = None) -> Future[RecordOutcome]:
+    def submit(
+        self, instance: ReceivedInstance, dataset: bytes | None = None, directory: Path | None = None
+    ) -> Future[RecordOutcome]:
         """Queue one instance; the future gives its outcome once committed (or the commit's error).
 
         With ``dataset``, the instance's size and sha256 are taken from it in the commit thread, so
-        that hashing overlaps the submitter's fsync.
+        that hashing overlaps the submitter's write. With ``directory``, that folder is fsynced before
+        the row is committed (the instance's file is new there); the future fails if it cannot be.
         """
-        record = _Record(instance, dataset, Future())
+        record = _Record(instance, dataset, directory, Future())
         with self._lock:  # nothing is queued behind the stop marker
             if not self._running:
                 raise RuntimeError("the SCP's committer is not running")
@@ -222,6 +222,7 @@ class GroupCommitter:
             confirms, self._confirms = self._confirms, []
         if not records and not confirms:
             return
+        records = self._sync_directories(records)
         instances = [
             r.instance if r.dataset is None
             else replace(r.instance, size=len(r.dataset), sha256=hashlib.sha256(r.dataset).hexdigest())
@@ -242,6 +243,23 @@ class GroupCommitter:
                 record.future.set_exception(result)
             else:
                 record.future.set_result(result)
+
+
+    @staticmethod
+    def _sync_directories(records: list[_Record]) -> list[_Record]:
+        """Fsync each folder named in the batch once; the records whose folder failed fail."""
+        failed: dict[Path, OSError] = {}
+        for directory in {r.directory for r in records if r.directory is not None}:
+            try:
+                fsync_dir(directory)
+            except OSError as exc:
+                failed[directory] = exc
+        if not failed:
+            return records
+        for record in records:
+            if record.directory in failed:
+                record.future.set_exception(failed[record.directory])
+        return [r for r in records if r.directory not in failed]
 
 
 class _KeyLocks:
@@ -434,25 +452,28 @@ class StorageSCP:
                 raise _Refused(Status.OUT_OF_RESOURCES, f"spool full writing {uid}: {exc}") from exc
             except OSError as exc:
                 raise _Refused(Status.PROCESSING_FAILURE, f"cannot write {uid}: {exc}") from exc
-            # The row is submitted only now that the write has returned, so a committed row always
-            # names a whole file, at least in the page cache; it is hashed and committed during the fsyncs.
+            # The row goes to the committer before the file is written, so that the folder's fsync
+            # and the commit overlap the write and the file's fsync; it is recorded unconfirmed.
             received = replace(header, path=staged.relpath, file_durable=staged.durable)
             try:
-                recorded = committer.submit(received, event.encoded_dataset(include_meta=False))
+                recorded = committer.submit(received, event.encoded_dataset(include_meta=False), staged.directory)
             except RuntimeError as exc:
                 staged.discard()
                 raise _Refused(Status.PROCESSING_FAILURE, f"cannot record {uid}: {exc}") from exc
             try:
-                staged.wait_durable()
+                staged.write_durably()
             except OSError as exc:
                 self._abandon(staged, recorded)
                 status = Status.OUT_OF_RESOURCES if isinstance(exc, SpoolFullError) else Status.PROCESSING_FAILURE
                 raise _Refused(status, f"cannot make {uid} durable: {exc}") from exc
             try:
                 outcome = recorded.result()
-            except StateFullError as exc:
-                raise _Refused(Status.OUT_OF_RESOURCES, f"state full recording {uid}: {exc}") from exc
             except Exception as exc:
+                staged.discard()  # no row names the new file
+                if isinstance(exc, StateFullError):
+                    raise _Refused(Status.OUT_OF_RESOURCES, f"state full recording {uid}: {exc}") from exc
+                if isinstance(exc, OSError):
+                    raise _Refused(Status.PROCESSING_FAILURE, f"cannot make {uid} durable: {exc}") from exc
                 raise _Refused(Status.PROCESSING_FAILURE, f"cannot record {uid}: {exc}") from exc
             committer.confirm(outcome)
         if self._on_stored is not None:

@@ -10,26 +10,24 @@ Two ways to write, by what a crash may do to the name's previous content:
   instant; a crash mid-write leaves a ``.partial-*`` temporary, removed at start-up.
 - :meth:`Spool.stage_instance` (an instance the spool does not hold yet, the common case): the file
   is created under its final name (``O_EXCL``: no temporary, no rename, no separate existence
-  check), the directory's fsync starts in a background thread, and the caller goes on (the SCP
-  submits the row to SQLite) before :meth:`StagedInstance.wait_durable` fsyncs the file and waits
-  for the directory. Nothing old can be lost, since the name was free. A crash before both fsyncs
-  returned may leave a missing, empty or partial file under the final name: the SCP does not answer
-  before ``wait_durable``, recovery checks the files of rows committed meanwhile
-  (:meth:`Spool.verify_instance`), and a file with no row is replaced atomically when the sender
-  sends the instance again (it was not acknowledged). Until then it is an orphan nobody reads (only
-  rows lead to files); orphans are not swept, since telling one from a file whose state was lost
-  needs a full scan against the state.
+  check) and left empty; the SCP submits the row to SQLite, then :meth:`StagedInstance.write_durably`
+  writes and fsyncs the file while the SCP's committer fsyncs the folder and commits the row.
+  Nothing old can be lost, since the name was free. A crash before all three returned may leave a
+  missing, empty or partial file under the final name: the SCP does not answer before all three,
+  recovery checks the files of rows committed meanwhile (:meth:`Spool.verify_instance`), and a file
+  with no row is replaced atomically when the sender sends the instance again (it was not
+  acknowledged). Until then it is an orphan nobody reads (only rows lead to files); orphans are not
+  swept, since telling one from a file whose state was lost needs a full scan against the state.
 
 Why the directory fsync: POSIX makes a new directory entry durable only with an fsync of the
 directory. ext4 does more: with a journal, a new file's fsync commits the journal transaction that
 holds its creation; without one (``ext4_fsync_nojournal``, as on this machine's root file system,
 see ``/sys/fs/ext4/<dev>/journal_task``), it calls ``ext4_sync_parent``, which writes the parent of a
-new entry. XFS, btrfs, overlayfs or NFS promise nothing of the kind. Skipping the directory fsync on
-ext4 only was measured (A/B, 6 interleaved rounds each): no difference beyond the noise, at 1 or 4
-associations, because it runs concurrently with the file's fsync. So the spool always does it, in
-a background thread, shared by concurrent writers in one folder (:class:`DirectorySyncer`). A
-folder's own entry in its parent is fsynced once per process (a crashed run may have made the
-folder without syncing its parent).
+new entry. XFS, btrfs, overlayfs or NFS promise nothing of the kind, so the spool never relies on
+it. The SCP's committer fsyncs each folder once per batch of rows, in the thread that commits them
+(a separate thread per fsync cost more CPU than the fsync itself). A folder's own entry in its
+parent is fsynced once per process (a crashed run may have made the folder without syncing its
+parent).
 
 Layout under the spool root::
 
@@ -47,7 +45,6 @@ import os
 import tempfile
 import threading
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pydicom
@@ -146,81 +143,48 @@ def _full_or(exc: OSError, path: Path) -> OSError:
     return exc
 
 
-class DirectorySyncer:
-    """Directory fsyncs shared by concurrent writers.
-
-    :meth:`request` returns a future of an fsync of the directory that starts after the call, so it
-    covers every entry change the caller made before calling. Requests that arrive while an fsync of
-    the same directory is queued but not started join it instead of queuing another.
-    """
-
-    def __init__(self, workers: int = 4) -> None:
-        self._lock = threading.Lock()
-        self._queued: dict[Path, Future[None]] = {}
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="spool-dir-fsync")
-
-    def request(self, directory: Path) -> Future[None]:
-        with self._lock:
-            future = self._queued.get(directory)
-            if future is None:
-                future = Future()
-                self._queued[directory] = future
-                self._pool.submit(self._sync, directory, future)
-        return future
-
-    def _sync(self, directory: Path, future: Future[None]) -> None:
-        with self._lock:  # from here on, new requests need a new fsync
-            if self._queued.get(directory) is future:
-                del self._queued[directory]
-        try:
-            fsync_dir(directory)
-        except BaseException as exc:
-            future.set_exception(exc)
-        else:
-            future.set_result(None)
-
-
 class StagedInstance:
-    """A received instance under its final name, its directory's fsync in flight and its file still
-    open; ``wait_durable`` (or ``discard``) must follow, once.
+    """A received instance whose name is taken in the spool; :meth:`write_durably` (or
+    :meth:`discard`) must follow, once.
 
-    ``durable`` is True when it was written the fully atomic way (it replaced a stored copy), so
-    there is nothing to wait for.
+    ``durable`` is True when it was written the fully atomic way (it replaced a stored copy): it is
+    then complete and durable already. Otherwise the file exists under its final name, still empty,
+    and its directory entry is durable only once ``directory`` has been fsynced (the SCP's committer
+    does that for every instance of a batch at once).
     """
 
-    def __init__(self, relpath: str, path: Path, fd: int | None = None, dir_synced: Future[None] | None = None) -> None:
+    def __init__(self, relpath: str, path: Path, fd: int | None = None, parts: Sequence[bytes] = ()) -> None:
         self.relpath = relpath
         self.path = path
         self.durable = fd is None
         self._fd = fd
-        self._dir_synced = dir_synced
+        self._parts = parts
 
-    def wait_durable(self) -> None:
-        """Fsync the file, wait for the directory's fsync: the content and the name then survive a
-        power cut. SpoolFullError or OSError if not."""
+    @property
+    def directory(self) -> Path | None:
+        """The folder whose fsync makes the new name durable (None when nothing is left to do)."""
+        return None if self.durable else self.path.parent
+
+    def write_durably(self) -> None:
+        """Write the content and fsync the file. SpoolFullError or OSError if not."""
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
         try:
-            self._close(sync=True)
-            if self._dir_synced is not None:
-                self._dir_synced.result()
+            _write_all(fd, self._parts)
+            os.fsync(fd)
         except OSError as exc:
             raise _full_or(exc, self.path) from exc
+        finally:
+            os.close(fd)
 
     def discard(self) -> None:
         """Remove a staged new file that will not be acknowledged."""
         if not self.durable:
-            try:
-                self._close(sync=False)
-            finally:
-                _unlink_quietly(self.path)
-
-    def _close(self, sync: bool) -> None:
-        fd, self._fd = self._fd, None
-        if fd is not None:
-            try:
-                if sync:
-                    os.fsync(fd)
-            finally:
+            fd, self._fd = self._fd, None
+            if fd is not None:
                 os.close(fd)
+            _unlink_quietly(self.path)
 
 
 def _dataset_offset(data: bytes, sop_instance_uid: str) -> int | None:
@@ -268,7 +232,6 @@ class Spool:
         root.mkdir(parents=True, exist_ok=True)
         self.root = root.resolve()
         fsync_dir(self.root.parent)
-        self._dir_syncer = DirectorySyncer()
         self._dirs_lock = threading.Lock()
         # Folders whose entry in their parent this process has made durable. A folder that already
         # exists is synced once anyway: a crashed run may have made it without syncing its parent.
@@ -281,12 +244,13 @@ class Spool:
         return relpath
 
     def stage_instance(self, series_uid: str, sop_instance_uid: str, parts: Sequence[bytes]) -> StagedInstance:
-        """Put one received instance (``parts`` written in order) under its final name and start making
-        it durable; the caller must :meth:`StagedInstance.wait_durable` before relying on it.
+        """Take the final name of one received instance (``parts`` in order) for a write to follow.
 
-        A name that already holds a file (a re-send) is replaced with :func:`atomic_write` instead,
-        durable on return, so that a crash can never cost the copy stored before. Callers must not
-        stage the same instance from two threads at once (the SCP holds a lock per SOP Instance UID).
+        A new name is created empty (``O_EXCL``: no temporary, no rename, no separate existence check);
+        :meth:`StagedInstance.write_durably` writes it, and the caller fsyncs its directory. A name that
+        already holds a file (a re-send) is replaced with :func:`atomic_write` at once instead, durable on
+        return, so that a crash can never cost the copy stored before. Callers must not stage the same
+        instance from two threads at once (the SCP holds a lock per SOP Instance UID).
         """
         relpath = self.instance_relpath(series_uid, sop_instance_uid)
         path = self.root / relpath
@@ -295,13 +259,7 @@ class Spool:
         except FileExistsError:
             _atomic_write(path, parts, self._temporary)
             return StagedInstance(relpath, path)
-        try:
-            _write_all(fd, parts)
-        except OSError as exc:
-            os.close(fd)
-            _unlink_quietly(path)
-            raise _full_or(exc, path) from exc
-        return StagedInstance(relpath, path, fd, self._dir_syncer.request(path.parent))
+        return StagedInstance(relpath, path, fd, parts)
 
     def _create_new(self, path: Path) -> int:
         """Open ``path`` for writing if no file has that name (FileExistsError otherwise); its folder

@@ -5,8 +5,8 @@ committed transaction is on disk when the call returns. Timers, the job queue an
 are rebuilt from these tables on start-up (:meth:`State.recover`).
 
 Instance rows and their files: a row normally names a file that was durable before the row was
-committed. The SCP may instead commit the row while the file's fsync is still in flight (to overlap
-the two waits); such a row carries an ``unconfirmed`` token until the file is known durable, and is
+committed. The SCP may instead commit the row before the file is written (to overlap the file's
+write and fsync with the commit); such a row carries an ``unconfirmed`` token until the file is known durable, and is
 answered to the peer only after both. After a crash, an unconfirmed row either has an intact file
 (it is confirmed) or is dropped with :meth:`State.drop_unconfirmed`: it was never acknowledged, so
 the sender still holds the instance. Confirmations are written lazily, piggybacked on the next
@@ -481,12 +481,17 @@ class State:
         )
         return [_series(r) for r in rows]
 
-    def instances(self, series_uid: str) -> list[Instance]:
-        """The instances of a series as stored now, in instance-number order."""
+    def instances(self, series_uid: str, for_version: int | None = None) -> list[Instance]:
+        """The instances of a series as stored now, in instance-number order.
+
+        With ``for_version`` (a job's), rows of a later version that are still unconfirmed are left
+        out: the SCP commits a row before writing its file, so such a file may be empty for a moment.
+        """
+        later_unconfirmed = "" if for_version is None else " AND NOT (unconfirmed IS NOT NULL AND series_version > ?)"
         rows = self._rows(
-            f"SELECT {_INSTANCE_COLUMNS} FROM instances WHERE series_uid = ? ORDER BY instance_number IS NULL,"
-            " instance_number, sop_instance_uid",
-            (series_uid,),
+            f"SELECT {_INSTANCE_COLUMNS} FROM instances WHERE series_uid = ?{later_unconfirmed}"
+            " ORDER BY instance_number IS NULL, instance_number, sop_instance_uid",
+            (series_uid,) if for_version is None else (series_uid, for_version),
         )
         return [Instance(**dict(r)) for r in rows]
 

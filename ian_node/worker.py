@@ -111,7 +111,7 @@ class Worker:
     def run_job(self, job: Job) -> None:
         """Segment one claimed job and hand its SEG to the exporter; record a failure otherwise."""
         try:
-            paths = [self._spool.path(i.path) for i in self._state.instances(job.series_uid)]
+            paths = [self._spool.path(i.path) for i in self._state.instances(job.series_uid, job.series_version)]
             t0 = time.perf_counter()
             result = segment_series(paths, self.predictor, self._options)
             t1 = time.perf_counter()

@@ -45,7 +45,7 @@ def _receive(state: State, spool: Spool, n: int, durable: bool = True) -> Receiv
     uid = f"{SERIES}.{n}"
     data, stream = _scp_file(uid)
     staged = spool.stage_instance(SERIES, uid, (data,))
-    staged.wait_durable()
+    staged.write_durably()
     inst = ReceivedInstance(
         sop_instance_uid=uid, sop_class_uid=pydicom.uid.MRImageStorage, series_uid=SERIES, study_uid="1.2.3",
         transfer_syntax_uid=pydicom.uid.ExplicitVRLittleEndian, path=staged.relpath, size=len(stream),
@@ -203,7 +203,7 @@ def test_rows_queued_during_a_commit_are_committed_together_in_the_next_one(tmp_
             for n in range(5):
                 data, stream = _scp_file(f"{SERIES}.{n}")
                 staged = spool.stage_instance(SERIES, f"{SERIES}.{n}", (data,))
-                staged.wait_durable()
+                staged.write_durably()
                 instances.append(ReceivedInstance(
                     sop_instance_uid=f"{SERIES}.{n}", sop_class_uid=pydicom.uid.MRImageStorage, series_uid=SERIES,
                     study_uid="1.2.3", transfer_syntax_uid=pydicom.uid.ExplicitVRLittleEndian, path=staged.relpath,
@@ -227,8 +227,10 @@ def test_a_new_instance_is_staged_under_its_final_name_and_a_resend_replaces_it_
     uid = f"{SERIES}.1"
     first, second = _scp_file(uid)[0], _scp_file(uid)[0] + b"\0\0"
     staged = spool.stage_instance(SERIES, uid, (first,))
-    assert not staged.durable  # its fsyncs are the caller's to wait for
-    staged.wait_durable()
+    assert not staged.durable and staged.directory == spool.path(staged.relpath).parent
+    assert spool.path(staged.relpath).read_bytes() == b""  # the name is taken first; the write follows
+    staged.write_durably()
+    assert spool.path(staged.relpath).read_bytes() == first
     again = spool.stage_instance(SERIES, uid, (second[:100], second[100:]))
     assert again.durable and again.relpath == staged.relpath  # temp file, fsync, rename, directory fsync
     assert spool.path(again.relpath).read_bytes() == second
@@ -238,10 +240,10 @@ def test_a_new_instance_is_staged_under_its_final_name_and_a_resend_replaces_it_
 def test_a_series_folder_purged_between_two_instances_is_made_again(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "spool")
     staged = spool.stage_instance(SERIES, f"{SERIES}.1", (b"first",))
-    staged.wait_durable()
+    staged.write_durably()
     assert spool.remove([staged.relpath]) == 1 and not spool.path(staged.relpath).parent.exists()
     staged = spool.stage_instance(SERIES, f"{SERIES}.2", (b"second",))
-    staged.wait_durable()
+    staged.write_durably()
     assert spool.path(staged.relpath).read_bytes() == b"second"
 
 
@@ -250,3 +252,24 @@ def test_a_discarded_staged_file_is_gone(tmp_path: Path) -> None:
     staged = spool.stage_instance(SERIES, f"{SERIES}.1", (b"never acknowledged",))
     staged.discard()
     assert not spool.path(staged.relpath).exists()
+
+
+def test_a_record_whose_folder_cannot_be_fsynced_fails_alone_and_leaves_no_row(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    with State(tmp_path / "state.sqlite3") as state:
+        committer = GroupCommitter(state)
+        committer.start()
+        try:
+            good, bad = (ReceivedInstance(
+                sop_instance_uid=f"{SERIES}.{n}", sop_class_uid=pydicom.uid.MRImageStorage, series_uid=SERIES,
+                study_uid="1.2.3", transfer_syntax_uid=pydicom.uid.ExplicitVRLittleEndian, path=f"x/{n}.dcm",
+                size=1, sha256="0" * 64, file_durable=False,
+            ) for n in (1, 2))
+            ok = committer.submit(good, directory=spool.root)
+            failed = committer.submit(bad, directory=tmp_path / "purged-meanwhile")
+            assert ok.result(timeout=10).sop_instance_uid == good.sop_instance_uid
+            with pytest.raises(FileNotFoundError):
+                failed.result(timeout=10)
+        finally:
+            committer.stop()
+        assert [i.sop_instance_uid for i in state.instances(SERIES)] == [good.sop_instance_uid]

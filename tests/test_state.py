@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -107,6 +108,16 @@ def test_series_growing_after_its_job_gets_a_new_version_and_job(state: State, c
     settled = state.settle_series(SERIES, state.series(SERIES).last_received_at, None)
     assert settled.job is not None and settled.job.series_version == 2
     assert [j.series_version for j in state.list_jobs()] == [2, 1]
+
+
+def test_a_job_does_not_see_a_later_versions_row_until_its_file_is_confirmed(state: State) -> None:
+    _queued_job(state)
+    arriving = state.record_instance(replace(_instance(2), file_durable=False))  # its file is being written
+    assert arriving.series_version == 2 and arriving.confirm_token is not None
+    assert [i.sop_instance_uid for i in state.instances(SERIES, for_version=1)] == [f"{SERIES}.0"]
+    assert len(state.instances(SERIES)) == 2
+    state.confirm_instances([(arriving.sop_instance_uid, arriving.confirm_token)])
+    assert len(state.instances(SERIES, for_version=1)) == 2
 
 
 def test_identical_resend_after_the_job_creates_no_new_version(state: State) -> None:
