@@ -352,8 +352,8 @@ class Puller:
         reason = skip_reason(series, self._config.series)
         purge = reason is not None and self._config.series.retention == "purge"
         settled = self._state.settle_series(series_uid, series.last_received_at, reason, purge=purge)
-        if settled.purged_paths:
-            self._spool.remove(settled.purged_paths)
+        if settled.purged:
+            self._spool.remove_purged(settled.purged, self._state.instance_path)
         job = settled.job
         created = job is not None
         if job is None and reason is None:

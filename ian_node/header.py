@@ -45,14 +45,15 @@ class HeaderFacts:
     frames: int
 
 
+#: HeaderFacts field -> (tag, keyword) of the four UIDs.
 _UIDS = {
-    "sop_class_uid": 0x00080016,
-    "sop_instance_uid": 0x00080018,
-    "study_uid": 0x0020000D,
-    "series_uid": 0x0020000E,
+    "sop_class_uid": (0x00080016, "SOPClassUID"),
+    "sop_instance_uid": (0x00080018, "SOPInstanceUID"),
+    "study_uid": (0x0020000D, "StudyInstanceUID"),
+    "series_uid": (0x0020000E, "SeriesInstanceUID"),
 }
 _CHARSET, _MODALITY, _DESCRIPTION, _NUMBER, _FRAMES = 0x00080005, 0x00080060, 0x0008103E, 0x00200013, 0x00280008
-_WANTED = frozenset((_CHARSET, _MODALITY, _DESCRIPTION, _NUMBER, _FRAMES, *_UIDS.values()))
+_WANTED = frozenset((_CHARSET, _MODALITY, _DESCRIPTION, _NUMBER, _FRAMES, *(tag for tag, _ in _UIDS.values())))
 _LAST = max(_WANTED)
 #: Explicit VRs whose length takes 4 bytes after 2 reserved ones (PS3.5 7.1.2).
 _LONG_VRS = frozenset((b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"))
@@ -129,15 +130,15 @@ def _read_with_pydicom(data: bytes, syntax: UID) -> dict[int, bytes]:
 
 
 def _facts(raw: dict[int, bytes]) -> HeaderFacts:
-    uids = {key: checked_uid(_uid(raw.get(tag)), _KEYWORDS[tag]) for key, tag in _UIDS.items()}
+    uids = {key: checked_uid(_uid(raw.get(tag)), keyword) for key, (tag, keyword) in _UIDS.items()}
     try:
-        frames = int(_text(raw.get(_FRAMES)) or 1)
+        frames = _integer(_text(raw.get(_FRAMES)) or "1")
     except ValueError:
         raise HeaderError("NumberOfFrames is not an integer") from None
     if frames < 1:
         raise HeaderError(f"NumberOfFrames is {frames} in {uids['sop_instance_uid']}")
     try:
-        number: int | None = int(_text(raw.get(_NUMBER)))
+        number: int | None = _integer(_text(raw.get(_NUMBER)))
     except ValueError:
         number = None
     return HeaderFacts(
@@ -149,8 +150,15 @@ def _facts(raw: dict[int, bytes]) -> HeaderFacts:
     )
 
 
-_KEYWORDS = {0x00080016: "SOPClassUID", 0x00080018: "SOPInstanceUID", 0x0020000D: "StudyInstanceUID",
-             0x0020000E: "SeriesInstanceUID"}
+def _integer(text: str) -> int:
+    """An IS value; like pydicom, "7.0" is 7 (ValueError for anything else that is not an integer)."""
+    try:
+        return int(text)
+    except ValueError:
+        number = float(text)
+        if not number.is_integer():
+            raise
+        return int(number)
 
 
 def _uid(value: bytes | None) -> str | None:

@@ -58,9 +58,8 @@ import logging
 import queue
 import ssl
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from enum import IntEnum
 from pathlib import Path
@@ -262,27 +261,6 @@ class GroupCommitter:
         return [r for r in records if r.directory not in failed]
 
 
-class _KeyLocks:
-    """One lock per key (SOP Instance UID), created on demand and gone when free."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._held: set[str] = set()
-
-    @contextmanager
-    def hold(self, key: str) -> Iterator[None]:
-        with self._cond:
-            while key in self._held:
-                self._cond.wait()
-            self._held.add(key)
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._held.discard(key)
-                self._cond.notify_all()
-
-
 def recover_unconfirmed(state: State, spool: Spool) -> tuple[int, int]:
     """Settle the rows a crash left unconfirmed: confirm those whose file is intact (now made
     durable), drop the others with their file. Returns (confirmed, dropped)."""
@@ -355,7 +333,6 @@ class StorageSCP:
         self._sop_classes = frozenset(dicom.sop_classes)
         self._server: ThreadedAssociationServer | None = None
         self._committer: GroupCommitter | None = None
-        self._sop_locks = _KeyLocks()
         recover_unconfirmed(state, spool)
 
         ae = AE(ae_title=dicom.ae_title)
@@ -445,7 +422,7 @@ class StorageSCP:
         committer = self._committer
         if committer is None:
             raise _Refused(Status.PROCESSING_FAILURE, f"cannot record {uid}: the SCP is stopping")
-        with self._sop_locks.hold(uid):
+        with self._spool.instance_lock(uid):
             try:
                 staged = self._spool.stage_instance(header.series_uid, uid, (event.encoded_dataset(),))
             except SpoolFullError as exc:

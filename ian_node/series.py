@@ -123,7 +123,7 @@ class SeriesTracker:
         if reason is not None:
             logger.info("series %s not selected: %s", series_uid, reason)
             if purge:
-                removed = self._spool.remove(settled.purged_paths)
+                removed = self._spool.remove_purged(settled.purged, self._state.instance_path)
                 logger.info("series %s: purged %d files (retention policy)", series_uid, removed)
             return None
         job = settled.job

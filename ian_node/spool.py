@@ -44,7 +44,8 @@ import logging
 import os
 import tempfile
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import pydicom
@@ -233,6 +234,8 @@ class Spool:
         self.root = root.resolve()
         fsync_dir(self.root.parent)
         self._dirs_lock = threading.Lock()
+        self._held_changed = threading.Condition()  # instance_lock: the SOP Instance UIDs held now
+        self._held: set[str] = set()
         # Folders whose entry in their parent this process has made durable. A folder that already
         # exists is synced once anyway: a crashed run may have made it without syncing its parent.
         self._durable_dirs: set[Path] = {self.root}
@@ -249,8 +252,8 @@ class Spool:
         A new name is created empty (``O_EXCL``: no temporary, no rename, no separate existence check);
         :meth:`StagedInstance.write_durably` writes it, and the caller fsyncs its directory. A name that
         already holds a file (a re-send) is replaced with :func:`atomic_write` at once instead, durable on
-        return, so that a crash can never cost the copy stored before. Callers must not stage the same
-        instance from two threads at once (the SCP holds a lock per SOP Instance UID).
+        return, so that a crash can never cost the copy stored before. Callers hold
+        :meth:`instance_lock` from here until the instance's row is committed.
         """
         relpath = self.instance_relpath(series_uid, sop_instance_uid)
         path = self.root / relpath
@@ -356,26 +359,58 @@ class Spool:
 
     def remove(self, relpaths: Iterable[str]) -> int:
         """Delete stored files (and series folders left empty); returns how many files went."""
-        removed = 0
         parents: set[Path] = set()
-        for relpath in relpaths:
-            full = self.path(relpath)
-            try:
-                full.unlink()
-                removed += 1
-            except FileNotFoundError:
-                continue
-            parents.add(full.parent)
+        removed = sum(self._unlink(relpath, parents) for relpath in relpaths)
+        self._settle_folders(parents)
+        return removed
+
+    def remove_purged(self, purged: Iterable[tuple[str, str]], recorded_path: Callable[[str], str | None]) -> int:
+        """Delete the files of purged instances, given as (SOP Instance UID, path), each under its
+        :meth:`instance_lock`; a file that a row names again is kept, since the instance was sent again
+        after its row was purged (the re-send took the same name). Returns how many files went."""
+        parents: set[Path] = set()
+        removed = 0
+        for uid, relpath in purged:
+            with self.instance_lock(uid):
+                if recorded_path(uid) != relpath:
+                    removed += self._unlink(relpath, parents)
+        self._settle_folders(parents)
+        return removed
+
+    @contextmanager
+    def instance_lock(self, sop_instance_uid: str) -> Iterator[None]:
+        """Hold the instance's name: whoever writes, records or removes its file holds this lock."""
+        with self._held_changed:
+            while sop_instance_uid in self._held:
+                self._held_changed.wait()
+            self._held.add(sop_instance_uid)
+        try:
+            yield
+        finally:
+            with self._held_changed:
+                self._held.discard(sop_instance_uid)
+                self._held_changed.notify_all()
+
+    def _unlink(self, relpath: str, parents: set[Path]) -> bool:
+        full = self.path(relpath)
+        try:
+            full.unlink()
+        except FileNotFoundError:
+            return False
+        parents.add(full.parent)
+        return True
+
+    def _settle_folders(self, parents: Iterable[Path]) -> None:
+        """Make removals durable; a series folder left empty goes."""
         for parent in parents:
             try:
-                parent.rmdir()  # a series folder left empty
+                parent.rmdir()
             except OSError:  # not empty (e.g. new instances arrived meanwhile)
                 fsync_dir(parent)
                 continue
             with self._dirs_lock:
                 self._durable_dirs.discard(parent)
             fsync_dir(parent.parent)
-        return removed
 
     def remove_stale_temporaries(self) -> int:
         """Delete half-written temporaries a crash left behind; returns how many."""

@@ -265,7 +265,8 @@ class Settlement:
 
     applied: bool
     job: Job | None = None
-    purged_paths: tuple[str, ...] = ()
+    #: (SOP Instance UID, path) of each instance row the purge deleted; the caller deletes the files.
+    purged: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -517,11 +518,13 @@ class State:
                 (status, skip_reason, series_uid),
             )
             if skip_reason is not None:
-                paths: tuple[str, ...] = ()
+                purged: tuple[tuple[str, str], ...] = ()
                 if purge:
-                    rows = db.execute("DELETE FROM instances WHERE series_uid = ? RETURNING path", (series_uid,))
-                    paths = tuple(r["path"] for r in rows.fetchall())
-                return Settlement(applied=True, purged_paths=paths)
+                    rows = db.execute(
+                        "DELETE FROM instances WHERE series_uid = ? RETURNING sop_instance_uid, path", (series_uid,)
+                    )
+                    purged = tuple((r["sop_instance_uid"], r["path"]) for r in rows.fetchall())
+                return Settlement(applied=True, purged=purged)
             cur = db.execute(
                 "INSERT OR IGNORE INTO jobs (series_uid, series_version, state, created_at, updated_at)"
                 " VALUES (?, ?, 'queued', ?, ?)",
@@ -531,6 +534,11 @@ class State:
                 return Settlement(applied=True)  # this version already has its job
             job = _job(db.execute("SELECT * FROM jobs WHERE id = ?", (cur.lastrowid,)).fetchone())
             return Settlement(applied=True, job=job)
+
+    def instance_path(self, sop_instance_uid: str) -> str | None:
+        """The spool path the instance's row names (None: no row)."""
+        rows = self._rows("SELECT path FROM instances WHERE sop_instance_uid = ?", (sop_instance_uid,))
+        return str(rows[0][0]) if rows else None
 
     def instances_received(self) -> int:
         """C-STOREs committed since the state was created (re-sends included)."""

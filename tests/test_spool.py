@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
@@ -83,3 +84,28 @@ def test_full_disk_raises_spool_full_and_keeps_earlier_files_intact() -> None:
         assert not list(mount.rglob(".partial-*"))
         with pytest.raises(SpoolFullError):
             atomic_write(mount / "results" / "job-1.dcm", b"y" * 200_000)
+
+
+def test_purge_keeps_the_file_of_an_instance_recorded_again_after_its_row_was_purged(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    resent, gone = f"{SERIES}.1", f"{SERIES}.2"
+    paths = {uid: spool.write_instance(SERIES, uid, b"data") for uid in (resent, gone)}
+    recorded = {resent: paths[resent]}  # re-sent after the purge: its new row names the same file
+    assert spool.remove_purged(paths.items(), recorded.get) == 1
+    assert spool.path(paths[resent]).exists() and not spool.path(paths[gone]).exists()
+
+
+def test_purge_waits_for_a_resend_in_progress_and_keeps_its_file(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    uid = f"{SERIES}.1"
+    relpath = spool.write_instance(SERIES, uid, b"purged copy")
+    recorded: dict[str, str] = {}
+    with spool.instance_lock(uid):  # the SCP is storing a re-send of this instance
+        purge = threading.Thread(target=spool.remove_purged, args=([(uid, relpath)], recorded.get))
+        purge.start()
+        purge.join(timeout=0.3)
+        assert purge.is_alive() and spool.path(relpath).read_bytes() == b"purged copy"
+        spool.write_instance(SERIES, uid, b"re-sent copy")
+        recorded[uid] = relpath  # ...and commits its row before it lets go
+    purge.join(timeout=10)
+    assert not purge.is_alive() and spool.path(relpath).read_bytes() == b"re-sent copy"

@@ -137,7 +137,7 @@ def test_skipped_series_records_reason_and_purge_returns_its_files(state: State)
     state.record_instance(_instance(2))
     settled = state.settle_series(SERIES, state.series(SERIES).last_received_at, "too few", purge=True)
     assert settled.applied and settled.job is None
-    assert sorted(settled.purged_paths) == sorted(i.path for i in (_instance(1), _instance(2)))
+    assert sorted(settled.purged) == sorted((i.sop_instance_uid, i.path) for i in (_instance(1), _instance(2)))
     series = state.series(SERIES)
     assert (series.status, series.status_reason, series.instance_count) == ("skipped", "too few", 0)
 
