@@ -37,17 +37,15 @@ never acknowledged, so the sender still has it and will send it again.
 
 An instance that *replaces* a stored copy (a re-send) is written the fully atomic way first (temp
 file, fsync, rename, directory fsync) and recorded as confirmed, so a crash can never cost the copy
-acknowledged before. Two associations sending the same SOP Instance UID at once are serialised.
+acknowledged before. Two associations sending the same SOP Instance UID at once are serialised by
+:meth:`Spool.instance_lock`, which the retention purge takes too.
 
-Measured (``benchmarks/ingest.py``, 200 instances of 130 KiB, a 2-vCPU VM shared with other jobs,
-ext4 without a journal), against a bare pynetdicom SCP that only writes and fsyncs each file: one
-association 0.94x on a quiet machine (the former sequential version: 0.93x) and 1.02x while other
-jobs made every fsync slow (sequential: 0.66x); four associations 0.80-0.82x either way
-(sequential: 0.77-0.84x). What remains is CPU, not the disk: on a RAM disk the same comparison
-gives 0.79x / 0.87x. With four associations the process is CPU- and GIL-bound (pynetdicom itself
-costs the bare SCP 1.4-2.5 ms of CPU per instance), so this SCP's ~0.5 ms of bookkeeping per
-instance (pydicom header parse ~0.2 ms, sha256 ~0.13 ms, SQLite, thread hand-offs) shows in full,
-and no ordering of the fsyncs can hide it.
+Measured (``benchmarks/node.py --only ingest --ingest-files 400 --repeats 10``, 130 KiB instances, a
+2-vCPU VM, ext4 without a journal; ``docs/performance.md``, run D) against a bare pynetdicom SCP
+that only writes and fsyncs each file: 0.96x on one association, 0.84x on four (0.80-0.89x over
+the day). With four senders the process is CPU-bound, so the ratio follows CPU per instance: the
+bare SCP spends 2.1-2.3 ms (nearly all pynetdicom), this one 0.6-0.7 ms more, mostly the committer
+thread (sha256, the folder's fsync, the SQLite commit at about 1.3 rows per batch).
 """
 
 from __future__ import annotations
