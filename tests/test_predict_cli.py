@@ -12,19 +12,19 @@ import torch
 
 from ian_node.cli import main
 from ian_node.phantom import PhantomFiles
-from tests.integration.serve_process import small_checkpoint, write_small_phantom
+from tests.integration.node_harness import small_phantom, untrained_checkpoint
 from tests.tools import dciodvfy_errors
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return small_checkpoint(tmp_path_factory.mktemp("model") / "small.pt")
+    return untrained_checkpoint(tmp_path_factory.mktemp("model") / "small.pt", size=32, attention=False)
 
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory: pytest.TempPathFactory) -> PhantomFiles:
     """A phantom study folder: its MR series, its ground-truth SEG and a summary.json."""
-    return write_small_phantom(tmp_path_factory.mktemp("study"), 0)
+    return small_phantom(tmp_path_factory.mktemp("study"), 0)
 
 
 @pytest.fixture(autouse=True)
@@ -59,7 +59,7 @@ def test_predict_on_a_study_folder_writes_a_valid_seg_of_its_image_series(
 def test_predict_on_two_series_exits_2_naming_both_until_series_picks_one(
     study: PhantomFiles, checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    other = write_small_phantom(tmp_path / "other", 1)
+    other = small_phantom(tmp_path / "other", 1)
     out = tmp_path / "seg.dcm"
     args = ["predict", str(study.series_dir), str(other.series_dir), "--out", str(out),
             "--checkpoint", str(checkpoint), "--device", "cpu"]

@@ -13,61 +13,22 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 import pydicom
-import torch
 from pydicom.dataset import Dataset
 
-from ian_node.phantom import PhantomConfig, PhantomFiles, generate_phantom, write_phantom
 from ian_node.state import Delivery, Job, State
-from model import registry
-from model.checkpoint import CheckpointMeta, InputContract, save_checkpoint
 from tests.integration.peers import wait_for_port
 from tests.tools import dcmtk, free_port
 
-#: A phantom small enough for a job to take seconds on a loaded 2-core CPU.
-SMALL_PHANTOM = PhantomConfig(shape=(24, 96, 96))
 NODE_AE = "IANNODE"
 DEST_AE = "DEST"
 SENDER_AE = "STORESCU"
 
-T = TypeVar("T")
 _STATUS_RE = re.compile(r"DIMSE Status\s*:\s*0x([0-9a-fA-F]{4})")
-
-
-def small_checkpoint(path: Path, seed: int = 0) -> Path:
-    """An untrained IAN-Net (width 0.125, no split attention: 2-3x faster on a CPU) on 32-pixel slices.
-
-    The real checkpoint → predictor path, deterministic, and a job in seconds; it marks (nearly) every
-    voxel of each side, which is all that plumbing tests need.
-    """
-    torch.manual_seed(seed)
-    net = registry.build("ian_net", width=0.125, attention=False)
-    meta = CheckpointMeta(architecture="ian_net", width=0.125, options={"attention": False}, variant=net.variant,
-                          input=InputContract(size=32), label="untrained test model")
-    save_checkpoint(path, net, meta)
-    return path
-
-
-def write_small_phantom(folder: Path, patient: int, seed: int = 7) -> PhantomFiles:
-    """Patient ``patient`` of ``seed`` as a small phantom study (each patient has its own UIDs)."""
-    return write_phantom(generate_phantom(patient, seed, SMALL_PHANTOM), folder)
-
-
-def wait_until(probe: Callable[[], T], timeout: float, what: Callable[[], str] | str) -> T:
-    """Poll ``probe`` until it returns something truthy; fail naming ``what`` (and its state) otherwise."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout} s: {what() if callable(what) else what}")
-        time.sleep(0.05)
 
 
 @dataclass

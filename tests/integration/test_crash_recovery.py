@@ -16,10 +16,8 @@ import pytest
 
 from ian_node.state import DeliveryState, JobState, State
 from tests.integration.peers import storescu
-from tests.integration.serve_process import (
-    Destination, NodeSetup, ServeProcess, sent_statuses, small_checkpoint, storescu_command, wait_until,
-    write_small_phantom,
-)
+from tests.integration.node_harness import small_phantom, untrained_checkpoint, wait_for
+from tests.integration.serve_process import Destination, NodeSetup, ServeProcess, sent_statuses, storescu_command
 
 pytestmark = pytest.mark.integration
 
@@ -29,7 +27,7 @@ JOB_TIMEOUT = 90.0
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return small_checkpoint(tmp_path_factory.mktemp("model") / "small.pt")
+    return untrained_checkpoint(tmp_path_factory.mktemp("model") / "small.pt", size=32, attention=False)
 
 
 def _wait_for_state(setup: NodeSetup, serve: ServeProcess, series_uid: str, *states: JobState,
@@ -38,12 +36,12 @@ def _wait_for_state(setup: NodeSetup, serve: ServeProcess, series_uid: str, *sta
         job = setup.job_for(series_uid)
         return job is not None and job.state in states
 
-    wait_until(reached, timeout, lambda: f"{setup.describe()}\n--- serve log ---\n{serve.log_tail()}")
+    wait_for(reached, timeout, lambda: f"{setup.describe()}\n--- serve log ---\n{serve.log_tail()}")
 
 
 def test_sigkill_mid_receive_loses_no_acknowledged_instance(tmp_path: Path, checkpoint: Path) -> None:
     setup = NodeSetup(tmp_path, checkpoint, quiet_period_s=60.0)  # no job may start in this test
-    files = list(write_small_phantom(tmp_path / "phantom", 30).instances)
+    files = list(small_phantom(tmp_path / "phantom", 30).instances)
     serve = ServeProcess(setup, "first").start()
     sender = subprocess.Popen(storescu_command(setup.port, files), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True)
@@ -72,7 +70,7 @@ def test_sigkill_after_acknowledged_instances_inside_the_quiet_period_still_deli
     tmp_path: Path, checkpoint: Path
 ) -> None:
     setup = NodeSetup(tmp_path, checkpoint, quiet_period_s=3.0)
-    phantom = write_small_phantom(tmp_path / "phantom", 31)
+    phantom = small_phantom(tmp_path / "phantom", 31)
     uid = phantom.series_uid
     with Destination(tmp_path / "pacs", setup.dest_port) as dest:
         serve = ServeProcess(setup, "first").start()
@@ -93,7 +91,7 @@ def test_sigkill_after_acknowledged_instances_inside_the_quiet_period_still_deli
 
 def test_sigkill_mid_job_reruns_the_job_and_delivers_one_seg(tmp_path: Path, checkpoint: Path) -> None:
     setup = NodeSetup(tmp_path, checkpoint)
-    phantom = write_small_phantom(tmp_path / "phantom", 32)
+    phantom = small_phantom(tmp_path / "phantom", 32)
     uid = phantom.series_uid
     with Destination(tmp_path / "pacs", setup.dest_port) as dest:
         serve = ServeProcess(setup, "first").start()
@@ -112,12 +110,12 @@ def test_sigkill_mid_job_reruns_the_job_and_delivers_one_seg(tmp_path: Path, che
 
 def test_sigkill_during_export_redelivers_the_same_seg_once(tmp_path: Path, checkpoint: Path) -> None:
     setup = NodeSetup(tmp_path, checkpoint, max_attempts=100, backoff_s=0.2, max_backoff_s=0.5)
-    phantom = write_small_phantom(tmp_path / "phantom", 33)
+    phantom = small_phantom(tmp_path / "phantom", 33)
     uid = phantom.series_uid
     serve = ServeProcess(setup, "first").start()  # the destination is down
     storescu(setup.port, list(phantom.instances))
     _wait_for_state(setup, serve, uid, JobState.EXPORTING)
-    wait_until(lambda: setup.deliveries(setup.job_for(uid).id)[0].attempts >= 2, 30, setup.describe)
+    wait_for(lambda: setup.deliveries(setup.job_for(uid).id)[0].attempts >= 2, 30, setup.describe)
     serve.kill()
     job = setup.job_for(uid)
     (delivery,) = setup.deliveries(job.id)

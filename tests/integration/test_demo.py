@@ -14,7 +14,8 @@ import torch
 from ian_node.demo import run_demo
 from ian_node.phantom import PhantomConfig
 from model.checkpoint import BUNDLED_CHECKPOINT
-from tests.integration.serve_process import ian_node_command, small_checkpoint
+from tests.integration.node_harness import untrained_checkpoint
+from tests.integration.serve_process import ian_node_command
 
 pytestmark = pytest.mark.integration
 
@@ -34,7 +35,7 @@ def one_torch_thread() -> Iterator[None]:
 
 
 def test_demo_command_reports_dsc_per_side_and_a_seg_without_dciodvfy_errors(tmp_path: Path) -> None:
-    checkpoint = small_checkpoint(tmp_path / "small.pt")
+    checkpoint = untrained_checkpoint(tmp_path / "small.pt", size=32, attention=False)
     proc = subprocess.run(
         [*ian_node_command(), "demo", "--shape", "24,96,96", "--checkpoint", str(checkpoint), "--out",
          str(tmp_path / "demo")],

@@ -30,10 +30,8 @@ from ian_node.state import DeliveryState, JobState
 from ian_node.volume import load_series
 from model.checkpoint import LoadedCheckpoint, load_checkpoint
 from tests.integration.peers import storescu
-from tests.integration.serve_process import (
-    DEST_AE, NODE_AE, SMALL_PHANTOM, Destination, NodeSetup, ServeProcess, ian_node_command, small_checkpoint,
-    wait_until, write_small_phantom,
-)
+from tests.integration.node_harness import SMALL_PHANTOM, small_phantom, untrained_checkpoint, wait_for
+from tests.integration.serve_process import DEST_AE, NODE_AE, Destination, NodeSetup, ServeProcess, ian_node_command
 from tests.tools import dcmtk, dciodvfy_errors, free_port
 
 pytestmark = pytest.mark.integration
@@ -55,7 +53,7 @@ class RunningNode:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return small_checkpoint(tmp_path_factory.mktemp("model") / "small.pt")
+    return untrained_checkpoint(tmp_path_factory.mktemp("model") / "small.pt", size=32, attention=False)
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +79,7 @@ def _wait_for_done(node: RunningNode, series_uid: str) -> None:
         assert job is None or job.state is not JobState.FAILED, node.describe()
         return job is not None and job.state is JobState.DONE
 
-    wait_until(done, JOB_TIMEOUT, node.describe)
+    wait_for(done, JOB_TIMEOUT, node.describe)
 
 
 #: name: (dcmtk encoder or None, storescu option proposing its transfer syntax, expected syntax, patient)
@@ -95,7 +93,7 @@ CODECS = {
 @pytest.mark.parametrize("codec", list(CODECS))
 def test_storescu_series_yields_one_valid_seg_at_storescp(node: RunningNode, tmp_path: Path, codec: str) -> None:
     tool, options, syntax, patient = CODECS[codec]
-    phantom = write_small_phantom(tmp_path / "phantom", patient)
+    phantom = small_phantom(tmp_path / "phantom", patient)
     files = list(phantom.instances) if tool is None else _compress(phantom, tmp_path / "compressed", tool)
     if syntax is not None:
         assert pydicom.dcmread(files[0], stop_before_pixels=True).file_meta.TransferSyntaxUID == syntax
@@ -126,16 +124,16 @@ def _rotated_orientation(degrees: float) -> list[float]:
 def test_series_with_inconsistent_geometry_fails_naming_it_and_the_next_series_still_runs(
     node: RunningNode, tmp_path: Path
 ) -> None:
-    bad = write_small_phantom(tmp_path / "bad", 3)
+    bad = small_phantom(tmp_path / "bad", 3)
     odd = pydicom.dcmread(bad.instances[5])
     odd.ImageOrientationPatient = _rotated_orientation(10.0)  # one slice tilted against the others
     odd.save_as(bad.instances[5], enforce_file_format=True)
-    good = write_small_phantom(tmp_path / "good", 4)
+    good = small_phantom(tmp_path / "good", 4)
 
     for files in (bad, good):
         _, statuses = storescu(node.setup.port, list(files.instances))
         assert statuses == [SUCCESS] * len(files.instances)  # acknowledged: the refusal is the job's
-        wait_until(lambda: node.setup.job_for(files.series_uid), 30, node.describe)
+        wait_for(lambda: node.setup.job_for(files.series_uid), 30, node.describe)
 
     _wait_for_done(node, good.series_uid)
     failed = node.setup.job_for(bad.series_uid)
@@ -182,7 +180,7 @@ def test_ground_truth_predictor_through_the_node_reproduces_the_ground_truth_in_
         try:
             _, statuses = storescu(node.scp.port, list(files.instances))
             assert statuses == [SUCCESS] * len(files.instances)
-            segs = wait_until(lambda: dest.segs_for(files.series_uid), JOB_TIMEOUT,
+            segs = wait_for(lambda: dest.segs_for(files.series_uid), JOB_TIMEOUT,
                               lambda: str(node.state.list_jobs()))
         finally:
             node.stop()
@@ -201,10 +199,10 @@ def test_delivery_failed_after_max_attempts_reaches_the_destination_after_jobs_r
     tmp_path: Path, checkpoint: Path
 ) -> None:
     setup = NodeSetup(tmp_path, checkpoint, max_attempts=2, backoff_s=0.2, max_backoff_s=0.2)
-    phantom = write_small_phantom(tmp_path / "phantom", 6)
+    phantom = small_phantom(tmp_path / "phantom", 6)
     with ServeProcess(setup) as serve:  # the destination is down
         storescu(setup.port, list(phantom.instances))
-        wait_until(lambda: (j := setup.job_for(phantom.series_uid)) and j.state is JobState.FAILED, JOB_TIMEOUT,
+        wait_for(lambda: (j := setup.job_for(phantom.series_uid)) and j.state is JobState.FAILED, JOB_TIMEOUT,
                    lambda: f"{setup.describe()}\n{serve.log_tail()}")
         job = setup.job_for(phantom.series_uid)
         (delivery,) = setup.deliveries(job.id)
@@ -216,7 +214,7 @@ def test_delivery_failed_after_max_attempts_reaches_the_destination_after_jobs_r
             retried = _jobs_cli(setup, "retry", str(job.id))
             assert retried.returncode == 0, retried.stderr
             # SQLite is the single source of truth: a running node must notice the operator's retry
-            wait_until(lambda: setup.job_for(phantom.series_uid).state is JobState.DONE, 15,
+            wait_for(lambda: setup.job_for(phantom.series_uid).state is JobState.DONE, 15,
                        lambda: f"the running node did not act on `jobs retry` (changed in its SQLite state): "
                                f"{setup.describe()}\n{serve.log_tail()}")
             assert len(dest.segs_for(phantom.series_uid)) == 1
