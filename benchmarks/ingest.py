@@ -21,6 +21,8 @@ shared machine the rates drift by a factor of two between minutes, so use many r
 The last column is the receiver process's CPU time per instance (user + system, all its threads),
 which is what bounds the rate when the machine's cores are busy. ``--dir`` puts the receivers'
 folders elsewhere (``/dev/shm`` shows the cost without any disk), ``--receivers`` picks a subset.
+``--receivers bare,node,node-without-commit`` adds a diagnostic receiver: the node's SCP whose rows
+are answered at once and never recorded, which shows what the durable SQLite commit costs.
 
 ``--sender-nodelay`` gives the storescu senders ``TCP_NODELAY=1`` too. Without it, storescp's rate on
 one association is dominated by Nagle / delayed-ACK stalls on this machine (tens of instances/s);
@@ -39,8 +41,10 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pydicom
@@ -49,10 +53,10 @@ from pydicom.uid import MRImageStorage, generate_uid
 from pynetdicom import AE, evt
 
 from ian_node.config import DicomConfig, SeriesConfig, TlsConfig
-from ian_node.scp import TRANSFER_SYNTAXES, StorageSCP
+from ian_node.scp import TRANSFER_SYNTAXES, GroupCommitter, StorageSCP
 from ian_node.series import SeriesTracker
 from ian_node.spool import Spool
-from ian_node.state import State
+from ian_node.state import ReceivedInstance, RecordOutcome, State
 
 DCMTK = Path("/usr/bin")  # pynetdicom's own storescu shim shadows dcmtk's on PATH
 
@@ -144,10 +148,29 @@ def node_receiver(out: Path) -> Iterator[int]:
         state.close()
 
 
+@contextmanager
+def node_without_commit_receiver(out: Path) -> Iterator[int]:
+    """Diagnostic, not a node: its SCP with every row answered at once and never recorded (no sha256,
+    no folder fsync, no SQLite commit), i.e. what ingest costs apart from the durable commit."""
+
+    def answered(self: GroupCommitter, instance: ReceivedInstance, dataset: bytes | None = None,
+                 directory: Path | None = None) -> Future[RecordOutcome]:
+        future: Future[RecordOutcome] = Future()
+        future.set_result(RecordOutcome(instance.series_uid, 1, time.time(), True, True, instance.sop_instance_uid))
+        return future
+
+    with mock.patch.object(GroupCommitter, "submit", answered), node_receiver(out) as port:
+        yield port
+
+
 RECEIVERS: dict[str, Callable[[Path], AbstractContextManager[int]]] = {
     "storescp": storescp_receiver,
     "bare": bare_receiver,
     "node": node_receiver,
+}
+#: Picked only by name with --receivers (benchmarks/node.py runs RECEIVERS).
+DIAGNOSTIC_RECEIVERS: dict[str, Callable[[Path], AbstractContextManager[int]]] = {
+    "node-without-commit": node_without_commit_receiver,
 }
 
 
@@ -190,7 +213,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dir", type=Path, default=None, help="where receivers write (default: the temp folder)")
     parser.add_argument("--receivers", default=",".join(RECEIVERS), help="comma-separated subset of receivers")
     args = parser.parse_args(argv)
-    chosen = {name: RECEIVERS[name] for name in args.receivers.split(",")}
+    known = {**RECEIVERS, **DIAGNOSTIC_RECEIVERS}
+    unknown = [name for name in args.receivers.split(",") if name not in known]
+    if unknown:
+        parser.error(f"unknown receivers {unknown}; choose from {sorted(known)}")
+    chosen = {name: known[name] for name in args.receivers.split(",")}
 
     with tempfile.TemporaryDirectory(prefix="ian-node-ingest-", dir=args.dir) as tmp:
         root = Path(tmp)
@@ -219,10 +246,12 @@ def main(argv: list[str] | None = None) -> int:
         load = "(separate process)" if name == "storescp" else f"{cpu_ms[(name, 1)]:.2f} / {cpu_ms[(name, args.parallel)]:.2f}"
         print(f"| {name} | {med[(name, 1)]:.1f} | {med[(name, args.parallel)]:.1f} | {load} |")
     print()
-    for ref in [r for r in ("storescp", "bare") if r in chosen and "node" in chosen]:
-        ratios = " | ".join(f"{med[('node', p)] / med[(ref, p)]:.2f}×" for p in (1, args.parallel))
-        spread = " | ".join(_round_ratios(rates[("node", p)], rates[(ref, p)]) for p in (1, args.parallel))
-        print(f"node / {ref}: {ratios}  (1 | {args.parallel} associations); per round: {spread}")
+    measured = [name for name in chosen if name not in ("storescp", "bare")]
+    for name in measured:
+        for ref in [r for r in ("storescp", "bare") if r in chosen]:
+            ratios = " | ".join(f"{med[(name, p)] / med[(ref, p)]:.2f}×" for p in (1, args.parallel))
+            spread = " | ".join(_round_ratios(rates[(name, p)], rates[(ref, p)]) for p in (1, args.parallel))
+            print(f"{name} / {ref}: {ratios}  (1 | {args.parallel} associations); per round: {spread}")
     return 0
 
 
