@@ -415,7 +415,8 @@ class StorageSCP:
         return int(Status.SUCCESS)
 
     def _receive(self, event: evt.Event) -> ReceivedInstance:
-        header = self._describe(event)
+        dataset = event.encoded_dataset(include_meta=False)  # a copy: taken once
+        header = self._describe(event, dataset)
         uid = header.sop_instance_uid
         committer = self._committer
         if committer is None:
@@ -431,7 +432,7 @@ class StorageSCP:
             # and the commit overlap the write and the file's fsync; it is recorded unconfirmed.
             received = replace(header, path=staged.relpath, file_durable=staged.durable)
             try:
-                recorded = committer.submit(received, event.encoded_dataset(include_meta=False), staged.directory)
+                recorded = committer.submit(received, dataset, staged.directory)
             except RuntimeError as exc:
                 staged.discard()
                 raise _Refused(Status.PROCESSING_FAILURE, f"cannot record {uid}: {exc}") from exc
@@ -471,11 +472,11 @@ class StorageSCP:
                 logger.exception("could not take back the row of %s (recovery will)", outcome.sop_instance_uid)
         staged.discard()
 
-    def _describe(self, event: evt.Event) -> ReceivedInstance:
+    def _describe(self, event: evt.Event, dataset: bytes) -> ReceivedInstance:
         """The header facts the state needs, checked (anything wrong is 0xC210 or 0xA900); no file yet."""
         syntax = str(event.context.transfer_syntax)
         try:
-            facts = read_header_facts(event.encoded_dataset(include_meta=False), syntax)
+            facts = read_header_facts(dataset, syntax)
         except (HeaderError, UnsafeUIDError) as exc:
             raise _Refused(Status.CANNOT_UNDERSTAND, str(exc)) from exc
         context_class = event.context.abstract_syntax
