@@ -13,6 +13,7 @@ from model.blocks.res2net import BackboneCheckpointError, ours_to_official
 from model.networks.base import InputSizeError
 from model.networks.caranet import CaraNet
 from model.registry import build
+from tests.model.gradients import parameters_without_gradient
 
 #: REFERENCE.md "CaraNet": official model without its unused Res2Net classifier, 3 in, 1 class.
 REFERENCE_PARAMS = 44.59e6
@@ -69,7 +70,7 @@ def test_train_forward_returns_main_and_three_aux_at_input_resolution(small_trai
 
 def test_gradients_reach_every_parameter(small_trained) -> None:
     model, _, _ = small_trained
-    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.any(p.grad != 0)]
+    missing = parameters_without_gradient(model)
     assert missing == []
 
 

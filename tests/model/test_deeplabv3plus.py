@@ -10,6 +10,7 @@ import torch
 from model.blocks.resnet import load_torchvision_weights, resnet18, resnet50
 from model.networks.base import InputSizeError
 from model.networks.deeplabv3plus import DeepLabV3Plus
+from tests.model.gradients import parameters_without_gradient
 
 #: REFERENCE.md: ResNet-50, output stride 16, one decoder conv, 3 input channels, 1 class.
 REFERENCE_PARAMS = 39.76e6
@@ -50,7 +51,7 @@ def test_train_step_gives_input_sized_logits_and_reaches_every_parameter() -> No
     assert out.logits.shape == (2, 1, 64, 64)
     assert len(out.aux) + 1 == len(model.loss_weights) == 1
     out.logits.square().mean().backward()
-    no_grad = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    no_grad = parameters_without_gradient(model)
     assert no_grad == []
 
 

@@ -25,6 +25,7 @@ from model.blocks.swin import (
 from model.networks.base import InputSizeError
 from model.networks.ds_transunet import DSTransUNet
 from model.registry import build
+from tests.model.gradients import parameters_without_gradient
 
 #: Parameters of the official UNet(128, 1) with 3 input channels (REFERENCE.md).
 REFERENCE_PARAMS = 171.44e6
@@ -90,7 +91,7 @@ def test_train_forward_returns_main_and_two_aux_logits_at_input_resolution(small
 
 def test_gradients_reach_every_parameter(small_trained) -> None:
     model, _, _ = small_trained
-    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.any(p.grad != 0)]
+    missing = parameters_without_gradient(model)
     assert missing == []
 
 

@@ -10,6 +10,7 @@ from model.blocks.duck import KERAS_BN_EPS, KERAS_BN_MOMENTUM, ConvReLUBN, DUCKB
 from model.networks.base import InputSizeError
 from model.networks.ducknet import DUCKNet
 from model.registry import build
+from tests.model.gradients import parameters_without_gradient
 
 #: Keras trainable parameters of the official model at f = 17, 3 input channels, 1 class.
 REFERENCE_PARAMS = 38.87e6
@@ -53,7 +54,7 @@ def test_train_forward_returns_input_resolution_logits_and_no_aux(small_trained)
 
 def test_gradients_reach_every_parameter(small_trained) -> None:
     model, _, _ = small_trained
-    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.any(p.grad != 0)]
+    missing = parameters_without_gradient(model)
     assert missing == []
 
 

@@ -11,6 +11,7 @@ from model.blocks.hardnet import HarDNet68, harmonic_links, load_hardnet68_check
 from model.networks.base import InputSizeError
 from model.networks.hardnet_mseg import HarDNetMSEG
 from model.registry import build
+from tests.model.gradients import parameters_without_gradient
 
 #: Parameters of the official HarDMSEG that its forward pass uses (3 input channels, 1 class).
 REFERENCE_PARAMS = 17.42e6
@@ -73,7 +74,7 @@ def test_train_forward_returns_input_resolution_logits_and_no_aux(small_trained)
 
 def test_gradients_reach_every_parameter(small_trained) -> None:
     model, _, _ = small_trained
-    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.any(p.grad != 0)]
+    missing = parameters_without_gradient(model)
     assert missing == []
 
 

@@ -9,6 +9,7 @@ from model.blocks.split_attention import SplitAttention, radix_softmax
 from model.networks.base import InputSizeError
 from model.networks.ian_net import IANNet
 from model.registry import build
+from tests.model.gradients import parameters_without_gradient
 
 #: Parameters of the released ObsNet_Remove_att_r_v7 (in_channels=3), all modules it builds.
 RELEASED_PARAMS = 15_316_097
@@ -69,7 +70,7 @@ def test_train_step_gives_input_sized_logits_and_reaches_every_parameter(attenti
     assert out.logits.shape == (2, 1, 64, 64)
     assert len(out.aux) + 1 == len(model.loss_weights) == 1
     out.logits.square().mean().backward()
-    no_grad = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    no_grad = parameters_without_gradient(model)
     assert no_grad == []
 
 
