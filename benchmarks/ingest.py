@@ -10,7 +10,7 @@ Receivers, each writing to its own folder on the same file system:
   fsyncs it: the floor of what a Python SCP can do durably;
 - ``node``: the node's StorageSCP with its spool, SQLite state (WAL, synchronous=FULL) and quiet-period
   timers: header check, sha256, temp file + rename, then the file fsync, the directory fsync and the
-  group commit of the row running concurrently; success only after all three (see ian_node/scp.py).
+  group commit of the row running concurrently; success only after all three (see ian_node/receive/scp.py).
 
 Each sender is dcmtk's storescu: one association with every file, then ``--parallel`` associations
 at once with the files split between them. The rate is files / wall time of the sender(s); the
@@ -53,10 +53,10 @@ from pydicom.uid import MRImageStorage, generate_uid
 from pynetdicom import AE, evt
 
 from ian_node.config import DicomConfig, SeriesConfig, TlsConfig
-from ian_node.scp import TRANSFER_SYNTAXES, GroupCommitter, StorageSCP
-from ian_node.series import SeriesTracker
-from ian_node.spool import Spool
-from ian_node.state import ReceivedInstance, RecordOutcome, State
+from ian_node.receive.scp import TRANSFER_SYNTAXES, GroupCommitter, StorageSCP
+from ian_node.jobs.completion import SeriesTracker
+from ian_node.storage.spool import Spool
+from ian_node.storage.state import ReceivedInstance, RecordOutcome, State
 
 DCMTK = Path("/usr/bin")  # pynetdicom's own storescu shim shadows dcmtk's on PATH
 

@@ -41,9 +41,9 @@ import torch
 from ian_node.config import (
     DicomConfig, DicomTarget, ExportConfig, ModelConfig, NodeConfig, SeriesConfig, StorageConfig,
 )
-from ian_node.node import Node
-from ian_node.phantom import PhantomConfig, generate_phantom, write_phantom
-from ian_node.state import JobState
+from ian_node.app.node import Node
+from ian_node.phantom.study import PhantomConfig, generate_phantom, write_phantom
+from ian_node.storage.state import JobState
 from model.checkpoint import BUNDLED_CHECKPOINT
 
 DCMTK = Path("/usr/bin")  # pynetdicom's own storescu shim shadows dcmtk's on PATH
@@ -277,7 +277,7 @@ _JOB_LINE = re.compile(r"job \d+ \(series [0-9.]+ v\d+\): (.*?); ")
 
 def peak_memory(root: Path, slices: list[int], checkpoint: Path, batch_size: int, device: str) -> None:
     exe = Path(sys.executable).with_name("ian-node")
-    command = [str(exe)] if exe.exists() else [sys.executable, "-m", "ian_node.cli"]
+    command = [str(exe)] if exe.exists() else [sys.executable, "-m", "ian_node.app.cli"]
     print("\n## Peak memory of `ian-node serve` (VmHWM), one fresh process per series size\n")
     print("| series | files | idle after start-up | peak after the job | job stages (s) |")
     print("|---|---:|---:|---:|---|")

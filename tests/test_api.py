@@ -11,8 +11,8 @@ import pytest
 import requests
 
 from ian_node.config import ApiConfig, DicomTarget, ExportConfig
-from ian_node.node import Node
-from ian_node.state import JobState
+from ian_node.app.node import Node
+from ian_node.storage.state import JobState
 from tests.integration.node_harness import (  # noqa: F401 (dcmtk_nodelay is a fixture)
     dcmtk_nodelay,
     api_url, node_config, post_json, running_node, small_phantom, untrained_checkpoint, wait_for,

@@ -13,9 +13,9 @@ from pydicom.filewriter import write_dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, MRImageStorage
 
-from ian_node.fetch import dataset_bytes
-from ian_node.header import HeaderError, HeaderFacts, read_header_facts
-from ian_node.spool import UnsafeUIDError
+from ian_node.receive.pull import dataset_bytes
+from ian_node.receive.header import HeaderError, HeaderFacts, read_header_facts
+from ian_node.storage.spool import UnsafeUIDError
 
 _DATA = Path(pydicom.data.__file__).parent
 _BUNDLED = sorted([*(_DATA / "test_files").rglob("*.dcm"), *(_DATA / "charset_files").glob("*.dcm")])
@@ -148,7 +148,7 @@ def test_something_that_is_not_a_transfer_syntax_is_refused() -> None:
 
 
 def test_reading_with_the_fast_walk_and_with_pydicom_agree_on_a_real_mr_file() -> None:
-    from ian_node.header import _facts, _read_with_pydicom, _walk
+    from ian_node.receive.header import _facts, _read_with_pydicom, _walk
 
     data = dataset_bytes((_DATA / "test_files" / "MR_small.dcm").read_bytes())
     walked = _walk(data, implicit=False)

@@ -20,9 +20,9 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 from pynetdicom.dsutils import create_file_meta, encode_file_meta
 
-from ian_node.scp import GroupCommitter, recover_unconfirmed
-from ian_node.spool import Spool
-from ian_node.state import ReceivedInstance, State
+from ian_node.receive.scp import GroupCommitter, recover_unconfirmed
+from ian_node.storage.spool import Spool
+from ian_node.storage.state import ReceivedInstance, State
 
 SERIES = "1.2.826.0.1.3680043.8.498.30"
 
@@ -92,7 +92,7 @@ def test_unconfirmed_row_whose_file_is_not_intact_is_dropped_with_its_file_and_l
     kept = _receive(state, spool, 1)
     bad = _receive(state, spool, 2, durable=False)
     _damage(spool.path(bad.path), how)
-    with caplog.at_level(logging.WARNING, logger="ian_node.scp"):
+    with caplog.at_level(logging.WARNING, logger="ian_node.receive.scp"):
         assert recover_unconfirmed(state, spool) == (0, 1)
     assert [i.sop_instance_uid for i in state.instances(SERIES)] == [kept.sop_instance_uid]
     assert not spool.path(bad.path).exists() and spool.path(kept.path).exists()

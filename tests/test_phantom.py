@@ -9,9 +9,9 @@ import sys
 import numpy as np
 import pytest
 
-from ian_node.cli import main
-from ian_node.phantom import PhantomConfig, Phantom, generate_phantom, intensity_statistics, write_phantoms
-from ian_node.phantom_render import Tissue
+from ian_node.app.cli import main
+from ian_node.phantom.study import PhantomConfig, Phantom, generate_phantom, intensity_statistics, write_phantoms
+from ian_node.phantom.render import Tissue
 
 SMALL = PhantomConfig(shape=(24, 96, 96))
 MANDIBLE = (Tissue.CORTEX, Tissue.MARROW, Tissue.TOOTH, Tissue.CANAL)
@@ -169,7 +169,7 @@ def test_phantom_cli_writes_n_studies_with_summaries(tmp_path):
 
 
 def test_console_script_rejects_a_bad_shape_with_status_2(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "ian_node.cli", "phantom", str(tmp_path), "--shape", "1,2"],
+    proc = subprocess.run([sys.executable, "-m", "ian_node.app.cli", "phantom", str(tmp_path), "--shape", "1,2"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "shape" in proc.stderr

@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 
-from ian_node.mr_series import build_mr_series
-from ian_node.phantom import PhantomConfig, generate_phantom
-from ian_node.pipeline import PipelineOptions, finish, prepare, segment_series, to_model_space
-from ian_node.volume import load_series
+from ian_node.phantom.mr_series import build_mr_series
+from ian_node.phantom.study import PhantomConfig, generate_phantom
+from ian_node.segment.pipeline import PipelineOptions, finish, prepare, segment_series, to_model_space
+from ian_node.segment.volume import load_series
 
 SMALL = PhantomConfig(shape=(24, 96, 96))
 

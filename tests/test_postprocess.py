@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from ian_node.postprocess import keep_main_tract
+from ian_node.segment.postprocess import keep_main_tract
 
 
 def _tract() -> np.ndarray:

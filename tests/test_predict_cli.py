@@ -10,8 +10,8 @@ import pydicom
 import pytest
 import torch
 
-from ian_node.cli import main
-from ian_node.phantom import PhantomFiles
+from ian_node.app.cli import main
+from ian_node.phantom.study import PhantomFiles
 from tests.integration.node_harness import small_phantom, untrained_checkpoint
 from tests.tools import dciodvfy_errors
 

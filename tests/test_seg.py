@@ -11,8 +11,8 @@ import pytest
 from pydicom.uid import generate_uid
 from scipy.spatial import cKDTree
 
-from ian_node.phantom import PhantomConfig, Phantom, generate_phantom, phantom_datasets, write_phantom
-from ian_node.seg import AlgorithmInfo, SegmentationSourceError, build_segmentation, read_segmentation_labels
+from ian_node.phantom.study import PhantomConfig, Phantom, generate_phantom, phantom_datasets, write_phantom
+from ian_node.segment.seg import AlgorithmInfo, SegmentationSourceError, build_segmentation, read_segmentation_labels
 
 CONFIG = PhantomConfig(shape=(24, 96, 96), oblique_probability=1.0, max_oblique_deg=10.0)
 AI = AlgorithmInfo(name="IANNet", version="0.1.0", checkpoint_hash="sha256:" + "ab" * 32)

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from ian_node.config import SeriesConfig
-from ian_node.series import SeriesTracker, skip_reason
-from ian_node.spool import Spool
-from ian_node.state import Job, ReceivedInstance, Series, State
+from ian_node.jobs.completion import SeriesTracker, skip_reason
+from ian_node.storage.spool import Spool
+from ian_node.storage.state import Job, ReceivedInstance, Series, State
 
 SERIES = "1.2.826.0.1.3680043.8.498.20"
 QUIET = 0.3

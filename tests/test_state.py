@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ian_node.state import (
+from ian_node.storage.state import (
     DeliveryState,
     JobState,
     ReceivedInstance,

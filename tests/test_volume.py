@@ -14,8 +14,8 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 from scipy.spatial.transform import Rotation
 
-from ian_node.mr_series import SeriesInfo, StudyInfo, build_mr_series
-from ian_node.volume import (
+from ian_node.phantom.mr_series import SeriesInfo, StudyInfo, build_mr_series
+from ian_node.segment.volume import (
     DuplicatePositionError,
     FrameOfReferenceError,
     IrregularSpacingError,

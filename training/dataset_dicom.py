@@ -36,7 +36,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import SegmentationStorage
 
-from ian_node.volume import IMAGE_SOP_CLASSES, SeriesVolume, Side, load_series
+from ian_node.segment.volume import IMAGE_SOP_CLASSES, SeriesVolume, Side, load_series
 from training.datasets import (EITHER_SIDE, DatasetError, EmptyMaskError, MissingSeriesError, UnmatchedSegmentError,
                                _Collector, volume_samples)
 

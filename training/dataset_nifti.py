@@ -8,7 +8,7 @@ Layout, one of:
   the patient ID is the case name (so name cases by patient, one case per patient).
 
 Label values: `LoadOptions.right_label` (default 1) and `left_label` (default 2), the project's
-convention (`ian_node.seg`). Equal values mean "nerve, side by position": voxels in the right ROI
+convention (`ian_node.segment.seg`). Equal values mean "nerve, side by position": voxels in the right ROI
 half become the right nerve. Any other non-zero value is an error naming the file.
 
 Geometry: `highdicom.Volume.from_nibabel` turns the NIfTI affine (RAS) into the patient LPS affine,
@@ -26,7 +26,7 @@ import highdicom as hd
 import nibabel as nib
 import numpy as np
 
-from ian_node.volume import SeriesVolume, Side
+from ian_node.segment.volume import SeriesVolume, Side
 from training.datasets import EITHER_SIDE, DatasetError, EmptyMaskError, _Collector, volume_samples
 
 log = logging.getLogger(__name__)

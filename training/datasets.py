@@ -4,8 +4,8 @@ Every input form ends as a `SliceSet`: uint8 model-space images (N, S, S), boole
 and one `SampleMeta` (patient, side, slice) per sample, ordered by (patient, side, slice).
 
 3D inputs (DICOM series + SEG, NIfTI image + label volume) take exactly the node's path, so training
-and inference cannot drift apart: images come from `ian_node.pipeline.prepare` (the side stacks of
-`ian_node.volume` with the default ROI halves, the coronal reformat, the left side flipped to
+and inference cannot drift apart: images come from `ian_node.segment.pipeline.prepare` (the side stacks of
+`ian_node.segment.volume` with the default ROI halves, the coronal reformat, the left side flipped to
 right-side orientation, then `model.preprocess` per slice: min-max to uint8, physically square
 zero-pad, LANCZOS into `size`, centre pad), and masks take the same stacks and slice transforms
 through `model.preprocess.mask_to_model` (nearest neighbour). `slice` is the coronal index in the side's stack
@@ -41,8 +41,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ian_node.pipeline import PreparedSide, prepare
-from ian_node.volume import SeriesError, SeriesVolume, Side
+from ian_node.segment.pipeline import PreparedSide, prepare
+from ian_node.segment.volume import SeriesError, SeriesVolume, Side
 from model.preprocess import image_to_model, mask_to_model, model_input, plan_slice_transform
 from training.loop import SampleMeta
 
@@ -227,7 +227,7 @@ def volume_samples(series: SeriesVolume, labels: np.ndarray, side_values: dict[S
                    patient: str, options: LoadOptions) -> dict[Side, SideSamples]:
     """Samples of each side listed in `side_values` (the label values that count as that side's nerve).
 
-    Images come from the node's own `ian_node.pipeline.prepare`; masks take the same side stacks and
+    Images come from the node's own `ian_node.segment.pipeline.prepare`; masks take the same side stacks and
     slice transforms through `mask_to_model`.
     """
     if labels.shape != series.shape:

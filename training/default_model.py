@@ -2,7 +2,7 @@
 
     python -m training.default_model --out model/weights/ian_net_phantom.pt
 
-Samples are made by exactly the node's path (`ian_node.pipeline.prepare` and `to_model_space`), so
+Samples are made by exactly the node's path (`ian_node.segment.pipeline.prepare` and `to_model_space`), so
 the bundled model sees at training time what the node feeds it. Besides the coronal slices that
 carry nerve (the paper's samples), a share of empty slices is kept, because the node runs on every
 coronal slice of a side and must learn to answer "no nerve". The result is labelled phantom-trained
@@ -22,10 +22,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ian_node.mr_series import build_mr_series
-from ian_node.phantom import PhantomConfig, generate_phantom
-from ian_node.pipeline import prepare, to_model_space
-from ian_node.volume import load_series
+from ian_node.phantom.mr_series import build_mr_series
+from ian_node.phantom.study import PhantomConfig, generate_phantom
+from ian_node.segment.pipeline import prepare, to_model_space
+from ian_node.segment.volume import load_series
 from model import registry
 from model.checkpoint import CheckpointMeta, InputContract, save_checkpoint
 from training.loop import SampleMeta, TrainConfig, load_weights, predict_dataset, seed_everything, train

@@ -103,7 +103,7 @@ def write_json(path: Path, data: Any) -> None:
 # ---------------------------------------------------------------- data
 def ensure_phantoms(paths: BenchmarkPaths, protocol: Protocol) -> Path:
     """Generate the protocol's phantom patients once (atomically, by folder rename) and reuse them."""
-    from ian_node.phantom import PhantomConfig, write_phantoms
+    from ian_node.phantom.study import PhantomConfig, write_phantoms
 
     target = paths.phantoms
     wanted = {"seed": protocol.phantom_seed, "patients": protocol.phantom_patients,

@@ -19,8 +19,8 @@ import requests
 import torch
 
 from ian_node.config import ApiConfig, DicomConfig, ModelConfig, NodeConfig, SeriesConfig, StorageConfig
-from ian_node.node import Node
-from ian_node.phantom import PhantomConfig, PhantomFiles, generate_phantom, write_phantom
+from ian_node.app.node import Node
+from ian_node.phantom.study import PhantomConfig, PhantomFiles, generate_phantom, write_phantom
 from model import registry
 from model.checkpoint import CheckpointMeta, InputContract, save_checkpoint
 

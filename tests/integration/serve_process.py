@@ -20,7 +20,7 @@ from pathlib import Path
 import pydicom
 from pydicom.dataset import Dataset
 
-from ian_node.state import Delivery, Job, State
+from ian_node.storage.state import Delivery, Job, State
 from tests.integration.peers import wait_for_port
 from tests.tools import dcmtk, free_port
 
@@ -118,7 +118,7 @@ port = {free_port()}
 def ian_node_command() -> list[str]:
     """The installed `ian-node` console script next to this interpreter (else the module)."""
     script = Path(sys.executable).with_name("ian-node")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "ian_node.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "ian_node.app.cli"]
 
 
 class ServeProcess:

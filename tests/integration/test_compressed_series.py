@@ -28,8 +28,8 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from ian_node.mr_series import StudyInfo, build_mr_series
-from ian_node.volume import load_series
+from ian_node.phantom.mr_series import StudyInfo, build_mr_series
+from ian_node.segment.volume import load_series
 from tests.tools import dcmtk
 
 pytestmark = pytest.mark.integration

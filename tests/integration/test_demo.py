@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ian_node.demo import run_demo
-from ian_node.phantom import PhantomConfig
+from ian_node.app.demo import run_demo
+from ian_node.phantom.study import PhantomConfig
 from model.checkpoint import BUNDLED_CHECKPOINT
 from tests.integration.node_harness import untrained_checkpoint
 from tests.integration.serve_process import ian_node_command

@@ -13,9 +13,9 @@ from dicomweb_client.api import DICOMwebClient
 from pydicom import dcmwrite
 
 from ian_node.config import ExportConfig, StowRsTarget
-from ian_node.fetch import dataset_bytes
-from ian_node.node import Node
-from ian_node.phantom import PhantomFiles
+from ian_node.receive.pull import dataset_bytes
+from ian_node.app.node import Node
+from ian_node.phantom.study import PhantomFiles
 from tests.integration.node_harness import (  # noqa: F401 (dcmtk_nodelay is a fixture)
     dcmtk_nodelay,
     api_url, node_config, post_json, running_node, small_phantom, untrained_checkpoint, wait_for,

@@ -12,10 +12,10 @@ from pydicom import Dataset
 from pydicom.uid import generate_uid
 
 from ian_node.config import DicomConfig, DicomTarget, ExportConfig, OrthancTarget, StowRsTarget, TlsConfig
-from ian_node.export import Exporter, build_targets
-from ian_node.scp import StorageSCP
-from ian_node.spool import Spool
-from ian_node.state import DeliveryState, Job, JobState, ReceivedInstance, State
+from ian_node.export.exporter import Exporter, build_targets
+from ian_node.receive.scp import StorageSCP
+from ian_node.storage.spool import Spool
+from ian_node.storage.state import DeliveryState, Job, JobState, ReceivedInstance, State
 from tests.integration.orthanc_server import OrthancServer, orthanc_server
 from tests.integration.peers import make_mr_series, storescp, storescu
 from tests.tools import free_port

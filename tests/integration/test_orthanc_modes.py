@@ -18,9 +18,9 @@ import pytest
 import requests
 
 from ian_node.config import ApiConfig, DicomConfig, DicomTarget, ExportConfig, OrthancTarget, SeriesConfig
-from ian_node.fetch import dataset_bytes
-from ian_node.node import Node
-from ian_node.phantom import PhantomFiles
+from ian_node.receive.pull import dataset_bytes
+from ian_node.app.node import Node
+from ian_node.phantom.study import PhantomFiles
 from tests.integration.node_harness import (  # noqa: F401 (dcmtk_nodelay is a fixture)
     dcmtk_nodelay,
     api_url, node_config, post_json, running_node, small_phantom, untrained_checkpoint, wait_for,

@@ -9,8 +9,8 @@ import pydicom
 import pytest
 from pydicom import dcmwrite
 
-from ian_node.phantom import PhantomConfig, PhantomFiles, generate_phantom, write_phantom
-from ian_node.seg import AlgorithmInfo, build_segmentation, read_segmentation_labels
+from ian_node.phantom.study import PhantomConfig, PhantomFiles, generate_phantom, write_phantom
+from ian_node.segment.seg import AlgorithmInfo, build_segmentation, read_segmentation_labels
 from tests.tools import dciodvfy_errors
 
 pytestmark = pytest.mark.integration

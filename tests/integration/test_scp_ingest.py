@@ -28,9 +28,9 @@ from pydicom.uid import (
 from pynetdicom import AE
 
 from ian_node.config import DicomConfig, TlsConfig
-from ian_node.scp import StorageSCP, recover_unconfirmed
-from ian_node.spool import Spool
-from ian_node.state import State
+from ian_node.receive.scp import StorageSCP, recover_unconfirmed
+from ian_node.storage.spool import Spool
+from ian_node.storage.state import State
 from tests.integration.peers import MR_SMALL, wait_for_port
 from tests.tools import free_port
 
@@ -41,9 +41,9 @@ _SCP_PROCESS = """
 import sys, threading
 from pathlib import Path
 from ian_node.config import DicomConfig, TlsConfig
-from ian_node.scp import StorageSCP
-from ian_node.spool import Spool
-from ian_node.state import State
+from ian_node.receive.scp import StorageSCP
+from ian_node.storage.spool import Spool
+from ian_node.storage.state import State
 root = Path(sys.argv[1])
 scp = StorageSCP(DicomConfig(port=int(sys.argv[2])), TlsConfig(), State(root / "state.sqlite3"), Spool(root / "spool"))
 scp.start()

@@ -13,9 +13,9 @@ import pytest
 from PIL import Image
 from pydicom.sr.codedict import codes
 
-from ian_node.phantom import PhantomConfig, write_phantoms
-from ian_node.seg import build_segmentation, read_segmentation_labels
-from ian_node.volume import Side, load_series, side_stacks
+from ian_node.phantom.study import PhantomConfig, write_phantoms
+from ian_node.segment.seg import build_segmentation, read_segmentation_labels
+from ian_node.segment.volume import Side, load_series, side_stacks
 from model.preprocess import image_to_model, plan_slice_transform
 from training.benchmark import main
 from training.datasets import (DatasetError, EmptyMaskError, LoadOptions, MissingSeriesError, UnmatchedSegmentError,

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ian_node.header import HeaderFacts
+    from ian_node.receive.header import HeaderFacts
 
 SCHEMA_VERSION = 2
 

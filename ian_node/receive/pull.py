@@ -39,11 +39,11 @@ from pydicom import dcmread, dcmwrite
 from pydicom.errors import InvalidDicomError
 
 from ian_node.config import NodeConfig, OrthancTarget, StowRsTarget, is_dicom_uid
-from ian_node.export import http_session
-from ian_node.header import HeaderError, read_header_facts
-from ian_node.series import skip_reason
-from ian_node.spool import Spool, UnsafeUIDError, checked_uid
-from ian_node.state import Job, ReceivedInstance, State
+from ian_node.export.exporter import http_session
+from ian_node.receive.header import HeaderError, read_header_facts
+from ian_node.jobs.completion import skip_reason
+from ian_node.storage.spool import Spool, UnsafeUIDError, checked_uid
+from ian_node.storage.state import Job, ReceivedInstance, State
 
 logger = logging.getLogger(__name__)
 

@@ -16,16 +16,16 @@ import signal
 import threading
 from types import FrameType
 
-from ian_node.api import ApiServer, NodeApi
+from ian_node.app.api import ApiServer, NodeApi
 from ian_node.config import NodeConfig
-from ian_node.export import Exporter, build_targets
-from ian_node.fetch import Puller
-from ian_node.pipeline import PipelineOptions
-from ian_node.scp import StorageSCP
-from ian_node.series import SeriesTracker
-from ian_node.spool import Spool
-from ian_node.state import State
-from ian_node.worker import Worker
+from ian_node.export.exporter import Exporter, build_targets
+from ian_node.receive.pull import Puller
+from ian_node.segment.pipeline import PipelineOptions
+from ian_node.receive.scp import StorageSCP
+from ian_node.jobs.completion import SeriesTracker
+from ian_node.storage.spool import Spool
+from ian_node.storage.state import State
+from ian_node.jobs.worker import Worker
 from model.predictor import Predictor
 
 logger = logging.getLogger(__name__)

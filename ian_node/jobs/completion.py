@@ -22,8 +22,8 @@ from datetime import datetime, timezone
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from ian_node.config import SeriesConfig
-from ian_node.spool import Spool
-from ian_node.state import Job, RecordOutcome, Series, State
+from ian_node.storage.spool import Spool
+from ian_node.storage.state import Job, RecordOutcome, Series, State
 
 logger = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.spatial.transform import Rotation
 
-from ian_node.phantom_params import PatientParams, SideAnatomy
-from ian_node.phantom_tubes import Tube, offset_tube, sample_curve
+from ian_node.phantom.params import PatientParams, SideAnatomy
+from ian_node.phantom.tubes import Tube, offset_tube, sample_curve
 
 #: Where the anatomy frame's origin sits in LPS (mm): the mandible of a supine head near isocentre.
 ANATOMY_ORIGIN_LPS = np.array([0.0, -35.0, -95.0])

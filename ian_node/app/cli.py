@@ -52,7 +52,7 @@ def _positive(text: str) -> int:
 
 
 def _phantom_config(args: argparse.Namespace):
-    from ian_node.phantom import PhantomConfig
+    from ian_node.phantom.study import PhantomConfig
 
     return PhantomConfig(shape=args.shape) if args.shape else PhantomConfig()
 
@@ -101,7 +101,7 @@ def _add_phantom(sub: argparse._SubParsersAction) -> None:
 def _run_phantom(args: argparse.Namespace) -> int:
     import json
 
-    from ian_node.phantom import write_phantoms
+    from ian_node.phantom.study import write_phantoms
 
     started = time.perf_counter()
     written = write_phantoms(args.out, args.patients, args.seed, _phantom_config(args))
@@ -132,7 +132,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 def _run_demo(args: argparse.Namespace) -> int:
     import json
 
-    from ian_node.demo import run_demo
+    from ian_node.app.demo import run_demo
 
     out = args.out if args.out is not None else Path(tempfile.mkdtemp(prefix="ian-node-demo-"))
     report = run_demo(out, args.seed, args.patient, _phantom_config(args), args.checkpoint)
@@ -160,7 +160,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 
 def _run_serve(args: argparse.Namespace) -> int:
     from ian_node.config import load_config
-    from ian_node.node import Node
+    from ian_node.app.node import Node
 
     Node(load_config(args.config)).serve_forever()
     return 0
@@ -183,8 +183,8 @@ def _run_predict(args: argparse.Namespace) -> int:
     from pydicom.errors import InvalidDicomError
 
     from ian_node.config import ModelConfig
-    from ian_node.pipeline import segment_series
-    from ian_node.worker import load_predictor, result_segmentation
+    from ian_node.segment.pipeline import segment_series
+    from ian_node.jobs.worker import load_predictor, result_segmentation
 
     files = [f for p in args.inputs for f in (sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else [p])]
     by_series: dict[str, list[Path]] = {}
@@ -232,7 +232,7 @@ def _add_jobs(sub: argparse._SubParsersAction) -> None:
 
 def _run_jobs(args: argparse.Namespace) -> int:
     from ian_node.config import load_config
-    from ian_node.state import JobState, State, StateError
+    from ian_node.storage.state import JobState, State, StateError
 
     config = load_config(args.config)
     if not config.storage.state_path.exists():

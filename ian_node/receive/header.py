@@ -26,7 +26,7 @@ from pydicom.filereader import read_dataset
 from pydicom.tag import Tag
 from pydicom.uid import UID
 
-from ian_node.spool import UnsafeUIDError, checked_uid
+from ian_node.storage.spool import UnsafeUIDError, checked_uid
 
 
 class HeaderError(ValueError):

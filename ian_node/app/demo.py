@@ -29,10 +29,10 @@ from pynetdicom.sop_class import MRImageStorage
 from ian_node.config import (
     ApiConfig, DicomConfig, DicomTarget, ExportConfig, ModelConfig, NodeConfig, SeriesConfig, StorageConfig,
 )
-from ian_node.node import Node
-from ian_node.phantom import PhantomConfig, generate_phantom, write_phantom
-from ian_node.seg import read_segmentation_labels
-from ian_node.volume import Side
+from ian_node.app.node import Node
+from ian_node.phantom.study import PhantomConfig, generate_phantom, write_phantom
+from ian_node.segment.seg import read_segmentation_labels
+from ian_node.segment.volume import Side
 
 logger = logging.getLogger(__name__)
 

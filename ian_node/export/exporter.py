@@ -29,8 +29,8 @@ from pynetdicom import AE
 
 from ian_node.config import DicomTarget, ExportConfig, OrthancTarget, StowRsTarget, TargetConfig
 from ian_node.polling import PollingThread
-from ian_node.spool import Spool
-from ian_node.state import Delivery, Job, State
+from ian_node.storage.spool import Spool
+from ian_node.storage.state import Delivery, Job, State
 
 logger = logging.getLogger(__name__)
 

@@ -4,11 +4,11 @@ Routes (JSON unless stated; errors are ``{"error": "..."}`` with a 4xx/5xx statu
 
 - ``GET /health``: 200 ``{"status": "ok"}`` while the state answers, 503 otherwise. Always open, so
   that container health checks need no secret; it reveals nothing else.
-- ``GET /metrics``: Prometheus text (``ian_node.metrics``).
+- ``GET /metrics``: Prometheus text (``ian_node.app.metrics``).
 - ``GET /jobs?state=&series=&limit=``: newest first. ``GET /jobs/{id}``: one job, its deliveries and
   a summary of its series.
 - ``POST /jobs/{id}/retry``: re-deliver a failed job's result, or re-run it (409 unless failed).
-- ``POST /jobs``: the pull trigger (``ian_node.fetch``), answering 201 with the new job, 200 with
+- ``POST /jobs``: the pull trigger (``ian_node.receive.pull``), answering 201 with the new job, 200 with
   the job that the series' unchanged version already has, 422 when the node's selection rules skip
   the series or its data cannot be taken, 404 when the source has no such series, 502 when the
   source fails.
@@ -35,11 +35,11 @@ from urllib.parse import parse_qs, urlsplit
 
 from ian_node import __version__
 from ian_node.config import ApiConfig
-from ian_node.export import Exporter
-from ian_node.fetch import PullError, Puller, parse_pull_request, pull_answer
-from ian_node.metrics import CONTENT_TYPE, PullCounter, render_metrics
-from ian_node.state import Delivery, Job, JobState, State, StateError
-from ian_node.worker import Worker
+from ian_node.export.exporter import Exporter
+from ian_node.receive.pull import PullError, Puller, parse_pull_request, pull_answer
+from ian_node.app.metrics import CONTENT_TYPE, PullCounter, render_metrics
+from ian_node.storage.state import Delivery, Job, JobState, State, StateError
+from ian_node.jobs.worker import Worker
 
 logger = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ from typing import Protocol
 import numpy as np
 from pydicom.dataset import Dataset
 
-from ian_node.postprocess import DEFAULT_MAX_GAP_MM, keep_main_tract
-from ian_node.volume import CoronalStack, PatientBox, SeriesVolume, Side, load_series, side_stacks, stack_to_volume
+from ian_node.segment.postprocess import DEFAULT_MAX_GAP_MM, keep_main_tract
+from ian_node.segment.volume import CoronalStack, PatientBox, SeriesVolume, Side, load_series, side_stacks, stack_to_volume
 from model.preprocess import SliceTransform, image_to_model, mask_to_model, plan_slice_transform, probabilities_from_model
 
 
@@ -35,7 +35,7 @@ class PipelineOptions:
     #: Per-side regions of interest in patient mm; None = each half of the volume.
     rois: Mapping[Side, PatientBox] | None = None
     threshold: float = 0.5
-    #: 3D clean-up per side (ian_node.postprocess); None turns it off.
+    #: 3D clean-up per side (ian_node.segment.postprocess); None turns it off.
     max_gap_mm: float | None = DEFAULT_MAX_GAP_MM
 
     def __post_init__(self) -> None:

@@ -12,9 +12,9 @@ from enum import IntEnum
 import numpy as np
 from scipy import ndimage
 
-from ian_node.phantom_anatomy import HALF_PI, Geometry, Mandible, SideTubes, build_mandible, side_tubes
-from ian_node.phantom_params import TOOTH_WIDTHS_MM, PatientParams
-from ian_node.phantom_tubes import Tube, TubeRenderer
+from ian_node.phantom.anatomy import HALF_PI, Geometry, Mandible, SideTubes, build_mandible, side_tubes
+from ian_node.phantom.params import TOOTH_WIDTHS_MM, PatientParams
+from ian_node.phantom.tubes import Tube, TubeRenderer
 
 F = np.float32
 

@@ -5,7 +5,7 @@ segment algorithm type MANUAL) and the node's predictions (AUTOMATIC, with the a
 checkpoint hash identified). `read_segmentation_labels` is the inverse used by the tests and by the
 training data loader.
 
-Label convention, shared with `ian_node.phantom`: 0 background, 1 the patient's right IAN, 2 the
+Label convention, shared with `ian_node.phantom.study`: 0 background, 1 the patient's right IAN, 2 the
 patient's left IAN; the label array is indexed (slice, row, column) in the order highdicom stacks the
 source into a volume (slices sorted along the increasing slice normal).
 """

@@ -20,12 +20,12 @@ from pydicom.uid import generate_uid
 
 from ian_node import __version__
 from ian_node.config import ModelConfig
-from ian_node.export import Exporter
+from ian_node.export.exporter import Exporter
 from ian_node.polling import PollingThread
-from ian_node.pipeline import PipelineOptions, PipelineResult, segment_series
-from ian_node.seg import AlgorithmInfo, build_segmentation
-from ian_node.spool import Spool
-from ian_node.state import Job, State
+from ian_node.segment.pipeline import PipelineOptions, PipelineResult, segment_series
+from ian_node.segment.seg import AlgorithmInfo, build_segmentation
+from ian_node.storage.spool import Spool
+from ian_node.storage.state import Job, State
 from model.checkpoint import BUNDLED_CHECKPOINT, LoadedCheckpoint, load_checkpoint
 from model.predictor import Predictor, PredictorOptions
 

@@ -19,7 +19,7 @@ titles, never patient names or IDs.
 directory's fsync and the SQLite commit are three waits for the disk (about three times what a bare
 "write + fsync" SCP pays). Here they overlap, and the answer waits for all three:
 
-1. the header facts are read (:mod:`ian_node.header`) and the file is created, empty, under its
+1. the header facts are read (:mod:`ian_node.receive.header`) and the file is created, empty, under its
    final name (:meth:`Spool.stage_instance`);
 2. the row goes to the :class:`GroupCommitter`, whose thread hashes the data set (sha256), fsyncs
    the folders of the batch's new files (once per folder) and commits the rows of every association
@@ -82,9 +82,9 @@ from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
 from ian_node.config import ConfigError, DicomConfig, TlsConfig, is_dicom_uid
-from ian_node.header import HeaderError, read_header_facts
-from ian_node.spool import Spool, SpoolFullError, StagedInstance, UnsafeUIDError, fsync_dir
-from ian_node.state import ReceivedInstance, RecordOutcome, State, StateFullError
+from ian_node.receive.header import HeaderError, read_header_facts
+from ian_node.storage.spool import Spool, SpoolFullError, StagedInstance, UnsafeUIDError, fsync_dir
+from ian_node.storage.state import ReceivedInstance, RecordOutcome, State, StateFullError
 
 logger = logging.getLogger(__name__)
 
