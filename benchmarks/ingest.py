@@ -56,15 +56,11 @@ from ian_node.config import DicomConfig, SeriesConfig, TlsConfig
 from ian_node.receive.scp import TRANSFER_SYNTAXES, GroupCommitter, StorageSCP
 from ian_node.jobs.completion import SeriesTracker
 from ian_node.storage.spool import Spool
-from ian_node.storage.state import ReceivedInstance, RecordOutcome, State
+from ian_node.storage.records import ReceivedInstance, RecordOutcome
+from ian_node.net import free_port
+from ian_node.storage.state import State
 
 DCMTK = Path("/usr/bin")  # pynetdicom's own storescu shim shadows dcmtk's on PATH
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _wait_for_port(port: int, timeout: float = 20.0) -> None:
@@ -99,7 +95,7 @@ def make_files(folder: Path, count: int, rows: int) -> list[Path]:
 @contextmanager
 def storescp_receiver(out: Path) -> Iterator[int]:
     out.mkdir(parents=True)
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "TCP_NODELAY": "1"}
     proc = subprocess.Popen([str(DCMTK / "storescp"), "-aet", "IANNODE", "-od", str(out), "+xa", str(port)],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -38,12 +38,11 @@ from pathlib import Path
 
 import torch
 
-from ian_node.config import (
-    DicomConfig, DicomTarget, ExportConfig, ModelConfig, NodeConfig, SeriesConfig, StorageConfig,
-)
+from ian_node.config import DicomConfig, DicomTarget, ExportConfig, ModelConfig, NodeConfig, SeriesConfig, StorageConfig
 from ian_node.app.node import Node
 from ian_node.phantom.study import PhantomConfig, generate_phantom, write_phantom
-from ian_node.storage.state import JobState
+from ian_node.net import free_port
+from ian_node.storage.records import JobState
 from model.checkpoint import BUNDLED_CHECKPOINT
 
 DCMTK = Path("/usr/bin")  # pynetdicom's own storescu shim shadows dcmtk's on PATH
@@ -57,12 +56,6 @@ def _load_ingest():  # type: ignore[no-untyped-def]
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _wait_for_port(port: int, timeout: float = 60.0) -> None:
@@ -87,7 +80,7 @@ def _storescu(port: int, files: list[Path]) -> None:
 @contextmanager
 def _storescp(folder: Path) -> Iterator[int]:
     folder.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([str(DCMTK / "storescp"), "-aet", DEST_AE, "-od", str(folder), "+uf", "+xa", str(port)],
                             env={**os.environ, "TCP_NODELAY": "1"}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -267,7 +260,7 @@ quiet_period_s = 1.0
 [export]
 targets = [{{ name = "pacs", kind = "dicom", ae_title = "{DEST_AE}", host = "127.0.0.1", port = {dest_port} }}]
 [api]
-port = {_free_port()}
+port = {free_port()}
 """)
     return path
 
@@ -284,7 +277,7 @@ def peak_memory(root: Path, slices: list[int], checkpoint: Path, batch_size: int
     for n in slices:
         folder = root / f"memory-{n}"
         study = write_phantom(generate_phantom(0, 0, PhantomConfig(shape=(n, 192, 192))), folder / "phantom")
-        port = _free_port()
+        port = free_port()
         with _storescp(folder / "pacs") as dest_port:
             config = _serve_config(folder, port, dest_port, checkpoint, batch_size, device)
             log = (folder / "serve.log").open("wb")

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from ian_node.uids import is_dicom_uid
 from pydicom.uid import EnhancedMRImageStorage, MRImageStorage
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
@@ -47,7 +48,6 @@ DEFAULT_DATA_DIR = Path("ian-node-data")
 #: The storage SOP classes the SCP always accepts; ``dicom.extra_sop_classes`` adds to these.
 BASE_SOP_CLASSES: tuple[str, ...] = (str(MRImageStorage), str(EnhancedMRImageStorage))
 
-_UID_RE = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
 _DEVICE_RE = re.compile(r"auto|cpu|mps|cuda(:[0-9]+)?")
 
 
@@ -91,11 +91,6 @@ def _check_ip(key: str, value: str) -> None:
         ipaddress.ip_address(value)
     except ValueError:
         raise ConfigError(key, f"must be an IP address (no host names), got {value!r}") from None
-
-
-def is_dicom_uid(value: str) -> bool:
-    """True when ``value`` follows the DICOM UID grammar (PS3.5 9.1) in at most 64 characters."""
-    return len(value) <= 64 and _UID_RE.fullmatch(value) is not None
 
 
 def _check_file(key: str, value: Path | None) -> None:

@@ -6,15 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from ian_node.config import (
-    CallingAE,
-    ConfigError,
-    DicomTarget,
-    ExportConfig,
-    OrthancTarget,
-    StowRsTarget,
-    load_config,
-)
+from ian_node.config import CallingAE, ConfigError, DicomTarget, ExportConfig, OrthancTarget, StowRsTarget, load_config
 
 
 def _write(tmp_path: Path, text: str) -> Path:

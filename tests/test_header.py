@@ -15,7 +15,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, MRImageS
 
 from ian_node.receive.pull import dataset_bytes
 from ian_node.receive.header import HeaderError, HeaderFacts, read_header_facts
-from ian_node.storage.spool import UnsafeUIDError
+from ian_node.uids import UnsafeUIDError
 
 _DATA = Path(pydicom.data.__file__).parent
 _BUNDLED = sorted([*(_DATA / "test_files").rglob("*.dcm"), *(_DATA / "charset_files").glob("*.dcm")])

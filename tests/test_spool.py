@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from ian_node.storage.spool import Spool, SpoolFullError, UnsafeUIDError, atomic_write, checked_uid
+from ian_node.storage.spool import Spool, SpoolFullError, atomic_write
+from ian_node.uids import UnsafeUIDError, checked_uid
 from tests.integration.peers import tiny_tmpfs
 
 SERIES = "1.2.826.0.1.3680043.8.498.1"

@@ -9,13 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from ian_node.storage.state import (
-    DeliveryState,
-    JobState,
-    ReceivedInstance,
-    State,
-    StateError,
-)
+from ian_node.storage.records import DeliveryState, JobState, ReceivedInstance, StateError
+from ian_node.storage.state import State
 
 SERIES = "1.2.826.0.1.3680043.8.498.10"
 

@@ -21,13 +21,6 @@ def dcmtk(name: str) -> str:
     return str(path)
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def dciodvfy_errors(path: Path) -> list[str]:
     """The 'Error' lines dciodvfy prints for one file (warnings are not errors)."""
     exe = Path("/usr/bin/dciodvfy")

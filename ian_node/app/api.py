@@ -38,7 +38,8 @@ from ian_node.config import ApiConfig
 from ian_node.export.exporter import Exporter
 from ian_node.receive.pull import PullError, Puller, parse_pull_request, pull_answer
 from ian_node.app.metrics import CONTENT_TYPE, PullCounter, render_metrics
-from ian_node.storage.state import Delivery, Job, JobState, State, StateError
+from ian_node.storage.records import Delivery, Job, JobState, StateError
+from ian_node.storage.state import State
 from ian_node.jobs.worker import Worker
 
 logger = logging.getLogger(__name__)

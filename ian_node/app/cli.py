@@ -232,7 +232,8 @@ def _add_jobs(sub: argparse._SubParsersAction) -> None:
 
 def _run_jobs(args: argparse.Namespace) -> int:
     from ian_node.config import load_config
-    from ian_node.storage.state import JobState, State, StateError
+    from ian_node.storage.records import JobState, StateError
+    from ian_node.storage.state import State
 
     config = load_config(args.config)
     if not config.storage.state_path.exists():

@@ -26,9 +26,8 @@ from pydicom.uid import SegmentationStorage
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import MRImageStorage
 
-from ian_node.config import (
-    ApiConfig, DicomConfig, DicomTarget, ExportConfig, ModelConfig, NodeConfig, SeriesConfig, StorageConfig,
-)
+from ian_node.config import ApiConfig, DicomConfig, DicomTarget, ExportConfig, ModelConfig, NodeConfig, SeriesConfig, StorageConfig
+from ian_node.net import free_port
 from ian_node.app.node import Node
 from ian_node.phantom.study import PhantomConfig, generate_phantom, write_phantom
 from ian_node.segment.seg import read_segmentation_labels
@@ -38,12 +37,6 @@ logger = logging.getLogger(__name__)
 
 PACS_AE = "DEMOPACS"
 SENDER_AE = "DEMOSCU"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:

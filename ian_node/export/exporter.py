@@ -28,9 +28,11 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, UID
 from pynetdicom import AE
 
 from ian_node.config import DicomTarget, ExportConfig, OrthancTarget, StowRsTarget, TargetConfig
+from ian_node.net import http_session
 from ian_node.polling import PollingThread
 from ian_node.storage.spool import Spool
-from ian_node.storage.state import Delivery, Job, State
+from ian_node.storage.records import Delivery, Job
+from ian_node.storage.state import State
 
 logger = logging.getLogger(__name__)
 
@@ -98,16 +100,6 @@ class CStoreExport:
             logger.warning("%s stored %s with warning 0x%04X", where, ds.SOPInstanceUID, code)
         elif code != 0x0000:
             raise DeliveryError(f"{where} answered C-STORE status 0x{code:04X}")
-
-
-def http_session(config: StowRsTarget | OrthancTarget) -> requests.Session:
-    """A requests session carrying the target's basic-auth credentials or bearer token."""
-    session = requests.Session()
-    if config.username is not None:
-        session.auth = (config.username, config.password or "")
-    if config.token is not None:
-        session.headers["Authorization"] = f"Bearer {config.token}"
-    return session
 
 
 class StowRsExport:

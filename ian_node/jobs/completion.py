@@ -23,7 +23,8 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from ian_node.config import SeriesConfig
 from ian_node.storage.spool import Spool
-from ian_node.storage.state import Job, RecordOutcome, Series, State
+from ian_node.storage.records import Job, RecordOutcome, Series
+from ian_node.storage.state import State
 
 logger = logging.getLogger(__name__)
 

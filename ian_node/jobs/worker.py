@@ -25,7 +25,8 @@ from ian_node.polling import PollingThread
 from ian_node.segment.pipeline import PipelineOptions, PipelineResult, segment_series
 from ian_node.segment.seg import AlgorithmInfo, build_segmentation
 from ian_node.storage.spool import Spool
-from ian_node.storage.state import Job, State
+from ian_node.storage.records import Job
+from ian_node.storage.state import State
 from model.checkpoint import BUNDLED_CHECKPOINT, LoadedCheckpoint, load_checkpoint
 from model.predictor import Predictor, PredictorOptions
 

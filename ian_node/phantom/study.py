@@ -29,6 +29,7 @@ import numpy as np
 from pydicom import dcmwrite
 from pydicom.dataset import Dataset
 
+from ian_node.uids import is_dicom_uid
 from ian_node.phantom.mr_series import SeriesInfo, StudyInfo, build_mr_series
 from ian_node.phantom.anatomy import HALF_PI, acquisition_geometry
 from ian_node.phantom.artefacts import MetalObject, apply_metal, bias_field, motion_ghosting, point_spread, rician
@@ -255,7 +256,6 @@ def intensity_statistics(phantom: Phantom) -> dict:
 #: Series number and description of the ground-truth SEG written next to each phantom series.
 GROUND_TRUTH_SERIES_NUMBER = 99
 GROUND_TRUTH_DESCRIPTION = "IAN ground truth (phantom)"
-_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _SAFE_NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
@@ -304,7 +304,7 @@ def ground_truth_segmentation(phantom: Phantom, datasets: list[Dataset]) -> hd.s
 
 
 def _uid_filename(uid: str) -> str:
-    if not _UID_RE.match(uid) or len(uid) > 64:
+    if not is_dicom_uid(uid):
         raise ValueError(f"not a valid UID for a file name: {uid!r}")
     return f"{uid}.dcm"
 

@@ -26,7 +26,8 @@ from pydicom.filereader import read_dataset
 from pydicom.tag import Tag
 from pydicom.uid import UID
 
-from ian_node.storage.spool import UnsafeUIDError, checked_uid
+from ian_node.storage.records import ReceivedInstance
+from ian_node.uids import UnsafeUIDError, checked_uid
 
 
 class HeaderError(ValueError):
@@ -43,6 +44,16 @@ class HeaderFacts:
     description: str
     instance_number: int | None
     frames: int
+
+    def received(self, transfer_syntax_uid: str, calling_ae: str = "", peer_host: str = "", path: str = "",
+                 size: int = 0, sha256: str = "") -> ReceivedInstance:
+        """The state's record of the instance these facts describe (the SCP and the pull build it alike)."""
+        return ReceivedInstance(
+            sop_instance_uid=self.sop_instance_uid, sop_class_uid=self.sop_class_uid, series_uid=self.series_uid,
+            study_uid=self.study_uid, transfer_syntax_uid=transfer_syntax_uid, path=path, size=size, sha256=sha256,
+            frames=self.frames, instance_number=self.instance_number, modality=self.modality,
+            description=self.description, calling_ae=calling_ae, peer_host=peer_host,
+        )
 
 
 #: HeaderFacts field -> (tag, keyword) of the four UIDs.

@@ -38,12 +38,15 @@ from dicomweb_client.api import DICOMwebClient
 from pydicom import dcmread, dcmwrite
 from pydicom.errors import InvalidDicomError
 
-from ian_node.config import NodeConfig, OrthancTarget, StowRsTarget, is_dicom_uid
-from ian_node.export.exporter import http_session
+from ian_node.config import NodeConfig, OrthancTarget, StowRsTarget
+from ian_node.uids import is_dicom_uid
+from ian_node.net import http_session
 from ian_node.receive.header import HeaderError, read_header_facts
 from ian_node.jobs.completion import skip_reason
-from ian_node.storage.spool import Spool, UnsafeUIDError, checked_uid
-from ian_node.storage.state import Job, ReceivedInstance, State
+from ian_node.storage.spool import Spool
+from ian_node.uids import UnsafeUIDError, checked_uid
+from ian_node.storage.records import Job, ReceivedInstance
+from ian_node.storage.state import State
 
 logger = logging.getLogger(__name__)
 
@@ -334,8 +337,8 @@ class Puller:
         if facts.sop_class_uid not in self._sop_classes:
             raise SourceRefusedError(f"{what}: instance {facts.sop_instance_uid} has SOP class "
                                      f"{facts.sop_class_uid}, which this node does not accept")
-        return ReceivedInstance.from_facts(
-            facts, transfer_syntax_uid=syntax, peer_host=origin_host, size=len(payload),
+        return facts.received(
+            transfer_syntax_uid=syntax, peer_host=origin_host, size=len(payload),
             sha256=hashlib.sha256(payload).hexdigest(),
         )
 

@@ -81,10 +81,13 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
-from ian_node.config import ConfigError, DicomConfig, TlsConfig, is_dicom_uid
+from ian_node.config import ConfigError, DicomConfig, TlsConfig
+from ian_node.uids import is_dicom_uid
 from ian_node.receive.header import HeaderError, read_header_facts
-from ian_node.storage.spool import Spool, SpoolFullError, StagedInstance, UnsafeUIDError, fsync_dir
-from ian_node.storage.state import ReceivedInstance, RecordOutcome, State, StateFullError
+from ian_node.storage.spool import Spool, SpoolFullError, StagedInstance, fsync_dir
+from ian_node.uids import UnsafeUIDError
+from ian_node.storage.records import ReceivedInstance, RecordOutcome, StateFullError
+from ian_node.storage.state import State
 
 logger = logging.getLogger(__name__)
 
@@ -488,8 +491,8 @@ class StorageSCP:
         if facts.sop_instance_uid != event.request.AffectedSOPInstanceUID:
             raise _Refused(Status.CANNOT_UNDERSTAND, f"{facts.sop_instance_uid} differs from the command's UID")
         requestor = event.assoc.requestor
-        return ReceivedInstance.from_facts(
-            facts, transfer_syntax_uid=syntax, calling_ae=requestor.ae_title.strip(), peer_host=str(requestor.address)
+        return facts.received(
+            transfer_syntax_uid=syntax, calling_ae=requestor.ae_title.strip(), peer_host=str(requestor.address)
         )
 
 

@@ -50,7 +50,7 @@ from pathlib import Path
 
 import pydicom
 
-from ian_node.config import is_dicom_uid
+from ian_node.uids import checked_uid
 
 logger = logging.getLogger(__name__)
 
@@ -62,22 +62,6 @@ RESULTS_DIR = "results"
 
 class SpoolFullError(OSError):
     """The spool's file system is full (or over quota): the SCP answers 0xA700 out of resources."""
-
-
-class UnsafeUIDError(ValueError):
-    """A value that should be a DICOM UID is not one, so it must never become part of a path."""
-
-
-def checked_uid(value: object, what: str) -> str:
-    """``value`` if it is a DICOM UID (digits and dots, at most 64 characters); else UnsafeUIDError."""
-    if not isinstance(value, str) or not is_dicom_uid(value):
-        # The value itself stays out of the message: it may be anything a peer chose to put there.
-        if value is None:
-            got = "missing"
-        else:
-            got = f"{len(value)} characters" if isinstance(value, str) else type(value).__name__
-        raise UnsafeUIDError(f"{what} is not a valid DICOM UID ({got})")
-    return str(value)
 
 
 def fsync_dir(path: Path) -> None:

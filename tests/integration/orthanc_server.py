@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import requests
 
-from tests.tools import free_port
+from ian_node.net import free_port
 
 ORTHANC = Path("/usr/sbin/Orthanc")
 PLUGIN_DIR = Path("/usr/share/orthanc/plugins")

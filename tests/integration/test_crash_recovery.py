@@ -14,7 +14,8 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from ian_node.storage.state import DeliveryState, JobState, State
+from ian_node.storage.records import DeliveryState, JobState
+from ian_node.storage.state import State
 from tests.integration.peers import storescu
 from tests.integration.node_harness import small_phantom, untrained_checkpoint, wait_for
 from tests.integration.serve_process import Destination, NodeSetup, ServeProcess, sent_statuses, storescu_command

@@ -15,10 +15,11 @@ from ian_node.config import DicomConfig, DicomTarget, ExportConfig, OrthancTarge
 from ian_node.export.exporter import Exporter, build_targets
 from ian_node.receive.scp import StorageSCP
 from ian_node.storage.spool import Spool
-from ian_node.storage.state import DeliveryState, Job, JobState, ReceivedInstance, State
+from ian_node.storage.records import DeliveryState, Job, JobState, ReceivedInstance
+from ian_node.storage.state import State
 from tests.integration.orthanc_server import OrthancServer, orthanc_server
 from tests.integration.peers import make_mr_series, storescp, storescu
-from tests.tools import free_port
+from ian_node.net import free_port
 
 pytestmark = pytest.mark.integration
 

@@ -19,20 +19,19 @@ import pydicom
 import pytest
 from pydicom.uid import JPEGLosslessSV1, JPEGLSLossless, SegmentationStorage
 
-from ian_node.config import (
-    ApiConfig, DicomConfig, DicomTarget, ExportConfig, ModelConfig, NodeConfig, SeriesConfig, StorageConfig,
-)
+from ian_node.config import ApiConfig, DicomConfig, DicomTarget, ExportConfig, ModelConfig, NodeConfig, SeriesConfig, StorageConfig
 from ian_node.app.node import Node
 from ian_node.phantom.study import PhantomFiles, generate_phantom, write_phantom
 from ian_node.segment.pipeline import prepare, to_model_space
 from ian_node.segment.seg import read_segmentation_labels
-from ian_node.storage.state import DeliveryState, JobState
+from ian_node.storage.records import DeliveryState, JobState
 from ian_node.segment.volume import load_series
 from model.checkpoint import LoadedCheckpoint, load_checkpoint
 from tests.integration.peers import storescu
 from tests.integration.node_harness import SMALL_PHANTOM, small_phantom, untrained_checkpoint, wait_for
 from tests.integration.serve_process import DEST_AE, NODE_AE, Destination, NodeSetup, ServeProcess, ian_node_command
-from tests.tools import dcmtk, dciodvfy_errors, free_port
+from tests.tools import dcmtk, dciodvfy_errors
+from ian_node.net import free_port
 
 pytestmark = pytest.mark.integration
 

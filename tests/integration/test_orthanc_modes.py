@@ -27,7 +27,8 @@ from tests.integration.node_harness import (  # noqa: F401 (dcmtk_nodelay is a f
 )
 from tests.integration.orthanc_server import DICOMWEB_PLUGIN, PYTHON_PLUGIN, OrthancServer, orthanc_server
 from tests.integration.peers import CT_SMALL, storescu
-from tests.tools import dciodvfy_errors, free_port
+from tests.tools import dciodvfy_errors
+from ian_node.net import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("dcmtk_nodelay")]
 

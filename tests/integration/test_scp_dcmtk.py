@@ -20,7 +20,8 @@ from ian_node.config import CallingAE, DicomConfig, SeriesConfig, TlsConfig
 from ian_node.receive.scp import StorageSCP
 from ian_node.jobs.completion import SeriesTracker
 from ian_node.storage.spool import Spool
-from ian_node.storage.state import Job, State
+from ian_node.storage.records import Job
+from ian_node.storage.state import State
 from tests.integration.peers import CT_SMALL, MR_SMALL, echoscu, make_mr_series, storescu, tiny_tmpfs
 from tests.tools import dcmtk
 

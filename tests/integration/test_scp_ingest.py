@@ -32,7 +32,7 @@ from ian_node.receive.scp import StorageSCP, recover_unconfirmed
 from ian_node.storage.spool import Spool
 from ian_node.storage.state import State
 from tests.integration.peers import MR_SMALL, wait_for_port
-from tests.tools import free_port
+from ian_node.net import free_port
 
 pytestmark = pytest.mark.integration
 

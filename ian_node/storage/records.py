@@ -1,0 +1,182 @@
+"""The state's records: the rows it returns, their life-cycle enums and its errors (see :mod:`.state`)."""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class StateError(RuntimeError):
+    """A transition that the current state does not allow, or an unknown job."""
+
+
+class StateFullError(OSError):
+    """SQLite could not commit because the disk is full: the SCP answers 0xA700."""
+
+
+class JobState(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    EXPORTING = "exporting"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class SeriesState(StrEnum):
+    RECEIVING = "receiving"
+    SELECTED = "selected"
+    SKIPPED = "skipped"
+
+
+class DeliveryState(StrEnum):
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class ReceivedInstance:
+    """What the SCP knows about one instance it has just written to the spool."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    series_uid: str
+    study_uid: str
+    transfer_syntax_uid: str
+    path: str
+    size: int
+    sha256: str
+    frames: int = 1
+    instance_number: int | None = None
+    modality: str = ""
+    description: str = ""
+    calling_ae: str = ""
+    peer_host: str = ""
+    #: False when the file's fsync may still be in flight: the row is then recorded as unconfirmed
+    #: (checked on recovery) until :meth:`~ian_node.storage.state.State.confirm_instances` is given its token.
+    file_durable: bool = True
+
+
+
+@dataclass(frozen=True)
+class RecordOutcome:
+    series_uid: str
+    series_version: int
+    received_at: float
+    new_instance: bool
+    #: False for an identical re-send (same UID, same bytes).
+    changed: bool
+    sop_instance_uid: str = ""
+    #: The row's unconfirmed token (None when the file was durable before the row).
+    confirm_token: int | None = None
+
+
+@dataclass(frozen=True)
+class UnconfirmedInstance:
+    """A row committed before its file was known durable: recovery checks the file."""
+
+    sop_instance_uid: str
+    series_uid: str
+    path: str
+    size: int
+    sha256: str
+    token: int
+
+
+@dataclass(frozen=True)
+class Instance:
+    sop_instance_uid: str
+    series_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    instance_number: int | None
+    frames: int
+    path: str
+    size: int
+    sha256: str
+    received_at: float
+    times_received: int
+
+
+@dataclass(frozen=True)
+class Series:
+    series_uid: str
+    study_uid: str
+    modality: str
+    description: str
+    calling_ae: str
+    peer_host: str
+    version: int
+    awaiting_completion: bool
+    status: SeriesState
+    status_reason: str | None
+    first_received_at: float
+    last_received_at: float
+    instance_count: int
+    slice_count: int
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    series_uid: str
+    series_version: int
+    state: JobState
+    attempts: int
+    error: str | None
+    result_path: str | None
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    updated_at: float
+
+
+@dataclass(frozen=True)
+class Delivery:
+    job_id: int
+    target: str
+    state: DeliveryState
+    attempts: int
+    next_attempt_at: float | None
+    last_error: str | None
+    delivered_at: float | None
+
+
+@dataclass(frozen=True)
+class Settlement:
+    """The end of a quiet period: whether it applied (no newer instance), and what it produced."""
+
+    applied: bool
+    job: Job | None = None
+    #: (SOP Instance UID, path) of each instance row the purge deleted; the caller deletes the files.
+    purged: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """What start-up found: work to resume."""
+
+    requeued_jobs: tuple[int, ...]
+    failed_jobs: tuple[int, ...]
+    exporting_jobs: tuple[int, ...]
+    awaiting_series: tuple[Series, ...]
+
+
+def series_from_row(row: sqlite3.Row) -> Series:
+    values = dict(row)
+    values["awaiting_completion"] = bool(values["awaiting_completion"])
+    values["status"] = SeriesState(values["status"])
+    return Series(**values)
+
+
+def job_from_row(row: sqlite3.Row) -> Job:
+    values = dict(row)
+    values["state"] = JobState(values["state"])
+    return Job(**values)
+
+
+def delivery_from_row(row: sqlite3.Row) -> Delivery:
+    values = dict(row)
+    values["state"] = DeliveryState(values["state"])
+    return Delivery(**values)
