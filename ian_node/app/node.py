@@ -46,7 +46,7 @@ class Node:
         self.worker = Worker(self.state, self.spool, self.exporter, config.model, options, predictor)
         self.tracker = SeriesTracker(self.state, self.spool, config.series, on_job=self.worker.wake)
         self.scp = StorageSCP(config.dicom, config.tls, self.state, self.spool, on_stored=self.tracker.instance_stored)
-        self.puller = Puller(config, self.state, self.spool, on_job=self.worker.wake)
+        self.puller = Puller(config, self.state, self.spool, settle=self.tracker.settle_now)
         self.api = ApiServer(NodeApi(config.api, self.state, self.worker, self.exporter, self.puller))
         self._stopped = threading.Event()
 

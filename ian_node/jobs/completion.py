@@ -23,10 +23,35 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from ian_node.config import SeriesConfig
 from ian_node.storage.spool import Spool
-from ian_node.storage.records import Job, RecordOutcome, Series
+from ian_node.storage.records import Job, RecordOutcome, Series, Settlement
 from ian_node.storage.state import State
 
 logger = logging.getLogger(__name__)
+
+
+def settle(state: State, spool: Spool, rules: SeriesConfig, series: Series,
+           on_job: Callable[[Job], None] | None = None) -> Settlement:
+    """Conclude a complete series: select it and queue its job, or skip it (purging per retention).
+
+    The one settlement for the quiet-period timer and the pull. It does nothing when an instance
+    arrived after ``series`` was read (that instance's own quiet period decides).
+    """
+    reason = skip_reason(series, rules)
+    purge = reason is not None and rules.retention == "purge"
+    settled = state.settle_series(series.series_uid, series.last_received_at, reason, purge=purge)
+    if not settled.applied:
+        return settled
+    if reason is not None:
+        logger.info("series %s not selected: %s", series.series_uid, reason)
+        if purge:
+            removed = spool.remove_purged(settled.purged, state.instance_path)
+            logger.info("series %s: purged %d files (retention policy)", series.series_uid, removed)
+    elif settled.job is not None:
+        logger.info("series %s version %d complete with %d instances: job %d queued",
+                    series.series_uid, settled.job.series_version, series.instance_count, settled.job.id)
+        if on_job is not None:
+            on_job(settled.job)
+    return settled
 
 
 def skip_reason(series: Series, rules: SeriesConfig) -> str | None:
@@ -116,24 +141,8 @@ class SeriesTracker:
         if time.time() < deadline:  # instances arrived since this timer was armed
             self._arm(series_uid, deadline, only_if_idle=True)
             return None
-        reason = skip_reason(series, self._rules)
-        purge = reason is not None and self._rules.retention == "purge"
-        settled = self._state.settle_series(series_uid, series.last_received_at, reason, purge=purge)
-        if not settled.applied:
-            return None
-        if reason is not None:
-            logger.info("series %s not selected: %s", series_uid, reason)
-            if purge:
-                removed = self._spool.remove_purged(settled.purged, self._state.instance_path)
-                logger.info("series %s: purged %d files (retention policy)", series_uid, removed)
-            return None
-        job = settled.job
-        if job is None:
-            return None
-        logger.info(
-            "series %s version %d complete with %d instances: job %d queued",
-            series_uid, job.series_version, series.instance_count, job.id,
-        )
-        if self._on_job is not None:
-            self._on_job(job)
-        return job
+        return self.settle_now(series).job
+
+    def settle_now(self, series: Series) -> Settlement:
+        """Settle ``series`` without waiting for its quiet period (the pull knows it is complete)."""
+        return settle(self._state, self._spool, self._rules, series, self._on_job)

@@ -42,10 +42,9 @@ from ian_node.config import NodeConfig, OrthancTarget, StowRsTarget
 from ian_node.uids import is_dicom_uid
 from ian_node.net import http_session
 from ian_node.receive.header import HeaderError, read_header_facts
-from ian_node.jobs.completion import skip_reason
 from ian_node.storage.spool import Spool
 from ian_node.uids import UnsafeUIDError, checked_uid
-from ian_node.storage.records import Job, ReceivedInstance
+from ian_node.storage.records import Job, ReceivedInstance, Series, Settlement
 from ian_node.storage.state import State
 
 logger = logging.getLogger(__name__)
@@ -227,11 +226,11 @@ class Puller:
     """Runs pulls for the API: fetch, spool, record, then conclude the series at once."""
 
     def __init__(self, config: NodeConfig, state: State, spool: Spool,
-                 on_job: Callable[[Job], None] | None = None, max_concurrent: int = 2) -> None:
+                 settle: Callable[[Series], Settlement], max_concurrent: int = 2) -> None:
         self._config = config
         self._state = state
         self._spool = spool
-        self._on_job = on_job
+        self._settle = settle
         self._slots = threading.BoundedSemaphore(max_concurrent)
         self._cancel = threading.Event()
         self._sop_classes = frozenset(config.dicom.sop_classes)
@@ -352,18 +351,13 @@ class Puller:
         series = self._state.series(series_uid)
         if series is None:  # purged between the two calls: nothing left to settle
             raise SourceRefusedError(f"series {series_uid} vanished while it was being recorded")
-        reason = skip_reason(series, self._config.series)
-        purge = reason is not None and self._config.series.retention == "purge"
-        settled = self._state.settle_series(series_uid, series.last_received_at, reason, purge=purge)
-        if settled.purged:
-            self._spool.remove_purged(settled.purged, self._state.instance_path)
+        settled = self._settle(series)
+        reason = settled.skip_reason
         job = settled.job
         created = job is not None
         if job is None and reason is None:
             current = [j for j in self._state.jobs_of_series(series_uid) if j.series_version == series.version]
             job = current[0] if current else None
-        if created and self._on_job is not None:
-            self._on_job(job)
         if reason is not None:
             logger.info("pulled series %s (%d instances) not selected: %s", series_uid, len(received), reason)
         elif not settled.applied:

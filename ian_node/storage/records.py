@@ -149,6 +149,8 @@ class Settlement:
 
     applied: bool
     job: Job | None = None
+    #: Why the series was not selected (None: selected, or the settlement did not apply).
+    skip_reason: str | None = None
     #: (SOP Instance UID, path) of each instance row the purge deleted; the caller deletes the files.
     purged: tuple[tuple[str, str], ...] = ()
 

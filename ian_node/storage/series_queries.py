@@ -205,7 +205,7 @@ class SeriesQueries(Database):
                         "DELETE FROM instances WHERE series_uid = ? RETURNING sop_instance_uid, path", (series_uid,)
                     )
                     purged = tuple((r["sop_instance_uid"], r["path"]) for r in rows.fetchall())
-                return Settlement(applied=True, purged=purged)
+                return Settlement(applied=True, purged=purged, skip_reason=skip_reason)
             cur = db.execute(
                 "INSERT OR IGNORE INTO jobs (series_uid, series_version, state, created_at, updated_at)"
                 " VALUES (?, ?, 'queued', ?, ?)",
