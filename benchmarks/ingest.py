@@ -53,7 +53,8 @@ from pydicom.uid import MRImageStorage, generate_uid
 from pynetdicom import AE, evt
 
 from ian_node.config import DicomConfig, SeriesConfig, TlsConfig
-from ian_node.receive.scp import TRANSFER_SYNTAXES, GroupCommitter, StorageSCP
+from ian_node.receive.scp import TRANSFER_SYNTAXES, StorageSCP
+from ian_node.receive.commit import GroupCommitter
 from ian_node.jobs.completion import SeriesTracker
 from ian_node.storage.spool import Spool
 from ian_node.storage.records import ReceivedInstance, RecordOutcome

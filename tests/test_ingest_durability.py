@@ -20,7 +20,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 from pynetdicom.dsutils import create_file_meta, encode_file_meta
 
-from ian_node.receive.scp import GroupCommitter, recover_unconfirmed
+from ian_node.receive.commit import GroupCommitter, recover_unconfirmed
 from ian_node.storage.spool import Spool
 from ian_node.storage.records import ReceivedInstance
 from ian_node.storage.state import State

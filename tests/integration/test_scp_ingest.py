@@ -28,7 +28,8 @@ from pydicom.uid import (
 from pynetdicom import AE
 
 from ian_node.config import DicomConfig, TlsConfig
-from ian_node.receive.scp import StorageSCP, recover_unconfirmed
+from ian_node.receive.scp import StorageSCP
+from ian_node.receive.commit import recover_unconfirmed
 from ian_node.storage.spool import Spool
 from ian_node.storage.state import State
 from tests.integration.peers import MR_SMALL, wait_for_port
