@@ -18,7 +18,8 @@ from types import FrameType
 
 from ian_node.app.api import ApiServer, NodeApi
 from ian_node.config import NodeConfig
-from ian_node.export.exporter import Exporter, build_targets
+from ian_node.export.exporter import Exporter
+from ian_node.export.targets import build_targets
 from ian_node.receive.pull import Puller
 from ian_node.segment.pipeline import PipelineOptions
 from ian_node.receive.scp import StorageSCP

@@ -12,7 +12,8 @@ from pydicom import Dataset
 from pydicom.uid import generate_uid
 
 from ian_node.config import DicomConfig, DicomTarget, ExportConfig, OrthancTarget, StowRsTarget, TlsConfig
-from ian_node.export.exporter import Exporter, build_targets
+from ian_node.export.exporter import Exporter
+from ian_node.export.targets import build_targets
 from ian_node.receive.scp import StorageSCP
 from ian_node.storage.spool import Spool
 from ian_node.storage.records import DeliveryState, Job, JobState, ReceivedInstance
