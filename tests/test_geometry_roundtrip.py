@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 from scipy.spatial.transform import Rotation
 
 from ian_node.phantom.mr_series import StudyInfo, build_mr_series
-from ian_node.segment.volume import PatientBox, Side, default_rois, load_series, side_stacks, stack_to_volume
+from ian_node.segment.reformat import PatientBox, default_rois, side_stacks, stack_to_volume
+from ian_node.segment.volume import Side, load_series
 from model.preprocess import mask_from_model, mask_to_model, plan_slice_transform
 
 #: ~20 ms per example on one core; no separate CI profile is needed at this size.

@@ -15,31 +15,8 @@ from pydicom.uid import generate_uid
 from scipy.spatial.transform import Rotation
 
 from ian_node.phantom.mr_series import SeriesInfo, StudyInfo, build_mr_series
-from ian_node.segment.volume import (
-    DuplicatePositionError,
-    FrameOfReferenceError,
-    IrregularSpacingError,
-    MissingGeometryError,
-    MissingPositionError,
-    MixedOrientationError,
-    MixedSeriesError,
-    MixedSizeError,
-    NonImageSOPClassError,
-    NoPixelDataError,
-    PatientBox,
-    RoiError,
-    SeriesError,
-    SeriesGeometryError,
-    Side,
-    SingleSliceError,
-    SkewedStackError,
-    UnreadableInstanceError,
-    coronal_stack,
-    default_rois,
-    load_series,
-    side_stacks,
-    stack_to_volume,
-)
+from ian_node.segment.volume import DuplicatePositionError, FrameOfReferenceError, IrregularSpacingError, MissingGeometryError, MissingPositionError, MixedOrientationError, MixedSeriesError, MixedSizeError, NonImageSOPClassError, NoPixelDataError, SeriesError, SeriesGeometryError, Side, SingleSliceError, SkewedStackError, UnreadableInstanceError, load_series
+from ian_node.segment.reformat import PatientBox, RoiError, coronal_stack, default_rois, side_stacks, stack_to_volume
 
 STUDY = StudyInfo(patient_id="GEO-1", patient_name="Geometry^Test")
 #: Axial acquisition: slices along +z (H), rows along +y (P), columns along +x (L).

@@ -184,7 +184,7 @@ def _run_predict(args: argparse.Namespace) -> int:
 
     from ian_node.config import ModelConfig
     from ian_node.segment.pipeline import segment_series
-    from ian_node.jobs.worker import load_predictor, result_segmentation
+    from ian_node.segment.result import load_predictor, result_segmentation
 
     files = [f for p in args.inputs for f in (sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else [p])]
     by_series: dict[str, list[Path]] = {}

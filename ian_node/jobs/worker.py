@@ -2,8 +2,7 @@
 
 A job's work is pure apart from reading its instance files and writing its result through the
 exporter (which stores it durably before any delivery). A failing job is recorded with its error
-and never blocks the queue. SEG UIDs are derived from (source series, series version, model hash),
-so a job re-run after a crash produces the same SEG instance and a PACS sees one result per version.
+and never blocks the queue. The model and the SEG come from :mod:`ian_node.segment.result`.
 """
 
 from __future__ import annotations
@@ -23,62 +22,16 @@ from ian_node.config import ModelConfig
 from ian_node.export.exporter import Exporter
 from ian_node.polling import PollingThread
 from ian_node.segment.pipeline import PipelineOptions, PipelineResult, segment_series
-from ian_node.segment.seg import AlgorithmInfo, build_segmentation
+from ian_node.segment.result import load_predictor, result_segmentation
 from ian_node.storage.spool import Spool
 from ian_node.storage.records import Job
 from ian_node.storage.state import State
-from model.checkpoint import BUNDLED_CHECKPOINT, LoadedCheckpoint, load_checkpoint
-from model.predictor import Predictor, PredictorOptions
+from model.predictor import Predictor
 
 logger = logging.getLogger(__name__)
 
 #: Longest idle wait between looks at the job queue (jobs from another process appear within it).
 IDLE_WAIT_S = 5.0
-
-#: Result series numbers are this plus the source series version, so each version is told apart.
-SEG_SERIES_NUMBER_BASE = 9000
-
-
-def load_predictor(config: ModelConfig) -> Predictor:
-    """The configured checkpoint (or the bundled phantom model) on the configured device."""
-    path = config.checkpoint or BUNDLED_CHECKPOINT
-    if config.threads is not None:
-        torch.set_num_threads(config.threads)
-    checkpoint = load_checkpoint(path)
-    device = None if config.device == "auto" else config.device
-    predictor = Predictor(checkpoint, PredictorOptions(device=device, batch_size=config.batch_size))
-    logger.info(
-        "model %s (%s, sha256 %s) on %s%s",
-        checkpoint.meta.architecture, checkpoint.meta.variant, checkpoint.sha256[:12], predictor.device,
-        f" [{checkpoint.meta.label}]" if checkpoint.meta.label else "",
-    )
-    return predictor
-
-
-def algorithm_info(checkpoint: LoadedCheckpoint) -> AlgorithmInfo:
-    meta = checkpoint.meta
-    params = {"architecture": meta.architecture, "variant": meta.variant, "input_size": str(meta.input.size)}
-    if meta.label:
-        params["label"] = meta.label
-    return AlgorithmInfo(name=f"ian-node {meta.architecture}", version=__version__,
-                         checkpoint_hash=checkpoint.sha256, parameters=params)
-
-
-def result_segmentation(result: PipelineResult, version: int, checkpoint: LoadedCheckpoint) -> Dataset:
-    """The SEG of one series version, with UIDs that are the same every time it is rebuilt."""
-    uid = result.series.series_uid
-    sources = list({id(f.dataset): f.dataset for f in result.series.frames}.values())
-    entropy = [uid, str(version), checkpoint.sha256]
-    return build_segmentation(
-        sources,
-        result.labels,
-        algorithm=algorithm_info(checkpoint),
-        series_number=SEG_SERIES_NUMBER_BASE + version,
-        series_description=f"IAN segmentation (AI) v{version}",
-        series_instance_uid=generate_uid(prefix=None, entropy_srcs=entropy + ["series"]),
-        sop_instance_uid=generate_uid(prefix=None, entropy_srcs=entropy + ["instance"]),
-    )
-
 
 @dataclass
 class StageTotals:

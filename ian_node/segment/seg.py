@@ -7,7 +7,7 @@ training data loader.
 
 Label convention, shared with `ian_node.phantom.study`: 0 background, 1 the patient's right IAN, 2 the
 patient's left IAN; the label array is indexed (slice, row, column) in the order highdicom stacks the
-source into a volume (slices sorted along the increasing slice normal).
+source into a volume (slices sorted along the increasing slice normal, :func:`source_frames`).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 
 from ian_node import __version__
+from ian_node.segment.volume import SeriesError, SeriesVolume, SourceFrame, source_frames
 
 logger = logging.getLogger(__name__)
 
@@ -74,72 +75,28 @@ class AlgorithmInfo:
         )
 
 
-@dataclass(frozen=True)
-class _SourceFrame:
-    dataset: Dataset
-    frame_number: int | None  # 1-based for multi-frame sources, None for single-frame instances
+def _frames(source: SeriesVolume | Sequence[Dataset]) -> tuple[SourceFrame, ...]:
+    """The source frames in volume order: the loaded volume's own, or :func:`source_frames`' order."""
+    if isinstance(source, SeriesVolume):
+        frames = source.frames
+    else:
+        if len(source) == 0:
+            raise SegmentationSourceError("no source images given")
+        try:
+            frames = source_frames(source)
+        except SeriesError as exc:
+            raise SegmentationSourceError(str(exc)) from exc
+    datasets = {id(f.dataset) for f in frames}
+    if len(datasets) > 1 and any(_is_multiframe(f.dataset) for f in frames):
+        raise SegmentationSourceError("give either one multi-frame instance or single-frame instances, not a mix")
+    return frames
 
 
 def _is_multiframe(ds: Dataset) -> bool:
     return int(ds.get("NumberOfFrames", 1) or 1) > 1
 
 
-def _frame_positions(ds: Dataset) -> list[list[float]]:
-    """ImagePositionPatient of each frame of an enhanced multi-frame image."""
-    shared = ds.get("SharedFunctionalGroupsSequence", [Dataset()])[0]
-    positions: list[list[float]] = []
-    for i, group in enumerate(ds.get("PerFrameFunctionalGroupsSequence", [])):
-        seq = group.get("PlanePositionSequence") or shared.get("PlanePositionSequence")
-        if not seq:
-            raise SegmentationSourceError(
-                f"instance {ds.SOPInstanceUID}: frame {i + 1} has no PlanePositionSequence"
-            )
-        positions.append([float(v) for v in seq[0].ImagePositionPatient])
-    return positions
-
-
-def _frame_orientation(ds: Dataset) -> list[float]:
-    shared = ds.get("SharedFunctionalGroupsSequence", [Dataset()])[0]
-    seq = shared.get("PlaneOrientationSequence")
-    if not seq:
-        per_frame = ds.get("PerFrameFunctionalGroupsSequence", [])
-        seq = per_frame[0].get("PlaneOrientationSequence") if per_frame else None
-    if not seq:
-        raise SegmentationSourceError(f"instance {ds.SOPInstanceUID}: no PlaneOrientationSequence")
-    return [float(v) for v in seq[0].ImageOrientationPatient]
-
-
-def source_frames_in_volume_order(source: Sequence[Dataset]) -> list[_SourceFrame]:
-    """Source frames ordered as highdicom stacks them into a volume (along the increasing normal)."""
-    if len(source) == 0:
-        raise SegmentationSourceError("no source images given")
-    if len(source) == 1 and _is_multiframe(source[0]):
-        ds = source[0]
-        _, order = hd.spatial.get_volume_positions(_frame_positions(ds), _frame_orientation(ds))
-        if order is None:
-            raise SegmentationSourceError(
-                f"instance {ds.SOPInstanceUID}: frames are not a regularly spaced volume"
-            )
-        by_index = {vol_index: frame for frame, vol_index in enumerate(order, start=1)}
-        return [_SourceFrame(ds, by_index[i]) for i in range(len(order))]
-    if any(_is_multiframe(ds) for ds in source):
-        raise SegmentationSourceError("give either one multi-frame instance or single-frame instances, not a mix")
-    uids = {str(ds.SeriesInstanceUID) for ds in source}
-    if len(uids) != 1:
-        raise SegmentationSourceError(f"source images come from {len(uids)} series; expected one")
-    if len(source) == 1:
-        return [_SourceFrame(source[0], None)]
-    _, order = hd.spatial.get_series_volume_positions(source)
-    if order is None:
-        raise SegmentationSourceError(
-            f"series {next(iter(uids))}: instances are not a regularly spaced volume "
-            "(mixed orientations, duplicate or missing positions)"
-        )
-    by_index = {vol_index: ds for ds, vol_index in zip(source, order)}
-    return [_SourceFrame(by_index[i], None) for i in range(len(source))]
-
-
-def _check_labels(labels: np.ndarray, frames: Sequence[_SourceFrame]) -> np.ndarray:
+def _check_labels(labels: np.ndarray, frames: Sequence[SourceFrame]) -> np.ndarray:
     labels = np.asarray(labels)
     first = frames[0].dataset
     expected = (len(frames), int(first.Rows), int(first.Columns))
@@ -176,7 +133,7 @@ def _segment_description(label: int, algorithm: AlgorithmInfo | None) -> hd.seg.
 
 
 def build_segmentation(
-    source: Sequence[Dataset],
+    source: SeriesVolume | Sequence[Dataset],
     labels: np.ndarray,
     *,
     algorithm: AlgorithmInfo | None,
@@ -196,7 +153,7 @@ def build_segmentation(
 ) -> hd.seg.Segmentation:
     """A BINARY SEG with segment 1 = right IAN and segment 2 = left IAN over `source`.
 
-    `labels` (0/1/2) is indexed like the volume highdicom builds from `source`: single-frame
+    `labels` (0/1/2) is indexed like the volume `source` is (or loads as, for datasets): single-frame
     instances, or the frames of one multi-frame instance, sorted along the increasing slice normal.
     Empty frames are omitted. A side with no voxels keeps its segment description but has no frames:
     highdicom accepts that, readers then see that segment as empty, and the SEG still says both sides
@@ -208,14 +165,13 @@ def build_segmentation(
     """
     if not isinstance(series_number, int) or series_number < 0:
         raise ValueError(f"series_number must be a non-negative int, got {series_number!r}")
-    frames = source_frames_in_volume_order(source)
+    frames = _frames(source)
     labels = _check_labels(labels, frames)
     for_uids = {str(f.dataset.get("FrameOfReferenceUID", "")) for f in frames}
     if len(for_uids) != 1 or "" in for_uids:
         raise SegmentationSourceError(f"source images need one FrameOfReferenceUID, found {sorted(for_uids)}")
 
-    multiframe = frames[0].frame_number is not None
-    if multiframe:
+    if _is_multiframe(frames[0].dataset):
         # highdicom pairs a multi-frame source's frames with pixel_array rows in frame-number order.
         pixel_array = np.zeros_like(labels)
         for vol_index, frame in enumerate(frames):
@@ -259,7 +215,7 @@ def build_segmentation(
     return seg
 
 
-def read_segmentation_labels(seg_dataset: Dataset, source: Sequence[Dataset]) -> np.ndarray:
+def read_segmentation_labels(seg_dataset: Dataset, source: SeriesVolume | Sequence[Dataset]) -> np.ndarray:
     """Label volume (uint8, 0/1/2) of a SEG over `source`, indexed like `build_segmentation`'s input.
 
     Frames the SEG omitted (empty) read as background. The SEG must reference the source instances
@@ -268,7 +224,7 @@ def read_segmentation_labels(seg_dataset: Dataset, source: Sequence[Dataset]) ->
     seg = seg_dataset if isinstance(seg_dataset, hd.seg.Segmentation) else hd.seg.Segmentation.from_dataset(
         seg_dataset, copy=False
     )
-    frames = source_frames_in_volume_order(source)
+    frames = _frames(source)
     numbers = sorted(int(item.SegmentNumber) for item in seg.SegmentSequence)
     unknown = sorted(set(numbers) - set(SEGMENT_LABELS))
     if unknown:
@@ -288,7 +244,7 @@ def read_segmentation_labels(seg_dataset: Dataset, source: Sequence[Dataset]) ->
         )
     kwargs = dict(segment_numbers=numbers, combine_segments=True, relabel=False,
                   assert_missing_frames_are_empty=True, dtype=np.uint8)
-    if frames[0].frame_number is not None:
+    if _is_multiframe(frames[0].dataset):
         array = seg.get_pixels_by_source_frame(
             str(frames[0].dataset.SOPInstanceUID), source_frame_numbers=[f.frame_number for f in frames], **kwargs
         )
