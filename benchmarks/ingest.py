@@ -53,12 +53,12 @@ from pydicom.uid import MRImageStorage, generate_uid
 from pynetdicom import AE, evt
 
 from ian_node.config import DicomConfig, SeriesConfig, TlsConfig
-from ian_node.receive.scp import TRANSFER_SYNTAXES, StorageSCP
-from ian_node.receive.commit import GroupCommitter
 from ian_node.jobs.completion import SeriesTracker
-from ian_node.storage.spool import Spool
-from ian_node.storage.records import ReceivedInstance, RecordOutcome
 from ian_node.net import free_port
+from ian_node.receive.commit import GroupCommitter
+from ian_node.receive.scp import TRANSFER_SYNTAXES, StorageSCP
+from ian_node.storage.records import ReceivedInstance, RecordOutcome
+from ian_node.storage.spool import Spool
 from ian_node.storage.state import State
 
 DCMTK = Path("/usr/bin")  # pynetdicom's own storescu shim shadows dcmtk's on PATH
@@ -173,7 +173,7 @@ DIAGNOSTIC_RECEIVERS: dict[str, Callable[[Path], AbstractContextManager[int]]] =
 
 def _round_ratios(node: list[float], ref: list[float]) -> str:
     """The node / reference ratio of each round (measured back to back): median [min–max]."""
-    ratios = [n / r for n, r in zip(node, ref)]
+    ratios = [n / r for n, r in zip(node, ref, strict=True)]
     return f"{statistics.median(ratios):.2f} [{min(ratios):.2f}–{max(ratios):.2f}]"
 
 

@@ -38,10 +38,10 @@ from pathlib import Path
 
 import torch
 
-from ian_node.config import DicomConfig, DicomTarget, ExportConfig, ModelConfig, NodeConfig, SeriesConfig, StorageConfig
 from ian_node.app.node import Node
-from ian_node.phantom.study import PhantomConfig, generate_phantom, write_phantom
+from ian_node.config import DicomConfig, DicomTarget, ExportConfig, ModelConfig, NodeConfig, SeriesConfig, StorageConfig
 from ian_node.net import free_port
+from ian_node.phantom.study import PhantomConfig, generate_phantom, write_phantom
 from ian_node.storage.records import JobState
 from model.checkpoint import BUNDLED_CHECKPOINT
 

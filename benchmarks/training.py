@@ -38,7 +38,7 @@ from training.datasets import LoadReport, SliceSet  # noqa: E402
 from training.loop import SampleMeta, make_loader  # noqa: E402
 from training.losses import FocalTverskyLoss, deep_supervision_loss  # noqa: E402
 
-log = logging.getLogger("benchmarks.training")
+logger = logging.getLogger("benchmarks.training")
 
 #: The paper's dataset: 6,027 images of 51 nerves; 70/15/15 by patient gives about these per repeat.
 PAPER_TRAIN, PAPER_VAL, PAPER_TEST = 4220, 900, 900
@@ -117,7 +117,7 @@ def measure(network: str, device: torch.device, width: float, size: int, batch: 
             if i >= warmup:
                 eval_times.append(time.perf_counter() - t0)
     wait, compute = statistics.median(waits), statistics.median(computes)
-    step = statistics.median([w + c for w, c in zip(waits, computes)])
+    step = statistics.median([w + c for w, c in zip(waits, computes, strict=True)])
     return Throughput(network, str(device), width, size, batch, use_amp, batch / step, 1000 * step, 1000 * wait,
                       wait / (wait + compute), batch / statistics.median(eval_times))
 

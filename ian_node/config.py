@@ -23,7 +23,9 @@ Relative paths are relative to the working directory of the process.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import ipaddress
+import operator
 import os
 import re
 import tomllib
@@ -34,10 +36,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ian_node.uids import is_dicom_uid
 from pydicom.uid import EnhancedMRImageStorage, MRImageStorage
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
+
+from ian_node.uids import is_dicom_uid
 
 ENV_PREFIX = "IAN_NODE_"
 ENV_CONFIG_FILE = "IAN_NODE_CONFIG"
@@ -430,7 +433,7 @@ def _is_optional(tp: Any) -> bool:
 
 def _strip_none(tp: Any) -> Any:
     rest = [a for a in typing.get_args(tp) if a is not type(None)]
-    return rest[0] if len(rest) == 1 else typing.Union[tuple(rest)]
+    return rest[0] if len(rest) == 1 else functools.reduce(operator.or_, rest)
 
 
 def _build(cls: Any, table: Any, where: str) -> Any:

@@ -8,8 +8,8 @@ so the metadata holds plain types only. The SHA-256 of the file identifies the m
 from __future__ import annotations
 
 import hashlib
-import os
 import io
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,7 +47,7 @@ class CheckpointMeta:
     training: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "CheckpointMeta":
+    def from_dict(cls, data: dict[str, Any]) -> CheckpointMeta:
         data = dict(data)
         data["input"] = InputContract(**data.get("input", {}))
         return cls(**data)

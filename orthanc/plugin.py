@@ -55,10 +55,10 @@ def _settings():
     section = config.get(SECTION, {})
     mode = section.get("Mode", "push")
     if mode not in ("push", "pull"):
-        raise ValueError('IanNode.Mode must be "push" or "pull", got %r' % (mode,))
+        raise ValueError(f'IanNode.Mode must be "push" or "pull", got {mode!r}')
     if METADATA not in config.get("UserMetadata", {}):
-        orthanc.LogError('ian-node: "UserMetadata" does not declare "%s": series cannot be marked as sent, '
-                         "so unchanged series will be sent again" % METADATA)
+        orthanc.LogError(f'ian-node: "UserMetadata" does not declare "{METADATA}": series cannot be marked as sent, '
+                         "so unchanged series will be sent again")
     return {
         "mode": mode,
         "modality": section.get("Modality", "ian-node"),
@@ -85,25 +85,25 @@ def _fingerprint(instance_ids):
 
 def selected_instances(series_id):
     """The instance IDs of a series the rules select; NotSelected says why not."""
-    series = _get_json("/series/%s" % series_id)
+    series = _get_json(f"/series/{series_id}")
     tags = series.get("MainDicomTags", {})
     modality = tags.get("Modality", "")
     if modality not in SETTINGS["modalities"]:
-        raise NotSelected("modality %r not selected" % modality)
+        raise NotSelected(f"modality {modality!r} not selected")
     if not SETTINGS["description"].search(tags.get("SeriesDescription", "")):
         raise NotSelected("series description does not match")
     instances = series.get("Instances", [])
     if len(instances) < SETTINGS["min_instances"]:
-        raise NotSelected("%d instances, fewer than %d" % (len(instances), SETTINGS["min_instances"]))
-    sop_class = orthanc.RestApiGet("/instances/%s/metadata/SopClassUid" % instances[0]).decode().strip()
+        raise NotSelected(f"{len(instances)} instances, fewer than {SETTINGS['min_instances']}")
+    sop_class = orthanc.RestApiGet(f"/instances/{instances[0]}/metadata/SopClassUid").decode().strip()
     if sop_class not in IMAGE_SOP_CLASSES:
-        raise NotSelected("SOP class %s is not an MR image" % sop_class)
+        raise NotSelected(f"SOP class {sop_class} is not an MR image")
     return instances
 
 
 def _already_sent(series_id, fingerprint):
     try:
-        return orthanc.RestApiGet("/series/%s/metadata/%s" % (series_id, METADATA)).decode() == fingerprint
+        return orthanc.RestApiGet(f"/series/{series_id}/metadata/{METADATA}").decode() == fingerprint
     except Exception:  # orthanc.OrthancException when the metadata is absent
         return False
 
@@ -111,19 +111,19 @@ def _already_sent(series_id, fingerprint):
 def _push(series_id):
     """C-STORE through an asynchronous Orthanc job, followed here (in the worker thread) to its end."""
     body = {"Resources": [series_id], "Asynchronous": True, "Synchronous": False}
-    answer = json.loads(orthanc.RestApiPost("/modalities/%s/store" % SETTINGS["modality"], json.dumps(body)))
+    answer = json.loads(orthanc.RestApiPost("/modalities/{}/store".format(SETTINGS["modality"]), json.dumps(body)))
     job_id = answer["ID"]
     deadline = time.monotonic() + SETTINGS["timeout"]
     while True:
-        job = _get_json("/jobs/%s" % job_id)
+        job = _get_json(f"/jobs/{job_id}")
         state = job.get("State")
         if state == "Success":
-            return "Orthanc job %s" % job_id
+            return f"Orthanc job {job_id}"
         if state == "Failure":
-            raise SendFailed("C-STORE job %s to modality %r failed: %s" % (
+            raise SendFailed("C-STORE job {} to modality {!r} failed: {}".format(
                 job_id, SETTINGS["modality"], job.get("ErrorDescription") or job.get("ErrorCode")))
         if time.monotonic() > deadline:
-            raise SendFailed("C-STORE job %s still %s after %.0f s" % (job_id, state, SETTINGS["timeout"]))
+            raise SendFailed("C-STORE job {} still {} after {:.0f} s".format(job_id, state, SETTINGS["timeout"]))
         time.sleep(0.2)
 
 
@@ -142,10 +142,11 @@ def _pull(series_id):
             answer = json.loads(response.read() or b"{}")
     except urllib.error.HTTPError as exc:
         detail = exc.read().decode("utf-8", "replace")[:300]
-        raise SendFailed("node answered HTTP %d: %s" % (exc.code, detail))
+        raise SendFailed(f"node answered HTTP {exc.code}: {detail}") from exc
     except (urllib.error.URLError, OSError) as exc:
-        raise SendFailed("node unreachable at %s: %s" % (SETTINGS["node_url"], getattr(exc, "reason", exc)))
-    return "node job %s" % answer.get("id")
+        reason = getattr(exc, "reason", exc)
+        raise SendFailed(f"node unreachable at {SETTINGS['node_url']}: {reason}") from exc
+    return f"node job {answer.get('id')}"
 
 
 def process(series_id, force=False):
@@ -153,15 +154,15 @@ def process(series_id, force=False):
     try:
         instances = selected_instances(series_id)
     except NotSelected as exc:
-        orthanc.LogInfo("ian-node: series %s not sent: %s" % (series_id, exc))
+        orthanc.LogInfo(f"ian-node: series {series_id} not sent: {exc}")
         return {"series": series_id, "sent": False, "reason": str(exc)}
     fingerprint = _fingerprint(instances)
     if not force and _already_sent(series_id, fingerprint):
-        orthanc.LogInfo("ian-node: series %s not sent: already sent unchanged" % series_id)
+        orthanc.LogInfo(f"ian-node: series {series_id} not sent: already sent unchanged")
         return {"series": series_id, "sent": False, "reason": "already sent unchanged"}
     what = _push(series_id) if SETTINGS["mode"] == "push" else _pull(series_id)
-    orthanc.RestApiPut("/series/%s/metadata/%s" % (series_id, METADATA), fingerprint)
-    orthanc.LogWarning("ian-node: series %s sent (%s mode, %s)" % (series_id, SETTINGS["mode"], what))
+    orthanc.RestApiPut(f"/series/{series_id}/metadata/{METADATA}", fingerprint)
+    orthanc.LogWarning("ian-node: series {} sent ({} mode, {})".format(series_id, SETTINGS["mode"], what))
     return {"series": series_id, "sent": True, "detail": what}
 
 
@@ -174,10 +175,9 @@ def _worker():
         try:
             process(series_id, force)
         except SendFailed as exc:
-            orthanc.LogError("ian-node: series %s failed: %s (re-trigger: POST /ian-node/series/%s/segment)"
-                             % (series_id, exc, series_id))
+            orthanc.LogError(f"ian-node: series {series_id} failed: {exc} (re-trigger: POST /ian-node/series/{series_id}/segment)")
         except Exception as exc:  # keep the worker alive whatever one series does
-            orthanc.LogError("ian-node: series %s failed: %s: %s" % (series_id, type(exc).__name__, exc))
+            orthanc.LogError(f"ian-node: series {series_id} failed: {type(exc).__name__}: {exc}")
 
 
 def on_change(change_type, level, resource_id):
@@ -203,17 +203,17 @@ def on_segment(output, uri, **request):
         return
     series_id = request["groups"][0]
     try:
-        orthanc.RestApiGet("/series/%s" % series_id)
+        orthanc.RestApiGet(f"/series/{series_id}")
     except Exception:
-        _send_status(output, 404, "no series %s in this Orthanc\n" % series_id)
+        _send_status(output, 404, f"no series {series_id} in this Orthanc\n")
         return
     try:
         selected_instances(series_id)
     except NotSelected as exc:
-        _send_status(output, 409, "series %s is not sent: %s\n" % (series_id, exc))
+        _send_status(output, 409, f"series {series_id} is not sent: {exc}\n")
         return
     _jobs.put((series_id, True))
-    orthanc.LogWarning("ian-node: series %s queued by the re-trigger route" % series_id)
+    orthanc.LogWarning(f"ian-node: series {series_id} queued by the re-trigger route")
     output.AnswerBuffer(json.dumps({"series": series_id, "queued": True}), "application/json")
 
 

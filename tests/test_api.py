@@ -10,15 +10,21 @@ import pydicom
 import pytest
 import requests
 
-from ian_node.config import ApiConfig, DicomTarget, ExportConfig
 from ian_node.app.node import Node
+from ian_node.config import ApiConfig, DicomTarget, ExportConfig
+from ian_node.net import free_port
 from ian_node.storage.records import JobState
 from tests.integration.node_harness import (  # noqa: F401 (dcmtk_nodelay is a fixture)
+    api_url,
     dcmtk_nodelay,
-    api_url, node_config, post_json, running_node, small_phantom, untrained_checkpoint, wait_for,
+    node_config,
+    post_json,
+    running_node,
+    small_phantom,
+    untrained_checkpoint,
+    wait_for,
 )
 from tests.integration.peers import storescp, storescu
-from ian_node.net import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("dcmtk_nodelay")]
 

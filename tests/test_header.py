@@ -13,8 +13,8 @@ from pydicom.filewriter import write_dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, MRImageStorage
 
-from ian_node.receive.pull import dataset_bytes
 from ian_node.receive.header import HeaderError, HeaderFacts, read_header_facts
+from ian_node.receive.pull import dataset_bytes
 from ian_node.uids import UnsafeUIDError
 
 _DATA = Path(pydicom.data.__file__).parent

@@ -21,8 +21,8 @@ from pydicom.filewriter import write_dataset
 from pynetdicom.dsutils import create_file_meta, encode_file_meta
 
 from ian_node.receive.commit import GroupCommitter, recover_unconfirmed
-from ian_node.storage.spool import Spool
 from ian_node.storage.records import ReceivedInstance
+from ian_node.storage.spool import Spool
 from ian_node.storage.state import State
 
 SERIES = "1.2.826.0.1.3680043.8.498.30"

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from ian_node.app.cli import main
-from ian_node.phantom.study import PhantomConfig, Phantom, generate_phantom, intensity_statistics, write_phantoms
 from ian_node.phantom.render import Tissue
+from ian_node.phantom.study import Phantom, PhantomConfig, generate_phantom, intensity_statistics, write_phantoms
 
 SMALL = PhantomConfig(shape=(24, 96, 96))
 MANDIBLE = (Tissue.CORTEX, Tissue.MARROW, Tissue.TOOTH, Tissue.CANAL)
@@ -150,7 +150,7 @@ def test_patient_files_do_not_depend_on_how_many_patients_are_written(tmp_path):
     a, b = one[0], two[0]
     assert a.patient_id == b.patient_id and a.study_uid == b.study_uid
     assert [p.name for p in a.instances] == [p.name for p in b.instances]
-    assert all(p.read_bytes() == q.read_bytes() for p, q in zip(a.instances, b.instances))
+    assert all(p.read_bytes() == q.read_bytes() for p, q in zip(a.instances, b.instances, strict=True))
     assert a.seg.read_bytes() == b.seg.read_bytes()
     assert two[1].study_uid != a.study_uid
 

@@ -11,7 +11,7 @@ import pytest
 from pydicom.uid import generate_uid
 from scipy.spatial import cKDTree
 
-from ian_node.phantom.study import PhantomConfig, Phantom, generate_phantom, phantom_datasets, write_phantom
+from ian_node.phantom.study import Phantom, PhantomConfig, generate_phantom, phantom_datasets, write_phantom
 from ian_node.segment.seg import AlgorithmInfo, SegmentationSourceError, build_segmentation, read_segmentation_labels
 
 CONFIG = PhantomConfig(shape=(24, 96, 96), oblique_probability=1.0, max_oblique_deg=10.0)

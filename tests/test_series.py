@@ -10,8 +10,8 @@ import pytest
 
 from ian_node.config import SeriesConfig
 from ian_node.jobs.completion import SeriesTracker, skip_reason
-from ian_node.storage.spool import Spool
 from ian_node.storage.records import Job, ReceivedInstance, Series
+from ian_node.storage.spool import Spool
 from ian_node.storage.state import State
 
 SERIES = "1.2.826.0.1.3680043.8.498.20"

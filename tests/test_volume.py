@@ -15,8 +15,26 @@ from pydicom.uid import generate_uid
 from scipy.spatial.transform import Rotation
 
 from ian_node.phantom.mr_series import SeriesInfo, StudyInfo, build_mr_series
-from ian_node.segment.volume import DuplicatePositionError, FrameOfReferenceError, IrregularSpacingError, MissingGeometryError, MissingPositionError, MixedOrientationError, MixedSeriesError, MixedSizeError, NonImageSOPClassError, NoPixelDataError, SeriesError, SeriesGeometryError, Side, SingleSliceError, SkewedStackError, UnreadableInstanceError, load_series
 from ian_node.segment.reformat import PatientBox, RoiError, coronal_stack, default_rois, side_stacks, stack_to_volume
+from ian_node.segment.volume import (
+    DuplicatePositionError,
+    FrameOfReferenceError,
+    IrregularSpacingError,
+    MissingGeometryError,
+    MissingPositionError,
+    MixedOrientationError,
+    MixedSeriesError,
+    MixedSizeError,
+    NonImageSOPClassError,
+    NoPixelDataError,
+    SeriesError,
+    SeriesGeometryError,
+    Side,
+    SingleSliceError,
+    SkewedStackError,
+    UnreadableInstanceError,
+    load_series,
+)
 
 STUDY = StudyInfo(patient_id="GEO-1", patient_name="Geometry^Test")
 #: Axial acquisition: slices along +z (H), rows along +y (P), columns along +x (L).
@@ -123,7 +141,7 @@ def _segmentation(datasets: list[Dataset]) -> Dataset:
 def _moved(ds: Dataset, delta) -> Dataset:
     out = copy.deepcopy(ds)
     out.SOPInstanceUID = generate_uid(prefix=None)
-    out.ImagePositionPatient = [f"{float(v) + d:.6f}" for v, d in zip(ds.ImagePositionPatient, delta)]
+    out.ImagePositionPatient = [f"{float(v) + d:.6f}" for v, d in zip(ds.ImagePositionPatient, delta, strict=True)]
     return out
 
 

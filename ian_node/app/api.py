@@ -34,13 +34,13 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from ian_node import __version__
+from ian_node.app.metrics import CONTENT_TYPE, PullCounter, render_metrics
 from ian_node.config import ApiConfig
 from ian_node.export.exporter import Exporter
-from ian_node.receive.pull import PullError, Puller, parse_pull_request, pull_answer
-from ian_node.app.metrics import CONTENT_TYPE, PullCounter, render_metrics
+from ian_node.jobs.worker import Worker
+from ian_node.receive.pull import Puller, PullError, parse_pull_request, pull_answer
 from ian_node.storage.records import Delivery, Job, JobState, StateError
 from ian_node.storage.state import State
-from ian_node.jobs.worker import Worker
 
 logger = logging.getLogger(__name__)
 

@@ -159,8 +159,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    from ian_node.config import load_config
     from ian_node.app.node import Node
+    from ian_node.config import load_config
 
     Node(load_config(args.config)).serve_forever()
     return 0

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -26,9 +25,18 @@ from pydicom.uid import SegmentationStorage
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import MRImageStorage
 
-from ian_node.config import ApiConfig, DicomConfig, DicomTarget, ExportConfig, ModelConfig, NodeConfig, SeriesConfig, StorageConfig
-from ian_node.net import free_port
 from ian_node.app.node import Node
+from ian_node.config import (
+    ApiConfig,
+    DicomConfig,
+    DicomTarget,
+    ExportConfig,
+    ModelConfig,
+    NodeConfig,
+    SeriesConfig,
+    StorageConfig,
+)
+from ian_node.net import free_port
 from ian_node.phantom.study import PhantomConfig, generate_phantom, write_phantom
 from ian_node.segment.seg import read_segmentation_labels
 from ian_node.segment.volume import Side

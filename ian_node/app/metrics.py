@@ -11,8 +11,8 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 
 from ian_node import __version__
-from ian_node.storage.state import State
 from ian_node.jobs.worker import StageTotals
+from ian_node.storage.state import State
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 

@@ -20,13 +20,13 @@ from ian_node.app.api import ApiServer, NodeApi
 from ian_node.config import NodeConfig
 from ian_node.export.exporter import Exporter
 from ian_node.export.targets import build_targets
-from ian_node.receive.pull import Puller
-from ian_node.segment.pipeline import PipelineOptions
-from ian_node.receive.scp import StorageSCP
 from ian_node.jobs.completion import SeriesTracker
+from ian_node.jobs.worker import Worker
+from ian_node.receive.pull import Puller
+from ian_node.receive.scp import StorageSCP
+from ian_node.segment.pipeline import PipelineOptions
 from ian_node.storage.spool import Spool
 from ian_node.storage.state import State
-from ian_node.jobs.worker import Worker
 from model.predictor import Predictor
 
 logger = logging.getLogger(__name__)

@@ -17,13 +17,13 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from ian_node.config import SeriesConfig
-from ian_node.storage.spool import Spool
 from ian_node.storage.records import Job, RecordOutcome, Series, Settlement
+from ian_node.storage.spool import Spool
 from ian_node.storage.state import State
 
 logger = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ class SeriesTracker:
         self._lock = threading.Lock()
         self._armed: set[str] = set()  # series with a pending timer
         self._scheduler = BackgroundScheduler(
-            timezone=timezone.utc,
+            timezone=UTC,
             job_defaults={"misfire_grace_time": None, "coalesce": True, "max_instances": 1},
         )
 
@@ -118,7 +118,7 @@ class SeriesTracker:
         self._scheduler.add_job(
             self._on_timer,
             trigger="date",
-            run_date=datetime.fromtimestamp(deadline, tz=timezone.utc),
+            run_date=datetime.fromtimestamp(deadline, tz=UTC),
             args=(series_uid,),
             id=series_uid,
             replace_existing=True,

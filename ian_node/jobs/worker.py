@@ -11,20 +11,14 @@ import logging
 import time
 from collections import defaultdict
 from dataclasses import dataclass
-from pathlib import Path
 
-import torch
-from pydicom.dataset import Dataset
-from pydicom.uid import generate_uid
-
-from ian_node import __version__
 from ian_node.config import ModelConfig
 from ian_node.export.exporter import Exporter
 from ian_node.polling import PollingThread
-from ian_node.segment.pipeline import PipelineOptions, PipelineResult, segment_series
+from ian_node.segment.pipeline import PipelineOptions, segment_series
 from ian_node.segment.result import load_predictor, result_segmentation
-from ian_node.storage.spool import Spool
 from ian_node.storage.records import Job
+from ian_node.storage.spool import Spool
 from ian_node.storage.state import State
 from model.predictor import Predictor
 

@@ -289,7 +289,7 @@ def side_tubes(side: int, params: PatientParams, mandible: Mandible) -> SideTube
 
     twist = np.radians(a.vessel_twist_deg) * arc / arc[-1]
     vessels = []
-    for kind, r_v, ang in zip(("artery", "vein"), a.vessel_radius_mm, a.vessel_angle_deg):
+    for kind, r_v, ang in zip(("artery", "vein"), a.vessel_radius_mm, a.vessel_angle_deg, strict=True):
         dist = radius + r_v + 0.1
         vessels.append(offset_tube(nerve, f"{name} inferior alveolar {kind}", dist, np.radians(ang) + twist, r_v))
 

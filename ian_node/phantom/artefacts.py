@@ -27,7 +27,7 @@ def bias_field(coords: tuple[np.ndarray, np.ndarray, np.ndarray], half_extent_mm
     x, y, z = (c / np.float32(half_extent_mm) for c in coords)
     terms = (x, y, z, x * x, y * y, z * z, x * y, x * z, y * z)
     poly = np.zeros_like(x)
-    for coef, term in zip(coefficients, terms):
+    for coef, term in zip(coefficients, terms, strict=True):
         poly += np.float32(coef) * term
     field = np.exp(np.float32(strength) * poly)
     return field / np.float32(field.mean())
@@ -81,7 +81,7 @@ def apply_metal(image: np.ndarray, coords: tuple[np.ndarray, np.ndarray, np.ndar
     void = np.zeros(image.shape, dtype=bool)
     if np.any(hi <= lo):
         return void
-    sl = tuple(slice(int(l), int(h)) for l, h in zip(lo, hi))
+    sl = tuple(slice(int(l), int(h)) for l, h in zip(lo, hi, strict=True))
     d, cos_z = _capsule_distance(coords, a, b, sl)
     dipole = np.float32(0.5) * (np.float32(3.0) * cos_z * cos_z - np.float32(1.0)) + np.float32(0.5)
     radius = np.float32(metal.void_radius_mm) * (np.float32(0.8) + np.float32(0.4) * dipole)

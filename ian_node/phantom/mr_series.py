@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, PYDICOM_IMPLEMENTATION_UID, generate_uid
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 #: The implementation class UID written into file meta: pydicom's, since pydicom encodes the files.
 IMPLEMENTATION_UID = PYDICOM_IMPLEMENTATION_UID

@@ -54,7 +54,7 @@ def _texture(shape: tuple[int, int, int], rng: np.random.Generator, coarse: int)
     small = tuple(max(2, n // coarse + 2) for n in shape)
     noise = ndimage.gaussian_filter(rng.standard_normal(small, dtype=np.float32), sigma=1.0)
     noise /= noise.std() + F(1e-6)
-    zoom = [n / s for n, s in zip(shape, small)]
+    zoom = [n / s for n, s in zip(shape, small, strict=True)]
     return ndimage.zoom(noise, zoom, order=1, grid_mode=True, mode="nearest")[: shape[0], : shape[1], : shape[2]]
 
 
@@ -213,7 +213,7 @@ def render(params: PatientParams, geometry: Geometry, rng: np.random.Generator) 
         canvas.paint_flat(dist.voxels[lumen], Tissue.CANAL, F(c.canal_fill))
         canvas.paint_flat(dist.voxels[wall], Tissue.CORTEX, F(c.cortex))
     flat_hi = tex_hi.reshape(-1)
-    for side, st in tubes.items():
+    for st in tubes.values():
         for tube in st.distractors:
             _paint_tube(canvas, renderer, tube, Tissue.VESSEL, F(c.vessel), pv, flat_hi, 0.05)
         _paint_tube(canvas, renderer, st.lingual_nerve, Tissue.LINGUAL_NERVE, F(c.lingual_nerve), pv, flat_hi, 0.06)

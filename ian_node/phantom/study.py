@@ -29,13 +29,13 @@ import numpy as np
 from pydicom import dcmwrite
 from pydicom.dataset import Dataset
 
-from ian_node.uids import is_dicom_uid
-from ian_node.phantom.mr_series import SeriesInfo, StudyInfo, build_mr_series
 from ian_node.phantom.anatomy import HALF_PI, acquisition_geometry
 from ian_node.phantom.artefacts import MetalObject, apply_metal, bias_field, motion_ghosting, point_spread, rician
+from ian_node.phantom.mr_series import SeriesInfo, StudyInfo, build_mr_series
 from ian_node.phantom.params import TOOTH_WIDTHS_MM, PatientParams, draw_patient
 from ian_node.phantom.render import Rendered, Tissue, render
 from ian_node.segment.seg import build_segmentation
+from ian_node.uids import is_dicom_uid
 
 logger = logging.getLogger(__name__)
 

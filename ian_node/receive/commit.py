@@ -153,7 +153,7 @@ class GroupCommitter:
             for record in records:
                 record.future.set_exception(exc)
             return
-        for record, result in zip(records, results):
+        for record, result in zip(records, results, strict=True):
             if isinstance(result, Exception):
                 record.future.set_exception(result)
             else:

@@ -39,13 +39,12 @@ from pydicom import dcmread, dcmwrite
 from pydicom.errors import InvalidDicomError
 
 from ian_node.config import NodeConfig, OrthancTarget, StowRsTarget
-from ian_node.uids import is_dicom_uid
 from ian_node.net import http_session
 from ian_node.receive.header import HeaderError, read_header_facts
-from ian_node.storage.spool import Spool
-from ian_node.uids import UnsafeUIDError, checked_uid
 from ian_node.storage.records import Job, ReceivedInstance, Series, Settlement
+from ian_node.storage.spool import Spool
 from ian_node.storage.state import State
+from ian_node.uids import UnsafeUIDError, checked_uid, is_dicom_uid
 
 logger = logging.getLogger(__name__)
 

@@ -21,24 +21,20 @@ Measured ingest rates: ``docs/performance.md``.
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 import logging
-import queue
 import ssl
-import threading
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from enum import IntEnum
-from pathlib import Path
 
 from pydicom.uid import (
+    JPEG2000,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    JPEG2000,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
@@ -53,13 +49,12 @@ from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
 from ian_node.config import ConfigError, DicomConfig, TlsConfig
-from ian_node.uids import is_dicom_uid
-from ian_node.receive.header import HeaderError, read_header_facts
-from ian_node.storage.spool import Spool, SpoolFullError, StagedInstance, fsync_dir
-from ian_node.uids import UnsafeUIDError
-from ian_node.storage.records import ReceivedInstance, RecordOutcome, StateFullError
-from ian_node.storage.state import State
 from ian_node.receive.commit import GroupCommitter, recover_unconfirmed
+from ian_node.receive.header import HeaderError, read_header_facts
+from ian_node.storage.records import ReceivedInstance, RecordOutcome, StateFullError
+from ian_node.storage.spool import Spool, SpoolFullError, StagedInstance
+from ian_node.storage.state import State
+from ian_node.uids import UnsafeUIDError, is_dicom_uid
 
 logger = logging.getLogger(__name__)
 

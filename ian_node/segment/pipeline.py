@@ -20,7 +20,13 @@ from pydicom.dataset import Dataset
 from ian_node.segment.postprocess import DEFAULT_MAX_GAP_MM, keep_main_tract
 from ian_node.segment.reformat import CoronalStack, PatientBox, side_stacks, stack_to_volume
 from ian_node.segment.volume import SeriesVolume, Side, load_series
-from model.preprocess import SliceTransform, image_to_model, mask_to_model, plan_slice_transform, probabilities_from_model
+from model.preprocess import (
+    SliceTransform,
+    image_to_model,
+    mask_to_model,
+    plan_slice_transform,
+    probabilities_from_model,
+)
 
 
 class SlicePredictor(Protocol):

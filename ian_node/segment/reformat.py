@@ -126,14 +126,14 @@ def coronal_stack(series: SeriesVolume, side: Side | str, roi: PatientBox | None
     shape = np.array(canon.spatial_shape)
     lo = np.clip(np.floor(idx.min(axis=0)).astype(int) - 1, 0, shape)
     hi = np.clip(np.ceil(idx.max(axis=0)).astype(int) + 2, 0, shape)
-    axes = [np.arange(a, b) for a, b in zip(lo, hi)]
+    axes = [np.arange(a, b) for a, b in zip(lo, hi, strict=True)]
     inside = _inside_roi(canon.affine, axes, roi)
     if not inside.any():
         raise RoiError(f"series {series.series_uid}: the {side.value} region of interest {roi} contains no voxel")
     tight = [np.flatnonzero(inside.any(axis=tuple(j for j in range(3) if j != k))) for k in range(3)]
     cut = tuple(slice(t[0], t[-1] + 1) for t in tight)
     inside = inside[cut]
-    axes = [a[c] for a, c in zip(axes, cut)]
+    axes = [a[c] for a, c in zip(axes, cut, strict=True)]
 
     # canonical index → source index is an exact signed permutation plus offset, so the flat source
     # index is linear in the canonical indices: a sum of three broadcast 1-D terms, no index grids.
@@ -164,7 +164,7 @@ def stack_to_volume(stacks: Sequence[CoronalStack], masks: Sequence[np.ndarray],
     labels = np.zeros(series.shape, dtype=np.uint8)
     flat_labels = labels.reshape(-1)
     claimed = np.zeros(flat_labels.size, dtype=bool)
-    for stack, mask in zip(stacks, masks):
+    for stack, mask in zip(stacks, masks, strict=True):
         if stack.series_uid != series.series_uid:
             raise ValueError(f"stack of series {stack.series_uid} cannot go back into series {series.series_uid}")
         mask = np.asarray(mask)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -23,9 +23,9 @@ from pathlib import Path
 import highdicom as hd
 import numpy as np
 import pydicom
+from pydicom import uid as dcm_uid
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut, get_decoder
-from pydicom import uid as dcm_uid
 
 logger = logging.getLogger(__name__)
 

@@ -95,7 +95,7 @@ class HarDBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         outputs = [x]
-        for layer, links in zip(self.layers, self.links):
+        for layer, links in zip(self.layers, self.links, strict=True):
             inputs = [outputs[k] for k in links]
             outputs.append(layer(inputs[0] if len(inputs) == 1 else torch.cat(inputs, 1)))
         return torch.cat([outputs[i] for i in self.kept], 1)
@@ -117,7 +117,7 @@ class HarDNet68(nn.Module):
             ]
         )
         channels = stem[1]
-        for out, growth, n_layers, pool in zip(BLOCK_CHANNELS, GROWTH, N_LAYERS, DOWNSAMPLE):
+        for out, growth, n_layers, pool in zip(BLOCK_CHANNELS, GROWTH, N_LAYERS, DOWNSAMPLE, strict=True):
             block = HarDBlock(channels, scale_channels(growth, width), GROWTH_MULTIPLIER, n_layers)
             channels = scale_channels(out, width)
             self.base.append(block)

@@ -107,7 +107,7 @@ class Bottle2neck(nn.Module):
         groups = torch.split(out, self.width, dim=1)
         outs: list[Tensor] = []
         sp = groups[0]
-        for i, (conv, bn) in enumerate(zip(self.convs, self.bns)):
+        for i, (conv, bn) in enumerate(zip(self.convs, self.bns, strict=True)):
             if i > 0:
                 sp = groups[i] if self.pool is not None else sp + groups[i]
             sp = self.relu(bn(conv(sp)))
@@ -156,7 +156,7 @@ class Res2NetV1b(nn.Module):
         channels = [stem_out]
         in_ch = stem_out
         stages = []
-        for planes, blocks, stride in zip(_STAGE_PLANES, layers, _STAGE_STRIDES):
+        for planes, blocks, stride in zip(_STAGE_PLANES, layers, _STAGE_STRIDES, strict=True):
             p = scale_channels(planes, width)
             stage = [Bottle2neck(in_ch, p, stride, first=True, base_width=base_width, scale=scale)]
             in_ch = p * EXPANSION

@@ -188,8 +188,8 @@ class DSTransUNet(SegmentationNetwork):
         dim, dim_c = fine_cfg.embed_dim, coarse_cfg.embed_dim
         fine_dims = [dim * 2**i for i in range(4)]
         coarse_dims = [dim_c * 2**i for i in range(4)]
-        self.fusions = nn.ModuleList(TIF(f, c, width) for f, c in zip(fine_dims, coarse_dims))
-        self.reductions = nn.ModuleList(DoubleConvGN(f + c, f) for f, c in zip(fine_dims, coarse_dims))
+        self.fusions = nn.ModuleList(TIF(f, c, width) for f, c in zip(fine_dims, coarse_dims, strict=True))
+        self.reductions = nn.ModuleList(DoubleConvGN(f + c, f) for f, c in zip(fine_dims, coarse_dims, strict=True))
         window = fine_cfg.window_size
         self.decoder1 = SwinDecoderStage(8 * dim, 8, window, stochastic_depth)
         self.decoder2 = SwinDecoderStage(4 * dim, 4, window, stochastic_depth)
@@ -204,7 +204,7 @@ class DSTransUNet(SegmentationNetwork):
 
     def _forward(self, x: Tensor) -> tuple[Tensor, Sequence[Tensor]]:
         fused = []
-        for fine, coarse, tif, reduce in zip(self.swin_b(x), self.swin_t(x), self.fusions, self.reductions):
+        for fine, coarse, tif, reduce in zip(self.swin_b(x), self.swin_t(x), self.fusions, self.reductions, strict=True):
             fine, coarse = tif(fine, coarse)
             fused.append(reduce(torch.cat([fine, F.interpolate(coarse, scale_factor=2.0, mode="nearest")], dim=1)))
         e1, e2, e3, e4 = fused

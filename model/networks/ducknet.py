@@ -71,6 +71,6 @@ class DUCKNet(SegmentationNetwork):
                 feature = self.encoder[level + 1](feature)
                 skips.append(feature)
         feature = self.bottleneck(feature)
-        for block, skip in zip(self.decoder, reversed(skips)):
+        for block, skip in zip(self.decoder, reversed(skips), strict=True):
             feature = block(F.interpolate(feature, scale_factor=2.0, mode="nearest") + skip)
         return self.head(feature), []

@@ -65,7 +65,7 @@ class MultiSplitAggregation(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         splits = torch.split(self.expand(x), self.channels, dim=1)
-        outs = [branch(split) for branch, split in zip(self.branches, splits)]
+        outs = [branch(split) for branch, split in zip(self.branches, splits, strict=True)]
         if self.attention is not None:
             return self.attention(outs)
         total = outs[0]
@@ -129,7 +129,7 @@ class MSPABottleneck(nn.Module):
 
 def _conv_stack(channels: Sequence[int]) -> nn.Sequential:
     """3×3 conv (with bias, as released) + BN + ReLU for each consecutive pair in `channels`."""
-    return nn.Sequential(*(ConvBNAct(a, b, 3, bias=True) for a, b in zip(channels[:-1], channels[1:])))
+    return nn.Sequential(*(ConvBNAct(a, b, 3, bias=True) for a, b in zip(channels[:-1], channels[1:], strict=True)))
 
 
 class IANNet(SegmentationNetwork):
@@ -160,7 +160,7 @@ class IANNet(SegmentationNetwork):
             ConvBNAct(stem, stem, 1, bias=True),
         )
         ins = [stem, *enc[:-1]]
-        self.encoder = nn.ModuleList(MSPABottleneck(i, p, self.attention) for i, p in zip(ins, planes))
+        self.encoder = nn.ModuleList(MSPABottleneck(i, p, self.attention) for i, p in zip(ins, planes, strict=True))
         # Decoder level k unpools to the resolution of encoder skip k and concatenates it.
         self.decoder = nn.ModuleList(
             [

@@ -18,8 +18,8 @@ import pytest
 import requests
 import torch
 
-from ian_node.config import ApiConfig, DicomConfig, ModelConfig, NodeConfig, SeriesConfig, StorageConfig
 from ian_node.app.node import Node
+from ian_node.config import ApiConfig, DicomConfig, ModelConfig, NodeConfig, SeriesConfig, StorageConfig
 from ian_node.phantom.study import PhantomConfig, PhantomFiles, generate_phantom, write_phantom
 from model import registry
 from model.checkpoint import CheckpointMeta, InputContract, save_checkpoint

@@ -20,11 +20,11 @@ from pathlib import Path
 import pydicom
 from pydicom.dataset import Dataset
 
+from ian_node.net import free_port
 from ian_node.storage.records import Delivery, Job
 from ian_node.storage.state import State
 from tests.integration.peers import wait_for_port
 from tests.tools import dcmtk
-from ian_node.net import free_port
 
 NODE_AE = "IANNODE"
 DEST_AE = "DEST"

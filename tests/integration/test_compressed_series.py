@@ -14,8 +14,9 @@ import pydicom
 import pytest
 from pydicom.pixels import get_decoder
 from pydicom.uid import (
-    DeflatedExplicitVRLittleEndian,
     JPEG2000,
+    UID,
+    DeflatedExplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
@@ -24,7 +25,6 @@ from pydicom.uid import (
     JPEGLSLossless,
     JPEGLSNearLossless,
     RLELossless,
-    UID,
     generate_uid,
 )
 

@@ -16,8 +16,8 @@ import pytest
 
 from ian_node.storage.records import DeliveryState, JobState
 from ian_node.storage.state import State
-from tests.integration.peers import storescu
 from tests.integration.node_harness import small_phantom, untrained_checkpoint, wait_for
+from tests.integration.peers import storescu
 from tests.integration.serve_process import Destination, NodeSetup, ServeProcess, sent_statuses, storescu_command
 
 pytestmark = pytest.mark.integration
@@ -55,7 +55,7 @@ def test_sigkill_mid_receive_loses_no_acknowledged_instance(tmp_path: Path, chec
             break
     rest, _ = sender.communicate(timeout=60)
     statuses = sent_statuses("".join(output) + rest)
-    acknowledged = [pydicom.dcmread(f) for f, s in zip(files, statuses) if s == SUCCESS]
+    acknowledged = [pydicom.dcmread(f) for f, s in zip(files, statuses, strict=False) if s == SUCCESS]
     assert 8 <= len(acknowledged) < len(files), "the kill did not land while storescu was sending"
 
     with ServeProcess(setup, "second"):  # recovery runs before the port opens

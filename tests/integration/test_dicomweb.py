@@ -12,18 +12,24 @@ import requests
 from dicomweb_client.api import DICOMwebClient
 from pydicom import dcmwrite
 
-from ian_node.config import ExportConfig, StowRsTarget
-from ian_node.receive.pull import dataset_bytes
 from ian_node.app.node import Node
+from ian_node.config import ExportConfig, StowRsTarget
+from ian_node.net import free_port
 from ian_node.phantom.study import PhantomFiles
+from ian_node.receive.pull import dataset_bytes
 from tests.integration.node_harness import (  # noqa: F401 (dcmtk_nodelay is a fixture)
+    api_url,
     dcmtk_nodelay,
-    api_url, node_config, post_json, running_node, small_phantom, untrained_checkpoint, wait_for,
+    node_config,
+    post_json,
+    running_node,
+    small_phantom,
+    untrained_checkpoint,
+    wait_for,
 )
 from tests.integration.orthanc_server import OrthancServer, orthanc_server
 from tests.integration.peers import storescu
 from tests.tools import dciodvfy_errors
-from ian_node.net import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("dcmtk_nodelay")]
 

@@ -14,13 +14,13 @@ from pydicom.uid import generate_uid
 from ian_node.config import DicomConfig, DicomTarget, ExportConfig, OrthancTarget, StowRsTarget, TlsConfig
 from ian_node.export.exporter import Exporter
 from ian_node.export.targets import build_targets
+from ian_node.net import free_port
 from ian_node.receive.scp import StorageSCP
-from ian_node.storage.spool import Spool
 from ian_node.storage.records import DeliveryState, Job, JobState, ReceivedInstance
+from ian_node.storage.spool import Spool
 from ian_node.storage.state import State
 from tests.integration.orthanc_server import OrthancServer, orthanc_server
 from tests.integration.peers import make_mr_series, storescp, storescu
-from ian_node.net import free_port
 
 pytestmark = pytest.mark.integration
 

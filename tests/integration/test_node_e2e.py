@@ -19,19 +19,28 @@ import pydicom
 import pytest
 from pydicom.uid import JPEGLosslessSV1, JPEGLSLossless, SegmentationStorage
 
-from ian_node.config import ApiConfig, DicomConfig, DicomTarget, ExportConfig, ModelConfig, NodeConfig, SeriesConfig, StorageConfig
 from ian_node.app.node import Node
+from ian_node.config import (
+    ApiConfig,
+    DicomConfig,
+    DicomTarget,
+    ExportConfig,
+    ModelConfig,
+    NodeConfig,
+    SeriesConfig,
+    StorageConfig,
+)
+from ian_node.net import free_port
 from ian_node.phantom.study import PhantomFiles, generate_phantom, write_phantom
 from ian_node.segment.pipeline import prepare, to_model_space
 from ian_node.segment.seg import read_segmentation_labels
-from ian_node.storage.records import DeliveryState, JobState
 from ian_node.segment.volume import load_series
+from ian_node.storage.records import DeliveryState, JobState
 from model.checkpoint import LoadedCheckpoint, load_checkpoint
-from tests.integration.peers import storescu
 from tests.integration.node_harness import SMALL_PHANTOM, small_phantom, untrained_checkpoint, wait_for
+from tests.integration.peers import storescu
 from tests.integration.serve_process import DEST_AE, NODE_AE, Destination, NodeSetup, ServeProcess, ian_node_command
-from tests.tools import dcmtk, dciodvfy_errors
-from ian_node.net import free_port
+from tests.tools import dciodvfy_errors, dcmtk
 
 pytestmark = pytest.mark.integration
 
@@ -132,7 +141,7 @@ def test_series_with_inconsistent_geometry_fails_naming_it_and_the_next_series_s
     for files in (bad, good):
         _, statuses = storescu(node.setup.port, list(files.instances))
         assert statuses == [SUCCESS] * len(files.instances)  # acknowledged: the refusal is the job's
-        wait_for(lambda: node.setup.job_for(files.series_uid), 30, node.describe)
+        wait_for(lambda uid=files.series_uid: node.setup.job_for(uid), 30, node.describe)
 
     _wait_for_done(node, good.series_uid)
     failed = node.setup.job_for(bad.series_uid)

@@ -17,18 +17,24 @@ import pydicom
 import pytest
 import requests
 
-from ian_node.config import ApiConfig, DicomConfig, DicomTarget, ExportConfig, OrthancTarget, SeriesConfig
-from ian_node.receive.pull import dataset_bytes
 from ian_node.app.node import Node
+from ian_node.config import ApiConfig, DicomConfig, DicomTarget, ExportConfig, OrthancTarget, SeriesConfig
+from ian_node.net import free_port
 from ian_node.phantom.study import PhantomFiles
+from ian_node.receive.pull import dataset_bytes
 from tests.integration.node_harness import (  # noqa: F401 (dcmtk_nodelay is a fixture)
+    api_url,
     dcmtk_nodelay,
-    api_url, node_config, post_json, running_node, small_phantom, untrained_checkpoint, wait_for,
+    node_config,
+    post_json,
+    running_node,
+    small_phantom,
+    untrained_checkpoint,
+    wait_for,
 )
 from tests.integration.orthanc_server import DICOMWEB_PLUGIN, PYTHON_PLUGIN, OrthancServer, orthanc_server
 from tests.integration.peers import CT_SMALL, storescu
 from tests.tools import dciodvfy_errors
-from ian_node.net import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("dcmtk_nodelay")]
 

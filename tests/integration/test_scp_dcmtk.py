@@ -6,7 +6,6 @@ import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -17,10 +16,10 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
 from ian_node.config import CallingAE, DicomConfig, SeriesConfig, TlsConfig
-from ian_node.receive.scp import StorageSCP
 from ian_node.jobs.completion import SeriesTracker
-from ian_node.storage.spool import Spool
+from ian_node.receive.scp import StorageSCP
 from ian_node.storage.records import Job
+from ian_node.storage.spool import Spool
 from ian_node.storage.state import State
 from tests.integration.peers import CT_SMALL, MR_SMALL, echoscu, make_mr_series, storescu, tiny_tmpfs
 from tests.tools import dcmtk
@@ -93,7 +92,7 @@ def test_storescu_series_is_durable_in_spool_and_state(node: Node, tmp_path: Pat
     series_uid = sent[0].SeriesInstanceUID
     stored = node.state.instances(series_uid)
     assert [i.instance_number for i in stored] == [1, 2, 3, 4]
-    for ds, inst in zip(sent, stored):
+    for ds, inst in zip(sent, stored, strict=True):
         assert inst.sop_instance_uid == ds.SOPInstanceUID
         back = pydicom.dcmread(node.spool.path(inst.path))
         assert back.SOPInstanceUID == ds.SOPInstanceUID and back.PixelData == ds.PixelData
@@ -211,7 +210,7 @@ def test_full_spool_answers_out_of_resources_and_keeps_what_it_acknowledged(tmp_
         _, statuses = storescu(node.port, files)
         assert len(statuses) == len(files)
         assert set(statuses) == {SUCCESS, OUT_OF_RESOURCES}
-        acknowledged = [pydicom.dcmread(f).SOPInstanceUID for f, s in zip(files, statuses) if s == SUCCESS]
+        acknowledged = [pydicom.dcmread(f).SOPInstanceUID for f, s in zip(files, statuses, strict=False) if s == SUCCESS]
         uid = pydicom.dcmread(files[0]).SeriesInstanceUID
         assert node.stored_uids(uid) == set(acknowledged)
         for inst in node.state.instances(uid):

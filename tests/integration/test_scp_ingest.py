@@ -17,23 +17,23 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import (
+    UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    UID,
     MRImageStorage,
     generate_uid,
 )
 from pynetdicom import AE
 
 from ian_node.config import DicomConfig, TlsConfig
-from ian_node.receive.scp import StorageSCP
+from ian_node.net import free_port
 from ian_node.receive.commit import recover_unconfirmed
+from ian_node.receive.scp import StorageSCP
 from ian_node.storage.spool import Spool
 from ian_node.storage.state import State
 from tests.integration.peers import MR_SMALL, wait_for_port
-from ian_node.net import free_port
 
 pytestmark = pytest.mark.integration
 
