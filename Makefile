@@ -12,5 +12,8 @@ system-deps:
 demo: install
 	ian-node demo
 
+# The data flows one way (import-linter contracts in pyproject.toml) and ruff stays clean, or the run fails.
 test: install system-deps
+	$(PYTHON) -c 'from importlinter.cli import lint_imports_command; lint_imports_command()'
+	$(PYTHON) -m ruff check .
 	$(PYTHON) -m pytest
