@@ -1,4 +1,5 @@
-"""CaraNet: faithful size at full width, a working small version on the CPU, backbone loading."""
+"""CaraNet: faithful size at full width, axial attention, backbone loading (the output contract,
+gradients and training: test_network_contract.py)."""
 
 from __future__ import annotations
 
@@ -6,14 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from model.blocks.axial_attention import AxialSelfAttention
 from model.blocks.res2net import BackboneCheckpointError, ours_to_official
-from model.networks.base import InputSizeError
 from model.networks.caranet import CaraNet
-from model.registry import build
-from tests.model.gradients import parameters_without_gradient
 
 #: REFERENCE.md "CaraNet": official model without its unused Res2Net classifier, 3 in, 1 class.
 REFERENCE_PARAMS = 44.59e6
@@ -22,32 +19,9 @@ SMALL_WIDTH = 0.125
 
 @pytest.fixture(scope="module")
 def full_width() -> CaraNet:
-    return CaraNet(in_channels=3)
-
-
-@pytest.fixture(scope="module")
-def small_trained() -> tuple[CaraNet, torch.Tensor, object]:
-    """A small CaraNet after one train-mode forward and backward pass on 2×1×64×64.
-
-    The axial attentions' `gamma` starts at 0, which would give their projections exactly zero
-    gradient on the first step; it is set to 0.5 so that the test sees every path carry gradient.
-    """
-    torch.manual_seed(0)
-    model = build("caranet", in_channels=1, width=SMALL_WIDTH)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, AxialSelfAttention):
-                m.gamma.fill_(0.5)
-    model.train()
-    x = torch.randn(2, 1, 64, 64)
-    target = (torch.rand(2, 1, 64, 64) > 0.5).float()
-    out = model(x)
-    loss = sum(
-        w * F.binary_cross_entropy_with_logits(o, target)
-        for w, o in zip(model.loss_weights, (out.logits, *out.aux))
-    )
-    loss.backward()
-    return model, x, out
+    """Built on the meta device: the tests read its structure, not its values."""
+    with torch.device("meta"):
+        return CaraNet(in_channels=3)
 
 
 def test_full_width_parameter_count_is_within_one_percent_of_reference(full_width: CaraNet) -> None:
@@ -59,37 +33,6 @@ def test_full_width_backbone_is_res2net101_without_classifier(full_width: CaraNe
     b = full_width.backbone
     assert [len(b.layer1), len(b.layer2), len(b.layer3), len(b.layer4)] == [3, 4, 23, 3]
     assert not any(k.startswith("backbone.fc.") for k in full_width.state_dict())
-
-
-def test_train_forward_returns_main_and_three_aux_at_input_resolution(small_trained) -> None:
-    model, _, out = small_trained
-    assert out.logits.shape == (2, 1, 64, 64)
-    assert [tuple(a.shape) for a in out.aux] == [(2, 1, 64, 64)] * 3
-    assert len(out.aux) + 1 == len(model.loss_weights) == 4
-
-
-def test_gradients_reach_every_parameter(small_trained) -> None:
-    model, _, _ = small_trained
-    missing = parameters_without_gradient(model)
-    assert missing == []
-
-
-def test_eval_forward_returns_only_main_logits(small_trained) -> None:
-    model, x, _ = small_trained
-    model.eval()
-    try:
-        with torch.no_grad():
-            out = model(x)
-    finally:
-        model.train()
-    assert out.logits.shape == (2, 1, 64, 64)
-    assert out.aux == ()
-
-
-def test_input_not_a_multiple_of_32_raises_naming_the_multiple() -> None:
-    model = CaraNet(in_channels=1, width=SMALL_WIDTH)
-    with pytest.raises(InputSizeError, match="multiples of 32"):
-        model(torch.zeros(1, 1, 48, 64))
 
 
 @pytest.mark.parametrize("axis", ["h", "w"])

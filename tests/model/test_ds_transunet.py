@@ -1,5 +1,6 @@
-"""DS-TransUNet and its Swin backbone: faithful size at full width, a working small version on the CPU,
-window mechanics, and official-checkpoint key mapping."""
+"""DS-TransUNet and its Swin backbone: faithful size at full width, its loss weights and aux ReLU, odd
+widths, window mechanics, and official-checkpoint key mapping (the output contract, gradients and
+training: test_network_contract.py)."""
 
 from __future__ import annotations
 
@@ -22,10 +23,7 @@ from model.blocks.swin import (
     window_partition,
     window_reverse,
 )
-from model.networks.base import InputSizeError
 from model.networks.ds_transunet import DSTransUNet
-from model.registry import build
-from tests.model.gradients import parameters_without_gradient
 
 #: Parameters of the official UNet(128, 1) with 3 input channels (REFERENCE.md).
 REFERENCE_PARAMS = 171.44e6
@@ -34,24 +32,9 @@ SMALL_WIDTH = 0.125
 
 @pytest.fixture(scope="module")
 def full_width() -> DSTransUNet:
-    return DSTransUNet(in_channels=3)
-
-
-@pytest.fixture(scope="module")
-def small_trained() -> tuple[DSTransUNet, torch.Tensor, object]:
-    """A small deterministic DS-TransUNet after one train-mode forward and backward pass on 2×1×64×64.
-
-    Drop-path and the original's ReLU on the aux logits are off here: either can leave a parameter
-    with an all-zero gradient on one step (a dropped branch, a head whose ReLU is dead at init).
-    """
-    torch.manual_seed(0)
-    model = build("ds_transunet", in_channels=1, width=SMALL_WIDTH, aux_relu=False, stochastic_depth=False)
-    model.train()
-    x = torch.randn(2, 1, 64, 64)
-    out = model(x)
-    loss = sum(w * o.mean() for w, o in zip(model.loss_weights, (out.logits, *out.aux)))
-    loss.backward()
-    return model, x, out
+    """Built on the meta device: the tests read its structure, not its values."""
+    with torch.device("meta"):
+        return DSTransUNet(in_channels=3)
 
 
 def test_full_width_parameter_count_is_within_one_percent_of_reference(full_width: DSTransUNet) -> None:
@@ -81,27 +64,8 @@ def test_full_width_swin_b_keys_and_shapes_match_the_official_checkpoint_layout(
     assert not any(k.startswith(("norm0", "norm1", "norm2", "norm3")) for k in official)
 
 
-def test_train_forward_returns_main_and_two_aux_logits_at_input_resolution(small_trained) -> None:
-    model, _, out = small_trained
-    assert out.logits.shape == (2, 1, 64, 64)
-    assert [a.shape for a in out.aux] == [(2, 1, 64, 64)] * 2
-    assert len(out.aux) + 1 == len(model.loss_weights) == 3
-    assert model.loss_weights == (0.6, 0.2, 0.2)
-
-
-def test_gradients_reach_every_parameter(small_trained) -> None:
-    model, _, _ = small_trained
-    missing = parameters_without_gradient(model)
-    assert missing == []
-
-
-def test_eval_forward_returns_no_aux(small_trained) -> None:
-    model, x, _ = small_trained
-    model.eval()
-    with torch.no_grad():
-        out = model(x)
-    model.train()
-    assert out.aux == () and out.logits.shape == (2, 1, 64, 64)
+def test_loss_weighs_the_main_output_0_6_and_each_of_two_aux_outputs_0_2() -> None:
+    assert DSTransUNet.loss_weights == (0.6, 0.2, 0.2)
 
 
 def test_default_aux_logits_pass_through_the_original_relu_and_are_non_negative() -> None:
@@ -110,12 +74,6 @@ def test_default_aux_logits_pass_through_the_original_relu_and_are_non_negative(
     with torch.no_grad():
         out = model(torch.randn(1, 1, 64, 64))
     assert all(bool((a >= 0).all()) for a in out.aux)
-
-
-def test_input_not_multiple_of_64_raises_input_size_error_naming_64(small_trained) -> None:
-    model, _, _ = small_trained
-    with pytest.raises(InputSizeError, match="multiples of 64"):
-        model(torch.zeros(1, 1, 96, 64))
 
 
 @pytest.mark.parametrize("width", [0.1, 0.3])

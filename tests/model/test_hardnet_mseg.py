@@ -1,4 +1,5 @@
-"""HarDNet-MSEG: faithful size at full width, a working small version, and HarDNet-68 weight loading."""
+"""HarDNet-MSEG: faithful size at full width and HarDNet-68 weight loading (the output contract,
+gradients and training: test_network_contract.py)."""
 
 from __future__ import annotations
 
@@ -8,31 +9,15 @@ import pytest
 import torch
 
 from model.blocks.hardnet import HarDNet68, harmonic_links, load_hardnet68_checkpoint
-from model.networks.base import InputSizeError
 from model.networks.hardnet_mseg import HarDNetMSEG
-from model.registry import build
-from tests.model.gradients import parameters_without_gradient
 
 #: Parameters of the official HarDMSEG that its forward pass uses (3 input channels, 1 class).
 REFERENCE_PARAMS = 17.42e6
-SMALL_WIDTH = 0.25
 
 
 @pytest.fixture(scope="module")
 def full_width() -> HarDNetMSEG:
     return HarDNetMSEG(in_channels=3)
-
-
-@pytest.fixture(scope="module")
-def small_trained() -> tuple[HarDNetMSEG, torch.Tensor, object]:
-    """A small HarDNet-MSEG after one train-mode forward and backward pass on 2×1×64×64."""
-    torch.manual_seed(0)
-    model = build("hardnet_mseg", in_channels=1, width=SMALL_WIDTH)
-    model.train()
-    x = torch.randn(2, 1, 64, 64)
-    out = model(x)
-    out.logits.float().mean().backward()
-    return model, x, out
 
 
 @pytest.fixture(scope="module")
@@ -63,32 +48,6 @@ def test_harmonic_layer_links_to_every_power_of_two_back() -> None:
     assert harmonic_links(6) == [5, 4]
     assert harmonic_links(12) == [11, 10, 8]
     assert harmonic_links(16) == [15, 14, 12, 8, 0]
-
-
-def test_train_forward_returns_input_resolution_logits_and_no_aux(small_trained) -> None:
-    model, _, out = small_trained
-    assert out.logits.shape == (2, 1, 64, 64)
-    assert out.aux == ()
-    assert len(out.aux) + 1 == len(model.loss_weights)
-
-
-def test_gradients_reach_every_parameter(small_trained) -> None:
-    model, _, _ = small_trained
-    missing = parameters_without_gradient(model)
-    assert missing == []
-
-
-def test_eval_forward_returns_no_aux(small_trained) -> None:
-    model, x, _ = small_trained
-    model.eval()
-    out = model(x)
-    assert out.aux == () and out.logits.shape == (2, 1, 64, 64)
-
-
-def test_input_not_multiple_of_32_raises_input_size_error_naming_32(small_trained) -> None:
-    model, _, _ = small_trained
-    with pytest.raises(InputSizeError, match="multiples of 32"):
-        model(torch.zeros(1, 1, 64, 80))
 
 
 def test_official_checkpoint_round_trips_into_backbone_dropping_classifier(

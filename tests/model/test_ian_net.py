@@ -1,4 +1,5 @@
-"""IAN-Net: parameter counts against the released code, the output contract, gradients, variants."""
+"""IAN-Net: parameter counts against the released code, variants, split attention (the output contract,
+gradients and training of both variants: test_network_contract.py)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,8 @@ import pytest
 import torch
 
 from model.blocks.split_attention import SplitAttention, radix_softmax
-from model.networks.base import InputSizeError
 from model.networks.ian_net import IANNet
 from model.registry import build
-from tests.model.gradients import parameters_without_gradient
 
 #: Parameters of the released ObsNet_Remove_att_r_v7 (in_channels=3), all modules it builds.
 RELEASED_PARAMS = 15_316_097
@@ -60,31 +59,6 @@ def test_variant_name_rebuilds_the_same_architecture(variant: str) -> None:
 def test_unknown_variant_is_rejected_with_the_valid_names() -> None:
     with pytest.raises(ValueError, match="released-no-attention"):
         IANNet.from_variant("no-such-variant")
-
-
-@pytest.mark.parametrize("attention", [True, False])
-def test_train_step_gives_input_sized_logits_and_reaches_every_parameter(attention: bool) -> None:
-    model = small(attention).train()
-    x = torch.randn(2, 1, 64, 64)
-    out = model(x)
-    assert out.logits.shape == (2, 1, 64, 64)
-    assert len(out.aux) + 1 == len(model.loss_weights) == 1
-    out.logits.square().mean().backward()
-    no_grad = parameters_without_gradient(model)
-    assert no_grad == []
-
-
-def test_eval_mode_returns_no_aux_and_accepts_non_square_sizes() -> None:
-    model = small().eval()
-    with torch.no_grad():
-        out = model(torch.randn(1, 1, 48, 80))
-    assert out.logits.shape == (1, 1, 48, 80)
-    assert out.aux == ()
-
-
-def test_input_size_not_a_multiple_of_16_raises_naming_16() -> None:
-    with pytest.raises(InputSizeError, match="multiples of 16"):
-        small().eval()(torch.randn(1, 1, 64, 72))
 
 
 def test_attention_changes_the_output_given_the_same_shared_weights() -> None:

@@ -1,4 +1,5 @@
-"""MEGANet: faithful size at full width, a working small version on the CPU, its edge operators."""
+"""MEGANet: faithful size at full width, input channels and minimum size, its edge operators, backbone
+loading (the output contract, gradients and training: test_network_contract.py)."""
 
 from __future__ import annotations
 
@@ -6,14 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from model.blocks.cbam import CBAM
 from model.blocks.laplacian import laplacian, laplacian_pyramid_level, pyramid_up
 from model.blocks.res2net import RES2NET101_LAYERS, BackboneCheckpointError, Res2NetV1b, ours_to_official
 from model.networks.base import InputSizeError
 from model.networks.meganet import MEGANet
-from model.registry import build
+from tests.model.gradients import conv_biases_feeding_batch_norm
 
 #: REFERENCE.md "MEGANet": 44.19 M in all, of which the Res2Net-50 backbone is 23.67 M.
 REFERENCE_PARAMS = 44.19e6
@@ -24,23 +24,6 @@ SMALL_WIDTH = 0.125
 @pytest.fixture(scope="module")
 def full_width() -> MEGANet:
     return MEGANet(in_channels=3)
-
-
-@pytest.fixture(scope="module")
-def small_trained() -> tuple[MEGANet, torch.Tensor, object]:
-    """A small MEGANet after one train-mode forward and backward pass on 2×1×64×64."""
-    torch.manual_seed(0)
-    model = build("meganet", in_channels=1, width=SMALL_WIDTH)
-    model.train()
-    x = torch.randn(2, 1, 64, 64)
-    target = (torch.rand(2, 1, 64, 64) > 0.5).float()
-    out = model(x)
-    loss = sum(
-        w * F.binary_cross_entropy_with_logits(o, target)
-        for w, o in zip(model.loss_weights, (out.logits, *out.aux))
-    )
-    loss.backward()
-    return model, x, out
 
 
 def test_full_width_parameter_count_is_within_one_percent_of_reference(full_width: MEGANet) -> None:
@@ -54,49 +37,10 @@ def test_full_width_backbone_is_res2net50_size_without_classifier(full_width: ME
     assert not any(k.startswith("backbone.fc.") for k in full_width.state_dict())
 
 
-def test_train_forward_returns_main_and_four_aux_at_input_resolution(small_trained) -> None:
-    model, _, out = small_trained
-    assert out.logits.shape == (2, 1, 64, 64)
-    assert [tuple(a.shape) for a in out.aux] == [(2, 1, 64, 64)] * 4
-    assert len(out.aux) + 1 == len(model.loss_weights) == 5
-
-
-def _conv_biases_feeding_batch_norm(model: torch.nn.Module) -> set[str]:
-    """Conv biases directly followed by a BatchNorm: MEGANet has them (its convs keep the default
-    bias), train-mode BN subtracts them again, so their exact gradient is zero."""
-    names = set()
-    for prefix, module in model.named_modules():
-        if isinstance(module, torch.nn.Sequential):
-            children = list(module.named_children())
-            for (name, conv), (_, norm) in zip(children, children[1:]):
-                biased = isinstance(conv, torch.nn.Conv2d) and conv.bias is not None
-                if biased and isinstance(norm, torch.nn.BatchNorm2d):
-                    names.add(f"{prefix}.{name}.bias")
-    return names
-
-
-def test_gradients_reach_every_parameter(small_trained) -> None:
-    model, _, _ = small_trained
-    cancelled = _conv_biases_feeding_batch_norm(model)
+def test_conv_biases_cancelled_by_batch_norm_are_found_in_edge_attention_and_reduction() -> None:
+    """The contract test lets exactly these parameters have an all-zero gradient."""
+    cancelled = conv_biases_feeding_batch_norm(MEGANet(in_channels=1, width=SMALL_WIDTH))
     assert "ega1.attention.0.bias" in cancelled and "reduce5.0.bias" in cancelled
-    unreached = [n for n, p in model.named_parameters() if p.grad is None]
-    # Seed 0 in the fixture: with another seed a CBAM channel-gate MLP can start with every
-    # hidden ReLU dead (as it can in the original), which this test would then report.
-    zero = [n for n, p in model.named_parameters() if n not in cancelled and not torch.any(p.grad != 0)]
-    assert unreached == []
-    assert zero == []
-
-
-def test_eval_forward_returns_only_main_logits(small_trained) -> None:
-    model, x, _ = small_trained
-    model.eval()
-    try:
-        with torch.no_grad():
-            out = model(x)
-    finally:
-        model.train()
-    assert out.logits.shape == (2, 1, 64, 64)
-    assert out.aux == ()
 
 
 def test_rgb_input_runs_through_the_luminance_edge_path() -> None:
@@ -109,12 +53,6 @@ def test_rgb_input_runs_through_the_luminance_edge_path() -> None:
 def test_two_channel_input_is_rejected() -> None:
     with pytest.raises(ValueError, match="in_channels"):
         MEGANet(in_channels=2, width=SMALL_WIDTH)
-
-
-def test_input_not_a_multiple_of_32_raises_naming_the_multiple() -> None:
-    model = MEGANet(in_channels=1, width=SMALL_WIDTH)
-    with pytest.raises(InputSizeError, match="multiples of 32"):
-        model(torch.zeros(1, 1, 48, 64))
 
 
 def test_input_below_64_raises_naming_the_minimum() -> None:
