@@ -76,3 +76,28 @@ def test_cuda_request_without_cuda_is_refused():
         pytest.skip("this machine has CUDA")
     with pytest.raises(ValueError, match="CUDA is not available"):
         pick_device("cuda")
+
+
+def test_auto_and_none_pick_cuda_when_present_else_the_cpu():
+    expected = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    assert pick_device("auto") == pick_device(None) == expected
+    assert pick_device("cpu") == torch.device("cpu")
+
+
+def test_predictor_over_an_in_memory_model_matches_the_checkpoint_predictor(saved):
+    path, _, net, meta = saved
+    images = np.random.default_rng(1).integers(0, 256, size=(3, 64, 64), dtype=np.uint8)
+    from_file = Predictor(load_checkpoint(path)).predict(images)
+    in_memory = Predictor.from_model(net, meta.input)
+    assert in_memory.checkpoint is None and in_memory.size == 64
+    np.testing.assert_array_equal(in_memory.predict(images), from_file)
+
+
+def test_three_channel_model_takes_grey_slices_as_replicated_channels():
+    torch.manual_seed(0)
+    predictor = Predictor.from_model(registry.build("ian_net", in_channels=3, width=0.125), InputContract(32, 3))
+    grey = torch.rand(2, 1, 32, 32)
+    np.testing.assert_array_equal(predictor.probabilities(grey).cpu().numpy(),
+                                  predictor.probabilities(grey.expand(-1, 3, -1, -1)).cpu().numpy())
+    with pytest.raises(ValueError, match=r"\(N, 1 or 3, 32, 32\)"):
+        predictor.probabilities(torch.rand(2, 2, 32, 32))
