@@ -23,13 +23,19 @@ Everything a preset does not name is the paper's value (optimiser, schedule, los
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+import logging
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from model.registry import NETWORKS, PAPER_NETWORK
+from model.registry import NETWORKS, PAPER_NETWORK, network_class
+from training.settings import reject_unknown_fields
 from training.splits import PAPER_FRACTIONS, PAPER_REPEATS
 
-IAN_NET_VARIANTS = ("paper-attention", "released-no-attention")
+logger = logging.getLogger(__name__)
+
+#: Our network's named variants (constructor options), as its class defines them.
+_IAN_NET_OPTIONS: dict[str, dict[str, Any]] = network_class(PAPER_NETWORK).VARIANTS  # type: ignore[attr-defined]
+IAN_NET_VARIANTS = tuple(_IAN_NET_OPTIONS)
 
 
 @dataclass(frozen=True)
@@ -83,8 +89,7 @@ class Protocol:
     def model_options(self, model: str) -> dict[str, Any]:
         """Constructor options of `model` beyond in_channels and width."""
         if model == PAPER_NETWORK:
-            from model.networks.ian_net import IANNet
-            return dict(IANNet.VARIANTS[self.ian_net_variant])
+            return dict(_IAN_NET_OPTIONS[self.ian_net_variant])
         return {}
 
     def to_dict(self) -> dict[str, Any]:
@@ -93,10 +98,7 @@ class Protocol:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Protocol:
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown protocol settings {sorted(unknown)}")
+        reject_unknown_fields(cls, data, "protocol")
         tuples = {"models", "fractions", "phantom_shape"}
         return cls(**{k: tuple(v) if k in tuples else v for k, v in data.items()})
 
