@@ -25,11 +25,11 @@ import torch
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from model.registry import NETWORKS
-from training.datasets import FORMATS, DatasetError, LoadOptions, export_2d, load_dataset
+from training.data import FORMATS, DatasetError, LoadOptions, export_2d, load_dataset
 from training.presets import IAN_NET_VARIANTS, PRESETS, Protocol, Runtime, preset
 from training.runner import BenchmarkError, BenchmarkPaths, Ledger, prepare_data, reevaluate, train_all
 
-log = logging.getLogger("training.benchmark")
+logger = logging.getLogger(__name__)
 
 
 def _triple(kind: type, sep: str = ","):  # type: ignore[no-untyped-def]
@@ -174,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
         if not paths.ledger.is_file():
             raise BenchmarkError(f"{paths.ledger}: no benchmark to evaluate in {args.out}")
         protocol = Ledger.read(paths.ledger).protocol
-        log.info("evaluate only: using the protocol stored in %s", paths.ledger)
+        logger.info("evaluate only: using the protocol stored in %s", paths.ledger)
     else:
         protocol = _protocol(args)
     slices, source = prepare_data(paths, protocol, args.data, args.format, _load_options(args),
@@ -186,8 +186,8 @@ def run(args: argparse.Namespace) -> int:
                        "skipped_sources": [asdict(s) for s in slices.report.skipped]}
     context["runtime"] = asdict(runtime)
     if slices.report.skipped:
-        log.warning("%d input source(s) skipped (--skip-bad); see summary.json data_report",
-                    len(slices.report.skipped))
+        logger.warning("%d input source(s) skipped (--skip-bad); see summary.json data_report",
+                       len(slices.report.skipped))
     records = reevaluate(ledger, paths, slices, runtime) if args.evaluate_only else train_all(
         ledger, paths, slices, runtime)
     reports = write_reports(records, ledger, paths, slices)
@@ -223,8 +223,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         with logging_redirect_tqdm():
             return run(args) if args.command == "run" else export(args)
     except (DatasetError, BenchmarkError, ValueError) as exc:
-        log.error("%s", exc)
-        log.info("details", exc_info=True)  # the traceback goes to the log file only
+        logger.error("%s", exc)
+        logger.info("details", exc_info=True)  # the traceback goes to the log file only
         return 2
     finally:
         for h in handlers:

@@ -3,10 +3,12 @@
     python -m training.default_model --out model/weights/ian_net_phantom.pt
 
 Samples are made by exactly the node's path (`ian_node.segment.pipeline.prepare` and `to_model_space`), so
-the bundled model sees at training time what the node feeds it. Besides the coronal slices that
-carry nerve (the paper's samples), a share of empty slices is kept, because the node runs on every
-coronal slice of a side and must learn to answer "no nerve". The result is labelled phantom-trained
-and is not for clinical use: point the node at a `train_benchmark` checkpoint for real data.
+the bundled model sees at training time what the node feeds it, and they are held in the benchmark's
+`training.data.SliceSet` and fed through its `SliceDataset`. Besides the coronal slices that carry
+nerve (the paper's samples), a share of empty slices is kept, because the node runs on every coronal
+slice of a side and must learn to answer "no nerve". The validation score is computed through the
+node's `model.predictor.Predictor` (`training.loop.predict_dataset`). The result is labelled
+phantom-trained and is not for clinical use: point the node at a `train_benchmark` checkpoint for real data.
 """
 
 from __future__ import annotations
@@ -19,8 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
-from torch.utils.data import Dataset
 
 from ian_node.phantom.mr_series import build_mr_series
 from ian_node.phantom.study import PhantomConfig, generate_phantom
@@ -28,9 +28,10 @@ from ian_node.segment.pipeline import prepare, to_model_space
 from ian_node.segment.volume import load_series
 from model import registry
 from model.checkpoint import CheckpointMeta, InputContract, save_checkpoint
-from training.loop import SampleMeta, TrainConfig, load_weights, predict_dataset, seed_everything, train
+from training.data import SampleMeta, SliceSet
+from training.loop import TrainConfig, load_weights, predict_dataset, seed_everything, train
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 LABEL = "phantom-trained demonstration model: NOT FOR CLINICAL USE"
 
@@ -51,23 +52,8 @@ class DefaultModelRecipe:
     lr: float = 2e-3
 
 
-class SliceSet(Dataset):
-    """Model-space slices and masks of some phantoms, in the loop's dataset contract."""
-
-    def __init__(self, images: np.ndarray, masks: np.ndarray, metas: list[SampleMeta]) -> None:
-        self.images, self.masks, self.metas = images, masks, metas
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, SampleMeta]:
-        image = torch.from_numpy(self.images[i]).float().div_(255.0).unsqueeze(0)
-        mask = torch.from_numpy(self.masks[i]).float().unsqueeze(0)
-        return image, mask, self.metas[i]
-
-
 def phantom_slices(patients: range, recipe: DefaultModelRecipe, config: PhantomConfig | None = None) -> SliceSet:
-    """Nerve-carrying slices of each phantom plus a seeded share of empty ones."""
+    """Nerve-carrying slices of each phantom plus a seeded share of empty ones, in phantom order."""
     rng = np.random.default_rng(recipe.seed)
     images, masks, metas = [], [], []
     for index in patients:
@@ -82,16 +68,18 @@ def phantom_slices(patients: range, recipe: DefaultModelRecipe, config: PhantomC
         n_empty = min(len(empty), int(round(recipe.empty_fraction * nerve.sum())))
         keep = np.sort(np.concatenate([np.flatnonzero(nerve), rng.choice(empty, n_empty, replace=False)]))
         images.append(prepared.images[keep])
-        masks.append(gt[keep].astype(np.uint8))
+        masks.append(gt[keep].astype(bool))
         metas += [SampleMeta(phantom.study.patient_id, sides[k], slice_no[k]) for k in keep]
-    return SliceSet(np.concatenate(images), np.concatenate(masks), metas)
+    return SliceSet(np.concatenate(images), np.concatenate(masks), tuple(metas))
 
 
 def train_default_model(out: Path, recipe: DefaultModelRecipe, work_dir: Path) -> dict:
     """Train, evaluate on the validation phantoms, and write the checkpoint; return a summary."""
-    train_set = phantom_slices(range(recipe.train_patients), recipe)
-    val_set = phantom_slices(range(recipe.train_patients, recipe.train_patients + recipe.val_patients), recipe)
-    log.info("training on %d slices, validating on %d", len(train_set), len(val_set))
+    train_slices = phantom_slices(range(recipe.train_patients), recipe)
+    val_slices = phantom_slices(range(recipe.train_patients, recipe.train_patients + recipe.val_patients), recipe)
+    train_set = train_slices.torch_dataset(range(len(train_slices)), in_channels=1)
+    val_set = val_slices.torch_dataset(range(len(val_slices)), in_channels=1)
+    logger.info("training on %d slices, validating on %d", len(train_set), len(val_set))
     seed_everything(recipe.seed)
     model = registry.build(recipe.architecture, in_channels=1, width=recipe.width)
     config = TrainConfig(
@@ -100,7 +88,7 @@ def train_default_model(out: Path, recipe: DefaultModelRecipe, work_dir: Path) -
     )
     result = train(model, train_set, val_set, work_dir, config)
     load_weights(model, result.best_checkpoint)
-    predictions = predict_dataset(model, val_set, torch.device("cpu"), batch_size=32)
+    predictions = predict_dataset(model, val_set, device=config.device, batch_size=32)
     scores = predictions.scores("ian_net", 0)
     dsc = float(np.mean([s.dsc for s in scores]))
     summary = {

@@ -1,9 +1,13 @@
 """Train one network on one split, resumably, and predict a dataset for evaluation.
 
-Dataset contract (what `training/datasets.py` yields): a map-style torch Dataset whose items are
-`(image, mask)` or `(image, mask, meta)`, image float32 (C, H, W) in [0, 1], mask float32 (1, H, W)
-with values 0/1, and meta a `SampleMeta` (or any object/mapping with `patient`, `side`, `slice`).
-Training ignores meta; `predict_dataset` returns it with each prediction.
+Dataset contract (what `training.data.SliceSet.torch_dataset` yields): a map-style torch Dataset whose
+items are `(image, mask)` or `(image, mask, meta)`, image float32 (C, H, W) in [0, 1], mask float32
+(1, H, W) with values 0/1, and meta a `training.data.SampleMeta` (or any object/mapping with `patient`,
+`side`, `slice`). Training ignores meta; `predict_dataset` returns it with each prediction.
+
+Evaluation runs through the node's own `model.predictor.Predictor` (its device choice, memory format,
+autocast rule and sigmoid), thresholded `>= threshold` as the node's pipeline does, so a run is scored
+as the node would run its checkpoint.
 
 Losses: training uses the network's deep supervision through `deep_supervision_loss` and its
 `loss_weights`; the validation loss (early stopping, best checkpoint) is the main output's Focal
@@ -32,7 +36,7 @@ import os
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,10 +46,13 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm import tqdm
 
+from model.checkpoint import InputContract
+from model.predictor import Predictor, PredictorOptions, pick_device
 from training.losses import FocalTverskyLoss, deep_supervision_loss
 from training.metrics import ImageScore, image_metrics
+from training.settings import reject_unknown_fields
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 STATE_FORMAT = "ian-node-train-state/1"
 #: Settings that may differ when a run resumes: they do not change what is computed.
@@ -89,20 +96,8 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown TrainConfig settings: {sorted(unknown)}")
+        reject_unknown_fields(cls, data, "TrainConfig")
         return cls(**data)
-
-
-@dataclass(frozen=True)
-class SampleMeta:
-    """Which image a sample is: enough to pair it across models and write the per-image table."""
-
-    patient: str
-    side: str
-    slice: int
 
 
 @dataclass(frozen=True)
@@ -164,7 +159,7 @@ class Predictions:
     targets: np.ndarray
     metas: tuple[Any, ...]
     probabilities: np.ndarray | None  # float16 (N, H, W) when asked for
-    seconds_per_slice: float  # model forward + sigmoid only, device-synchronised
+    seconds_per_slice: float  # the predictor's forward + sigmoid only, device-synchronised, after a warm-up
     wall_seconds: float
 
     def scores(self, model: str, repeat: int) -> list[ImageScore]:
@@ -177,15 +172,6 @@ class Predictions:
 
 
 EpochCallback = Callable[[EpochRecord], None]
-
-
-def resolve_device(spec: str = "auto") -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(spec)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {spec!r} requested but CUDA is not available")
-    return device
 
 
 def seed_everything(seed: int) -> None:
@@ -232,22 +218,22 @@ def train(model: nn.Module, train_set: Dataset, val_set: Dataset, run_dir: str |
                          f"(got {len(train_set)} and {len(val_set)} samples)")  # type: ignore[arg-type]
     handler = logging.FileHandler(paths.log, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    old_level = log.level
-    log.setLevel(min(logging.INFO, log.getEffectiveLevel()))
-    log.addHandler(handler)
+    old_level = logger.level
+    logger.setLevel(min(logging.INFO, logger.getEffectiveLevel()))
+    logger.addHandler(handler)
     try:
         return _train(model, train_set, val_set, paths, config, epoch_callback)
     finally:
-        log.removeHandler(handler)
+        logger.removeHandler(handler)
         handler.close()
-        log.setLevel(old_level)
+        logger.setLevel(old_level)
 
 
 def _train(model: nn.Module, train_set: Dataset, val_set: Dataset, paths: RunPaths, config: TrainConfig,
            epoch_callback: EpochCallback | None) -> TrainResult:
-    device = resolve_device(config.device)
+    device = pick_device(config.device)
     if paths.result.exists() and paths.final.exists():
-        log.info("run %s already finished; not retraining", paths.root.name)
+        logger.info("run %s already finished; not retraining", paths.root.name)
         load_weights(model, paths.final)
         return TrainResult.from_dict(json.loads(paths.result.read_text()))
     use_amp = config.amp and device.type == "cuda"
@@ -276,13 +262,13 @@ def _train(model: nn.Module, train_set: Dataset, val_set: Dataset, paths: RunPat
         epoch, best_val, best_epoch = state["epoch"], state["best_val_loss"], state["best_epoch"]
         stale, spent = state["epochs_without_improvement"], state["train_seconds"]
         history = [EpochRecord(**h) for h in state["history"]]
-        log.info("run %s: resuming after epoch %d (best val loss %.5f at epoch %d)",
-                 paths.root.name, epoch, best_val, best_epoch)
+        logger.info("run %s: resuming after epoch %d (best val loss %.5f at epoch %d)",
+                    paths.root.name, epoch, best_val, best_epoch)
     paths.config.write_text(json.dumps({"network": name, "config": asdict(config), "device": str(device),
                                         "amp": use_amp, "n_train": len(train_set), "n_val": len(val_set),
                                         "torch": torch.__version__}, indent=2))
-    log.info("run %s: %s, %d train / %d val samples, device %s, AMP %s", paths.root.name, name,
-             len(train_set), len(val_set), device, use_amp)
+    logger.info("run %s: %s, %d train / %d val samples, device %s, AMP %s", paths.root.name, name,
+                len(train_set), len(val_set), device, use_amp)
 
     generator = torch.Generator()
     drop_last = len(train_set) % config.batch_size == 1  # a batch of one breaks BatchNorm
@@ -312,7 +298,7 @@ def _train(model: nn.Module, train_set: Dataset, val_set: Dataset, paths: RunPat
             else:
                 stale += 1
             if not math.isfinite(train_loss):
-                log.warning("epoch %d: training loss is not finite", epoch)
+                logger.warning("epoch %d: training loss is not finite", epoch)
             record = EpochRecord(epoch, train_loss, val_loss, val_dsc, lr, time.perf_counter() - started, improved)
             history.append(record)
             stopped_early = stale >= config.patience and epoch < config.epochs
@@ -325,8 +311,8 @@ def _train(model: nn.Module, train_set: Dataset, val_set: Dataset, paths: RunPat
                 "history": [asdict(h) for h in history],
             }, paths.latest)
             paths.history.write_text(json.dumps([asdict(h) for h in history], indent=1))
-            log.info("epoch %d/%d: train loss %.5f, val loss %.5f, val DSC %.4f, lr %.2e, %.1f s%s", epoch,
-                     config.epochs, train_loss, val_loss, val_dsc, lr, record.seconds, " *" if improved else "")
+            logger.info("epoch %d/%d: train loss %.5f, val loss %.5f, val DSC %.4f, lr %.2e, %.1f s%s", epoch,
+                        config.epochs, train_loss, val_loss, val_dsc, lr, record.seconds, " *" if improved else "")
             bar.update(1)
             bar.set_postfix(train=f"{train_loss:.4f}", val=f"{val_loss:.4f}", dsc=f"{val_dsc:.3f}")
             if epoch_callback is not None:
@@ -334,14 +320,14 @@ def _train(model: nn.Module, train_set: Dataset, val_set: Dataset, paths: RunPat
     finally:
         bar.close()
     if stopped_early:
-        log.info("early stopping after epoch %d: no lower validation loss for %d epochs", epoch, stale)
+        logger.info("early stopping after epoch %d: no lower validation loss for %d epochs", epoch, stale)
     result = TrainResult(paths.root, epoch, best_epoch, best_val, stopped_early,
                          spent + time.perf_counter() - session_start, tuple(history))
     _atomic_save({"format": STATE_FORMAT, "network": name, "kind": "final", "epoch": epoch,
                   "model": model.state_dict()}, paths.final)
     paths.result.write_text(json.dumps(result.to_dict(), indent=1))
-    log.info("run %s finished: %d epochs, best epoch %d (val loss %.5f), %.3f h", paths.root.name, epoch,
-             best_epoch, best_val, result.training_hours)
+    logger.info("run %s finished: %d epochs, best epoch %d (val loss %.5f), %.3f h", paths.root.name, epoch,
+                best_epoch, best_val, result.training_hours)
     return result
 
 
@@ -354,37 +340,42 @@ def load_weights(model: nn.Module, checkpoint: str | Path) -> nn.Module:
     return model
 
 
-@torch.no_grad()
 def predict_dataset(model: nn.Module, dataset: Dataset, device: str = "auto", batch_size: int = 32,
                     threshold: float = 0.5, amp: bool = True, keep_probabilities: bool = False,
                     num_workers: int | None = None, progress: bool = False) -> Predictions:
-    """Predict every sample of `dataset` in order; time the model itself per slice."""
-    dev = resolve_device(device)
-    use_amp = amp and dev.type == "cuda"
-    model.to(dev).eval()
+    """Predict every sample of `dataset` in order through the node's `Predictor`; time its forward per slice.
+
+    The input contract (size, channels) is the dataset's own; the first batch is run once untimed, so
+    one-off set-up (CUDA context, kernel loading) is not counted as per-slice time.
+    """
+    if len(dataset) == 0:  # type: ignore[arg-type]
+        raise ValueError("predict_dataset: the dataset is empty")
+    first = dataset[0][0]
+    contract = InputContract(size=int(first.shape[-1]), in_channels=int(first.shape[0]))
+    predictor = Predictor.from_model(model, contract, PredictorOptions(device=device, batch_size=batch_size, amp=amp))
+    dev = predictor.device
     masks, targets, probs, metas = [], [], [], []
     forward_seconds = 0.0
     wall_start = time.perf_counter()
     loader = make_loader(dataset, batch_size, False, dev, num_workers)
-    for images, gts, batch_metas in tqdm(loader, desc="predict", unit="batch", disable=not progress, leave=False):
+    batches = tqdm(loader, desc="predict", unit="batch", disable=not progress, leave=False)
+    for k, (images, gts, batch_metas) in enumerate(batches):
         images = images.to(dev, non_blocking=True)
+        if k == 0:
+            predictor.probabilities(images)  # warm-up
         _sync(dev)
         t0 = time.perf_counter()
-        with torch.autocast(dev.type, enabled=use_amp):
-            p = torch.sigmoid(model(images).logits.float())
+        p = predictor.probabilities(images)
         _sync(dev)
         forward_seconds += time.perf_counter() - t0
-        p = p[:, 0].cpu().numpy()
+        p = p.cpu().numpy()
         masks.append(p >= threshold)
         targets.append(gts[:, 0].numpy() >= 0.5)
         if keep_probabilities:
             probs.append(p.astype(np.float16))
         metas.extend(batch_metas)
-    n = len(metas)
-    if n == 0:
-        raise ValueError("predict_dataset: the dataset is empty")
     return Predictions(np.concatenate(masks), np.concatenate(targets), tuple(metas),
-                       np.concatenate(probs) if keep_probabilities else None, forward_seconds / n,
+                       np.concatenate(probs) if keep_probabilities else None, forward_seconds / len(metas),
                        time.perf_counter() - wall_start)
 
 

@@ -24,15 +24,16 @@ import torch
 
 from model.checkpoint import CheckpointMeta, InputContract, save_checkpoint
 from model.registry import PAPER_NETWORK
-from training.datasets import SliceSet
-from training.loop import load_weights, resolve_device
+from model.predictor import pick_device
+from training.data import SliceSet
+from training.loop import load_weights
 from training.metrics import METRICS, ImageScore, failure_rates, image_metrics
 from training.report import (GridRow, OverlayCase, RunTiming, plot_fig5, plot_fig6, select_fig5_cases,
                              select_fig6_keys, summarize, write_metric_reports, write_timing)
 from training.runner import BenchmarkPaths, Ledger, RunRecord, build_model, load_predictions, write_json
 from training.stats import compare_to_reference
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 SOFTWARE = ("ian-node", "torch", "numpy", "scipy", "highdicom", "pydicom", "nibabel", "matplotlib", "pillow")
 
@@ -114,7 +115,7 @@ def export_best(records: list[RunRecord], scores: list[ImageScore], ledger: Ledg
     protocol = ledger.protocol
     ours = [r for r in records if r.model == PAPER_NETWORK]
     if not ours:
-        log.info("%s is not among the models; no checkpoint to export", PAPER_NETWORK)
+        logger.info("%s is not among the models; no checkpoint to export", PAPER_NETWORK)
         return None
     dsc: dict[int, list[float]] = defaultdict(list)
     for s in scores:
@@ -141,7 +142,8 @@ def export_best(records: list[RunRecord], scores: list[ImageScore], ledger: Ledg
             "git_commit": context.get("git", {}).get("commit"), "device": context.get("device", {}).get("name"),
         })
     sha = save_checkpoint(paths.export, net, meta)
-    log.info("exported %s repeat %d (mean test DSC %.4f) to %s", PAPER_NETWORK, best.repeat, test["dsc"], paths.export)
+    logger.info("exported %s repeat %d (mean test DSC %.4f) to %s", PAPER_NETWORK, best.repeat, test["dsc"],
+                paths.export)
     return {"path": str(paths.export), "sha256": sha, "repeat": best.repeat, "test_metrics_mean": test}
 
 
@@ -153,7 +155,7 @@ def environment(device: str) -> dict[str, Any]:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             versions[name] = None
-    dev = resolve_device(device)
+    dev = pick_device(device)
     info = {"type": dev.type, "name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor()
             or platform.machine(), "torch_threads": torch.get_num_threads(), "cuda": torch.version.cuda}
     return {"software": versions, "device": info, "platform": platform.platform(), "git": _git()}

@@ -34,12 +34,12 @@ import torch
 from tqdm import tqdm
 
 from model.registry import build
-from training.datasets import LoadOptions, SliceSet, load_dataset, load_slice_set, save_slice_set
+from training.data import LoadOptions, SliceSet, load_dataset, load_slice_set, save_slice_set
 from training.loop import TrainConfig, TrainResult, load_weights, predict_dataset, seed_everything, train
 from training.presets import Protocol, Runtime
 from training.splits import Split, monte_carlo_splits, split_indices
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 LEDGER_FORMAT = "ian-node-benchmark-ledger/1"
 
@@ -115,8 +115,8 @@ def ensure_phantoms(paths: BenchmarkPaths, protocol: Protocol) -> Path:
         raise BenchmarkError(f"{target} holds other phantoms than this protocol asks for ({wanted})")
     partial = target.with_name("phantoms.partial")
     shutil.rmtree(partial, ignore_errors=True)
-    log.info("generating %d phantom patients of shape %s (seed %d)", protocol.phantom_patients,
-             protocol.phantom_shape, protocol.phantom_seed)
+    logger.info("generating %d phantom patients of shape %s (seed %d)", protocol.phantom_patients,
+                protocol.phantom_shape, protocol.phantom_seed)
     write_phantoms(partial, protocol.phantom_patients, protocol.phantom_seed,
                    PhantomConfig(shape=tuple(protocol.phantom_shape)))
     (partial / marker.name).write_text(json.dumps(wanted))
@@ -145,7 +145,7 @@ def prepare_data(paths: BenchmarkPaths, protocol: Protocol, data: Path | None, f
         if stored != source:
             raise BenchmarkError(f"{paths.root} was built from other data or sample settings ({stored}); "
                                  "use a new --out folder")
-        log.info("samples from %s (%d)", paths.samples, len(slices))
+        logger.info("samples from %s (%d)", paths.samples, len(slices))
         return slices, stored
     root = Path(data) if data is not None else ensure_phantoms(paths, protocol)
     slices = load_dataset(root, source["format"], load)
@@ -243,7 +243,8 @@ def build_model(protocol: Protocol, model: str, split: Split) -> torch.nn.Module
 
 def evaluate_run(model_net: torch.nn.Module, slices: SliceSet, test: list[int], run_dir: Path, protocol: Protocol,
                  runtime: Runtime) -> float:
-    """Predict the test split with the run's best weights; store the predictions; return s/slice."""
+    """Predict the test split with the run's best weights through the node's `Predictor` (`predict_dataset`);
+    store the predictions; return s/slice."""
     load_weights(model_net, run_dir / "checkpoint_best.pt")
     preds = predict_dataset(model_net, slices.torch_dataset(test, protocol.in_channels), device=runtime.device,
                             batch_size=runtime.eval_batch_size or protocol.batch_size, threshold=protocol.threshold,
@@ -280,7 +281,7 @@ def train_all(ledger: Ledger, paths: BenchmarkPaths, slices: SliceSet, runtime: 
     todo = [(split, m) for split in ledger.splits for m in protocol.models]
     done = sum(ledger.finished(m, s.repeat) is not None and _has_predictions(paths, m, s.repeat) for s, m in todo)
     if done:
-        log.info("%d of %d runs already finished; not retraining them", done, len(todo))
+        logger.info("%d of %d runs already finished; not retraining them", done, len(todo))
     with tqdm(total=len(todo), initial=done, desc="runs", unit="run", disable=not runtime.progress,
               dynamic_ncols=True) as bar:
         for split, model in todo:
@@ -289,7 +290,7 @@ def train_all(ledger: Ledger, paths: BenchmarkPaths, slices: SliceSet, runtime: 
                 records.append(record)
                 continue
             bar.set_postfix_str(f"{model} repeat {split.repeat}")
-            log.info("run %s: training", run_key(model, split.repeat))
+            logger.info("run %s: training", run_key(model, split.repeat))
             records.append(run_one(ledger, paths, slices, model, split, runtime))
             bar.update(1)
     return records
@@ -311,10 +312,10 @@ def reevaluate(ledger: Ledger, paths: BenchmarkPaths, slices: SliceSet, runtime:
             record = ledger.finished(model, split.repeat)
             result_file = run_dir / "result.json"
             if record is None and not result_file.is_file():
-                log.warning("run %s has not finished; left out of the reports", run_key(model, split.repeat))
+                logger.warning("run %s has not finished; left out of the reports", run_key(model, split.repeat))
                 continue
             if not _has_predictions(paths, model, split.repeat):
-                log.info("run %s: predicting the test split from checkpoint_best.pt", run_key(model, split.repeat))
+                logger.info("run %s: predicting the test split from checkpoint_best.pt", run_key(model, split.repeat))
                 seconds = evaluate_run(build_model(protocol, model, split), slices, roles["test"], run_dir,
                                        protocol, runtime)
                 if record is None:

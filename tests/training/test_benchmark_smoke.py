@@ -20,7 +20,7 @@ import torch
 from model.checkpoint import load_checkpoint
 from model.registry import NETWORKS
 from training.benchmark import main
-from training.datasets import load_slice_set
+from training.data import load_slice_set
 from training.metrics import METRICS
 from training.runner import load_predictions
 

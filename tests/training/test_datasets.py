@@ -14,12 +14,14 @@ from PIL import Image
 from pydicom.sr.codedict import codes
 
 from ian_node.phantom.study import PhantomConfig, write_phantoms
+from ian_node.segment.pipeline import prepare, to_model_space
 from ian_node.segment.seg import build_segmentation, read_segmentation_labels
-from ian_node.segment.volume import Side, load_series, side_stacks
+from ian_node.segment.volume import Side, load_series
+from ian_node.segment.reformat import side_stacks
 from model.preprocess import image_to_model, plan_slice_transform
 from training.benchmark import main
-from training.datasets import (DatasetError, EmptyMaskError, LoadOptions, MissingSeriesError, UnmatchedSegmentError,
-                               export_2d, load_dataset)
+from training.data import (DatasetError, EmptyMaskError, LoadOptions, MissingSeriesError, UnmatchedSegmentError,
+                           export_2d, load_dataset)
 
 SIZE = 64
 OPTIONS = LoadOptions(size=SIZE)
@@ -85,6 +87,22 @@ def test_samples_are_the_nodes_coronal_side_slices_through_the_slice_transform(s
     expected = image_to_model(stack.slices[k], plan_slice_transform(stack.slices.shape[1:], stack.pixel_spacing, SIZE))
     index = dicom_set.index_of()[(patient, "left", k)]
     np.testing.assert_array_equal(dicom_set.images[index], expected)
+
+
+def test_masks_are_the_nodes_to_model_space_of_the_ground_truth(studies, dicom_set):
+    study = _patient_dirs(studies)[0]
+    files = sorted((study / "series").glob("*.dcm"))
+    series = load_series(files)
+    labels = read_segmentation_labels(pydicom.dcmread(study / "seg.dcm"), [pydicom.dcmread(f) for f in files])
+    prepared = prepare(series, SIZE)
+    gt = to_model_space(prepared, labels).astype(bool)
+    patient = str(series.frames[0].dataset.PatientID)
+    index, start = dicom_set.index_of(), 0
+    for side in prepared.sides:
+        n = len(side.images)
+        for k in np.flatnonzero(gt[start : start + n].reshape(n, -1).any(axis=1)):
+            np.testing.assert_array_equal(dicom_set.masks[index[(patient, side.stack.side.value, int(k))]], gt[start + k])
+        start += n
 
 
 def test_nifti_pairs_converted_from_the_series_give_identical_samples(studies, dicom_set, tmp_path):

@@ -5,8 +5,11 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
+from model.checkpoint import InputContract
+from model.predictor import Predictor, PredictorOptions
 from model.registry import build
-from training.loop import SampleMeta, TrainConfig, load_weights, predict_dataset, seed_everything, train
+from training.data import SampleMeta, SliceSet
+from training.loop import TrainConfig, load_weights, predict_dataset, seed_everything, train
 
 SIZE = 32
 
@@ -142,6 +145,19 @@ def test_predict_dataset_returns_masks_metadata_timing_and_scores(finished_run):
     scores = pred.scores("ian_net", 0)
     assert len(scores) == 12 and scores[5].key == (0, "P1", "R", 1)
     assert np.mean([s.dsc for s in scores]) > 0.7
+
+
+def test_predict_dataset_scores_exactly_what_the_nodes_predictor_returns(finished_run):
+    _, _, result = finished_run
+    disks = Disks(10, 4)
+    images = np.stack([np.rint(disks[i][0][0].numpy() * 255).astype(np.uint8) for i in range(10)])
+    masks = np.stack([disks[i][1][0].numpy() >= 0.5 for i in range(10)])
+    slices = SliceSet(images, masks, tuple(disks[i][2] for i in range(10)))
+    model = load_weights(_model(seed=9), result.best_checkpoint)
+    pred = predict_dataset(model, slices.torch_dataset(range(10), 1), batch_size=4)
+    node = Predictor.from_model(model, InputContract(SIZE, 1), PredictorOptions(batch_size=4)).predict(images)
+    np.testing.assert_array_equal(pred.masks, node >= 0.5)
+    np.testing.assert_array_equal(pred.targets, masks)
 
 
 def test_badly_shaped_masks_are_rejected_with_a_clear_error(tmp_path):

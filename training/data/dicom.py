@@ -37,10 +37,10 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import SegmentationStorage
 
 from ian_node.segment.volume import IMAGE_SOP_CLASSES, SeriesVolume, Side, load_series
-from training.datasets import (EITHER_SIDE, DatasetError, EmptyMaskError, MissingSeriesError, UnmatchedSegmentError,
-                               _Collector, volume_samples)
+from training.data.collect import (EITHER_SIDE, Collector, DatasetError, EmptyMaskError, MissingSeriesError,
+                                   UnmatchedSegmentError, volume_samples)
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 RIGHT_CODES = frozenset({("SCT", "24028007"), ("SRT", "G-A100"), ("SNM3", "G-A100")})
 LEFT_CODES = frozenset({("SCT", "7771000"), ("SRT", "G-A101"), ("SNM3", "G-A101")})
@@ -181,7 +181,7 @@ def _segment_pixels(seg: hd.seg.Segmentation, series: SeriesVolume, numbers: lis
     return array >= 0.5
 
 
-def _study(seg_path: Path, index: _Index, collector: _Collector, root: Path) -> None:
+def _study(seg_path: Path, index: _Index, collector: Collector, root: Path) -> None:
     where = str(seg_path)
     ds = pydicom.dcmread(seg_path)
     refs = list(ds.get("ReferencedSeriesSequence", []))
@@ -224,15 +224,15 @@ def _study(seg_path: Path, index: _Index, collector: _Collector, root: Path) -> 
     sides = {s: v for s, v in sides.items() if v.nerve_slices > 0}
     detail = f"series {uid}: " + "; ".join(m.describe() for m in matches)
     collector.add_sides(where, patient, sides, detail)
-    log.info("%s: %s", seg_path.name, detail)
+    logger.info("%s: %s", seg_path.name, detail)
 
 
-def collect_dicom(root: Path, collector: _Collector) -> None:
+def collect_dicom(root: Path, collector: Collector) -> None:
     """Add the samples of every SEG under `root` (one study each) to `collector`."""
     index = index_tree(root)
     if not index.segs:
         raise DatasetError(f"{root}: no DICOM Segmentation among {index.files} DICOM file(s); "
                            "the dicom form needs MR series plus SEGs that annotate them")
-    log.info("%s: %d image series, %d SEG file(s)", root, len(index.series), len(index.segs))
+    logger.info("%s: %d image series, %d SEG file(s)", root, len(index.series), len(index.segs))
     for seg_path in index.segs:
         collector.run(str(seg_path), lambda p=seg_path: _study(p, index, collector, root))

@@ -27,9 +27,9 @@ import nibabel as nib
 import numpy as np
 
 from ian_node.segment.volume import SeriesVolume, Side
-from training.datasets import EITHER_SIDE, DatasetError, EmptyMaskError, _Collector, volume_samples
+from training.data.collect import EITHER_SIDE, Collector, DatasetError, EmptyMaskError, volume_samples
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 PAIRS_CSV = "pairs.csv"
 PAIR_FIELDS = ("image", "label", "patient")
@@ -83,7 +83,7 @@ def read_volume(path: Path) -> hd.Volume:
     return volume
 
 
-def _pair(image_path: Path, label_path: Path, patient: str, collector: _Collector) -> None:
+def _pair(image_path: Path, label_path: Path, patient: str, collector: Collector) -> None:
     where = str(label_path)
     options = collector.options
     image = read_volume(image_path)
@@ -124,9 +124,9 @@ def _pair(image_path: Path, label_path: Path, patient: str, collector: _Collecto
     collector.add_sides(where, patient, sides, f"image {image_path.name}, {how}")
 
 
-def collect_nifti(root: Path, collector: _Collector) -> None:
+def collect_nifti(root: Path, collector: Collector) -> None:
     """Add the samples of every NIfTI pair under `root` to `collector`."""
     pairs = find_pairs(root)
-    log.info("%s: %d NIfTI pair(s)", root, len(pairs))
+    logger.info("%s: %d NIfTI pair(s)", root, len(pairs))
     for image, label, patient in pairs:
         collector.run(str(label), lambda i=image, lab=label, p=patient: _pair(i, lab, p, collector))

@@ -1,0 +1,56 @@
+"""Training samples: 2D coronal slices that carry nerve, from DICOM studies, NIfTI pairs or the paper's 2D form.
+
+Every input form ends as a `SliceSet` (`training.data.samples`): uint8 model-space images (N, S, S),
+boolean masks (N, S, S) and one `SampleMeta` (patient, side, slice) per sample, ordered by
+(patient, side, slice). 3D forms go through the node's own `ian_node.segment.pipeline` (`prepare`
+for images, `to_model_space` for masks); how, and the shared options and errors, are in
+`training.data.collect`. The readers: `training.data.dicom` (MR series + SEG), `training.data.nifti`
+(image + label volumes) and `training.data.paper2d` (the paper's PNG/JPEG folders, and `export_2d`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+from training.data.collect import (EITHER_SIDE, Collector, DatasetError, DuplicateAnnotationError, EmptyMaskError,
+                                   LoadOptions, MissingSeriesError, UnmatchedSegmentError)
+from training.data.paper2d import export_2d
+from training.data.samples import (LoadReport, SampleMeta, SliceDataset, SliceSet, SourceReport, load_slice_set,
+                                   save_slice_set, subset)
+
+logger = logging.getLogger(__name__)
+
+Format = Literal["dicom", "nifti", "2d"]
+#: Format name → "module:collector". Imported on first use, so reading one form does not import
+#: the others' libraries (nibabel for NIfTI, the SEG readers for DICOM).
+READERS: dict[str, str] = {
+    "dicom": "training.data.dicom:collect_dicom",
+    "nifti": "training.data.nifti:collect_nifti",
+    "2d": "training.data.paper2d:collect_2d",
+}
+FORMATS: tuple[str, ...] = tuple(READERS)
+
+__all__ = [
+    "EITHER_SIDE", "FORMATS", "Collector", "DatasetError", "DuplicateAnnotationError", "EmptyMaskError", "Format",
+    "LoadOptions", "LoadReport", "MissingSeriesError", "SampleMeta", "SliceDataset", "SliceSet", "SourceReport",
+    "UnmatchedSegmentError", "export_2d", "load_dataset", "load_slice_set", "save_slice_set", "subset",
+]
+
+
+def load_dataset(root: str | Path, fmt: str, options: LoadOptions = LoadOptions()) -> SliceSet:
+    """Read a dataset of format dicom, nifti or 2d into model-space samples."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"{root}: dataset folder does not exist")
+    try:
+        module_name, function = READERS[fmt].split(":")
+    except KeyError:
+        raise ValueError(f"unknown dataset format {fmt!r}; valid: {', '.join(FORMATS)}") from None
+    collect: Callable[[Path, Collector], None] = getattr(importlib.import_module(module_name), function)
+    collector = Collector(options)
+    collect(root, collector)
+    return collector.build(fmt, root)

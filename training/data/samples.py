@@ -1,0 +1,155 @@
+"""Model-space training samples: the `SliceSet` every input form ends as, its torch view and its cache file.
+
+A `SliceSet` holds uint8 model-space images (N, S, S), boolean masks (N, S, S) and one `SampleMeta`
+(patient, side, slice) per sample, plus the `LoadReport` of how it was read. `SliceDataset` is the
+training loop's view of some of its samples (`SliceSet.torch_dataset`): images scaled to [0, 1] by
+`model.preprocess.model_input`, the same numbers the node's predictor feeds the network.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from model.preprocess import model_input
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SampleMeta:
+    """Which image a sample is: enough to pair it across models and write the per-image table."""
+
+    patient: str
+    side: str
+    slice: int
+
+
+@dataclass(frozen=True)
+class SourceReport:
+    """What one input unit (a SEG file, a NIfTI pair, a CSV row) gave, or why it was skipped."""
+
+    source: str
+    status: Literal["used", "skipped"]
+    detail: str
+    samples: int = 0
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    format: str
+    root: str
+    sources: tuple[SourceReport, ...] = ()
+
+    @property
+    def skipped(self) -> tuple[SourceReport, ...]:
+        return tuple(s for s in self.sources if s.status == "skipped")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": self.format, "root": self.root, "n_sources": len(self.sources),
+                "n_skipped": len(self.skipped), "sources": [asdict(s) for s in self.sources]}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LoadReport:
+        return cls(data["format"], data["root"], tuple(SourceReport(**s) for s in data["sources"]))
+
+
+@dataclass(frozen=True)
+class SliceSet:
+    """Model-space samples: images uint8 (N, S, S), masks bool (N, S, S), one meta per sample."""
+
+    images: np.ndarray
+    masks: np.ndarray
+    metas: tuple[SampleMeta, ...]
+    report: LoadReport = field(default_factory=lambda: LoadReport("", ""))
+
+    def __post_init__(self) -> None:
+        n = len(self.metas)
+        if self.images.shape[0] != n or self.masks.shape != self.images.shape or self.images.ndim != 3:
+            raise ValueError(f"SliceSet: images {self.images.shape}, masks {self.masks.shape} and {n} metas disagree")
+        if self.images.dtype != np.uint8 or self.masks.dtype != np.bool_:
+            raise ValueError("SliceSet: images must be uint8 and masks bool")
+
+    def __len__(self) -> int:
+        return len(self.metas)
+
+    @property
+    def size(self) -> int:
+        return int(self.images.shape[-1])
+
+    @property
+    def patients(self) -> list[str]:
+        return [m.patient for m in self.metas]
+
+    def index_of(self) -> dict[tuple[str, str, int], int]:
+        """(patient, side, slice) → sample index."""
+        return {(m.patient, m.side, m.slice): i for i, m in enumerate(self.metas)}
+
+    def torch_dataset(self, indices: Sequence[int], in_channels: int) -> SliceDataset:
+        return SliceDataset(self, indices, in_channels)
+
+    def fingerprint(self) -> str:
+        """SHA-256 over images, masks and metas: identifies the exact samples a run used."""
+        h = hashlib.sha256()
+        h.update(np.ascontiguousarray(self.images).tobytes())
+        h.update(np.packbits(self.masks).tobytes())
+        h.update(json.dumps([asdict(m) for m in self.metas]).encode())
+        return h.hexdigest()
+
+
+class SliceDataset(Dataset):
+    """The training loop's dataset: (image float32 (C, S, S) in [0, 1], mask float32 (1, S, S), meta)."""
+
+    def __init__(self, slices: SliceSet, indices: Sequence[int], in_channels: int) -> None:
+        self.slices = slices
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.in_channels = in_channels
+
+    def __len__(self) -> int:
+        return int(self.indices.size)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, SampleMeta]:
+        k = int(self.indices[i])
+        image = torch.from_numpy(model_input(self.slices.images[k], self.in_channels))
+        mask = torch.from_numpy(self.slices.masks[k][None].astype(np.float32))
+        return image, mask, self.slices.metas[k]
+
+
+# ---------------------------------------------------------------- cache (the benchmark's copy of its samples)
+def save_slice_set(slices: SliceSet, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
+    """Store a SliceSet (masks bit-packed) with its report and `extra` metadata, atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"metas": [asdict(m) for m in slices.metas], "report": slices.report.to_dict(), "extra": extra or {},
+            "shape": list(slices.images.shape)}
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, images=slices.images, masks=np.packbits(slices.masks), meta=np.frombuffer(
+        json.dumps(meta).encode(), dtype=np.uint8))
+    tmp.replace(path)
+    logger.info("saved %d samples to %s", len(slices), path)
+    return path
+
+
+def load_slice_set(path: str | Path) -> tuple[SliceSet, dict[str, Any]]:
+    with np.load(Path(path)) as data:
+        meta = json.loads(data["meta"].tobytes().decode())
+        shape = tuple(meta["shape"])
+        masks = np.unpackbits(data["masks"], count=int(np.prod(shape))).reshape(shape).astype(bool)
+        slices = SliceSet(data["images"], masks, tuple(SampleMeta(**m) for m in meta["metas"]),
+                          LoadReport.from_dict(meta["report"]))
+    return slices, meta["extra"]
+
+
+def subset(slices: SliceSet, indices: Iterable[int]) -> SliceSet:
+    idx = np.asarray(list(indices), dtype=np.int64)
+    return replace(slices, images=slices.images[idx], masks=slices.masks[idx],
+                   metas=tuple(slices.metas[i] for i in idx))
