@@ -13,6 +13,9 @@ present the GPU cells are measured too: batch 1 and 32, fp32 and autocast (bf16 
 else fp16), channels_last, timed with CUDA events.
 
 The Markdown tables go to stdout; `--json` writes the raw numbers, every repeat included.
+
+What is counted (parameters, MACs) is in `model_size.py`, how the CPU and GPU are timed in
+`model_timing.py`; this script runs them and prints the tables.
 """
 
 from __future__ import annotations
@@ -22,274 +25,24 @@ import json
 import logging
 import os
 import platform
-import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
-from torch import Tensor
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-try:
-    import resource
-except ImportError:  # Unix only; page faults are then reported as 0
-    resource = None  # type: ignore[assignment]
-
-# Runnable from a plain checkout (e.g. a fresh GPU machine) without `pip install -e .`.
+# Runnable from a plain checkout (e.g. a fresh GPU machine) without `pip install -e .`: the repository
+# root first (for `model`), then this folder for the sibling modules (already on the path when run as a
+# script, not under `python -m benchmarks.models`).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(1, str(Path(__file__).resolve().parent))
 
-from model.networks.base import SegmentationNetwork  # noqa: E402
-from model.registry import build  # noqa: E402
+from model_size import ENTRIES, REFERENCES, SIZE, Entry, MacCount, Reference, count_macs, count_params  # noqa: E402
+from model_timing import CpuTiming, GpuTiming, autocast_dtype, cpu_latencies, gpu_timing  # noqa: E402
 
-log = logging.getLogger("benchmarks.models")
-
-SIZE = 256
-
-
-@dataclass(frozen=True)
-class Entry:
-    """One benchmarked network: a table label, its registry name and build options."""
-
-    label: str
-    network: str
-    options: tuple[tuple[str, object], ...] = ()
-
-    def build(self, in_channels: int) -> SegmentationNetwork:
-        return build(self.network, in_channels=in_channels, width=1.0, **dict(self.options))
-
-
-@dataclass(frozen=True)
-class Reference:
-    """REFERENCE.md's figures for the official model (3 input channels, 1 class); None = not given."""
-
-    params: int | None
-    gmacs: float | None
-
-
-#: The paper's network twice (the default paper variant and the released variant), then the comparators.
-ENTRIES: tuple[Entry, ...] = (
-    Entry("ian_net", "ian_net"),
-    Entry("ian_net_released", "ian_net", (("attention", False),)),
-    Entry("caranet", "caranet"),
-    Entry("ds_transunet", "ds_transunet"),
-    Entry("ducknet", "ducknet"),
-    Entry("deeplabv3plus", "deeplabv3plus"),
-    Entry("hardnet_mseg", "hardnet_mseg"),
-    Entry("meganet", "meganet"),
-)
-
-#: ian_net (attention on) uses every module the released code builds, so it is compared with the
-#: released build count; the released forward skips 230,144 of them. 82.9 GFLOPs = 2 × 41.45 GMACs
-#: is the released forward's figure.
-REFERENCES: dict[str, Reference] = {
-    "ian_net": Reference(15_316_097, None),
-    "ian_net_released": Reference(15_316_097 - 230_144, 41.45),
-    "caranet": Reference(44_590_000, 11.40),
-    "ds_transunet": Reference(171_440_000, 54.5),
-    "ducknet": Reference(38_870_000, 24.15),
-    "deeplabv3plus": Reference(39_760_000, None),
-    "hardnet_mseg": Reference(17_420_000, 6.00),
-    "meganet": Reference(44_190_000, 15.10),
-}
-
-
-def _cpu_fused_attention_flops(query_shape, key_shape, value_shape, *_: Any, out_shape=None, **__: Any) -> int:
-    """The counter's own SDPA formula, for the CPU fused kernel it has no entry for (torch 2.13)."""
-    return sdpa_flop_count(query_shape, key_shape, value_shape)
-
-
-_EXTRA_FLOP_FORMULAS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_fused_attention_flops}
-
-
-def count_params(entry: Entry, in_channels: int) -> int:
-    """Parameters of the full-width network, built on the meta device (no memory, no init cost)."""
-    with torch.device("meta"):
-        model = entry.build(in_channels)
-    return sum(p.numel() for p in model.parameters())
-
-
-@dataclass(frozen=True)
-class MacCount:
-    macs: int
-    #: FLOPs / 2 per aten op, so a reader can see what was counted.
-    by_op: dict[str, int]
-    device: str
-
-
-def count_macs(entry: Entry, in_channels: int = 3, size: int = SIZE) -> MacCount:
-    """MACs of one eval forward at size×size: FlopCounterMode FLOPs / 2 (convolutions and matmuls).
-
-    Counted on the meta device, where no arithmetic runs and `scaled_dot_product_attention`
-    decomposes into matmuls the counter sees; if a network cannot run on meta, a real CPU forward
-    is counted, with the CPU fused-attention kernel given the counter's SDPA formula.
-    """
-    try:
-        return _count_macs_on("meta", entry, in_channels, size)
-    except (NotImplementedError, RuntimeError) as exc:  # an op without a meta kernel, or a data-dependent one
-        log.info("%s: cannot count on the meta device (%s); counting a CPU forward", entry.label, exc)
-        return _count_macs_on("cpu", entry, in_channels, size)
-
-
-def _count_macs_on(device: str, entry: Entry, in_channels: int, size: int) -> MacCount:
-    with torch.device(device):
-        model = entry.build(in_channels).eval()
-        x = torch.zeros(1, in_channels, size, size)
-    with FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS) as counter, torch.no_grad():
-        model(x)
-    by_op = {str(op): flops // 2 for op, flops in counter.get_flop_counts()["Global"].items()}
-    return MacCount(counter.get_total_flops() // 2, by_op, device)
-
-
-@dataclass(frozen=True)
-class CpuTiming:
-    batch: int
-    threads: int
-    #: Wall seconds per call (one batch), one per repeat, after the warm-up call.
-    seconds: tuple[float, ...]
-    #: Process CPU seconds (all threads) per call: time spent descheduled by other processes does
-    #: not count, so with one thread this is the latency an idle machine would show.
-    cpu_seconds: tuple[float, ...]
-    #: Minor page faults per timed call (process-wide, so other threads' faults count too): large
-    #: freed buffers go back to the OS and fault in again on the next call (glibc's mmap threshold).
-    minor_faults_per_call: float
-
-    @property
-    def median_s(self) -> float:
-        return statistics.median(self.seconds)
-
-    @property
-    def per_slice_s(self) -> float:
-        return self.median_s / self.batch
-
-    @property
-    def cpu_per_slice_s(self) -> float:
-        return statistics.median(self.cpu_seconds) / self.batch
-
-
-def cpu_latencies(
-    models: dict[str, SegmentationNetwork],
-    batches: Sequence[int],
-    repeats: int,
-    min_repeats: int,
-    budget_s: float,
-    size: int = SIZE,
-) -> dict[str, list[CpuTiming]]:
-    """Median wall time of eval forwards on the CPU, the networks interleaved round by round.
-
-    On a shared machine, load comes and goes; timing every network once per round spreads a busy
-    spell over all of them instead of ruining one network's cell. After `min_repeats` rounds, a cell
-    that has used up `budget_s` seconds drops out, so slow networks get fewer repeats.
-    """
-    inputs = {b: torch.randn(b, 1, size, size, generator=torch.Generator().manual_seed(b)) for b in batches}
-    cells = [(label, b) for label in models for b in batches]
-    seconds: dict[tuple[str, int], list[float]] = {cell: [] for cell in cells}
-    cpu_seconds: dict[tuple[str, int], list[float]] = {cell: [] for cell in cells}
-    faults: dict[tuple[str, int], int] = {cell: 0 for cell in cells}
-    with torch.inference_mode():
-        for label, b in cells:  # warm-up: first-call allocations and kernel selection
-            models[label](_as_channels(inputs[b], models[label]))
-        for round_ in range(repeats):
-            active = [c for c in cells if round_ < min_repeats or sum(seconds[c]) < budget_s]
-            if not active:
-                break
-            for label, b in active:
-                x = _as_channels(inputs[b], models[label])
-                before = _minor_faults()
-                start, cpu_start = time.perf_counter(), time.process_time()
-                models[label](x)
-                seconds[(label, b)].append(time.perf_counter() - start)
-                cpu_seconds[(label, b)].append(time.process_time() - cpu_start)
-                faults[(label, b)] += _minor_faults() - before
-            log.info("CPU round %d/%d done (%d cells)", round_ + 1, repeats, len(active))
-    threads = torch.get_num_threads()
-    timing = {
-        (label, b): CpuTiming(b, threads, tuple(seconds[(label, b)]), tuple(cpu_seconds[(label, b)]),
-                              faults[(label, b)] / len(seconds[(label, b)]))
-        for label, b in cells
-    }
-    return {label: [timing[(label, b)] for b in batches] for label in models}
-
-
-def _as_channels(x: Tensor, model: SegmentationNetwork) -> Tensor:
-    channels = model_in_channels(model)
-    return x if channels == x.shape[1] else x.expand(-1, channels, -1, -1).contiguous()
-
-
-def _minor_faults() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource is not None else 0
-
-
-def model_in_channels(model: torch.nn.Module) -> int:
-    """Input channels of the first convolution (networks differ in what they store)."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.Conv2d):
-            return module.in_channels
-    raise ValueError(f"{type(model).__name__}: no Conv2d found")
-
-
-@dataclass(frozen=True)
-class GpuTiming:
-    batch: int
-    precision: str
-    #: Milliseconds per call, each iteration bracketed by CUDA events and synchronised.
-    latency_ms: tuple[float, ...]
-    #: Slices per second over back-to-back iterations (no host sync between them).
-    throughput: float
-    peak_memory_mib: float
-
-    @property
-    def median_ms(self) -> float:
-        return statistics.median(self.latency_ms)
-
-    @property
-    def per_slice_s(self) -> float:
-        return self.median_ms / 1000.0 / self.batch
-
-
-def autocast_dtype() -> torch.dtype:
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
-def gpu_timing(
-    model: SegmentationNetwork, batch: int, precision: str, warmup: int, iters: int, size: int = SIZE
-) -> GpuTiming:
-    """Latency (events, synchronised per call) and back-to-back throughput on the current CUDA device."""
-    device = torch.device("cuda")
-    x = torch.randn(batch, model_in_channels(model), size, size, device=device)
-    x = x.contiguous(memory_format=torch.channels_last)
-    context: Callable[[], AbstractContextManager[Any]]
-    if precision == "fp32":
-        context = nullcontext
-    else:
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-        context = lambda: torch.autocast("cuda", dtype=dtype)  # noqa: E731
-    torch.cuda.reset_peak_memory_stats(device)
-    with torch.inference_mode(), context():
-        for _ in range(warmup):
-            model(x)
-        torch.cuda.synchronize(device)
-        latency = []
-        for _ in range(iters):
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-            model(x)
-            end.record()
-            end.synchronize()
-            latency.append(begin.elapsed_time(end))
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
-        for _ in range(iters):
-            model(x)
-        end.record()
-        end.synchronize()
-        throughput = batch * iters / (begin.elapsed_time(end) / 1000.0)
-    peak = torch.cuda.max_memory_allocated(device) / 2**20
-    return GpuTiming(batch, precision, tuple(latency), throughput, peak)
+logger = logging.getLogger("benchmarks.models")
 
 
 @dataclass
@@ -343,7 +96,7 @@ def _cpu_model() -> str:
 def count_entry(entry: Entry, size: int) -> Result:
     params = {c: count_params(entry, c) for c in (3, 1)}
     macs = count_macs(entry, 3, size)
-    log.info("%s: %.2f M params, %.2f GMACs", entry.label, params[3] / 1e6, macs.macs / 1e9)
+    logger.info("%s: %.2f M params, %.2f GMACs", entry.label, params[3] / 1e6, macs.macs / 1e9)
     return Result(entry.label, entry.network, dict(entry.options), params, macs, REFERENCES[entry.label])
 
 
@@ -369,11 +122,11 @@ def time_on_gpu(entry: Entry, result: Result, args: argparse.Namespace) -> None:
             except RuntimeError as exc:  # out of memory, or an op without a kernel for this dtype
                 kind = "out of memory" if isinstance(exc, torch.cuda.OutOfMemoryError) else "failed"
                 result.errors.append(f"GPU batch {batch} {precision}: {kind}: {exc}")
-                log.error("%s: GPU batch %d %s: %s: %s", entry.label, batch, precision, kind, exc)
+                logger.error("%s: GPU batch %d %s: %s: %s", entry.label, batch, precision, kind, exc)
                 torch.cuda.empty_cache()
                 continue
-            log.info("%s: GPU batch %d %s: %.2f ms, %.0f slices/s", entry.label, batch, precision,
-                     timing.median_ms, timing.throughput)
+            logger.info("%s: GPU batch %d %s: %.2f ms, %.0f slices/s", entry.label, batch, precision,
+                        timing.median_ms, timing.throughput)
             result.gpu.append(timing)
     del model
     torch.cuda.empty_cache()
@@ -555,7 +308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(to_json(results, info, args), indent=2, default=str) + "\n")
-        log.info("wrote %s", args.json)
+        logger.info("wrote %s", args.json)
     return 1 if errors else 0
 
 
