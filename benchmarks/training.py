@@ -5,7 +5,7 @@
     python benchmarks/training.py --networks ian_net --steps 20 --json out.json
 
 Every step is the benchmark's own training step (`training.loop`): the `SliceDataset` of
-`training.datasets` behind `make_loader` (worker processes and pinned memory on CUDA, as in training),
+`training.data` behind `make_loader` (worker processes and pinned memory on CUDA, as in training),
 AdamW, autocast + GradScaler on CUDA, and the Focal Tversky loss over each network's deep supervision.
 The samples are random uint8 images and masks of the model size: the loader's cost depends on their
 size, not their content. Per step, the time spent waiting for the loader's next batch and the time of
@@ -34,8 +34,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model.registry import NETWORKS, build  # noqa: E402
-from training.datasets import LoadReport, SliceSet  # noqa: E402
-from training.loop import SampleMeta, make_loader  # noqa: E402
+from training.data import LoadReport, SampleMeta, SliceSet  # noqa: E402
+from training.loop import make_loader  # noqa: E402
 from training.losses import FocalTverskyLoss, deep_supervision_loss  # noqa: E402
 
 logger = logging.getLogger("benchmarks.training")

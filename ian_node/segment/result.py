@@ -32,8 +32,7 @@ def load_predictor(config: ModelConfig) -> Predictor:
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     checkpoint = load_checkpoint(path)
-    device = None if config.device == "auto" else config.device
-    predictor = Predictor(checkpoint, PredictorOptions(device=device, batch_size=config.batch_size))
+    predictor = Predictor(checkpoint, PredictorOptions(device=config.device, batch_size=config.batch_size))
     logger.info(
         "model %s (%s, sha256 %s) on %s%s",
         checkpoint.meta.architecture, checkpoint.meta.variant, checkpoint.sha256[:12], predictor.device,
