@@ -25,7 +25,7 @@ BATCH = 2
 SIDE = 64
 #: Adam steps on one fixed batch; one step alone does not reliably lower the loss of these tiny
 #: networks with batch-2 BatchNorm (the loss surface is too sharp for any one learning rate).
-TRAIN_STEPS = 5
+TRAIN_STEPS = 3
 LR = 1e-3
 #: Width of the three-channel check (an uneven scale, as in `test_registry`).
 THREE_CHANNEL_WIDTH = 0.1
