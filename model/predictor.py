@@ -9,7 +9,6 @@ them once saved.
 
 from __future__ import annotations
 
-import logging
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -18,8 +17,6 @@ import torch
 from torch import nn
 
 from model.checkpoint import InputContract, LoadedCheckpoint
-
-logger = logging.getLogger(__name__)
 
 #: The `device` value (like None) that means "CUDA if present, else the CPU".
 AUTO_DEVICE = "auto"

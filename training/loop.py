@@ -167,7 +167,7 @@ class Predictions:
         return [
             ImageScore.of(model, repeat, str(_field(m, "patient")), str(_field(m, "side")), int(_field(m, "slice")),
                           image_metrics(p, t))
-            for p, t, m in zip(self.masks, self.targets, self.metas)
+            for p, t, m in zip(self.masks, self.targets, self.metas, strict=True)
         ]
 
 

@@ -81,7 +81,7 @@ def deep_supervision_loss(
     if len(weights) != len(heads):
         raise ValueError(f"{len(heads)} outputs (main + aux) but {len(weights)} loss weights")
     total = output.logits.new_zeros((), dtype=torch.float32)
-    for i, (w, logits) in enumerate(zip(weights, heads)):
+    for i, (w, logits) in enumerate(zip(weights, heads, strict=True)):
         if logits.shape != target.shape:
             raise ValueError(
                 f"output {i} has shape {tuple(logits.shape)}, target {tuple(target.shape)}: "

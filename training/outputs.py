@@ -23,13 +23,23 @@ import numpy as np
 import torch
 
 from model.checkpoint import CheckpointMeta, InputContract, save_checkpoint
-from model.registry import PAPER_NETWORK
 from model.predictor import pick_device
+from model.registry import PAPER_NETWORK
 from training.data import SliceSet
 from training.loop import load_weights
 from training.metrics import METRICS, ImageScore, failure_rates, image_metrics
-from training.report import (GridRow, OverlayCase, RunTiming, plot_fig5, plot_fig6, select_fig5_cases,
-                             select_fig6_keys, summarize, write_metric_reports, write_timing)
+from training.report import (
+    GridRow,
+    OverlayCase,
+    RunTiming,
+    plot_fig5,
+    plot_fig6,
+    select_fig5_cases,
+    select_fig6_keys,
+    summarize,
+    write_metric_reports,
+    write_timing,
+)
 from training.runner import BenchmarkPaths, Ledger, RunRecord, build_model, load_predictions, write_json
 from training.stats import compare_to_reference
 
@@ -51,7 +61,7 @@ def score_runs(records: list[RunRecord], paths: BenchmarkPaths, slices: SliceSet
     scores = []
     for r in records:
         indices, masks = load_predictions(paths.run_dir(r.model, r.repeat))
-        for k, pred in zip(indices, masks):
+        for k, pred in zip(indices, masks, strict=True):
             m = slices.metas[k]
             scores.append(ImageScore.of(r.model, r.repeat, m.patient, m.side, m.slice,
                                         image_metrics(pred, slices.masks[k])))

@@ -24,7 +24,7 @@ from model.registry import NETWORKS, PAPER_NETWORK
 from training.metrics import METRIC_LABELS, METRICS, ImageScore, failure_rates
 from training.stats import PValueRow
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 #: Registry name → the name the paper's tables use.
 DISPLAY_NAMES: dict[str, str] = {
@@ -185,7 +185,7 @@ def write_table2(scores: Iterable[ImageScore], out_dir: str | Path) -> tuple[Pat
     ]
     for m, r in rates.items():
         cells = [f"{100 * getattr(r, k):.1f}" for k in kinds]
-        cells = [f"**{c}**" if float(c) == lowest[k] else c for c, k in zip(cells, kinds)]
+        cells = [f"**{c}**" if float(c) == lowest[k] else c for c, k in zip(cells, kinds, strict=True)]
         lines.append(f"| {display_name(m)} | " + " | ".join(cells) + " |")
     lines += ["", "Complete failure: DSC = 0; tracking failure: DSC < 0.2; boundary delineation failure: "
               "DSC < 0.3 (cumulative)."]
@@ -286,7 +286,7 @@ def plot_fig5(cases: Sequence[OverlayCase], path: str | Path) -> Path:
         raise ValueError("Fig 5 needs at least one case")
     fig = Figure(figsize=(7.5, 2.6 * len(cases)), dpi=120, layout="constrained")
     axes = fig.subplots(len(cases), 3, squeeze=False)
-    for row, (case, letter) in enumerate(zip(cases, "abcdefghij")):
+    for row, (case, letter) in enumerate(zip(cases, "abcdefghij", strict=False)):
         gray = _gray(case.image)
         panels = [(gray, "Input"), (overlay(gray, [(case.target, YELLOW)]), "Ground truth"),
                   (overlay(gray, [(case.prediction, BLUE)]), "Prediction")]
@@ -362,7 +362,7 @@ def write_metric_reports(scores: Sequence[ImageScore], out_dir: str | Path,
     if pvalues:
         paths["pvalues_csv"], paths["pvalues_md"] = write_pvalues(pvalues, out)
     paths["fig4"] = plot_fig4(scores, out / "fig4_boxplots.png")
-    log.info("wrote %d report files to %s", len(paths), out)
+    logger.info("wrote %d report files to %s", len(paths), out)
     return paths
 
 

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 from dataclasses import fields
 from typing import Any
-
-logger = logging.getLogger(__name__)
 
 
 def reject_unknown_fields(cls: type, data: Mapping[str, Any], what: str) -> None:

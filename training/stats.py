@@ -28,7 +28,7 @@ from scipy import stats as scipy_stats
 
 from training.metrics import METRICS, ImageScore
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 ALL_ZERO_NOTE = "all differences are zero"
 
@@ -148,7 +148,7 @@ def compare_to_reference(
                     note=test.note,
                 )
             )
-    log.info("compared %s against %d models on %d images (Bonferroni m=%d)", reference, len(comparators), len(keys), m)
+    logger.info("compared %s against %d models on %d images (Bonferroni m=%d)", reference, len(comparators), len(keys), m)
     return rows
 
 

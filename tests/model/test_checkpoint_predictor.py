@@ -30,7 +30,7 @@ def test_checkpoint_round_trip_restores_weights_and_metadata(saved):
     loaded = load_checkpoint(path)
     assert loaded.meta == meta
     assert loaded.sha256 == digest
-    for (k, a), (_, b) in zip(net.state_dict().items(), loaded.model.state_dict().items()):
+    for (k, a), (_, b) in zip(net.state_dict().items(), loaded.model.state_dict().items(), strict=True):
         assert torch.equal(a, b), k
     assert not loaded.model.training
 

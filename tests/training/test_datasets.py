@@ -15,13 +15,20 @@ from pydicom.sr.codedict import codes
 
 from ian_node.phantom.study import PhantomConfig, write_phantoms
 from ian_node.segment.pipeline import prepare, to_model_space
+from ian_node.segment.reformat import side_stacks
 from ian_node.segment.seg import build_segmentation, read_segmentation_labels
 from ian_node.segment.volume import Side, load_series
-from ian_node.segment.reformat import side_stacks
 from model.preprocess import image_to_model, plan_slice_transform
 from training.benchmark import main
-from training.data import (DatasetError, EmptyMaskError, LoadOptions, MissingSeriesError, UnmatchedSegmentError,
-                           export_2d, load_dataset)
+from training.data import (
+    DatasetError,
+    EmptyMaskError,
+    LoadOptions,
+    MissingSeriesError,
+    UnmatchedSegmentError,
+    export_2d,
+    load_dataset,
+)
 
 SIZE = 64
 OPTIONS = LoadOptions(size=SIZE)

@@ -36,7 +36,7 @@ def _scores(seed=0):
             for side in ("L", "R"):
                 for sl in range(3):
                     base = rng.uniform(0.2, 1.0)
-                    for m, shift in zip(MODELS, (0.05, 0.0, 0.15)):
+                    for m, shift in zip(MODELS, (0.05, 0.0, 0.15), strict=True):
                         d = 0.0 if (p == 0 and side == "L") else float(np.clip(base - shift, 0, 1))
                         out.append(ImageScore(m, repeat, f"P{p}", side, sl, d, d / (2 - d), min(1.0, d + 0.1), d))
     return out

@@ -11,18 +11,31 @@ for images, `to_model_space` for masks); how, and the shared options and errors,
 from __future__ import annotations
 
 import importlib
-import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
-from training.data.collect import (EITHER_SIDE, Collector, DatasetError, DuplicateAnnotationError, EmptyMaskError,
-                                   LoadOptions, MissingSeriesError, UnmatchedSegmentError)
+from training.data.collect import (
+    EITHER_SIDE,
+    Collector,
+    DatasetError,
+    DuplicateAnnotationError,
+    EmptyMaskError,
+    LoadOptions,
+    MissingSeriesError,
+    UnmatchedSegmentError,
+)
 from training.data.paper2d import export_2d
-from training.data.samples import (LoadReport, SampleMeta, SliceDataset, SliceSet, SourceReport, load_slice_set,
-                                   save_slice_set, subset)
-
-logger = logging.getLogger(__name__)
+from training.data.samples import (
+    LoadReport,
+    SampleMeta,
+    SliceDataset,
+    SliceSet,
+    SourceReport,
+    load_slice_set,
+    save_slice_set,
+    subset,
+)
 
 Format = Literal["dicom", "nifti", "2d"]
 #: Format name → "module:collector". Imported on first use, so reading one form does not import
@@ -41,8 +54,8 @@ __all__ = [
 ]
 
 
-def load_dataset(root: str | Path, fmt: str, options: LoadOptions = LoadOptions()) -> SliceSet:
-    """Read a dataset of format dicom, nifti or 2d into model-space samples."""
+def load_dataset(root: str | Path, fmt: str, options: LoadOptions | None = None) -> SliceSet:
+    """Read a dataset of format dicom, nifti or 2d into model-space samples (default LoadOptions)."""
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"{root}: dataset folder does not exist")
@@ -51,6 +64,6 @@ def load_dataset(root: str | Path, fmt: str, options: LoadOptions = LoadOptions(
     except KeyError:
         raise ValueError(f"unknown dataset format {fmt!r}; valid: {', '.join(FORMATS)}") from None
     collect: Callable[[Path, Collector], None] = getattr(importlib.import_module(module_name), function)
-    collector = Collector(options)
+    collector = Collector(options or LoadOptions())
     collect(root, collector)
     return collector.build(fmt, root)

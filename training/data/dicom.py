@@ -37,8 +37,15 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import SegmentationStorage
 
 from ian_node.segment.volume import IMAGE_SOP_CLASSES, SeriesVolume, Side, load_series
-from training.data.collect import (EITHER_SIDE, Collector, DatasetError, EmptyMaskError, MissingSeriesError,
-                                   UnmatchedSegmentError, volume_samples)
+from training.data.collect import (
+    EITHER_SIDE,
+    Collector,
+    DatasetError,
+    EmptyMaskError,
+    MissingSeriesError,
+    UnmatchedSegmentError,
+    volume_samples,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +108,7 @@ def match_segments(seg: Dataset, unsided: str = "error", where: str = "SEG") -> 
     nerve_flags = [_is_nerve(item) for item in items]
     any_nerve = any(nerve_flags)
     matches = []
-    for item, is_nerve in zip(items, nerve_flags):
+    for item, is_nerve in zip(items, nerve_flags, strict=True):
         number, label = int(item.SegmentNumber), str(item.get("SegmentLabel", ""))
         if any_nerve and not is_nerve:
             matches.append(SegmentMatch(number, label, False, None, "not a nerve label"))
