@@ -217,6 +217,8 @@ class SeriesConfig:
     description_pattern: str = ""
     #: Slices are frames: one per single-frame instance, NumberOfFrames per multi-frame instance.
     min_slices: int = 5
+    #: Series with any of these ImageType values are skipped (localizers and scouts are not volumes).
+    skip_image_types: tuple[str, ...] = ("LOCALIZER", "SCOUT")
     #: What happens to the files of a series that is not selected.
     retention: Literal["keep", "purge"] = "keep"
 
@@ -228,8 +230,8 @@ class SeriesConfig:
             re.compile(self.description_pattern)
         except re.error as exc:
             raise ConfigError("description_pattern", f"is not a regular expression: {exc}") from None
-        if self.min_slices < 1:
-            raise ConfigError("min_slices", f"must be at least 1, got {self.min_slices}")
+        if self.min_slices < 2:
+            raise ConfigError("min_slices", f"must be at least 2 (a volume has two slices), got {self.min_slices}")
 
     @property
     def description_regex(self) -> re.Pattern[str]:

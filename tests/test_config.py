@@ -137,6 +137,7 @@ def test_empty_environment_value_clears_an_optional_key(tmp_path: Path) -> None:
         ('[series]\ndescription_pattern = "("\n', {}, "series.description_pattern", "regular expression"),
         ('[series]\nretention = "archive"\n', {}, "series.retention", "one of 'keep', 'purge'"),
         ("[series]\nquiet_period_s = 0\n", {}, "series.quiet_period_s", "greater than 0"),
+        ("[series]\nmin_slices = 1\n", {}, "series.min_slices", "at least 2"),
         ('[tls]\ncert = "/nonexistent/cert.pem"\nkey = "/nonexistent/key.pem"\n', {}, "tls.cert", "does not exist"),
         ('[tls]\nca = "/nonexistent/ca.pem"\n', {}, "tls.ca", "needs cert and key"),
         ('[model]\ndevice = "tpu"\n', {}, "model.device", "auto, cpu"),

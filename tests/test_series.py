@@ -7,12 +7,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from pydicom import Dataset
 
 from ian_node.config import SeriesConfig
-from ian_node.jobs.completion import SeriesTracker, skip_reason
+from ian_node.jobs.completion import SeriesTracker, skip_reason, volume_skip_reason
 from ian_node.storage.records import Job, ReceivedInstance, Series
 from ian_node.storage.spool import Spool
 from ian_node.storage.state import State
+from tests.test_volume import make_series
 
 SERIES = "1.2.826.0.1.3680043.8.498.20"
 QUIET = 0.3
@@ -42,6 +44,35 @@ def test_selection_rules_give_the_reason_a_series_is_skipped(
     changes: dict[str, object], rules: dict[str, object], expected: str | None
 ) -> None:
     reason = skip_reason(_series(**changes), SeriesConfig(**rules))  # type: ignore[arg-type]
+    assert reason == expected if expected is None else expected in reason
+
+
+def _headers(**changes: object) -> list[Dataset]:
+    """Headers of a 5-slice axial MR volume, the third changed by ``changes``."""
+    datasets = make_series()
+    for keyword, value in changes.items():
+        setattr(datasets[2], keyword, value)
+    return datasets
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        ({}, None),
+        ({"ImageType": ["ORIGINAL", "PRIMARY", "LOCALIZER"]}, "ImageType LOCALIZER"),
+        ({"ImageType": ["DERIVED", "SECONDARY", "scout "]}, "ImageType SCOUT"),
+        ({"ImageOrientationPatient": [0, 1, 0, 0, 0, -1]}, "not one volume"),
+        ({"ImagePositionPatient": [0, 0, 0]}, "not one volume"),
+        ({"Rows": None}, None),  # broken, not a reason to skip: the job names the instance
+    ],
+)
+def test_headers_that_can_never_be_one_volume_are_skipped_before_any_job(
+    changes: dict[str, object], expected: str | None
+) -> None:
+    headers = _headers(**changes)
+    if changes.get("Rows", 1) is None:
+        del headers[2].Rows
+    reason = volume_skip_reason(headers, SeriesConfig(min_slices=2))
     assert reason == expected if expected is None else expected in reason
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ian_node.storage.records import DeliveryState, JobState, ReceivedInstance, StateError
+from ian_node.storage.records import DeliveryState, JobState, ReceivedInstance, SeriesState, StateError
 from ian_node.storage.state import State
 
 SERIES = "1.2.826.0.1.3680043.8.498.10"
@@ -135,6 +135,16 @@ def test_skipped_series_records_reason_and_purge_returns_its_files(state: State)
     assert sorted(settled.purged) == sorted((i.sop_instance_uid, i.path) for i in (_instance(1), _instance(2)))
     series = state.series(SERIES)
     assert (series.status, series.status_reason, series.instance_count) == ("skipped", "too few", 0)
+
+
+def test_listing_skipped_series_shows_each_with_its_reason(state: State) -> None:
+    state.record_instance(_instance(1))
+    state.settle_series(SERIES, state.series(SERIES).last_received_at, "ImageType LOCALIZER")
+    state.record_instance(_instance(2, series=f"{SERIES}.2"))
+    state.settle_series(f"{SERIES}.2", state.series(f"{SERIES}.2").last_received_at, None)
+    skipped = state.list_series(SeriesState.SKIPPED)
+    assert [(s.series_uid, s.status_reason) for s in skipped] == [(SERIES, "ImageType LOCALIZER")]
+    assert {s.series_uid for s in state.list_series()} == {SERIES, f"{SERIES}.2"}
 
 
 def test_claim_takes_queued_jobs_in_order(state: State) -> None:

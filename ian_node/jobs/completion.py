@@ -16,12 +16,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
 from apscheduler.schedulers.background import BackgroundScheduler
+from pydicom import Dataset, dcmread
 
 from ian_node.config import SeriesConfig
+from ian_node.segment.volume import MalformedDatasetError, SeriesError, check_geometry
 from ian_node.storage.records import Job, RecordOutcome, Series, Settlement
 from ian_node.storage.spool import Spool
 from ian_node.storage.state import State
@@ -37,6 +39,9 @@ def settle(state: State, spool: Spool, rules: SeriesConfig, series: Series,
     arrived after ``series`` was read (that instance's own quiet period decides).
     """
     reason = skip_reason(series, rules)
+    if reason is None:
+        headers = _headers(state, spool, series)
+        reason = None if headers is None else volume_skip_reason(headers, rules)
     purge = reason is not None and rules.retention == "purge"
     settled = state.settle_series(series.series_uid, series.last_received_at, reason, purge=purge)
     if not settled.applied:
@@ -64,6 +69,37 @@ def skip_reason(series: Series, rules: SeriesConfig) -> str | None:
     if series.slice_count < rules.min_slices:
         return f"{series.slice_count} slices, fewer than the minimum of {rules.min_slices}"
     return None
+
+
+def volume_skip_reason(headers: Sequence[Dataset], rules: SeriesConfig) -> str | None:
+    """Why a series can never be the one volume the network segments, from its headers alone.
+
+    Localizers and scouts (by ImageType) and stacks that are not one volume (mixed orientations,
+    a single slice, irregular positions) are skipped before any work. Broken data sets are not
+    reasons to skip: the job fails on them and names the instance ("malformed dataset").
+    """
+    wanted = {t.upper() for t in rules.skip_image_types}
+    for ds in headers:
+        found = wanted.intersection(str(v).strip().upper() for v in (ds.get("ImageType") or []))
+        if found:
+            return f"ImageType {'/'.join(sorted(found))}: localizers and scouts are not volumes"
+    try:
+        check_geometry(headers, min_slices=rules.min_slices)
+    except MalformedDatasetError:
+        return None
+    except SeriesError as exc:
+        return f"not one volume: {exc.problem}"
+    return None
+
+
+def _headers(state: State, spool: Spool, series: Series) -> list[Dataset] | None:
+    """The series' current instances read without pixel data; None when one cannot be read (the job says why)."""
+    try:
+        return [dcmread(spool.path(i.path), stop_before_pixels=True)
+                for i in state.instances(series.series_uid, series.version)]
+    except Exception as exc:  # an unreadable file fails its job with a clear message instead
+        logger.info("series %s: headers not checked before the job (%s)", series.series_uid, type(exc).__name__)
+        return None
 
 
 class SeriesTracker:

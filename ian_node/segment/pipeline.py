@@ -19,7 +19,7 @@ from pydicom.dataset import Dataset
 
 from ian_node.segment.postprocess import DEFAULT_MAX_GAP_MM, keep_main_tract
 from ian_node.segment.reformat import CoronalStack, PatientBox, side_stacks, stack_to_volume
-from ian_node.segment.volume import SeriesVolume, Side, load_series
+from ian_node.segment.volume import MalformedDatasetError, SeriesError, SeriesVolume, Side, load_series
 from model.preprocess import (
     SliceTransform,
     image_to_model,
@@ -144,3 +144,12 @@ def segment_series(
     t4 = time.perf_counter()
     timings.update(load=t1 - t0, preprocess=t2 - t1, inference=t3 - t2, inverse_postprocess=t4 - t3)
     return PipelineResult(series, labels, timings)
+
+
+def failure_message(exc: BaseException) -> str:
+    """The job error an operator reads: broken data named as such, never a bare exception name."""
+    if isinstance(exc, MalformedDatasetError):
+        return f"malformed dataset: {exc.problem} (series {exc.series_uid})"
+    if isinstance(exc, SeriesError):
+        return str(exc)
+    return f"internal error: {exc or type(exc).__name__} (the node's log has the details)"

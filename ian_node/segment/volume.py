@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -50,11 +51,19 @@ class SeriesError(ValueError):
         super().__init__(f"series {series_uid}: {problem}")
 
 
+class MalformedDatasetError(SeriesError):
+    """An instance whose data set is broken (a required attribute missing or wrong): `problem` names it.
+
+    Job errors built from these start with "malformed dataset" so an operator tells a broken file
+    from a series that is merely not what the node segments.
+    """
+
+
 class EmptySeriesError(SeriesError):
     """No instances were given."""
 
 
-class UnreadableInstanceError(SeriesError):
+class UnreadableInstanceError(MalformedDatasetError):
     """A source file that is not DICOM."""
 
 
@@ -66,11 +75,11 @@ class MixedSeriesError(SeriesError):
     """Instances of more than one series."""
 
 
-class NoPixelDataError(SeriesError):
+class NoPixelDataError(MalformedDatasetError):
     """An image instance without pixel data."""
 
 
-class PixelDataError(SeriesError):
+class PixelDataError(MalformedDatasetError):
     """Pixel data that cannot be decoded here or is not grey-scale."""
 
 
@@ -78,12 +87,16 @@ class SeriesGeometryError(SeriesError):
     """The frames do not form one regularly spaced 3D volume."""
 
 
-class MissingGeometryError(SeriesGeometryError):
+class MissingGeometryError(SeriesGeometryError, MalformedDatasetError):
     """A frame without position, orientation or pixel spacing."""
 
 
 class FrameOfReferenceError(SeriesGeometryError):
-    """Frames without a frame of reference, or in different ones."""
+    """Frames in different frames of reference."""
+
+
+class MissingAttributeError(MalformedDatasetError):
+    """An instance without an attribute every image needs (Rows, Columns, Frame of Reference UID)."""
 
 
 class MixedOrientationError(SeriesGeometryError):
@@ -159,6 +172,18 @@ def _read(source: Dataset | Path | str) -> Dataset:
         return pydicom.dcmread(os.fspath(source))
     except (pydicom.errors.InvalidDicomError, OSError) as exc:
         raise UnreadableInstanceError("unknown", f"{source}: cannot read as DICOM: {exc}") from exc
+    except (RecursionError, EOFError, ValueError, TypeError, KeyError, struct.error) as exc:
+        # pydicom's reader fails in these ways on truncated, over-nested or inconsistent files.
+        raise UnreadableInstanceError("unknown", f"{source}: cannot be parsed: {_parse_problem(exc)}") from exc
+
+
+def _parse_problem(exc: BaseException) -> str:
+    """What a pydicom parse failure means for the file, in words rather than an exception name."""
+    if isinstance(exc, RecursionError):
+        return "sequences nested too deep"
+    if isinstance(exc, (EOFError, struct.error)):
+        return "the file ends before its declared lengths"
+    return f"inconsistent header ({exc})"
 
 
 def _group_item(ds: Dataset, index: int, name: str) -> Dataset | None:
@@ -282,8 +307,11 @@ class _Order:
     frame_of_reference_uid: str
 
 
-def _order(datasets: Sequence[Dataset], min_slices: int) -> _Order:
-    """Check one series' instances and sort their frames, without decoding any pixel data."""
+def _order(datasets: Sequence[Dataset], min_slices: int, pixels: bool = True) -> _Order:
+    """Check one series' instances and sort their frames, without decoding any pixel data.
+
+    With ``pixels`` False the data sets may have been read without their pixel data.
+    """
     if not datasets:
         raise EmptySeriesError("unknown", "no instances given")
     images = [ds for ds in datasets if ds.get("SOPClassUID") in IMAGE_SOP_CLASSES]
@@ -301,10 +329,17 @@ def _order(datasets: Sequence[Dataset], min_slices: int) -> _Order:
         listing = ", ".join(f"{u or '<no UID>'} ({n})" for u, n in series.most_common())
         raise MixedSeriesError(uid, f"instances of {len(series)} series given: {listing}")
     for ds in datasets:
-        if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
-            raise NoPixelDataError(uid, f"instance {ds.get('SOPInstanceUID', '?')} has no pixel data")
+        sop = ds.get("SOPInstanceUID", "?")
+        if pixels and not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+            raise NoPixelDataError(uid, f"instance {sop} has no pixel data")
+        for keyword in ("Rows", "Columns"):
+            value = ds.get(keyword)
+            if not isinstance(value, int) or value < 1:
+                raise MissingAttributeError(uid, f"instance {sop} has no valid {keyword}")
+        if not str(ds.get("FrameOfReferenceUID", "")).strip():
+            raise MissingAttributeError(uid, f"instance {sop} has no Frame of Reference UID")
     refs = {str(ds.get("FrameOfReferenceUID", "")) for ds in datasets}
-    if "" in refs or len(refs) > 1:
+    if len(refs) > 1:
         raise FrameOfReferenceError(uid, f"frames must share one FrameOfReferenceUID, found {sorted(refs)}")
 
     frames = [frame for ds in datasets for frame in _frames_of(ds, uid)]
@@ -337,6 +372,14 @@ def _order(datasets: Sequence[Dataset], min_slices: int) -> _Order:
         raise _diagnose_positions(uid, positions, normal / np.linalg.norm(normal), [f.name for f in frames])
     return _Order(uid, tuple(frames[i] for i in np.argsort(indices)), float(spacing), refs.pop())
 
+
+
+def check_geometry(headers: Sequence[Dataset], *, min_slices: int = 2) -> None:
+    """The checks :func:`load_series` makes before decoding, on headers read without pixel data.
+
+    Lets series completion skip a series that can never become a volume before any work starts.
+    """
+    _order(headers, max(2, min_slices), pixels=False)
 
 
 def source_frames(sources: Sequence[Dataset | Path | str]) -> tuple[SourceFrame, ...]:

@@ -156,6 +156,14 @@ class SeriesQueries(Database):
         rows = self._rows(SERIES_SELECT + " WHERE s.series_uid = ? GROUP BY s.series_uid", (series_uid,))
         return series_from_row(rows[0]) if rows else None
 
+    def list_series(self, status: SeriesState | None = None, limit: int = 100) -> list[Series]:
+        """The most recently received series, optionally only those with ``status`` (e.g. skipped)."""
+        where, params = ("WHERE s.status = ? ", (str(status), limit)) if status is not None else ("", (limit,))
+        rows = self._rows(
+            SERIES_SELECT + where + "GROUP BY s.series_uid ORDER BY s.last_received_at DESC LIMIT ?", params
+        )
+        return [series_from_row(r) for r in rows]
+
     def series_awaiting_completion(self) -> list[Series]:
         """Series whose quiet period has not been concluded: their timers must be (re-)armed."""
         rows = self._rows(

@@ -12,6 +12,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
@@ -30,9 +31,15 @@ _STATUS_RE = re.compile(r"DIMSE Status\s*:\s*0x([0-9a-fA-F]{4})")
 def make_mr_series(
     folder: Path, count: int, series_uid: str | None = None, first_number: int = 1, **attributes: object
 ) -> list[Path]:
-    """``count`` MR_small copies in one series (new SOP instance UIDs), written to ``folder``."""
+    """``count`` MR_small copies in one series (new SOP instance UIDs), written to ``folder``.
+
+    Each copy is moved 1 mm along the slice normal per instance number, so the series is one volume.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     template = pydicom.dcmread(MR_SMALL)
+    orientation = [float(v) for v in template.ImageOrientationPatient]
+    normal = np.cross(orientation[:3], orientation[3:])
+    origin = np.array([float(v) for v in template.ImagePositionPatient])
     series_uid = series_uid or generate_uid(prefix=None)
     paths = []
     for number in range(first_number, first_number + count):
@@ -41,6 +48,7 @@ def make_mr_series(
         ds.SOPInstanceUID = generate_uid(prefix=None)
         ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
         ds.InstanceNumber = number
+        ds.ImagePositionPatient = [f"{v:.4f}" for v in origin + number * normal]
         for keyword, value in attributes.items():
             setattr(ds, keyword, value)
         path = folder / f"{ds.SOPInstanceUID}.dcm"

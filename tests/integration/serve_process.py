@@ -21,7 +21,7 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from ian_node.net import free_port
-from ian_node.storage.records import Delivery, Job
+from ian_node.storage.records import Delivery, Job, Series
 from ian_node.storage.state import State
 from tests.integration.peers import wait_for_port
 from tests.tools import dcmtk
@@ -109,6 +109,13 @@ port = {free_port()}
     def job_for(self, series_uid: str) -> Job | None:
         """The newest job of a series."""
         return next((j for j in reversed(self.jobs()) if j.series_uid == series_uid), None)
+
+    def series(self, series_uid: str) -> Series | None:
+        """The series' row (None while it has not arrived)."""
+        if not self.state_path.exists():
+            return None
+        with State(self.state_path) as state:
+            return state.series(series_uid)
 
     def describe(self) -> str:
         return "jobs: " + "; ".join(
