@@ -71,3 +71,69 @@ def test_predict_on_two_series_exits_2_naming_both_until_series_picks_one(
     assert main([*args, "--series", other.series_uid]) == 0
     referenced = _referenced(hd.seg.segread(out))
     assert referenced == {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in other.instances}
+
+
+def _predict(*args: str) -> list[str]:
+    return ["predict", *args, "--device", "cpu"]
+
+
+def test_predict_names_a_missing_path_and_an_empty_folder_as_such(
+    tmp_path: Path, checkpoint: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = str(tmp_path / "seg.dcm")
+    assert main(_predict(str(tmp_path / "nowhere"), "--out", out, "--checkpoint", str(checkpoint))) == 2
+    assert "nowhere does not exist" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(_predict(str(tmp_path / "empty"), "--out", out, "--checkpoint", str(checkpoint))) == 2
+    assert "empty folder" in capsys.readouterr().err
+
+
+def test_predict_on_only_a_seg_and_other_files_says_what_it_ignored_and_suggests_no_missing_option(
+    study: PhantomFiles, tmp_path: Path, checkpoint: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "only"
+    folder.mkdir()
+    (folder / "seg.dcm").write_bytes(study.seg.read_bytes())
+    (folder / "notes.txt").write_text("not DICOM")
+    (folder / "short.dcm").write_bytes(study.instances[0].read_bytes()[:100])
+    status = main(_predict(str(folder), "--out", str(tmp_path / "seg.dcm"), "--checkpoint", str(checkpoint)))
+    err = capsys.readouterr().err
+    assert status == 2
+    assert "no image series" in err and "1 SEG ignored" in err and "2 files are not DICOM" in err
+    assert "force" not in err and "--series" not in err
+
+
+def test_predict_applies_the_node_modality_rule_unless_any_modality_is_given(
+    study: PhantomFiles, tmp_path: Path, checkpoint: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "ct"
+    folder.mkdir()
+    for path in study.instances:
+        ds = pydicom.dcmread(path)
+        ds.Modality = "CT"
+        ds.save_as(folder / path.name, enforce_file_format=True)
+    out = tmp_path / "seg.dcm"
+    assert main(_predict(str(folder), "--out", str(out), "--checkpoint", str(checkpoint))) == 2
+    assert "is CT, not MR" in capsys.readouterr().err and not out.exists()
+    assert main(_predict(str(folder), "--out", str(out), "--checkpoint", str(checkpoint), "--any-modality")) == 0
+    assert out.exists()
+
+
+def test_predict_skips_a_localizer_as_the_node_does(
+    study: PhantomFiles, tmp_path: Path, checkpoint: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "loc"
+    folder.mkdir()
+    for path in study.instances:
+        ds = pydicom.dcmread(path)
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+        ds.save_as(folder / path.name, enforce_file_format=True)
+    assert main(_predict(str(folder), "--out", str(tmp_path / "seg.dcm"), "--checkpoint", str(checkpoint))) == 2
+    assert "ImageType LOCALIZER" in capsys.readouterr().err
+
+
+def test_predict_with_the_bundled_model_prints_the_not_for_clinical_use_notice(
+    study: PhantomFiles, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(_predict(str(study.series_dir), "--out", str(tmp_path / "seg.dcm"))) == 0
+    assert "NOT FOR CLINICAL USE" in capsys.readouterr().err
