@@ -63,6 +63,8 @@ def _headers(**changes: object) -> list[Dataset]:
         ({"ImageType": ["DERIVED", "SECONDARY", "scout "]}, "ImageType SCOUT"),
         ({"ImageOrientationPatient": [0, 1, 0, 0, 0, -1]}, "not one volume"),
         ({"ImagePositionPatient": [0, 0, 0]}, "not one volume"),
+        ({"PhotometricInterpretation": "RGB", "SamplesPerPixel": 3}, "cannot be segmented"),
+        ({"BitsAllocated": 1}, "1-bit pixels"),
         ({"Rows": None}, None),  # broken, not a reason to skip: the job names the instance
     ],
 )

@@ -23,7 +23,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from pydicom import Dataset, dcmread
 
 from ian_node.config import SeriesConfig
-from ian_node.segment.volume import MalformedDatasetError, SeriesError, check_geometry
+from ian_node.segment.volume import MalformedDatasetError, SeriesError, SeriesGeometryError, check_geometry
 from ian_node.storage.records import Job, RecordOutcome, Series, Settlement
 from ian_node.storage.spool import Spool
 from ian_node.storage.state import State
@@ -74,8 +74,9 @@ def skip_reason(series: Series, rules: SeriesConfig) -> str | None:
 def volume_skip_reason(headers: Sequence[Dataset], rules: SeriesConfig) -> str | None:
     """Why a series can never be the one volume the network segments, from its headers alone.
 
-    Localizers and scouts (by ImageType) and stacks that are not one volume (mixed orientations,
-    a single slice, irregular positions) are skipped before any work. Broken data sets are not
+    Localizers and scouts (by ImageType), stacks that are not one volume (mixed orientations, a
+    single slice, irregular positions) and images the network cannot read (colour, palette, 1-bit)
+    are skipped before any work. Broken data sets are not
     reasons to skip: the job fails on them and names the instance ("malformed dataset").
     """
     wanted = {t.upper() for t in rules.skip_image_types}
@@ -87,8 +88,10 @@ def volume_skip_reason(headers: Sequence[Dataset], rules: SeriesConfig) -> str |
         check_geometry(headers, min_slices=rules.min_slices)
     except MalformedDatasetError:
         return None
-    except SeriesError as exc:
+    except SeriesGeometryError as exc:
         return f"not one volume: {exc.problem}"
+    except SeriesError as exc:  # e.g. colour or 1-bit pixels: a valid image, but not one the network reads
+        return f"cannot be segmented: {exc.problem}"
     return None
 
 

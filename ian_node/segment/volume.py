@@ -83,6 +83,10 @@ class PixelDataError(MalformedDatasetError):
     """Pixel data that cannot be decoded here or is not grey-scale."""
 
 
+class UnsupportedImageError(SeriesError):
+    """A valid image the network cannot take: colour, palette or 1-bit pixels."""
+
+
 class SeriesGeometryError(SeriesError):
     """The frames do not form one regularly spaced 3D volume."""
 
@@ -240,8 +244,6 @@ def _frames_of(ds: Dataset, uid: str) -> list[_Frame]:
 def _decode(ds: Dataset, uid: str) -> np.ndarray:
     """Stored values with the modality rescale applied, float32 (frames, rows, columns)."""
     sop = ds.get("SOPInstanceUID", "?")
-    if int(ds.get("SamplesPerPixel", 1)) != 1:
-        raise PixelDataError(uid, f"instance {sop} is not grey-scale (SamplesPerPixel {ds.SamplesPerPixel})")
     syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
     try:
         if syntax is not None:
@@ -297,6 +299,41 @@ def _diagnose_positions(uid: str, positions: np.ndarray, normal: np.ndarray, nam
     return SeriesGeometryError(uid, "positions do not form a regularly spaced volume")
 
 
+_ENHANCED_CLASSES = frozenset({dcm_uid.EnhancedMRImageStorage, dcm_uid.LegacyConvertedEnhancedMRImageStorage,
+                               dcm_uid.EnhancedCTImageStorage, dcm_uid.LegacyConvertedEnhancedCTImageStorage})
+
+
+def _check_pixel_format(ds: Dataset, uid: str) -> None:
+    """Grey-scale pixels of 8, 16 or 32 bits: what an MR or CT image holds and the network reads."""
+    sop = ds.get("SOPInstanceUID", "?")
+    samples = ds.get("SamplesPerPixel", 1)
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()
+    if samples != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        raise UnsupportedImageError(uid, f"instance {sop} is {photometric or 'unlabelled'} with {samples} samples per "
+                                         "pixel, not a grey-scale image")
+    bits = ds.get("BitsAllocated", 16)
+    if bits not in (8, 16, 32):
+        raise UnsupportedImageError(uid, f"instance {sop} has {bits}-bit pixels; grey-scale images use 8, 16 or 32")
+
+
+def _check_frame_count(ds: Dataset, uid: str) -> None:
+    """A declared frame count that the instance's geometry backs (never trusted to size work alone)."""
+    sop = ds.get("SOPInstanceUID", "?")
+    try:
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError):
+        raise MissingAttributeError(uid, f"instance {sop} has an unreadable NumberOfFrames") from None
+    if ds.get("SOPClassUID") in _ENHANCED_CLASSES and not _is_enhanced(ds):
+        raise MissingAttributeError(uid, f"instance {sop} is an enhanced image without its functional groups")
+    if _is_enhanced(ds):
+        groups = len(ds.PerFrameFunctionalGroupsSequence)
+        if groups != frames:
+            raise MissingAttributeError(uid, f"instance {sop} declares {frames} frames but has {groups} "
+                                             "per-frame functional groups")
+    elif frames != 1:
+        raise MissingAttributeError(uid, f"instance {sop} declares {frames} frames without per-frame geometry")
+
+
 @dataclass(frozen=True)
 class _Order:
     """A series' frames sorted along the slice normal, with what the volume needs of their geometry."""
@@ -338,6 +375,8 @@ def _order(datasets: Sequence[Dataset], min_slices: int, pixels: bool = True) ->
                 raise MissingAttributeError(uid, f"instance {sop} has no valid {keyword}")
         if not str(ds.get("FrameOfReferenceUID", "")).strip():
             raise MissingAttributeError(uid, f"instance {sop} has no Frame of Reference UID")
+        _check_pixel_format(ds, uid)
+        _check_frame_count(ds, uid)
     refs = {str(ds.get("FrameOfReferenceUID", "")) for ds in datasets}
     if len(refs) > 1:
         raise FrameOfReferenceError(uid, f"frames must share one FrameOfReferenceUID, found {sorted(refs)}")
