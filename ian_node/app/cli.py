@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ian_node import __version__
 from ian_node.app.predict import add_predict
+from ian_node.logs import setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -179,6 +180,8 @@ def _add_jobs(sub: argparse._SubParsersAction) -> None:
     show.add_argument("id", type=_positive)
     retry = actions.add_parser("retry", help="re-deliver a failed job's result, or re-run it")
     retry.add_argument("id", type=_positive)
+    for action in (ls, show, retry):
+        _add_verbose(action, "verbose_action")
     p.set_defaults(func=_run_jobs)
 
 
@@ -224,15 +227,33 @@ SUBCOMMANDS: tuple[tuple[str, Callable[[argparse._SubParsersAction], None]], ...
 )
 
 
+#: Where each level of the parser counts its -v (argparse lets a subcommand's defaults overwrite
+#: the same name set before it, so each level has its own); the verbosity is their sum.
+VERBOSE_DESTS = ("verbose", "verbose_command", "verbose_action")
+_VERBOSE_HELP = ("more logging, before or after the command: -v our per-series and per-job detail, -vv debug "
+                 "from every library (patient data is redacted at every level)")
+
+
+def _add_verbose(p: argparse.ArgumentParser, dest: str) -> None:
+    p.add_argument("-v", "--verbose", dest=dest, action="count", default=argparse.SUPPRESS, help=_VERBOSE_HELP)
+
+
+def verbosity(args: argparse.Namespace) -> int:
+    """How many -v were given, wherever on the command line."""
+    return sum(getattr(args, dest, 0) for dest in VERBOSE_DESTS)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ian-node", description="DICOM AI node for inferior alveolar nerve "
                                      "segmentation on MR neurography (phantom-trained demo model: not for "
                                      "clinical use).")
     parser.add_argument("--version", action="version", version=f"ian-node {__version__}")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    _add_verbose(parser, "verbose")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for _, add in SUBCOMMANDS:
         add(sub)
+    for command in sub.choices.values():
+        _add_verbose(command, "verbose_command")
     return parser
 
 
@@ -240,14 +261,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `ian-node` console script; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    level = logging.WARNING - 10 * min(args.verbose, 2)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     handler: Handler = args.func
-    try:
-        return handler(args)
-    except (ValueError, OSError) as exc:
-        logger.error("%s failed: %s", args.command, exc)
-        return 1
+    with setup_logging(verbosity(args)):
+        try:
+            return handler(args)
+        except (ValueError, OSError) as exc:
+            logger.error("%s failed: %s", args.command, exc)
+            return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -7,6 +7,10 @@ SQLite is the single source of truth, so `start` first recovers from it: tempora
 that crashed are removed, jobs a crash interrupted are re-queued, results not yet delivered are
 re-delivered, and the quiet-period timers of open series are re-armed. Only then do the HTTP API
 and the SCP listen.
+
+What an operator sees at the default level (NOTICE, :mod:`ian_node.logs`): one start-up block (DICOM
+listener, HTTP API, model, selection rules, storage and targets), the worker's line per job started
+and ended, and one line at shutdown.
 """
 
 from __future__ import annotations
@@ -14,14 +18,17 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from types import FrameType
 
+from ian_node import __version__
 from ian_node.app.api import ApiServer, NodeApi
 from ian_node.config import NodeConfig
 from ian_node.export.exporter import Exporter
 from ian_node.export.targets import build_targets
 from ian_node.jobs.completion import SeriesTracker
 from ian_node.jobs.worker import Worker
+from ian_node.logs import NOTICE
 from ian_node.receive.pull import Puller
 from ian_node.receive.scp import StorageSCP
 from ian_node.segment.pipeline import PipelineOptions
@@ -50,24 +57,58 @@ class Node:
         self.puller = Puller(config, self.state, self.spool, settle=self.tracker.settle_now)
         self.api = ApiServer(NodeApi(config.api, self.state, self.worker, self.exporter, self.puller))
         self._stopped = threading.Event()
+        self._started_at: float | None = None
 
     def start(self) -> None:
-        """Recover from the state, then start every part; the API and then the SCP listen last."""
+        """Load the model, recover from the state, then start every part; the API and then the SCP listen last."""
+        self._started_at = time.monotonic()
+        predictor = self.worker.predictor  # a checkpoint that cannot be loaded stops the start, not every job
         removed = self.spool.remove_stale_temporaries()
         recovery = self.state.recover()
-        logger.info(
+        recovered = (len(recovery.requeued_jobs), len(recovery.failed_jobs), len(recovery.exporting_jobs),
+                     len(recovery.awaiting_series), removed)
+        logger.log(
+            NOTICE if any(recovered) else logging.INFO,
             "recovered: %d job(s) re-queued, %d failed after repeated interruptions, %d result(s) to deliver, "
-            "%d open series, %d stale temporary file(s) removed",
-            len(recovery.requeued_jobs), len(recovery.failed_jobs), len(recovery.exporting_jobs),
-            len(recovery.awaiting_series), removed,
+            "%d open series, %d stale temporary file(s) removed", *recovered,
         )
         self.exporter.start()
         self.worker.start()
         self.tracker.start()
         self.api.start()
         self.scp.start()
+        self._log_startup(predictor)
 
-    def stop(self) -> None:
+    def _log_startup(self, predictor: Predictor) -> None:
+        """The start-up block: everything an operator needs to know what this node will do."""
+        c = self.config
+        tls = "on (mutual, client certificates required)" if c.tls.mutual else "on" if c.tls.enabled else "off"
+        allowed = len(c.dicom.allowed_calling_aes)
+        logger.log(NOTICE, "ian-node %s listening: DICOM AE %s on %s:%d, TLS %s, calling-AE allow-list: %s",
+                   __version__, c.dicom.ae_title, c.dicom.bind, self.scp.port, tls,
+                   f"{allowed} AE title(s)" if allowed else "empty (any calling AE)")
+        host = f"[{c.api.bind}]" if ":" in c.api.bind else c.api.bind
+        logger.log(NOTICE, "HTTP API: http://%s:%d (%s)", host, self.api.port,
+                   "bearer token required" if c.api.token else "no token")
+        # an embedding application (or a test) may pass any object with the predictor's interface
+        checkpoint = getattr(predictor, "checkpoint", None)
+        device = getattr(predictor, "device", "its own device")
+        if checkpoint is None:
+            logger.log(NOTICE, "model: in-memory network (no checkpoint) on %s", device)
+        else:
+            meta = checkpoint.meta
+            logger.log(NOTICE, "model: %s %s, sha256 %s, on %s%s", meta.architecture, meta.variant,
+                       checkpoint.sha256[:12], device, f" [{meta.label}]" if meta.label else "")
+        s = c.series
+        logger.log(NOTICE, "selection: modalities %s, series description %s, at least %d slices, quiet period %g s, "
+                   "unselected series: %s", ",".join(s.modalities),
+                   f"matching /{s.description_pattern}/" if s.description_pattern else "any",
+                   s.min_slices, s.quiet_period_s, s.retention)
+        targets = ", ".join(f"{t.name} ({t.kind})" for t in c.export.targets) or "none (results are kept only)"
+        logger.log(NOTICE, "storage: state %s, spool %s; export targets: %s", c.storage.state_path,
+                   c.storage.spool_dir, targets)
+
+    def stop(self, reason: str = "") -> None:
         """Stop listening first (SCP, then the API once its requests finish), then the timers, the worker
         and the exporter; close the state."""
         self.scp.stop()
@@ -77,12 +118,16 @@ class Node:
         self.exporter.stop()
         self.state.close()
         self._stopped.set()
+        uptime = 0.0 if self._started_at is None else time.monotonic() - self._started_at
+        logger.log(NOTICE, "stopped%s after %.0f s; %d job(s) segmented", f" on {reason}" if reason else "",
+                   uptime, self.worker.totals.jobs)
 
     def serve_forever(self) -> None:
         """Run until SIGTERM or SIGINT, then stop cleanly."""
+        received: list[int] = []
 
         def _signal(signum: int, _frame: FrameType | None) -> None:
-            logger.info("signal %d: stopping", signum)
+            received.append(signum)  # logged by the main loop: a signal handler must not take logging's locks
             self._stopped.set()
 
         signal.signal(signal.SIGTERM, _signal)
@@ -91,4 +136,6 @@ class Node:
         # A timed wait: an untimed one was seen to miss a SIGTERM that arrived right after start-up.
         while not self._stopped.wait(0.5):
             pass
-        self.stop()
+        reason = signal.Signals(received[0]).name if received else ""
+        logger.info("%s: stopping", reason or "stop requested")
+        self.stop(reason)

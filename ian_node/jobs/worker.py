@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from ian_node.config import ModelConfig
 from ian_node.export.exporter import Exporter
+from ian_node.logs import NOTICE, exception_text
 from ian_node.polling import PollingThread
 from ian_node.segment.pipeline import PipelineOptions, segment_series
 from ian_node.segment.result import load_predictor, result_segmentation
@@ -58,6 +59,8 @@ class Worker:
 
     def run_job(self, job: Job) -> None:
         """Segment one claimed job and hand its SEG to the exporter; record a failure otherwise."""
+        started = time.perf_counter()
+        logger.log(NOTICE, "job %d started: series %s v%d", job.id, job.series_uid, job.series_version)
         try:
             paths = [self._spool.path(i.path) for i in self._state.instances(job.series_uid, job.series_version)]
             t0 = time.perf_counter()
@@ -65,11 +68,13 @@ class Worker:
             t1 = time.perf_counter()
             seg = result_segmentation(result, job.series_version, self.predictor.checkpoint)
             t2 = time.perf_counter()
-            self._exporter.submit(job.id, seg)
+            exported = self._exporter.submit(job.id, seg)
         except Exception as exc:  # any failure is the job's, never the worker's
             error = f"{type(exc).__name__}: {exc}"
             self._state.fail_job(job.id, error)
-            logger.error("job %d (series %s v%d) failed: %s", job.id, job.series_uid, job.series_version, error)
+            # a library's exception may quote the patient's values: the log gets them redacted
+            logger.error("job %d ended: series %s v%d, %.1f s, failed: %s", job.id, job.series_uid,
+                         job.series_version, time.perf_counter() - started, exception_text(exc))
             return
         timings = {**result.timings, "seg_build": t2 - t1, "total": t2 - t0}
         for stage, seconds in timings.items():
@@ -78,6 +83,8 @@ class Worker:
         logger.info("job %d (series %s v%d): %s; %s", job.id, job.series_uid, job.series_version,
                     ", ".join(f"{k} {v:.2f}s" for k, v in timings.items()),
                     ", ".join(f"{k} {v} voxels" for k, v in result.voxels.items()))
+        logger.log(NOTICE, "job %d ended: series %s v%d, %.1f s, %s (%d instances)", job.id, job.series_uid,
+                   job.series_version, time.perf_counter() - started, exported.state, len(paths))
 
     def run_pending(self) -> int:
         """Run queued jobs until the queue is empty; returns how many ran."""
