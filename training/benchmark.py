@@ -22,8 +22,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from tqdm.contrib.logging import logging_redirect_tqdm
 
+from ian_node.logs import LoggingSetup, setup_logging
 from model.registry import NETWORKS
 from training.data import FORMATS, DatasetError, LoadOptions, export_2d, load_dataset
 from training.presets import IAN_NET_VARIANTS, PRESETS, Protocol, Runtime, preset
@@ -105,7 +105,8 @@ def _add_run_parser(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--num-workers", type=int, help="data loader workers (default: min(8, CPUs) on CUDA, 0 on CPU)")
     r.add_argument("--eval-batch-size", type=int, help="batch size of validation and test prediction")
     r.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
-    r.add_argument("-v", "--verbose", action="store_true", help="log INFO messages on the console")
+    r.add_argument("-v", "--verbose", action="count", default=0,
+                   help="log INFO messages on the console (-vv: debug, every library; benchmark.log: INFO or more)")
 
 
 def _add_export_parser(sub: argparse._SubParsersAction) -> None:
@@ -119,7 +120,7 @@ def _add_export_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--slice-step", type=int, default=1)
     p.add_argument("--seed", type=int, default=0, help="seed for drawing empty slices")
     _add_data_options(p)
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="log INFO messages (-vv: debug)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -138,22 +139,11 @@ def _protocol(args: argparse.Namespace) -> Protocol:
     return preset(args.preset, models=tuple(args.models) if args.models else None, **overrides)
 
 
-def _setup_logging(verbose: bool, log_file: Path | None) -> list[logging.Handler]:
-    root = logging.getLogger()
-    root.setLevel(logging.INFO)
-    console = logging.StreamHandler()
-    console.setLevel(logging.INFO if verbose else logging.WARNING)
-    console.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    handlers: list[logging.Handler] = [console]
-    if log_file is not None:
-        log_file.parent.mkdir(parents=True, exist_ok=True)
-        file_handler = logging.FileHandler(log_file, encoding="utf-8")
-        file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        handlers.append(file_handler)
-    for h in handlers:
-        root.addHandler(h)
-    logging.getLogger("highdicom").setLevel(logging.WARNING)  # per-attribute copy notes drown ours
-    return handlers
+def _setup_logging(verbosity: int, log_file: Path | None) -> LoggingSetup:
+    """ian-node's logging (patient data redacted, warnings included): console at ``verbosity``, the log file at
+    INFO or more; console lines go through tqdm so that they do not break the progress bars."""
+    return setup_logging(verbosity, console_format="%(levelname)s %(name)s: %(message)s", progress_bars=True,
+                         log_file=log_file)
 
 
 def _load_options(args: argparse.Namespace) -> LoadOptions:
@@ -218,19 +208,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv = ["run", *argv]
     args = parser().parse_args(argv)
     log_file = args.out / "benchmark.log" if args.command == "run" else None
-    handlers = _setup_logging(args.verbose, log_file)
-    try:
-        with logging_redirect_tqdm():
+    with _setup_logging(args.verbose, log_file):
+        try:
             return run(args) if args.command == "run" else export(args)
-    except (DatasetError, BenchmarkError, ValueError) as exc:
-        logger.error("%s", exc)
-        logger.info("details", exc_info=True)  # the traceback goes to the log file only
-        return 2
-    finally:
-        for h in handlers:
-            logging.getLogger().removeHandler(h)
-            h.close()
-
+        except (DatasetError, BenchmarkError, ValueError) as exc:
+            logger.error("%s", exc)
+            logger.info("details", exc_info=True)  # the traceback goes to the log file only
+            return 2
 
 if __name__ == "__main__":
     sys.exit(main())
