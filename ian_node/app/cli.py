@@ -155,7 +155,11 @@ def _add_config_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve", help="run the DICOM node until SIGTERM/SIGINT")
+    p = sub.add_parser("serve", help="run the DICOM node until SIGTERM/SIGINT",
+                       description="Run the DICOM node until SIGTERM/SIGINT. On stderr it logs a start-up block "
+                                   "(listener, HTTP API, model, selection rules, storage and targets), one line per "
+                                   "job started and ended, warnings and errors, and one line at shutdown; -v adds "
+                                   "per-series detail, -vv debug output. Patient data is never logged.")
     _add_config_arg(p)
     p.set_defaults(func=_run_serve)
 
