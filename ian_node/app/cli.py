@@ -159,7 +159,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                        description="Run the DICOM node until SIGTERM/SIGINT. On stderr it logs a start-up block "
                                    "(listener, HTTP API, model, selection rules, storage and targets), one line per "
                                    "job started and ended, warnings and errors, and one line at shutdown; -v adds "
-                                   "per-series detail, -vv debug output. Patient data is never logged.")
+                                   "per-series detail, -vv debug output. Library messages lose their quoted values (patient data).")
     _add_config_arg(p)
     p.set_defaults(func=_run_serve)
 
