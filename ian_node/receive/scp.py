@@ -11,9 +11,13 @@ power loss. Otherwise the peer gets a failure status it can act on:
 - ``0x0110`` processing failure: any other local error.
 
 Association checks: the calling AE allow-list (with an optional source IP per AE), the called AE
-title, the maximum number of associations and, when configured, TLS (mutual with a CA).
-Unknown SOP classes are refused in presentation-context negotiation. The log names UIDs and AE
-titles, never patient names or IDs.
+title, the maximum number of associations and, when configured, TLS (mutual with a CA), whose
+handshake runs in the connection's own thread within the ACSE timeout. Unknown SOP classes are
+refused in presentation-context negotiation. Every refusal (a rejected association, a refused
+presentation context, a failed TLS handshake, a failed C-STORE) is logged once at WARNING, naming
+the calling AE, the peer's address, the SOP class and the reason, and is counted in
+:class:`ReceiveCounters` (the ``/metrics`` refusal and store-failure counters). The log names UIDs
+and AE titles, never patient names or IDs.
 
 How an answer waits for durability, and what a crash leaves behind: :mod:`ian_node.receive.commit`.
 Measured ingest rates: ``docs/performance.md``.
@@ -22,15 +26,21 @@ Measured ingest rates: ``docs/performance.md``.
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
+import socket
 import ssl
-from collections.abc import Callable
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from dataclasses import replace
-from enum import IntEnum
+from enum import IntEnum, StrEnum
+from typing import Any
 
 from pydicom.uid import (
     JPEG2000,
+    UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
@@ -45,6 +55,8 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE, evt
+from pynetdicom.association import Association
+from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -88,6 +100,49 @@ class Status(IntEnum):
     CANNOT_UNDERSTAND = 0xC210
 
 
+class Refusal(StrEnum):
+    """Why the SCP refused a peer; the value is the ``reason`` label of ``ian_node_refusals_total``."""
+
+    CALLING_AE_NOT_ALLOWED = "calling_ae_not_allowed"
+    CALLING_AE_WRONG_HOST = "calling_ae_wrong_host"
+    CALLED_AE_MISMATCH = "called_ae_mismatch"
+    TOO_MANY_ASSOCIATIONS = "too_many_associations"
+    ASSOCIATION_REJECTED = "association_rejected"  # any other A-ASSOCIATE-RJ
+    TLS_HANDSHAKE_FAILED = "tls_handshake_failed"
+    SOP_CLASS_NOT_CONFIGURED = "sop_class_not_configured"
+    NO_ACCEPTABLE_TRANSFER_SYNTAX = "no_acceptable_transfer_syntax"
+    ROLE_NOT_ACCEPTED = "role_not_accepted"
+    CONTEXT_REJECTED = "context_rejected"  # any other presentation-context result
+
+
+class ReceiveCounters:
+    """Refusals by reason and failed C-STORE answers by status since the SCP was built (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._refusals: Counter[Refusal] = Counter()
+        self._failures: Counter[int] = Counter()
+
+    def refused(self, reason: Refusal) -> None:
+        with self._lock:
+            self._refusals[reason] += 1
+
+    def store_failed(self, status: int) -> None:
+        with self._lock:
+            self._failures[status] += 1
+
+    def refusals(self) -> dict[str, int]:
+        """Every reason, those never seen at 0 (so that a rate starts from a sample)."""
+        with self._lock:
+            return {str(reason): self._refusals[reason] for reason in Refusal}
+
+    def store_failures(self) -> dict[str, int]:
+        """``"0xC210"`` -> count for every failure status this SCP answers, those never answered at 0."""
+        with self._lock:
+            statuses = sorted({*(int(s) for s in Status if s != Status.SUCCESS), *self._failures})
+            return {f"0x{status:04X}": self._failures[status] for status in statuses}
+
+
 class _Refused(Exception):
     def __init__(self, status: Status, reason: str) -> None:
         super().__init__(reason)
@@ -113,6 +168,21 @@ def server_ssl_context(tls: TlsConfig) -> ssl.SSLContext | None:
     return ctx
 
 
+class _HandshakeInConnectionThread:
+    """The server's SSL context, wrapping each accepted socket without its TLS handshake.
+
+    pynetdicom wraps accepted sockets in the listener's one thread, so a failed handshake vanished
+    without a word, and a peer that connected and sent nothing held up every other connection. The
+    handshake runs instead in the connection's own thread (EVT_CONN_OPEN, :meth:`StorageSCP._handshake`).
+    """
+
+    def __init__(self, context: ssl.SSLContext) -> None:
+        self.context = context
+
+    def wrap_socket(self, sock: socket.socket, server_side: bool = True, **_: Any) -> ssl.SSLSocket:
+        return self.context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+
+
 class StorageSCP:
     """The node's listener; ``on_stored`` is called after each committed instance (the series timers).
 
@@ -133,6 +203,7 @@ class StorageSCP:
         self._state = state
         self._spool = spool
         self._on_stored = on_stored
+        self.counters = ReceiveCounters()
         # AE title -> the IPs it may connect from (None: any); an empty map allows every AE.
         self._allowed: dict[str, frozenset[_IP] | None] = {}
         for entry in dicom.allowed_calling_aes:
@@ -169,14 +240,21 @@ class StorageSCP:
         """Listen in background threads (one per association)."""
         handlers = [
             (evt.EVT_REQUESTED, self._check_requestor),
+            (evt.EVT_REJECTED, self._log_rejection),
+            (evt.EVT_ACCEPTED, self._log_refused_contexts),
+            (evt.EVT_ABORTED, _log_abort),
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_C_STORE, self.handle_store),
         ]
+        tls: Any = None
+        if self._ssl is not None:
+            handlers.append((evt.EVT_CONN_OPEN, self._handshake))
+            tls = _HandshakeInConnectionThread(self._ssl)
         self._committer = GroupCommitter(self._state)
         self._committer.start()
         try:
             self._server = self._ae.start_server(
-                (self._dicom.bind, self._dicom.port), block=False, evt_handlers=handlers, ssl_context=self._ssl
+                (self._dicom.bind, self._dicom.port), block=False, evt_handlers=handlers, ssl_context=tls
             )
         except BaseException:
             self._committer.stop()
@@ -196,6 +274,38 @@ class StorageSCP:
             self._committer.stop()
             self._committer = None
 
+    def _refuse(self, reason: Refusal, what: str, who: str, why: str) -> None:
+        """The one WARNING line and the count of a refusal."""
+        self.counters.refused(reason)
+        logger.warning("%s refused: %s: %s (%s)", what, who, why, reason)
+
+    def _handshake(self, event: evt.Event) -> None:
+        """TLS handshake of a new connection, within the ACSE timeout (before the association starts)."""
+        sock = event.assoc.dul.socket.socket if event.assoc.dul.socket is not None else None
+        if not isinstance(sock, ssl.SSLSocket):
+            return
+        try:
+            sock.settimeout(self._dicom.acse_timeout_s)
+            sock.do_handshake()
+            sock.settimeout(None)
+            return
+        except (ssl.SSLEOFError, ConnectionError) as exc:  # a port probe, or a peer that gave up
+            logger.info("connection from %s closed during the TLS handshake (%s)", _address(event.address),
+                        type(exc).__name__)
+            reason = None
+        except TimeoutError:
+            reason = f"no TLS handshake within {self._dicom.acse_timeout_s:g} s"
+        except (ssl.SSLError, OSError) as exc:
+            reason = f"TLS handshake failed: {getattr(exc, 'reason', None) or type(exc).__name__}"
+        if reason is not None:
+            who = f"peer {_address(event.address)} (calling AE not yet known)"
+            self._refuse(Refusal.TLS_HANDSHAKE_FAILED, "connection", who, reason)
+        event.assoc.acse_timeout = 0  # no A-ASSOCIATE-RQ is awaited: the association ends at once
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
     def _check_requestor(self, event: evt.Event) -> None:
         """Reject an association whose calling AE title (or its source address) is not allowed."""
         if not self._allowed:
@@ -203,15 +313,58 @@ class StorageSCP:
         requestor = event.assoc.requestor
         calling = requestor.primitive.calling_ae_title.strip()
         if calling not in self._allowed:
-            reason = "calling AE title not on the allow-list"
+            refusal = (Refusal.CALLING_AE_NOT_ALLOWED, "calling AE title not on the allow-list")
         elif (hosts := self._allowed[calling]) is not None and _ip(requestor.address) not in hosts:
-            reason = f"calling AE not allowed from {requestor.address}"
+            allowed = ", ".join(sorted(str(h) for h in hosts))
+            refusal = (Refusal.CALLING_AE_WRONG_HOST, f"calling AE allowed only from {allowed}")
         else:
             return
-        logger.warning("association from %s@%s rejected: %s", calling, requestor.address, reason)
         event.assoc.acse.send_reject(0x01, 0x01, 0x03)  # permanent, service user, calling AE not recognised
-        evt.trigger(event.assoc, evt.EVT_REJECTED, {})
+        evt.trigger(event.assoc, evt.EVT_REJECTED, {"refusal": refusal})  # logged by _log_rejection
         event.assoc.kill()
+
+    def _log_rejection(self, event: evt.Event) -> None:
+        """EVT_REJECTED: why the association was rejected (ours, or pynetdicom's own checks)."""
+        assoc = event.assoc
+        refusal: tuple[Refusal, str] | None = getattr(event, "refusal", None)
+        if refusal is None:
+            rejection = assoc.acceptor.primitive
+            cause = (rejection.result_source, rejection.diagnostic) if rejection is not None else None
+            if cause == (0x01, 0x07):
+                called = assoc.requestor.primitive.called_ae_title.strip()
+                refusal = (Refusal.CALLED_AE_MISMATCH, f"called AE {_quoted(called)} is not {_quoted(self._ae.ae_title)}")
+            elif cause == (0x03, 0x02):
+                refusal = (Refusal.TOO_MANY_ASSOCIATIONS,
+                           f"the maximum of {self._ae.maximum_associations} association(s) is reached")
+            else:
+                result = rejection.result if rejection is not None else None
+                refusal = (Refusal.ASSOCIATION_REJECTED, f"A-ASSOCIATE-RJ result {result}, source and diagnostic {cause}")
+        proposed = assoc.requestor.primitive.presentation_context_definition_list
+        who = f"{_peer(assoc)}, called AE {_quoted(assoc.requestor.primitive.called_ae_title.strip())}, " \
+              f"{_sop_classes(cx.abstract_syntax for cx in proposed)}"
+        self._refuse(refusal[0], "association", who, refusal[1])
+
+    def _log_refused_contexts(self, event: evt.Event) -> None:
+        """EVT_ACCEPTED: one line per reason for the presentation contexts refused, naming their SOP classes.
+
+        One line per association and reason, not per context: dcmtk's storescu, for one, proposes
+        every storage SOP class it knows (some 120 contexts) whatever it is about to send.
+        """
+        assoc = event.assoc
+        if not assoc.rejected_contexts:
+            return
+        proposed = {cx.context_id: cx for cx in assoc.requestor.primitive.presentation_context_definition_list}
+        groups: dict[int, list[PresentationContext]] = {}
+        for context in assoc.rejected_contexts:
+            groups.setdefault(context.result if context.result in _CONTEXT_REFUSALS else -1, []).append(context)
+        for result, contexts in groups.items():
+            reason, why = _CONTEXT_REFUSALS.get(result, (Refusal.CONTEXT_REJECTED, f"result {contexts[0].status}"))
+            if reason is Refusal.NO_ACCEPTABLE_TRANSFER_SYNTAX:
+                offered = {str(ts): None for cx in contexts for ts in proposed[cx.context_id].transfer_syntax}
+                why += f" ({', '.join(_uid_name(ts) for ts in offered)})"
+            what = f"presentation context {contexts[0].context_id}" if len(contexts) == 1 else \
+                f"{len(contexts)} presentation contexts"
+            self._refuse(reason, what, f"{_peer(assoc)}, {_sop_classes(cx.abstract_syntax for cx in contexts)}", why)
 
     def handle_store(self, event: evt.Event) -> int:
         """Store one instance durably and answer its C-STORE status."""
@@ -219,10 +372,12 @@ class StorageSCP:
         try:
             received = self._receive(event)
         except _Refused as refused:
+            self.counters.store_failed(int(refused.status))
             affected = str(event.request.AffectedSOPInstanceUID or "")
             logger.warning(
-                "C-STORE of %s from %s refused with 0x%04X: %s",
-                affected if is_dicom_uid(affected) else "(invalid UID)", calling, int(refused.status), refused,
+                "C-STORE refused with 0x%04X: %s, SOP class %s, instance %s: %s",
+                int(refused.status), _peer(event.assoc), _sop_class(str(event.context.abstract_syntax)),
+                affected if is_dicom_uid(affected) else "(invalid UID)", refused,
             )
             return int(refused.status)
         logger.debug("stored %s of series %s from %s", received.sop_instance_uid, received.series_uid, calling)
@@ -290,7 +445,7 @@ class StorageSCP:
         """The header facts the state needs, checked (anything wrong is 0xC210 or 0xA900); no file yet."""
         syntax = str(event.context.transfer_syntax)
         try:
-            facts = read_header_facts(dataset, syntax)
+            facts = read_header_facts(dataset, syntax, check_structure=True)
         except (HeaderError, UnsafeUIDError) as exc:
             raise _Refused(Status.CANNOT_UNDERSTAND, str(exc)) from exc
         context_class = event.context.abstract_syntax
@@ -310,6 +465,62 @@ class StorageSCP:
 def handle_echo(event: evt.Event) -> int:
     """C-ECHO: the node is up."""
     return int(Status.SUCCESS)
+
+
+#: Presentation-context result (PS3.8 9.3.3.2) -> the refusal it is, and why.
+_CONTEXT_REFUSALS = {
+    0x01: (Refusal.ROLE_NOT_ACCEPTED, "the SCP/SCU roles proposed are not accepted"),  # pynetdicom's only user rejection
+    0x03: (Refusal.SOP_CLASS_NOT_CONFIGURED, "SOP class not configured (dicom.extra_sop_classes)"),
+    0x04: (Refusal.NO_ACCEPTABLE_TRANSFER_SYNTAX, "none of the transfer syntaxes proposed is accepted"),
+}
+
+
+def _log_abort(event: evt.Event) -> None:
+    """EVT_ABORTED: who the aborted association was with (pynetdicom's own line does not say)."""
+    logger.info("association with %s aborted", _peer(event.assoc))
+
+
+def _peer(assoc: Association) -> str:
+    """``calling AE "STORESCU" at 127.0.0.1:40312``: the peer as every refusal names it."""
+    requestor = assoc.requestor
+    primitive = requestor.primitive
+    calling = _quoted(primitive.calling_ae_title.strip()) if primitive is not None else "(not yet known)"
+    try:
+        where = _address((requestor.address, requestor.port))
+    except ValueError:
+        where = "(unknown address)"
+    return f"calling AE {calling} at {where}"
+
+
+def _quoted(text: str) -> str:
+    """A peer's text, quoted and with anything unprintable escaped (a log line stays one line)."""
+    return json.dumps(text)
+
+
+def _uid_name(uid: str) -> str:
+    """pydicom's name for a UID the peer sent (quoted when it is not a UID at all)."""
+    return UID(uid).name if is_dicom_uid(uid) else _quoted(uid)
+
+
+def _address(address: Any) -> str:
+    host, port = str(address[0]), address[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _sop_class(uid: str) -> str:
+    """``CT Image Storage (1.2.840.10008.5.1.4.1.1.2)``, or the bare UID when pydicom does not know it."""
+    name = _uid_name(uid)
+    return f"{name} ({uid})" if name != uid and is_dicom_uid(uid) else name
+
+
+def _sop_classes(uids: Iterable[Any], most: int = 10) -> str:
+    """``SOP class X`` or ``SOP classes X, Y and 3 more``: the distinct classes, the first ``most`` named."""
+    distinct = list(dict.fromkeys(str(uid) for uid in uids))
+    if not distinct:
+        return "no SOP class proposed"
+    named = ", ".join(_sop_class(uid) for uid in distinct[:most])
+    more = f" and {len(distinct) - most} more" if len(distinct) > most else ""
+    return f"SOP class{'es' if len(distinct) > 1 else ''} {named}{more}"
 
 
 def _ip(address: str) -> _IP | None:
