@@ -39,6 +39,7 @@ from ian_node.config import ApiConfig
 from ian_node.export.exporter import Exporter
 from ian_node.jobs.worker import Worker
 from ian_node.receive.pull import Puller, PullError, parse_pull_request, pull_answer
+from ian_node.receive.scp import ReceiveCounters
 from ian_node.storage.records import Delivery, Job, JobState, StateError
 from ian_node.storage.state import State
 
@@ -103,12 +104,15 @@ class _Request:
 class NodeApi:
     """The routes, independent of the HTTP server that carries them."""
 
-    def __init__(self, config: ApiConfig, state: State, worker: Worker, exporter: Exporter, puller: Puller) -> None:
+    def __init__(self, config: ApiConfig, state: State, worker: Worker, exporter: Exporter, puller: Puller,
+                 receive: ReceiveCounters | None = None) -> None:
+        """``receive``: the SCP's refusal and store-failure counters, rendered in ``/metrics`` when given."""
         self.config = config
         self.state = state
         self.worker = worker
         self.exporter = exporter
         self.puller = puller
+        self.receive = receive
         self.pulls = PullCounter()
         self._token = config.token.encode() if config.token is not None else None
         self._routes: list[tuple[str, re.Pattern[str], Handler, bool]] = [
@@ -154,7 +158,7 @@ class NodeApi:
         return _json(HTTPStatus.OK, {"status": "ok", "version": __version__})
 
     def metrics(self, _params: dict[str, str], _request: _Request) -> Response:
-        text = render_metrics(self.state, self.worker.totals, self.pulls)
+        text = render_metrics(self.state, self.worker.totals, self.pulls, self.receive)
         return Response(HTTPStatus.OK, text.encode(), CONTENT_TYPE)
 
     def list_jobs(self, _params: dict[str, str], request: _Request) -> Response:

@@ -1,7 +1,9 @@
 """Prometheus text exposition (format 0.0.4) of what the state and the worker know.
 
-Everything except the pull counters is derived from the SQLite state or the worker's running
-totals at scrape time, so the numbers agree with `GET /jobs` and `ian-node jobs list`.
+Everything except the pull, refusal and store-failure counters is derived from the SQLite state or
+the worker's running totals at scrape time, so the numbers agree with `GET /jobs` and
+`ian-node jobs list`. The refusal and store-failure counters are the SCP's own
+(:class:`ian_node.receive.scp.ReceiveCounters`), one count per WARNING line the SCP logs for them.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from collections.abc import Iterable, Mapping
 
 from ian_node import __version__
 from ian_node.jobs.worker import StageTotals
+from ian_node.receive.scp import ReceiveCounters
 from ian_node.storage.state import State
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -60,8 +63,9 @@ class _Writer:
             self.lines.append(f"{name}{suffix}{_labels(labels)} {_number(value)}")
 
 
-def render_metrics(state: State, totals: StageTotals, pulls: PullCounter | None = None) -> str:
-    """The node's metrics as Prometheus text."""
+def render_metrics(state: State, totals: StageTotals, pulls: PullCounter | None = None,
+                   receive: ReceiveCounters | None = None) -> str:
+    """The node's metrics as Prometheus text (``receive``: the SCP's counters, when it runs here)."""
     out = _Writer()
     out.family("ian_node_info", "gauge", "The node's version (always 1).", [("", {"version": __version__}, 1)])
     out.family("ian_node_instances_received_total", "counter",
@@ -80,4 +84,11 @@ def render_metrics(state: State, totals: StageTotals, pulls: PullCounter | None 
                "Seconds spent per pipeline stage by the jobs this process ran.", samples)
     out.family("ian_node_pulls_total", "counter", "Pull requests by source and outcome since the process started.",
                [("", {"source": src, "outcome": outcome}, n) for (src, outcome), n in (pulls.items() if pulls else [])])
+    out.family("ian_node_refusals_total", "counter",
+               "Refusals by the DICOM listener since the process started, by reason: rejected associations, failed "
+               "TLS handshakes, and refused presentation contexts (once per association and reason).",
+               [("", {"reason": reason}, n) for reason, n in (receive.refusals().items() if receive else [])])
+    out.family("ian_node_store_failures_total", "counter",
+               "C-STORE requests answered with a failure status since the process started, by status.",
+               [("", {"status": status}, n) for status, n in (receive.store_failures().items() if receive else [])])
     return "\n".join(out.lines) + "\n"
