@@ -55,7 +55,8 @@ class Node:
         self.tracker = SeriesTracker(self.state, self.spool, config.series, on_job=self.worker.wake)
         self.scp = StorageSCP(config.dicom, config.tls, self.state, self.spool, on_stored=self.tracker.instance_stored)
         self.puller = Puller(config, self.state, self.spool, settle=self.tracker.settle_now)
-        self.api = ApiServer(NodeApi(config.api, self.state, self.worker, self.exporter, self.puller))
+        self.api = ApiServer(NodeApi(config.api, self.state, self.worker, self.exporter, self.puller,
+                                      receive=self.scp.counters))
         self._stopped = threading.Event()
         self._started_at: float | None = None
 

@@ -16,7 +16,7 @@ from ian_node.config import ModelConfig
 from ian_node.export.exporter import Exporter
 from ian_node.logs import NOTICE, exception_text
 from ian_node.polling import PollingThread
-from ian_node.segment.pipeline import PipelineOptions, segment_series
+from ian_node.segment.pipeline import PipelineOptions, failure_message, segment_series
 from ian_node.segment.result import load_predictor, result_segmentation
 from ian_node.storage.records import Job
 from ian_node.storage.spool import Spool
@@ -70,7 +70,7 @@ class Worker:
             t2 = time.perf_counter()
             exported = self._exporter.submit(job.id, seg)
         except Exception as exc:  # any failure is the job's, never the worker's
-            error = f"{type(exc).__name__}: {exc}"
+            error = failure_message(exc)  # what the state, the API and `jobs list` show
             self._state.fail_job(job.id, error)
             # a library's exception may quote the patient's values: the log gets them redacted
             logger.error("job %d ended: series %s v%d, %.1f s, failed: %s", job.id, job.series_uid,

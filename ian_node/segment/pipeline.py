@@ -17,6 +17,7 @@ from typing import Protocol
 import numpy as np
 from pydicom.dataset import Dataset
 
+from ian_node.logs import raised_by_us, redact
 from ian_node.segment.postprocess import DEFAULT_MAX_GAP_MM, keep_main_tract
 from ian_node.segment.reformat import CoronalStack, PatientBox, side_stacks, stack_to_volume
 from ian_node.segment.volume import MalformedDatasetError, SeriesError, SeriesVolume, Side, load_series
@@ -152,4 +153,5 @@ def failure_message(exc: BaseException) -> str:
         return f"malformed dataset: {exc.problem} (series {exc.series_uid})"
     if isinstance(exc, SeriesError):
         return str(exc)
-    return f"internal error: {exc or type(exc).__name__} (the node's log has the details)"
+    text = str(exc) if raised_by_us(exc) else redact(str(exc))  # a library may quote header values
+    return f"internal error: {text or 'unexpected failure'} (the node's log has the details)"

@@ -129,13 +129,29 @@ def _rotated_orientation(degrees: float) -> list[float]:
     return [c, s, 0.0, -s, c, 0.0]
 
 
-def test_series_with_inconsistent_geometry_fails_naming_it_and_the_next_series_still_runs(
+def test_series_that_is_not_one_volume_is_skipped_with_its_reason_and_gets_no_job(
     node: RunningNode, tmp_path: Path
 ) -> None:
     bad = small_phantom(tmp_path / "bad", 3)
     odd = pydicom.dcmread(bad.instances[5])
     odd.ImageOrientationPatient = _rotated_orientation(10.0)  # one slice tilted against the others
     odd.save_as(bad.instances[5], enforce_file_format=True)
+
+    _, statuses = storescu(node.setup.port, list(bad.instances))
+    assert statuses == [SUCCESS] * len(bad.instances)  # acknowledged: the series is judged when complete
+    wait_for(lambda: (s := node.setup.series(bad.series_uid)) is not None and s.status == "skipped", 30, node.describe)
+    series = node.setup.series(bad.series_uid)
+    assert "not one volume" in series.status_reason and "orientation" in series.status_reason
+    assert node.setup.job_for(bad.series_uid) is None
+
+
+def test_malformed_series_fails_its_job_naming_the_instance_and_the_next_series_still_runs(
+    node: RunningNode, tmp_path: Path
+) -> None:
+    bad = small_phantom(tmp_path / "bad", 5)
+    broken = pydicom.dcmread(bad.instances[5])
+    broken.PixelData = broken.PixelData[: len(broken.PixelData) // 2]  # shorter than Rows x Columns declare
+    broken.save_as(bad.instances[5], enforce_file_format=True)
     good = small_phantom(tmp_path / "good", 4)
 
     for files in (bad, good):
@@ -146,7 +162,8 @@ def test_series_with_inconsistent_geometry_fails_naming_it_and_the_next_series_s
     _wait_for_done(node, good.series_uid)
     failed = node.setup.job_for(bad.series_uid)
     assert failed.state is JobState.FAILED
-    assert failed.error is not None and bad.series_uid in failed.error and "orientation" in failed.error
+    assert failed.error is not None and failed.error.startswith("malformed dataset")
+    assert str(broken.SOPInstanceUID) in failed.error and "Error" not in failed.error
     assert failed.id < node.setup.job_for(good.series_uid).id  # the queue went past the failed job
     assert node.dest.segs_for(bad.series_uid) == []
     assert len(node.dest.segs_for(good.series_uid)) == 1
