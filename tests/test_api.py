@@ -13,7 +13,7 @@ import requests
 from ian_node.app.node import Node
 from ian_node.config import ApiConfig, DicomTarget, ExportConfig
 from ian_node.net import free_port
-from ian_node.storage.records import JobState
+from ian_node.storage.records import JobState, ReceivedInstance
 from tests.integration.node_harness import (  # noqa: F401 (dcmtk_nodelay is a fixture)
     api_url,
     dcmtk_nodelay,
@@ -117,9 +117,26 @@ def test_jobs_list_and_detail_show_the_job_its_deliveries_and_series(url: str, n
     assert requests.get(f"{url}/jobs", params={"state": "done"}, timeout=10).json()["jobs"] == []
 
 
+def test_series_listing_shows_skipped_series_with_their_reasons_and_no_description(url: str, node: Node) -> None:
+    skipped = ReceivedInstance(
+        sop_instance_uid="1.2.826.0.1.3680043.8.498.77.1", sop_class_uid="1.2.840.10008.5.1.4.1.1.4",
+        series_uid="1.2.826.0.1.3680043.8.498.77", study_uid="1.2.3", transfer_syntax_uid="1.2.840.10008.1.2.1",
+        path="instances/x/y.dcm", size=1, sha256="0", modality="MR", description="PATIENT FREE TEXT",
+    )
+    node.state.record_instance(skipped)
+    series = node.state.series(skipped.series_uid)
+    node.state.settle_series(series.series_uid, series.last_received_at, "ImageType LOCALIZER: not a volume")
+    listed = requests.get(f"{url}/series", params={"status": "skipped"}, timeout=10).json()["series"]
+    assert [(s["series_uid"], s["status_reason"]) for s in listed] == [
+        (skipped.series_uid, "ImageType LOCALIZER: not a volume")]
+    assert "description" not in listed[0] and "PATIENT FREE TEXT" not in str(listed)
+    everything = requests.get(f"{url}/series", timeout=10).json()["series"]
+    assert {s["status"] for s in everything} >= {"skipped", "selected"}
+
+
 @pytest.mark.parametrize("path, status", [
     ("/jobs/999", 404), ("/jobs/abc", 400), ("/jobs?state=nonsense", 400), ("/jobs?limit=0", 400),
-    ("/jobs?colour=red", 400), ("/nowhere", 404),
+    ("/jobs?colour=red", 400), ("/nowhere", 404), ("/series?status=nonsense", 400),
 ])
 def test_bad_job_queries_get_a_clear_client_error(url: str, path: str, status: int) -> None:
     response = requests.get(f"{url}{path}", timeout=10)
@@ -177,7 +194,8 @@ def test_token_is_required_on_every_route_but_health_when_configured(tmp_path: P
     with running_node(config) as running:
         url = api_url(running)
         assert requests.get(f"{url}/health", timeout=10).status_code == 200
-        for method, path in (("GET", "/jobs"), ("GET", "/metrics"), ("POST", "/jobs"), ("POST", "/jobs/1/retry")):
+        for method, path in (("GET", "/jobs"), ("GET", "/metrics"), ("POST", "/jobs"), ("POST", "/jobs/1/retry"),
+                             ("GET", "/series")):
             anonymous = requests.request(method, f"{url}{path}", timeout=10)
             assert anonymous.status_code == 401 and anonymous.headers["WWW-Authenticate"].startswith("Bearer")
             wrong = requests.request(method, f"{url}{path}", headers={"Authorization": f"Bearer {TOKEN}x"}, timeout=10)

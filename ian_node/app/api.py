@@ -40,7 +40,7 @@ from ian_node.export.exporter import Exporter
 from ian_node.jobs.worker import Worker
 from ian_node.receive.pull import Puller, PullError, parse_pull_request, pull_answer
 from ian_node.receive.scp import ReceiveCounters
-from ian_node.storage.records import Delivery, Job, JobState, StateError
+from ian_node.storage.records import Delivery, Job, JobState, Series, SeriesState, StateError
 from ian_node.storage.state import State
 
 logger = logging.getLogger(__name__)
@@ -90,6 +90,16 @@ def delivery_json(delivery: Delivery) -> dict[str, Any]:
     }
 
 
+def series_json(series: Series) -> dict[str, Any]:
+    """A series without its description: free text that may name the patient."""
+    return {
+        "series_uid": series.series_uid, "study_uid": series.study_uid, "modality": series.modality,
+        "version": series.version, "status": str(series.status), "status_reason": series.status_reason,
+        "calling_ae": series.calling_ae, "peer_host": series.peer_host, "instances": series.instance_count,
+        "slices": series.slice_count, "last_received_at": series.last_received_at,
+    }
+
+
 Handler = Callable[["NodeApi", dict[str, str], "_Request"], Response]
 
 
@@ -123,6 +133,7 @@ class NodeApi:
             ("POST", re.compile(r"/jobs"), NodeApi.pull, True),
             ("GET", re.compile(r"/jobs/(?P<id>[^/]+)"), NodeApi.show_job, True),
             ("POST", re.compile(r"/jobs/(?P<id>[^/]+)/retry"), NodeApi.retry_job, True),
+            ("GET", re.compile(r"/series"), NodeApi.list_series, True),
         ]
 
     def handle(self, request: _Request, authorization: str | None) -> Response:
@@ -184,13 +195,22 @@ class NodeApi:
         answer["deliveries"] = [delivery_json(d) for d in self.state.deliveries(job.id)]
         series = self.state.series(job.series_uid)
         if series is not None:
-            # No description: free text that may name the patient.
-            answer["series"] = {
-                "study_uid": series.study_uid, "modality": series.modality, "version": series.version,
-                "status": series.status, "status_reason": series.status_reason, "calling_ae": series.calling_ae,
-                "peer_host": series.peer_host, "instances": series.instance_count, "slices": series.slice_count,
-            }
+            answer["series"] = {k: v for k, v in series_json(series).items()
+                                if k not in ("series_uid", "last_received_at")}
         return _json(HTTPStatus.OK, answer)
+
+    def list_series(self, _params: dict[str, str], request: _Request) -> Response:
+        """Recent series, e.g. ``?status=skipped`` for those the selection rules skipped, with reasons."""
+        query = _single_values(request.query, {"status", "limit"})
+        limit = _int_param(query, "limit", 100, 1, MAX_LIST_LIMIT)
+        status = None
+        if "status" in query:
+            try:
+                status = SeriesState(query["status"])
+            except ValueError:
+                raise ApiError(HTTPStatus.BAD_REQUEST,
+                               f"status must be one of {', '.join(s.value for s in SeriesState)}") from None
+        return _json(HTTPStatus.OK, {"series": [series_json(s) for s in self.state.list_series(status, limit)]})
 
     def retry_job(self, params: dict[str, str], _request: _Request) -> Response:
         job = self._job(params["id"])

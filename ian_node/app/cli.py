@@ -145,11 +145,12 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 # --- serve -------------------------------------------------------------------------------------
 
-def _add_config_arg(p: argparse.ArgumentParser) -> None:
+def _add_config_arg(p: argparse.ArgumentParser, again: bool = False) -> None:
+    """``--config``; ``again`` for an action's own parser, so it may also follow the action word."""
     from ian_node.config import ENV_CONFIG_FILE
 
     default = os.environ.get(ENV_CONFIG_FILE)
-    p.add_argument("--config", type=Path, default=Path(default) if default else None,
+    p.add_argument("--config", type=Path, default=argparse.SUPPRESS if again else Path(default) if default else None,
                    help="ian-node.toml (default: $IAN_NODE_CONFIG, else built-in defaults; "
                         "IAN_NODE_<SECTION>_<KEY> environment variables override)")
 
@@ -175,7 +176,7 @@ def _run_serve(args: argparse.Namespace) -> int:
 # --- jobs --------------------------------------------------------------------------------------
 
 def _add_jobs(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("jobs", help="list, show or retry jobs in the node's state")
+    p = sub.add_parser("jobs", help="list, show or retry jobs, and list skipped series, in the node's state")
     _add_config_arg(p)
     actions = p.add_subparsers(dest="action", required=True)
     ls = actions.add_parser("list", help="recent jobs")
@@ -184,14 +185,16 @@ def _add_jobs(sub: argparse._SubParsersAction) -> None:
     show.add_argument("id", type=_positive)
     retry = actions.add_parser("retry", help="re-deliver a failed job's result, or re-run it")
     retry.add_argument("id", type=_positive)
-    for action in (ls, show, retry):
+    skipped = actions.add_parser("skipped", help="series the selection rules skipped, with their reasons")
+    for action in (ls, show, retry, skipped):
+        _add_config_arg(action, again=True)
         _add_verbose(action, "verbose_action")
     p.set_defaults(func=_run_jobs)
 
 
 def _run_jobs(args: argparse.Namespace) -> int:
     from ian_node.config import load_config
-    from ian_node.storage.records import JobState, StateError
+    from ian_node.storage.records import JobState, SeriesState, StateError
     from ian_node.storage.state import State
 
     config = load_config(args.config)
@@ -199,6 +202,11 @@ def _run_jobs(args: argparse.Namespace) -> int:
         print(f"ian-node jobs: no state at {config.storage.state_path}", file=sys.stderr)
         return 2
     with State(config.storage.state_path) as state:
+        if args.action == "skipped":
+            for series in state.list_series(SeriesState.SKIPPED):
+                print(f"series {series.series_uid} v{series.version} ({series.modality or 'no modality'}, "
+                      f"{series.slice_count} slices): {series.status_reason}")
+            return 0
         if args.action == "list":
             for job in state.list_jobs(JobState(args.state) if args.state else None):
                 print(f"{job.id:6d} {job.state:9s} series {job.series_uid} v{job.series_version}"
