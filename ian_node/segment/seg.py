@@ -25,6 +25,7 @@ from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 
 from ian_node import __version__
+from ian_node.segment.metadata import sanitised_source
 from ian_node.segment.volume import SeriesError, SeriesVolume, SourceFrame, source_frames
 
 logger = logging.getLogger(__name__)
@@ -159,6 +160,9 @@ def build_segmentation(
     highdicom accepts that, readers then see that segment as empty, and the SEG still says both sides
     were looked for. When both sides are empty highdicom encodes every frame (all empty) instead,
     since a SEG needs at least one frame.
+    highdicom copies the patient and study header of the first source image; it gets a view made
+    valid first (:func:`ian_node.segment.metadata.sanitised_source`), so a scanner's bad values are
+    repaired or left out rather than failing here after inference. The caller's datasets are unchanged.
     `algorithm=None` marks the segments MANUAL (the phantom ground truth stands in for an annotator).
     UIDs not given come from `generate_uid(prefix=uid_prefix)`: the 2.25 root unless an organisation
     root is configured.
@@ -171,15 +175,18 @@ def build_segmentation(
     if len(for_uids) != 1 or "" in for_uids:
         raise SegmentationSourceError(f"source images need one FrameOfReferenceUID, found {sorted(for_uids)}")
 
+    # highdicom copies the header of the first source image: it gets a view made valid for the SEG.
+    header = sanitised_source(frames[0].dataset, extra_text=[
+        t for t in (series_description, content_label, content_creator_name) if t])
     if _is_multiframe(frames[0].dataset):
         # highdicom pairs a multi-frame source's frames with pixel_array rows in frame-number order.
         pixel_array = np.zeros_like(labels)
         for vol_index, frame in enumerate(frames):
             pixel_array[frame.frame_number - 1] = labels[vol_index]
-        source_images = [frames[0].dataset]
+        source_images = [header.dataset]
     else:
         pixel_array = labels
-        source_images = [f.dataset for f in frames]
+        source_images = [header.dataset, *(f.dataset for f in frames[1:])]
 
     present = sorted(int(v) for v in np.unique(labels) if v != 0)
     missing = [SEGMENT_LABELS[v] for v in SEGMENT_LABELS if v not in present]
@@ -204,7 +211,9 @@ def build_segmentation(
         content_description="Inferior alveolar nerves (right, left)",
         content_creator_name=content_creator_name,
         omit_empty_frames=True,
+        specific_character_set=header.specific_character_set,
     )
+    header.finish(seg)
     seg.SeriesDescription = series_description
     # highdicom draws this UID from its own root; the project's UIDs come from 2.25 or the user's root.
     dim_uid = dimension_organization_uid or generate_uid(prefix=uid_prefix)
