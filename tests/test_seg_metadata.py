@@ -27,7 +27,9 @@ from pydicom.tag import BaseTag
 
 from ian_node.phantom.study import Phantom, PhantomConfig, generate_phantom, phantom_datasets
 from ian_node.segment.metadata import SourceMetadataError, check_source_metadata, sanitised_source
+from ian_node.segment.pipeline import failure_message
 from ian_node.segment.seg import AlgorithmInfo, build_segmentation, read_segmentation_labels
+from ian_node.segment.volume import load_series
 from tests.tools import dciodvfy_errors as _shared_dciodvfy_errors
 
 #: The smallest phantom the generator makes: 4 slices of 32 x 32, both nerves drawn.
@@ -245,6 +247,23 @@ def test_missing_study_instance_uid_is_refused_before_inference_naming_the_tag(c
     source = _with_header(clean_source, {"StudyInstanceUID": None})
     with pytest.raises(SourceMetadataError, match=rf"instance {source[0].SOPInstanceUID}: StudyInstanceUID is missing"):
         check_source_metadata(source)
+
+
+def test_a_refusal_reads_as_a_malformed_dataset_in_the_job_error(clean_source):
+    source = _with_header(clean_source, {"FrameOfReferenceUID": None})
+    with pytest.raises(SourceMetadataError) as caught:
+        check_source_metadata(source)
+    assert failure_message(caught.value) == (
+        f"malformed dataset: instance {source[0].SOPInstanceUID}: FrameOfReferenceUID is missing "
+        f"(series {source[0].SeriesInstanceUID})")
+
+
+def test_check_takes_a_loaded_series_and_repairs_its_first_slice_in_volume_order(clean_source):
+    source = _with_header(clean_source, {"PatientSex": "m"})
+    series = load_series(list(reversed(source)))
+    repairs = check_source_metadata(series)
+    assert [(r.instance, r.keyword, r.action) for r in repairs] == [
+        (series.frames[0].sop_instance_uid, "PatientSex", "normalised")]
 
 
 @pytest.mark.parametrize("keyword", ["FrameOfReferenceUID", "SOPInstanceUID", "SeriesInstanceUID"])

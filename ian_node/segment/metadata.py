@@ -33,7 +33,7 @@ from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence as DicomSequence
 
 from ian_node.segment.values import InvalidValue, clean_value, same_value, target_vr
-from ian_node.segment.volume import SeriesVolume
+from ian_node.segment.volume import MalformedDatasetError, SeriesVolume
 from ian_node.uids import is_dicom_uid
 
 logger = logging.getLogger(__name__)
@@ -41,8 +41,11 @@ logger = logging.getLogger(__name__)
 Action = Literal["normalised", "emptied", "dropped", "added empty"]
 
 
-class SourceMetadataError(ValueError):
-    """A source header value that a SEG cannot be built without is missing or invalid."""
+class SourceMetadataError(MalformedDatasetError):
+    """A source header value that a SEG cannot be built without is missing or invalid.
+
+    A malformed-dataset :class:`SeriesError`, so the worker and ``predict`` report it as one.
+    """
 
 
 @dataclass(frozen=True)
@@ -108,7 +111,7 @@ class _Rules:
 def _rules(sop_class_uid: str) -> _Rules:
     iod = get_sop_class_iod_map().get(sop_class_uid)
     if iod is None:
-        raise SourceMetadataError(f"SOPClassUID {sop_class_uid} is not an IOD highdicom knows")
+        raise SourceMetadataError("unknown", f"SOPClassUID {sop_class_uid} is not a SOP class highdicom knows")
     attributes = get_module_attribute_map()
     modules: list[_Module] = []
     nested: dict[tuple[str, ...], dict[str, str]] = {}
@@ -251,6 +254,11 @@ def _character_set(declared: Any, texts: Sequence[str]) -> str | None:
     return "ISO_IR 192"
 
 
+def _series_of(dataset: Dataset) -> str:
+    uid = dataset.get("SeriesInstanceUID")
+    return str(uid) if isinstance(uid, str) and is_dicom_uid(uid) else "unknown"
+
+
 def _put(view: Dataset, tag: int, elem: DataElement | None) -> None:
     if elem is not None:
         view[tag] = elem
@@ -278,7 +286,7 @@ def _sanitise_module(dataset: Dataset, view: Dataset, module: _Module, work: _Pa
                 added.append(keyword)
         except InvalidValue as exc:
             if module.mandatory:
-                raise SourceMetadataError(f"instance {work.instance}: {keyword} is {exc}") from None
+                raise SourceMetadataError(_series_of(dataset), f"instance {work.instance}: {keyword} is {exc}") from None
             for kw, _ in present:
                 _put(view, tag_for_keyword(kw), None)
                 work.note(kw, "dropped", f"the {module.key} module's required {keyword} is {exc}")
@@ -342,7 +350,8 @@ def check_source_metadata(source: SeriesVolume | Sequence[Dataset]) -> tuple[Met
     else:
         datasets = list(source)
     if not datasets:
-        raise SourceMetadataError("no source images given")
+        raise SourceMetadataError("unknown", "no source images given")
+    series = source.series_uid if isinstance(source, SeriesVolume) else _series_of(datasets[0])
     seen: dict[str, set[str]] = {k: set() for k in _UID_KEYWORDS[2:]}
     for k, ds in enumerate(datasets):
         sop = ds.get("SOPInstanceUID")
@@ -350,15 +359,15 @@ def check_source_metadata(source: SeriesVolume | Sequence[Dataset]) -> tuple[Met
         for keyword in _UID_KEYWORDS:
             value = ds.get(keyword)
             if value is None or value == "":
-                raise SourceMetadataError(f"{name}: {keyword} is missing")
+                raise SourceMetadataError(series, f"{name}: {keyword} is missing")
             if not isinstance(value, str) or not is_dicom_uid(value):
-                raise SourceMetadataError(f"{name}: {keyword} is not a valid DICOM UID")
+                raise SourceMetadataError(series, f"{name}: {keyword} is not a valid DICOM UID")
             seen.get(keyword, set()).add(str(value))
         if str(ds.SOPClassUID) not in get_sop_class_iod_map():
-            raise SourceMetadataError(f"{name}: SOPClassUID {ds.SOPClassUID} is not a SOP class highdicom knows")
+            raise SourceMetadataError(series, f"{name}: SOPClassUID {ds.SOPClassUID} is not a class highdicom knows")
     for keyword, values in seen.items():
         if len(values) > 1:
-            raise SourceMetadataError(f"the source images have {len(values)} different {keyword}s")
+            raise SourceMetadataError(series, f"the source images have {len(values)} different {keyword}s")
     repairs = _sanitise(datasets[0], ()).repairs
     if repairs:
         logger.info("SEG source %s: %d header values will be repaired: %s", datasets[0].SOPInstanceUID,
