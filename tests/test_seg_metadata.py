@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import io
 import logging
-import subprocess
 import tempfile
 import warnings
 from dataclasses import dataclass, field
@@ -30,7 +29,7 @@ from ian_node.segment.metadata import SourceMetadataError, check_source_metadata
 from ian_node.segment.pipeline import failure_message
 from ian_node.segment.seg import AlgorithmInfo, build_segmentation, read_segmentation_labels
 from ian_node.segment.volume import load_series
-from tests.tools import dciodvfy_errors as _shared_dciodvfy_errors
+from tests.tools import dciodvfy_errors
 
 #: The smallest phantom the generator makes: 4 slices of 32 x 32, both nerves drawn.
 CONFIG = PhantomConfig(shape=(4, 32, 32), oblique_probability=0.0, metal_probability=0.0, motion_probability=0.0)
@@ -113,17 +112,6 @@ def _snapshot(datasets: list[Dataset]) -> list[str]:
     with warnings.catch_warnings():  # decoding a raw over-long value warns
         warnings.simplefilter("ignore")
         return [repr([(e.tag, e.VR, e.value) for e in ds if e.tag != 0x7FE00010]) for ds in datasets]
-
-
-def dciodvfy_errors(path: Path) -> list[str]:
-    """tests.tools' check, for output that echoes non-UTF-8 value bytes (a Latin-1 name), which its
-    text-mode subprocess cannot decode."""
-    exe = Path("/usr/bin/dciodvfy")
-    if not exe.exists():
-        return _shared_dciodvfy_errors(path)  # fails the test with the install hint
-    proc = subprocess.run([str(exe), str(path)], capture_output=True, timeout=120)
-    lines = (proc.stdout + proc.stderr).decode("utf-8", "replace").splitlines()
-    return [line for line in lines if line.startswith("Error")]
 
 
 def _write(seg: Dataset, folder: Path) -> Path:

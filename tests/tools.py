@@ -25,6 +25,7 @@ def dciodvfy_errors(path: Path) -> list[str]:
     exe = Path("/usr/bin/dciodvfy")
     if not exe.exists():
         pytest.fail("dciodvfy is missing: run `make test`, which installs dicom3tools")
-    proc = subprocess.run([str(exe), str(path)], capture_output=True, text=True, timeout=120)
+    # dciodvfy echoes value bytes as they are (Latin-1 names included): decode without failing on them
+    proc = subprocess.run([str(exe), str(path)], capture_output=True, text=True, errors="replace", timeout=120)
     lines = (proc.stdout + proc.stderr).splitlines()
     return [line for line in lines if line.startswith("Error")]

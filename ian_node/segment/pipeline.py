@@ -18,6 +18,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from ian_node.logs import raised_by_us, redact
+from ian_node.segment.metadata import check_source_metadata
 from ian_node.segment.postprocess import DEFAULT_MAX_GAP_MM, keep_main_tract
 from ian_node.segment.reformat import CoronalStack, PatientBox, side_stacks, stack_to_volume
 from ian_node.segment.volume import MalformedDatasetError, SeriesError, SeriesVolume, Side, load_series
@@ -136,6 +137,7 @@ def segment_series(
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     series = sources if isinstance(sources, SeriesVolume) else load_series(sources)
+    check_source_metadata(series)  # what the SEG cannot be built without fails before the network runs
     t1 = time.perf_counter()
     prepared = prepare(series, predictor.size, options.rois)
     t2 = time.perf_counter()
