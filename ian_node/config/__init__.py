@@ -1,0 +1,36 @@
+"""The node's typed configuration: TOML file, then environment overrides, validated at start-up.
+
+A node runs with no file at all. The sections and their defaults: :mod:`ian_node.config.sections`;
+the file and the ``IAN_NODE_<SECTION>_<KEY>`` overrides: :mod:`ian_node.config.loading`.
+"""
+
+from ian_node.config.loading import load_config
+from ian_node.config.sections import (
+    BASE_SOP_CLASSES,
+    DEFAULT_DATA_DIR,
+    ENV_CONFIG_FILE,
+    ENV_PREFIX,
+    SECTIONS,
+    TARGET_CONFIG_TYPES,
+    ApiConfig,
+    CallingAE,
+    ConfigError,
+    DicomConfig,
+    DicomTarget,
+    ExportConfig,
+    ModelConfig,
+    NodeConfig,
+    OrthancTarget,
+    SeriesConfig,
+    StorageConfig,
+    StowRsTarget,
+    TargetConfig,
+    TlsConfig,
+)
+
+__all__ = [
+    "BASE_SOP_CLASSES", "DEFAULT_DATA_DIR", "ENV_CONFIG_FILE", "ENV_PREFIX", "SECTIONS", "TARGET_CONFIG_TYPES",
+    "ApiConfig", "CallingAE", "ConfigError", "DicomConfig", "DicomTarget", "ExportConfig", "ModelConfig",
+    "NodeConfig", "OrthancTarget", "SeriesConfig", "StorageConfig", "StowRsTarget", "TargetConfig", "TlsConfig",
+    "load_config",
+]
