@@ -10,7 +10,7 @@ import pytest
 
 from ian_node.app.metrics import render_metrics
 from ian_node.jobs.worker import StageTotals
-from ian_node.receive.scp import ReceiveCounters, Refusal
+from ian_node.receive.counters import ReceiveCounters, Refusal
 from ian_node.storage.state import State
 
 

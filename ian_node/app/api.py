@@ -38,8 +38,8 @@ from ian_node.app.metrics import CONTENT_TYPE, PullCounter, render_metrics
 from ian_node.config import ApiConfig
 from ian_node.export.exporter import Exporter
 from ian_node.jobs.worker import Worker
+from ian_node.receive.counters import ReceiveCounters
 from ian_node.receive.pull import Puller, PullError, parse_pull_request, pull_answer
-from ian_node.receive.scp import ReceiveCounters
 from ian_node.storage.records import Delivery, Job, JobState, Series, SeriesState, StateError
 from ian_node.storage.state import State
 

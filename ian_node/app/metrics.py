@@ -3,7 +3,7 @@
 Everything except the pull, refusal and store-failure counters is derived from the SQLite state or
 the worker's running totals at scrape time, so the numbers agree with `GET /jobs` and
 `ian-node jobs list`. The refusal and store-failure counters are the SCP's own
-(:class:`ian_node.receive.scp.ReceiveCounters`), one count per WARNING line the SCP logs for them.
+(:class:`ian_node.receive.counters.ReceiveCounters`), one count per WARNING line the SCP logs for them.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 
 from ian_node import __version__
 from ian_node.jobs.worker import StageTotals
-from ian_node.receive.scp import ReceiveCounters
+from ian_node.receive.counters import ReceiveCounters
 from ian_node.storage.state import State
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"

@@ -30,12 +30,9 @@ import json
 import logging
 import socket
 import ssl
-import threading
-from collections import Counter
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from dataclasses import replace
-from enum import IntEnum, StrEnum
 from typing import Any
 
 from pydicom.uid import (
@@ -60,9 +57,11 @@ from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
-from ian_node.config import ConfigError, DicomConfig, TlsConfig
+from ian_node.config import DicomConfig, TlsConfig
 from ian_node.receive.commit import GroupCommitter, recover_unconfirmed
+from ian_node.receive.counters import ReceiveCounters, Refusal, Status
 from ian_node.receive.header import HeaderError, read_header_facts
+from ian_node.receive.tls import HandshakeInConnectionThread, server_ssl_context
 from ian_node.storage.records import ReceivedInstance, RecordOutcome, StateFullError
 from ian_node.storage.spool import Spool, SpoolFullError, StagedInstance
 from ian_node.storage.state import State
@@ -90,97 +89,10 @@ TRANSFER_SYNTAXES: tuple[str, ...] = (
 )
 
 
-class Status(IntEnum):
-    """The C-STORE statuses this SCP answers (PS3.4 B.2.3, PS3.7 C.4)."""
-
-    SUCCESS = 0x0000
-    PROCESSING_FAILURE = 0x0110
-    OUT_OF_RESOURCES = 0xA700
-    DATASET_MISMATCH = 0xA900
-    CANNOT_UNDERSTAND = 0xC210
-
-
-class Refusal(StrEnum):
-    """Why the SCP refused a peer; the value is the ``reason`` label of ``ian_node_refusals_total``."""
-
-    CALLING_AE_NOT_ALLOWED = "calling_ae_not_allowed"
-    CALLING_AE_WRONG_HOST = "calling_ae_wrong_host"
-    CALLED_AE_MISMATCH = "called_ae_mismatch"
-    TOO_MANY_ASSOCIATIONS = "too_many_associations"
-    ASSOCIATION_REJECTED = "association_rejected"  # any other A-ASSOCIATE-RJ
-    TLS_HANDSHAKE_FAILED = "tls_handshake_failed"
-    SOP_CLASS_NOT_CONFIGURED = "sop_class_not_configured"
-    NO_ACCEPTABLE_TRANSFER_SYNTAX = "no_acceptable_transfer_syntax"
-    ROLE_NOT_ACCEPTED = "role_not_accepted"
-    CONTEXT_REJECTED = "context_rejected"  # any other presentation-context result
-
-
-class ReceiveCounters:
-    """Refusals by reason and failed C-STORE answers by status since the SCP was built (thread-safe)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._refusals: Counter[Refusal] = Counter()
-        self._failures: Counter[int] = Counter()
-
-    def refused(self, reason: Refusal) -> None:
-        with self._lock:
-            self._refusals[reason] += 1
-
-    def store_failed(self, status: int) -> None:
-        with self._lock:
-            self._failures[status] += 1
-
-    def refusals(self) -> dict[str, int]:
-        """Every reason, those never seen at 0 (so that a rate starts from a sample)."""
-        with self._lock:
-            return {str(reason): self._refusals[reason] for reason in Refusal}
-
-    def store_failures(self) -> dict[str, int]:
-        """``"0xC210"`` -> count for every failure status this SCP answers, those never answered at 0."""
-        with self._lock:
-            statuses = sorted({*(int(s) for s in Status if s != Status.SUCCESS), *self._failures})
-            return {f"0x{status:04X}": self._failures[status] for status in statuses}
-
-
 class _Refused(Exception):
     def __init__(self, status: Status, reason: str) -> None:
         super().__init__(reason)
         self.status = status
-
-
-def server_ssl_context(tls: TlsConfig) -> ssl.SSLContext | None:
-    """The SCP's TLS context (None when TLS is off); client certificates required when a CA is set."""
-    if not tls.enabled:
-        return None
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    try:
-        ctx.load_cert_chain(certfile=str(tls.cert), keyfile=str(tls.key))
-    except (ssl.SSLError, OSError) as exc:
-        raise ConfigError("tls.cert", f"cannot load certificate and key: {exc}") from None
-    if tls.mutual:
-        ctx.verify_mode = ssl.CERT_REQUIRED
-        try:
-            ctx.load_verify_locations(cafile=str(tls.ca))
-        except (ssl.SSLError, OSError) as exc:
-            raise ConfigError("tls.ca", f"cannot load the CA certificates: {exc}") from None
-    return ctx
-
-
-class _HandshakeInConnectionThread:
-    """The server's SSL context, wrapping each accepted socket without its TLS handshake.
-
-    pynetdicom wraps accepted sockets in the listener's one thread, so a failed handshake vanished
-    without a word, and a peer that connected and sent nothing held up every other connection. The
-    handshake runs instead in the connection's own thread (EVT_CONN_OPEN, :meth:`StorageSCP._handshake`).
-    """
-
-    def __init__(self, context: ssl.SSLContext) -> None:
-        self.context = context
-
-    def wrap_socket(self, sock: socket.socket, server_side: bool = True, **_: Any) -> ssl.SSLSocket:
-        return self.context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
 
 
 class StorageSCP:
@@ -249,7 +161,7 @@ class StorageSCP:
         tls: Any = None
         if self._ssl is not None:
             handlers.append((evt.EVT_CONN_OPEN, self._handshake))
-            tls = _HandshakeInConnectionThread(self._ssl)
+            tls = HandshakeInConnectionThread(self._ssl)
         self._committer = GroupCommitter(self._state)
         self._committer.start()
         try:
