@@ -28,9 +28,10 @@ import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import StrEnum
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
 from ian_node import __version__
@@ -99,6 +100,8 @@ def series_json(series: Series) -> dict[str, Any]:
         "slices": series.slice_count, "last_received_at": series.last_received_at,
     }
 
+
+E = TypeVar("E", bound=StrEnum)
 
 Handler = Callable[["NodeApi", dict[str, str], "_Request"], Response]
 
@@ -175,13 +178,7 @@ class NodeApi:
     def list_jobs(self, _params: dict[str, str], request: _Request) -> Response:
         query = _single_values(request.query, {"state", "series", "limit"})
         limit = _int_param(query, "limit", 100, 1, MAX_LIST_LIMIT)
-        state = None
-        if "state" in query:
-            try:
-                state = JobState(query["state"])
-            except ValueError:
-                raise ApiError(HTTPStatus.BAD_REQUEST,
-                               f"state must be one of {', '.join(s.value for s in JobState)}") from None
+        state = _enum_param(query, "state", JobState)
         if "series" in query:
             jobs = [j for j in reversed(self.state.jobs_of_series(query["series"])) if state in (None, j.state)]
             jobs = jobs[:limit]
@@ -203,13 +200,7 @@ class NodeApi:
         """Recent series, e.g. ``?status=skipped`` for those the selection rules skipped, with reasons."""
         query = _single_values(request.query, {"status", "limit"})
         limit = _int_param(query, "limit", 100, 1, MAX_LIST_LIMIT)
-        status = None
-        if "status" in query:
-            try:
-                status = SeriesState(query["status"])
-            except ValueError:
-                raise ApiError(HTTPStatus.BAD_REQUEST,
-                               f"status must be one of {', '.join(s.value for s in SeriesState)}") from None
+        status = _enum_param(query, "status", SeriesState)
         return _json(HTTPStatus.OK, {"series": [series_json(s) for s in self.state.list_series(status, limit)]})
 
     def retry_job(self, params: dict[str, str], _request: _Request) -> Response:
@@ -263,6 +254,16 @@ def _single_values(query: dict[str, list[str]], known: set[str]) -> dict[str, st
     if repeated:
         raise ApiError(HTTPStatus.BAD_REQUEST, f"query parameter {repeated[0]} is given more than once")
     return {k: v[0] for k, v in query.items()}
+
+
+def _enum_param(query: dict[str, str], name: str, enum: type[E]) -> E | None:
+    """The query's ``name`` as one of ``enum``'s values (None when absent); 400 naming the valid ones."""
+    if name not in query:
+        return None
+    try:
+        return enum(query[name])
+    except ValueError:
+        raise ApiError(HTTPStatus.BAD_REQUEST, f"{name} must be one of {', '.join(e.value for e in enum)}") from None
 
 
 def _int_param(query: dict[str, str], name: str, default: int, low: int, high: int) -> int:
