@@ -6,7 +6,16 @@ from pathlib import Path
 
 import pytest
 
-from ian_node.config import CallingAE, ConfigError, DicomTarget, ExportConfig, OrthancTarget, StowRsTarget, load_config
+from ian_node.config import (
+    CallingAE,
+    ConfigError,
+    DicomTarget,
+    ExportConfig,
+    OrthancTarget,
+    StorageConfig,
+    StowRsTarget,
+    load_config,
+)
 
 
 def _write(tmp_path: Path, text: str) -> Path:
@@ -29,6 +38,7 @@ def test_defaults_run_with_no_file_and_no_environment() -> None:
     assert cfg.model.checkpoint is None
     assert cfg.storage.spool_dir == Path("ian-node-data/spool")
     assert cfg.storage.state_path == Path("ian-node-data/state.sqlite3")
+    assert (cfg.storage.min_free_bytes, cfg.storage.min_free_percent) == (1024**3, 5.0)
     assert cfg.dicom.sop_classes == ("1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.5.1.4.1.1.4.1")
     assert cfg.api.bind == "127.0.0.1" and cfg.api.token is None
     assert cfg.export.targets == () and not cfg.tls.enabled
@@ -151,6 +161,12 @@ def test_empty_environment_value_clears_an_optional_key(tmp_path: Path) -> None:
          '[[export.targets]]\nkind = "orthanc"\nname = "o"\nurl = "http://y"\n', {}, "export.targets[1].name",
          "used by another"),
         ('[api]\ntoken = "short"\n', {}, "api.token", "16 characters"),
+        ("[storage]\nmin_free_bytes = -1\n", {}, "storage.min_free_bytes", "0 or more"),
+        ('[storage]\nmin_free_bytes = "1G"\n', {}, "storage.min_free_bytes", "must be int"),
+        ("[storage]\nmin_free_percent = 100\n", {}, "storage.min_free_percent", "below 100"),
+        ("[storage]\nmin_free_percent = -0.5\n", {}, "storage.min_free_percent", "from 0"),
+        ("[storage]\nmin_free_percent = nan\n", {}, "storage.min_free_percent", "from 0"),
+        ("", {"IAN_NODE_STORAGE_MIN_FREE_BYTES": "1.5e9"}, "IAN_NODE_STORAGE_MIN_FREE_BYTES", "integer"),
         ("", {"IAN_NODE_DICOM_PORT": "eleven"}, "IAN_NODE_DICOM_PORT", "integer"),
         ("", {"IAN_NODE_DICOM_PROT": "104"}, "IAN_NODE_DICOM_PROT", "names no configuration key"),
         ("", {"IAN_NODE_EXPORT_TARGETS": "[{kind="}, "IAN_NODE_EXPORT_TARGETS", "TOML"),
@@ -173,3 +189,18 @@ def test_unreadable_or_invalid_file_raises_config_error(tmp_path: Path) -> None:
 def test_backoff_doubles_up_to_its_maximum() -> None:
     policy = ExportConfig(backoff_s=2.0, max_backoff_s=10.0)
     assert [policy.backoff(n) for n in (1, 2, 3, 4, 5)] == [2.0, 4.0, 8.0, 10.0, 10.0]
+
+
+def test_the_spool_minimum_free_space_is_set_by_file_and_environment(tmp_path: Path) -> None:
+    path = _write(tmp_path, "[storage]\nmin_free_bytes = 0\nmin_free_percent = 0\n")
+    storage = load_config(path, environ={}).storage
+    assert (storage.min_free_bytes, storage.min_free_percent) == (0, 0.0)
+    env = {"IAN_NODE_STORAGE_MIN_FREE_BYTES": "500000000", "IAN_NODE_STORAGE_MIN_FREE_PERCENT": "2.5"}
+    storage = load_config(path, environ=env).storage
+    assert (storage.min_free_bytes, storage.min_free_percent) == (500_000_000, 2.5)
+
+
+def test_the_example_config_documents_the_spool_minimum_with_its_defaults() -> None:
+    example = load_config(Path(__file__).parents[1] / "deploy" / "ian-node.toml", environ={}).storage
+    default = StorageConfig()
+    assert (example.min_free_bytes, example.min_free_percent) == (default.min_free_bytes, default.min_free_percent)

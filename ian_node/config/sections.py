@@ -26,6 +26,11 @@ ENV_CONFIG_FILE = "IAN_NODE_CONFIG"
 #: Where spool and state go when nothing else is configured.
 DEFAULT_DATA_DIR = Path("ian-node-data")
 
+#: The free space the spool keeps on its file system unless configured (``storage.min_free_bytes``
+#: and ``storage.min_free_percent``; :class:`ian_node.storage.spool.Spool` takes the same defaults).
+DEFAULT_MIN_FREE_BYTES = 1024**3
+DEFAULT_MIN_FREE_PERCENT = 5.0
+
 #: The storage SOP classes the SCP always accepts; ``dicom.extra_sop_classes`` adds to these.
 BASE_SOP_CLASSES: tuple[str, ...] = (str(MRImageStorage), str(EnhancedMRImageStorage))
 
@@ -158,10 +163,24 @@ class TlsConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class StorageConfig:
-    """Where received files and the SQLite state live."""
+    """Where received files and the SQLite state live, and the free space the spool keeps.
+
+    While the spool's file system has less free space than ``min_free_bytes`` or than
+    ``min_free_percent`` of its size (whichever is more), new instances are refused (C-STORE 0xA700,
+    out of resources); results are still written, into the space kept. Both 0: no minimum (writes go
+    on until the disk is full, and are refused with 0xA700 then).
+    """
 
     spool_dir: Path = DEFAULT_DATA_DIR / "spool"
     state_path: Path = DEFAULT_DATA_DIR / "state.sqlite3"
+    min_free_bytes: int = DEFAULT_MIN_FREE_BYTES
+    min_free_percent: float = DEFAULT_MIN_FREE_PERCENT
+
+    def __post_init__(self) -> None:
+        if self.min_free_bytes < 0:
+            raise ConfigError("min_free_bytes", f"must be 0 or more, got {self.min_free_bytes}")
+        if not 0 <= self.min_free_percent < 100:
+            raise ConfigError("min_free_percent", f"must be from 0 to below 100, got {self.min_free_percent}")
 
 
 @dataclass(frozen=True, kw_only=True)
