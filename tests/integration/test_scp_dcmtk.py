@@ -33,9 +33,10 @@ SUCCESS, OUT_OF_RESOURCES, CANNOT_UNDERSTAND = 0x0000, 0xA700, 0xC210
 class Node:
     """The DICOM-facing node as `serve` wires it: state, spool, series timers and the SCP."""
 
-    def __init__(self, spool_dir: Path, state_path: Path, dicom: DicomConfig, tls: TlsConfig) -> None:
+    def __init__(self, spool_dir: Path, state_path: Path, dicom: DicomConfig, tls: TlsConfig,
+                 **spool_minimum: float) -> None:
         self.state = State(state_path)
-        self.spool = Spool(spool_dir)
+        self.spool = Spool(spool_dir, **spool_minimum)  # type: ignore[arg-type]
         self.jobs: list[Job] = []
         self.tracker = SeriesTracker(
             self.state, self.spool, SeriesConfig(quiet_period_s=QUIET, min_slices=2), on_job=self.jobs.append
@@ -58,9 +59,10 @@ ALLOWED = (CallingAE(ae_title="STORESCU"), CallingAE(ae_title="ECHOSCU"), Callin
 
 
 @contextmanager
-def running_node(root: Path, spool_dir: Path | None = None, tls: TlsConfig | None = None, **dicom: object) -> Iterator[Node]:
+def running_node(root: Path, spool_dir: Path | None = None, tls: TlsConfig | None = None,
+                 spool_minimum: dict[str, float] | None = None, **dicom: object) -> Iterator[Node]:
     config = DicomConfig(port=0, allowed_calling_aes=ALLOWED, **dicom)  # type: ignore[arg-type]
-    node = Node(spool_dir or root / "spool", root / "state.sqlite3", config, tls or TlsConfig())
+    node = Node(spool_dir or root / "spool", root / "state.sqlite3", config, tls or TlsConfig(), **(spool_minimum or {}))
     try:
         yield node
     finally:
@@ -206,7 +208,8 @@ def test_compressed_transfer_syntax_is_accepted_and_stored_as_sent(
 
 def test_full_spool_answers_out_of_resources_and_keeps_what_it_acknowledged(tmp_path: Path) -> None:
     files = make_mr_series(tmp_path / "in", 24)  # about 240 kB against a 128 KiB file system
-    with tiny_tmpfs(128) as mount, running_node(tmp_path, spool_dir=mount) as node:
+    no_minimum = {"min_free_bytes": 0, "min_free_percent": 0}  # a disk full for real (ENOSPC), not the minimum
+    with tiny_tmpfs(128) as mount, running_node(tmp_path, spool_dir=mount, spool_minimum=no_minimum) as node:
         _, statuses = storescu(node.port, files)
         assert len(statuses) == len(files)
         assert set(statuses) == {SUCCESS, OUT_OF_RESOURCES}
