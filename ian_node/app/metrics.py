@@ -3,7 +3,9 @@
 Everything except the pull, refusal and store-failure counters is derived from the SQLite state or
 the worker's running totals at scrape time, so the numbers agree with `GET /jobs` and
 `ian-node jobs list`. The refusal and store-failure counters are the SCP's own
-(:class:`ian_node.receive.counters.ReceiveCounters`), one count per WARNING line the SCP logs for them.
+(:class:`ian_node.receive.counters.ReceiveCounters`), one count per refusal (each logged once at
+WARNING, but those for lack of space, which are logged at most once a minute). The spool's free
+space and the minimum it keeps are read from its file system at scrape time.
 """
 
 from __future__ import annotations
@@ -86,9 +88,18 @@ def render_metrics(state: State, totals: StageTotals, pulls: PullCounter | None 
                [("", {"source": src, "outcome": outcome}, n) for (src, outcome), n in (pulls.items() if pulls else [])])
     out.family("ian_node_refusals_total", "counter",
                "Refusals by the DICOM listener since the process started, by reason: rejected associations, failed "
-               "TLS handshakes, and refused presentation contexts (once per association and reason).",
+               "TLS handshakes, refused presentation contexts (once per association and reason), and C-STOREs "
+               "refused for lack of space (disk_full).",
                [("", {"reason": reason}, n) for reason, n in (receive.refusals().items() if receive else [])])
     out.family("ian_node_store_failures_total", "counter",
                "C-STORE requests answered with a failure status since the process started, by status.",
                [("", {"status": status}, n) for status, n in (receive.store_failures().items() if receive else [])])
+    space = receive.spool_space() if receive else None
+    out.family("ian_node_spool_free_bytes", "gauge",
+               "Bytes free on the spool's file system (to the node's user), read at scrape time.",
+               [("", {}, space.free_bytes)] if space else [])
+    out.family("ian_node_spool_min_free_bytes", "gauge",
+               "The free space the spool keeps: below it, new instances are refused with 0xA700 (the larger of "
+               "storage.min_free_bytes and storage.min_free_percent of the file system).",
+               [("", {}, space.min_free_bytes)] if space else [])
     return "\n".join(out.lines) + "\n"

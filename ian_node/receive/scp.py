@@ -19,6 +19,13 @@ the calling AE, the peer's address, the SOP class and the reason, and is counted
 :class:`ReceiveCounters` (the ``/metrics`` refusal and store-failure counters). The log names UIDs
 and AE titles, never patient names or IDs.
 
+Lack of space: while the spool's free space is below its minimum (``storage.min_free_bytes`` /
+``storage.min_free_percent``, :class:`ian_node.storage.spool.Spool`), new instances get 0xA700 before
+anything is written; freed space is noticed at the next C-STORE, with no restart. Such refusals come
+in bursts, so they are logged by :class:`SpaceRefusals`' rule: one WARNING naming the free space and
+the minimum, then at most one a minute with the count unlogged meanwhile, and one NOTICE when
+instances are stored again. Each is counted (``disk_full`` refusals, ``0xA700`` store failures).
+
 How an answer waits for durability, and what a crash leaves behind: :mod:`ian_node.receive.commit`.
 Measured ingest rates: ``docs/performance.md``.
 """
@@ -58,12 +65,13 @@ from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
 from ian_node.config import DicomConfig, TlsConfig
+from ian_node.logs import NOTICE
 from ian_node.receive.commit import GroupCommitter, recover_unconfirmed
-from ian_node.receive.counters import ReceiveCounters, Refusal, Status
+from ian_node.receive.counters import ReceiveCounters, Refusal, SpaceRefusals, Status
 from ian_node.receive.header import HeaderError, read_header_facts
 from ian_node.receive.tls import HandshakeInConnectionThread, server_ssl_context
 from ian_node.storage.records import ReceivedInstance, RecordOutcome, StateFullError
-from ian_node.storage.spool import Spool, SpoolFullError, StagedInstance
+from ian_node.storage.spool import Spool, SpoolBelowMinimumError, SpoolFullError, StagedInstance, size_text
 from ian_node.storage.state import State
 from ian_node.uids import UnsafeUIDError, is_dicom_uid
 
@@ -115,7 +123,8 @@ class StorageSCP:
         self._state = state
         self._spool = spool
         self._on_stored = on_stored
-        self.counters = ReceiveCounters()
+        self.counters = ReceiveCounters(space=spool.free_space)
+        self._space_refusals = SpaceRefusals()
         # AE title -> the IPs it may connect from (None: any); an empty map allows every AE.
         self._allowed: dict[str, frozenset[_IP] | None] = {}
         for entry in dicom.allowed_calling_aes:
@@ -285,13 +294,27 @@ class StorageSCP:
             received = self._receive(event)
         except _Refused as refused:
             self.counters.store_failed(int(refused.status))
+            level, note = logging.WARNING, ""
+            if refused.status is Status.OUT_OF_RESOURCES:
+                self.counters.refused(Refusal.DISK_FULL)
+                unlogged = self._space_refusals.refused()
+                if unlogged is None:
+                    level = logging.DEBUG
+                elif unlogged:
+                    note = f" ({unlogged} more C-STORE(s) refused for lack of space since the last such line)"
+                else:
+                    note = "; until space is freed, such refusals are logged at most once a minute"
             affected = str(event.request.AffectedSOPInstanceUID or "")
-            logger.warning(
-                "C-STORE refused with 0x%04X: %s, SOP class %s, instance %s: %s",
+            logger.log(
+                level, "C-STORE refused with 0x%04X: %s, SOP class %s, instance %s: %s%s",
                 int(refused.status), _peer(event.assoc), _sop_class(str(event.context.abstract_syntax)),
-                affected if is_dicom_uid(affected) else "(invalid UID)", refused,
+                affected if is_dicom_uid(affected) else "(invalid UID)", refused, note,
             )
             return int(refused.status)
+        if (run := self._space_refusals.stored()) is not None:
+            space = self.counters.spool_space()
+            logger.log(NOTICE, "C-STOREs are stored again after %d refused for lack of space%s", run,
+                       f"; the spool's file system has {size_text(space.free_bytes)} free" if space else "")
         logger.debug("stored %s of series %s from %s", received.sop_instance_uid, received.series_uid, calling)
         return int(Status.SUCCESS)
 
@@ -305,6 +328,8 @@ class StorageSCP:
         with self._spool.instance_lock(uid):
             try:
                 staged = self._spool.stage_instance(header.series_uid, uid, (event.encoded_dataset(),))
+            except SpoolBelowMinimumError as exc:  # nothing was written
+                raise _Refused(Status.OUT_OF_RESOURCES, str(exc.strerror)) from exc
             except SpoolFullError as exc:
                 raise _Refused(Status.OUT_OF_RESOURCES, f"spool full writing {uid}: {exc}") from exc
             except OSError as exc:
