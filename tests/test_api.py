@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -207,3 +208,45 @@ def test_token_is_required_on_every_route_but_health_when_configured(tmp_path: P
 def test_api_listens_on_loopback_by_default(node: Node) -> None:
     assert ApiConfig().bind == "127.0.0.1"
     assert node.api.address[0] == "127.0.0.1"
+
+
+@pytest.fixture(scope="module")
+def token_node(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path) -> Iterator[Node]:
+    config = node_config(tmp_path_factory.mktemp("token-node"), checkpoint, api=ApiConfig(port=0, token=TOKEN))
+    with running_node(config) as running:
+        yield running
+
+
+#: One request per route of the API (a path parameter filled in), /health aside.
+_PROTECTED = [("GET", "/metrics"), ("GET", "/jobs"), ("POST", "/jobs"), ("GET", "/jobs/1"),
+              ("POST", "/jobs/1/retry"), ("GET", "/series")]
+
+
+def test_every_route_but_health_answers_401_without_the_token(token_node: Node) -> None:
+    routes = [(method, pattern) for method, pattern, _, _ in token_node.api.api._routes if pattern.pattern != "/health"]
+    assert len(routes) == len(_PROTECTED) and all(  # a new route must be added to _PROTECTED
+        any(m == method and pattern.fullmatch(path) for m, path in _PROTECTED) for method, pattern in routes)
+    url = api_url(token_node)
+    for method, path in _PROTECTED:
+        for headers in ({}, {"Authorization": f"Bearer {TOKEN[:-1]}"}, {"Authorization": f"Basic {TOKEN}"},
+                        {"Authorization": TOKEN}):
+            answer = requests.request(method, f"{url}{path}", headers=headers, json={"source": "orthanc"}, timeout=10)
+            assert answer.status_code == 401, (method, path, headers, answer.text)
+            assert answer.json() == {"error": "a valid bearer token is required"}
+    assert requests.get(f"{url}/health", timeout=10).status_code == 200
+
+
+def test_the_token_is_compared_with_hmac_compare_digest(token_node: Node, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[bytes, bytes]] = []
+    real = hmac.compare_digest
+
+    def spy(a: bytes, b: bytes) -> bool:
+        calls.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(hmac, "compare_digest", spy)
+    url = api_url(token_node)
+    wrong = requests.get(f"{url}/jobs", headers={"Authorization": f"Bearer {TOKEN[:-1]}x"}, timeout=10)
+    right = requests.get(f"{url}/jobs", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10)
+    assert (wrong.status_code, right.status_code) == (401, 200)
+    assert calls == [(f"{TOKEN[:-1]}x".encode(), TOKEN.encode()), (TOKEN.encode(), TOKEN.encode())]
