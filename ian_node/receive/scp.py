@@ -304,6 +304,10 @@ class StorageSCP:
                     note = f" ({unlogged} more C-STORE(s) refused for lack of space since the last such line)"
                 else:
                     note = "; until space is freed, such refusals are logged at most once a minute"
+                space = self.counters.spool_space()  # a disk full for real (ENOSPC) names the space too
+                if level == logging.WARNING and space and not isinstance(refused.__cause__, SpoolBelowMinimumError):
+                    note = f" (the spool's file system has {size_text(space.free_bytes)} free, minimum " \
+                           f"{size_text(space.min_free_bytes)}){note}"
             affected = str(event.request.AffectedSOPInstanceUID or "")
             logger.log(
                 level, "C-STORE refused with 0x%04X: %s, SOP class %s, instance %s: %s%s",

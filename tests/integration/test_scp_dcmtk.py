@@ -221,6 +221,21 @@ def test_full_spool_answers_out_of_resources_and_keeps_what_it_acknowledged(tmp_
         assert not list(mount.rglob(".partial-*"))
 
 
+def test_a_burst_refused_for_a_full_disk_is_logged_once_naming_the_free_space(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    files = make_mr_series(tmp_path / "in", 24)
+    no_minimum = {"min_free_bytes": 0, "min_free_percent": 0}
+    with tiny_tmpfs(128) as mount, running_node(tmp_path, spool_dir=mount, spool_minimum=no_minimum) as node:
+        _, statuses = storescu(node.port, files)
+        refused = statuses.count(OUT_OF_RESOURCES)
+        assert refused > 1
+        lines = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "0xA700" in r.getMessage()]
+        assert len(lines) == 1 and "(the spool's file system has " in lines[0] and "free, minimum 0 B)" in lines[0]
+        assert node.scp.counters.refusals()["disk_full"] == refused
+        assert node.scp.counters.store_failures()["0xA700"] == refused
+
+
 def test_associations_beyond_the_maximum_are_rejected(tmp_path: Path) -> None:
     with running_node(tmp_path, max_associations=1) as node:
         scu = AE(ae_title="ECHOSCU")
