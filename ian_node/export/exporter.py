@@ -1,15 +1,27 @@
 """The delivery loop: a result goes out to every target with retries, and counts only when confirmed.
 
 The :class:`Exporter` stores a job's result in the spool, creates one delivery per target in the
-state, and a background thread works through the due deliveries: a confirmed delivery is recorded as
-delivered; a failed one is retried with exponential backoff (``export.backoff_s`` doubling up to
-``export.max_backoff_s``) until ``export.max_attempts``, after which it is failed, visible in the
-state, and can be retried (:meth:`State.retry_job`). The targets: :mod:`ian_node.export.targets`.
+state, and a background thread works through the due deliveries:
+
+- a confirmed delivery is recorded as delivered;
+- a refusal (:class:`~ian_node.export.targets.DeliveryRefused`: the destination answered "no", e.g.
+  C-STORE 0xA700 or HTTP 400) fails the delivery at once with the peer's reason;
+- any other failure is retried after a capped, jittered backoff (:func:`jittered_backoff`) until
+  ``export.max_attempts``, after which the delivery is failed.
+
+A failed delivery is visible in the state (``last_error``, and the job's error) and is sent again by
+:meth:`State.retry_job` (``ian-node jobs retry``, ``POST /jobs/{id}/retry``). The targets:
+:mod:`ian_node.export.targets`.
+
+While a destination is down the thread only sleeps: it wakes when the earliest delivery is due, on
+a submit or an operator's retry, and otherwise every :data:`POLL_S` seconds for one SQLite query (an
+operator's retry may come from another process).
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import Callable, Mapping
 from io import BytesIO
@@ -17,7 +29,7 @@ from io import BytesIO
 from pydicom import Dataset, dcmwrite
 
 from ian_node.config import ExportConfig
-from ian_node.export.targets import DeliveryError, ExportTarget, Origin
+from ian_node.export.targets import DeliveryError, DeliveryRefused, ExportTarget, Origin
 from ian_node.polling import PollingThread
 from ian_node.storage.records import Delivery, Job
 from ian_node.storage.spool import Spool
@@ -30,6 +42,19 @@ logger = logging.getLogger(__name__)
 POLL_S = 2.0
 
 
+def jittered_backoff(policy: ExportConfig, attempts: int, draw: Callable[[], float] = random.random) -> float:
+    """Seconds to wait after the ``attempts``-th failed attempt: "equal jitter" on ``policy.backoff``.
+
+    With ``b = policy.backoff(attempts)`` (``backoff_s`` doubling, capped at ``max_backoff_s``), the wait
+    is uniform in ``[b / 2, b]``: never above the cap, never below half of ``b`` (so at least
+    ``backoff_s / 2``: a dead destination is never hammered), and drawn per attempt, so that deliveries
+    that failed together (a destination went down) do not all retry at the same moment.
+    ``draw`` returns a number in ``[0, 1)``; tests pass their own.
+    """
+    base = policy.backoff(attempts)
+    return base / 2 + min(max(draw(), 0.0), 1.0) * base / 2
+
+
 class Exporter:
     """Delivers results: ``submit`` from the worker, a background thread for attempts and retries."""
 
@@ -40,12 +65,16 @@ class Exporter:
         targets: Mapping[str, ExportTarget],
         policy: ExportConfig,
         clock: Callable[[], float] = time.time,
+        draw: Callable[[], float] = random.random,
     ) -> None:
+        """``clock`` (epoch seconds, as the state stores them) and ``draw`` (the backoff's jitter,
+        in [0, 1)) are the exporter's only sources of time and chance, for tests to replace."""
         self._state = state
         self._spool = spool
         self._targets = dict(targets)
         self._policy = policy
         self._clock = clock
+        self._draw = draw
         self._loop = PollingThread("ian-node-exporter", self._pass, error_wait_s=POLL_S)
 
     def submit(self, job_id: int, result: Dataset) -> Job:
@@ -84,18 +113,28 @@ class Exporter:
         try:
             target.send(self._spool.path(job.result_path), Origin(series.calling_ae, series.peer_host))
         except Exception as exc:  # any failure of a target is a failed attempt, never a dead thread
-            attempts = delivery.attempts + 1
-            error = str(exc) if isinstance(exc, DeliveryError) else f"{type(exc).__name__}: {exc}"
-            retry_at = None if attempts >= self._policy.max_attempts else self._clock() + self._policy.backoff(attempts)
-            self._state.delivery_failed(job_id, name, error, retry_at)
-            if retry_at is None:
-                logger.error("job %d: delivery to %s failed for good after %d attempts: %s", job_id, name, attempts, error)
-            else:
-                logger.warning("job %d: delivery to %s failed (attempt %d), retry in %.1f s: %s",
-                               job_id, name, attempts, retry_at - self._clock(), error)
+            self._failed(delivery, exc)
             return
         job = self._state.delivery_succeeded(job_id, name)
         logger.info("job %d: delivered to %s%s", job_id, name, " (job done)" if job.state == "done" else "")
+
+    def _failed(self, delivery: Delivery, exc: Exception) -> None:
+        """Record a failed attempt: a refusal ends the delivery now, anything else waits its backoff."""
+        job_id, name = delivery.job_id, delivery.target
+        attempts = delivery.attempts + 1
+        error = str(exc) if isinstance(exc, DeliveryError) else f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, DeliveryRefused):
+            self._state.delivery_failed(job_id, name, error, retry_at=None)
+            logger.error("job %d: delivery to %s refused (attempt %d), not retried: %s", job_id, name, attempts, error)
+            return
+        if attempts >= self._policy.max_attempts:
+            self._state.delivery_failed(job_id, name, error, retry_at=None)
+            logger.error("job %d: delivery to %s failed for good after %d attempts: %s", job_id, name, attempts, error)
+            return
+        wait = jittered_backoff(self._policy, attempts, self._draw)
+        self._state.delivery_failed(job_id, name, error, retry_at=self._clock() + wait)
+        logger.warning("job %d: delivery to %s failed (attempt %d), retry in %.1f s: %s",
+                       job_id, name, attempts, wait, error)
 
     def start(self) -> None:
         """Deliver in a background thread until :meth:`stop`."""

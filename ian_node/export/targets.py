@@ -5,6 +5,16 @@ the literal ``kind`` of its config table.
 
 Confirmation means: C-STORE status 0x0000 (or a 0xB0xx warning, which PS3.4 defines as stored),
 STOW-RS HTTP 200 with no failed SOP, Orthanc REST HTTP 200 with status Success / AlreadyStored.
+
+Anything else is one of two errors, and the exporter treats them differently:
+
+- :class:`DeliveryRefused`: the destination answered and refused this result, so sending the same
+  file again cannot help: a C-STORE failure status 0xAxxx or 0xCxxx (or 0x0122 / 0x0124, "refused"),
+  an association rejected *permanently*, no presentation context accepted for the SOP class, a STOW-RS
+  failed SOP, or an HTTP 4xx other than 408 and 429. The delivery fails at once, naming the reason;
+  ``ian-node jobs retry`` sends it again once the operator has fixed the cause.
+- :class:`DeliveryError` (the rest): transient, retried with backoff up to ``export.max_attempts``:
+  no connection, a timeout or abort, an association rejected *transiently*, HTTP 5xx, 408 or 429.
 """
 
 from __future__ import annotations
@@ -19,7 +29,9 @@ import requests
 from dicomweb_client.api import DICOMwebClient
 from pydicom import dcmread
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE
+from pynetdicom import AE, evt
+from pynetdicom.association import Association
+from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS, code_to_category
 
 from ian_node.config import DicomTarget, OrthancTarget, StowRsTarget, TargetConfig
 from ian_node.net import http_session
@@ -30,8 +42,27 @@ logger = logging.getLogger(__name__)
 _STORED_WARNINGS = frozenset({0xB000, 0xB006, 0xB007})
 
 
+#: C-STORE failures outside 0xAxxx / 0xCxxx that are refusals too (PS3.7 C.5): SOP class not
+#: supported, not authorised. Other general failures (0x0110 processing failure, 0x0213 resource
+#: limitation, ...) may pass, so they are retried.
+_REFUSED_GENERAL = frozenset({0x0122, 0x0124})
+#: HTTP 4xx answers that mean "later" rather than "no": 408 Request Timeout, 429 Too Many Requests.
+_TRANSIENT_4XX = frozenset({408, 429})
+#: A-ASSOCIATE-RJ result "rejected-permanent" (PS3.8 9.3.4); 0x02 is "rejected-transient".
+_REJECTED_PERMANENT = 0x01
+#: Seconds pynetdicom's DUL reactor sleeps between looks at an idle connection until the peer answers
+#: the association request. Its own 0.001 s made waiting for a silent destination cost about 1.8 % of
+#: a core for the whole ``timeout_s`` of every attempt (benchmarks/outage_cpu.py); the reactor gets its
+#: own delay back once the answer is in, so a delivery pays this at most once.
+_AWAITING_ANSWER_S = 0.05
+
+
 class DeliveryError(Exception):
-    """A target did not confirm the result; the message says what it answered."""
+    """A target did not confirm the result; the message says what it answered. Retried (transient)."""
+
+
+class DeliveryRefused(DeliveryError):
+    """The destination answered and refused the result: not retried until an operator asks."""
 
 
 @dataclass(frozen=True)
@@ -68,13 +99,14 @@ class CStoreExport:
         syntaxes = [syntax] + ([s for s in (ExplicitVRLittleEndian, ImplicitVRLittleEndian) if s != syntax]
                                if not syntax.is_compressed else [])
         ae = AE(ae_title=self._calling)
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = cfg.timeout_s
+        # every wait has a limit, in seconds: TCP connect, association negotiation, each DIMSE
+        # message, and silence on an open connection
+        ae.connection_timeout = ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = cfg.timeout_s
         ae.add_requested_context(ds.SOPClassUID, syntaxes)
         where = f"{called}@{host}:{cfg.port}"
-        assoc = ae.associate(host, cfg.port, ae_title=called)
+        assoc = ae.associate(host, cfg.port, ae_title=called, evt_handlers=_QUIET_WAIT_HANDLERS)
         if not assoc.is_established:
-            why = "rejected" if assoc.is_rejected else "not established (refused, unreachable or aborted)"
-            raise DeliveryError(f"association with {where} {why}")
+            raise _not_established(assoc, where, ds.SOPClassUID)
         try:
             status = assoc.send_c_store(ds)
         finally:
@@ -84,8 +116,60 @@ class CStoreExport:
         code = int(status.Status)
         if code in _STORED_WARNINGS:
             logger.warning("%s stored %s with warning 0x%04X", where, ds.SOPInstanceUID, code)
-        elif code != 0x0000:
-            raise DeliveryError(f"{where} answered C-STORE status 0x{code:04X}")
+            return
+        if code == 0x0000:
+            return
+        meaning = STORAGE_SERVICE_CLASS_STATUS.get(code, ("", ""))[1]
+        comment = str(status.get("ErrorComment", "") or "").strip()
+        answer = f"C-STORE status 0x{code:04X}" + (f" ({meaning})" if meaning else "") + (
+            f": {comment[:200]}" if comment else "")
+        if _is_refusal(code):
+            raise DeliveryRefused(f"{where} refused the result: {answer}")
+        raise DeliveryError(f"{where} answered {answer}")
+
+
+def _slow_idle_polling(event: evt.Event) -> None:
+    """Poll the new connection slowly until the peer answers (pynetdicom has no public setting).
+
+    Runs in the reactor's thread as soon as the TCP connection is open. Should a later pynetdicom drop
+    the attribute, this and :func:`_restore_idle_polling` do nothing.
+    """
+    dul = event.assoc.dul
+    default = getattr(dul, "_run_loop_delay", None)
+    if isinstance(default, float) and default < _AWAITING_ANSWER_S:
+        dul._ian_node_default_delay = default
+        dul._run_loop_delay = _AWAITING_ANSWER_S
+
+
+def _restore_idle_polling(event: evt.Event) -> None:
+    """The peer answered the association request: pynetdicom's own polling for the transfer."""
+    dul = event.assoc.dul
+    default = getattr(dul, "_ian_node_default_delay", None)
+    if default is not None:
+        dul._run_loop_delay = default
+
+
+_QUIET_WAIT_HANDLERS = [(evt.EVT_CONN_OPEN, _slow_idle_polling), (evt.EVT_ACSE_RECV, _restore_idle_polling)]
+
+
+def _is_refusal(code: int) -> bool:
+    """Whether a C-STORE status says the peer will not take this data set (not "try later")."""
+    return code_to_category(code) == "Failure" and (code >> 12 in (0xA, 0xC) or code in _REFUSED_GENERAL)
+
+
+def _not_established(assoc: Association, where: str, sop_class: str) -> DeliveryError:
+    """Why an association did not come up: a refusal when the peer answered "never", else transient."""
+    if assoc.is_rejected:
+        answer = assoc.acceptor.primitive
+        result = getattr(answer, "result", None)
+        why = (f"{answer.result_str}, source {answer.source_str}, reason {answer.reason_str}"
+               if result is not None else "no reason given")
+        if result == _REJECTED_PERMANENT:
+            return DeliveryRefused(f"{where} rejected the association: {why}")
+        return DeliveryError(f"association with {where} rejected: {why}")
+    if not assoc.accepted_contexts and assoc.rejected_contexts:
+        return DeliveryRefused(f"{where} accepted no presentation context for SOP class {sop_class}")
+    return DeliveryError(f"association with {where} not established (refused, unreachable or aborted)")
 
 
 class StowRsExport:
@@ -101,11 +185,11 @@ class StowRsExport:
         try:
             response = self._client.store_instances([ds])
         except requests.RequestException as exc:
-            raise DeliveryError(f"STOW-RS failed: {_http_reason(exc)}") from exc
+            raise _http_error("STOW-RS", exc) from exc
         failed = response.get("FailedSOPSequence")
         if failed:
             reasons = ", ".join(f"0x{int(item.get('FailureReason', 0)):04X}" for item in failed)
-            raise DeliveryError(f"STOW-RS refused {ds.SOPInstanceUID}: failure reason {reasons}")
+            raise DeliveryRefused(f"STOW-RS refused {ds.SOPInstanceUID}: failure reason {reasons}")
         stored = response.get("ReferencedSOPSequence")
         if stored is not None and ds.SOPInstanceUID not in {i.get("ReferencedSOPInstanceUID") for i in stored}:
             raise DeliveryError(f"STOW-RS response does not list {ds.SOPInstanceUID}")
@@ -127,9 +211,9 @@ class OrthancExport:
                 timeout=self._timeout,
             )
         except requests.RequestException as exc:
-            raise DeliveryError(f"Orthanc upload failed: {_http_reason(exc)}") from exc
+            raise _http_error("Orthanc upload", exc) from exc
         if response.status_code != 200:
-            raise DeliveryError(f"Orthanc answered HTTP {response.status_code}: {response.text[:200]}")
+            raise _http_answer_error("Orthanc upload", response)
         try:
             status = response.json().get("Status")
         except ValueError:
@@ -138,10 +222,20 @@ class OrthancExport:
             raise DeliveryError(f"Orthanc did not confirm the upload (status {status!r})")
 
 
-def _http_reason(exc: requests.RequestException) -> str:
+def _http_error(what: str, exc: requests.RequestException) -> DeliveryError:
+    """A failed HTTP exchange: refused when the server answered 4xx (but 408 / 429), else transient."""
     if exc.response is not None:
-        return f"HTTP {exc.response.status_code} {exc.response.text[:200]}"
-    return type(exc).__name__
+        return _http_answer_error(what, exc.response)
+    return DeliveryError(f"{what} failed: {type(exc).__name__} (no answer)")
+
+
+def _http_answer_error(what: str, response: requests.Response) -> DeliveryError:
+    code = response.status_code
+    text = " ".join(response.text.split())[:200]
+    answer = f"HTTP {code} {response.reason or ''}".rstrip() + (f": {text}" if text else "")
+    if 400 <= code < 500 and code not in _TRANSIENT_4XX:
+        return DeliveryRefused(f"{what} refused: {answer}")
+    return DeliveryError(f"{what} failed: {answer}")
 
 
 #: Target constructors by the literal ``kind`` of their config table.

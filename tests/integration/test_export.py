@@ -1,15 +1,28 @@
-"""Export targets against real peers: dcmtk storescp (C-STORE), and a real Orthanc (REST and STOW-RS)."""
+"""Export targets against real peers: dcmtk storescp (C-STORE), and a real Orthanc (REST and STOW-RS).
+
+Refusals against real peers too: a pynetdicom SCP answering a C-STORE failure status, dcmtk's
+storescp rejecting the association (--refuse), and a small HTTP server answering STOW-RS with an
+HTTP error; each either fails its delivery at once with the peer's reason or keeps it for a retry.
+"""
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pydicom
 import pytest
+import requests
 from pydicom import Dataset
 from pydicom.uid import generate_uid
+from pynetdicom import AE, StoragePresentationContexts, evt
 
 from ian_node.config import DicomConfig, DicomTarget, ExportConfig, OrthancTarget, StowRsTarget, TlsConfig
 from ian_node.export.exporter import Exporter
@@ -19,8 +32,18 @@ from ian_node.receive.scp import StorageSCP
 from ian_node.storage.records import DeliveryState, Job, JobState, ReceivedInstance
 from ian_node.storage.spool import Spool
 from ian_node.storage.state import State
+from tests.integration.node_harness import (
+    api_url,
+    node_config,
+    running_node,
+    small_phantom,
+    untrained_checkpoint,
+    wait_for,
+)
 from tests.integration.orthanc_server import OrthancServer, orthanc_server
-from tests.integration.peers import make_mr_series, storescp, storescu
+from tests.integration.peers import make_mr_series, storescp, storescu, wait_for_port
+from tests.integration.serve_process import ian_node_command
+from tests.tools import dcmtk
 
 pytestmark = pytest.mark.integration
 
@@ -168,14 +191,11 @@ def test_orthanc_rest_upload_is_confirmed_and_stored(tmp_path: Path, source: Pat
     assert orthanc.find_instance(ex.result.SOPInstanceUID) is not None
 
 
-def test_orthanc_with_wrong_credentials_is_a_failed_attempt(tmp_path: Path, source: Path, orthanc: OrthancServer) -> None:
+def test_orthanc_with_wrong_credentials_is_refused_at_once(tmp_path: Path, source: Path, orthanc: OrthancServer) -> None:
     ex = Exporting(tmp_path, source)
     target = OrthancTarget(name="orthanc", url=orthanc.url, username=orthanc.username, password="wrong")
-    exporter = ex.exporter((target,), max_attempts=1)
-    exporter.submit(ex.job.id, ex.result)
-    exporter.deliver_due()
-    job = ex.state.job(ex.job.id)
-    assert job.state is JobState.FAILED and "HTTP 401" in job.error
+    _attempt_once(ex, target)
+    _assert_refused(ex, "Orthanc upload refused", "HTTP 401")
     assert orthanc.find_instance(ex.result.SOPInstanceUID) is None
 
 
@@ -187,3 +207,217 @@ def test_stow_rs_to_orthanc_dicomweb_is_confirmed_and_stored(tmp_path: Path, sou
     exporter.deliver_due()
     assert ex.job_state() is JobState.DONE, ex.state.deliveries(ex.job.id)
     assert orthanc.find_instance(ex.result.SOPInstanceUID) is not None
+
+
+# -- refusals and transient failures ---------------------------------------------------------------
+
+class AnsweringSCP:
+    """A pynetdicom storage SCP that answers every C-STORE with ``status`` (settable while it runs)."""
+
+    def __init__(self, status: int, ae_title: str = "DEST") -> None:
+        self.status = status
+        self.stored: list[str] = []
+        self.port = free_port()
+        self._ae = AE(ae_title=ae_title)
+        self._ae.supported_contexts = StoragePresentationContexts
+        self._server = None
+
+    def _on_store(self, event: evt.Event) -> int:
+        if self.status == 0x0000:
+            self.stored.append(str(event.request.AffectedSOPInstanceUID))
+        return self.status
+
+    def __enter__(self) -> AnsweringSCP:
+        self._server = self._ae.start_server(("127.0.0.1", self.port), block=False,
+                                             evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+
+
+@contextmanager
+def refusing_storescp() -> Iterator[int]:
+    """dcmtk's storescp with --refuse (it rejects every association request); yields its port.
+
+    Another process may take a free port before storescp binds it (other suites run on this machine
+    too): storescp then exits at once, and a new port is tried.
+    """
+    for _ in range(3):
+        port = free_port()
+        proc = subprocess.Popen([dcmtk("storescp"), "--refuse", "-aet", "DEST", str(port)],
+                                env={**os.environ, "TCP_NODELAY": "1"}, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        try:
+            wait_for_port(port)
+            if proc.poll() is None:
+                yield port
+                return
+        finally:
+            proc.terminate()
+            proc.wait(timeout=10)
+    pytest.fail("storescp --refuse could not listen on a free port three times")
+
+
+@contextmanager
+def http_answering(status: int, text: str) -> Iterator[str]:
+    """A DICOMweb stand-in that answers every POST with ``status`` and ``text``; yields its base URL."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            body = text.encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "text/plain")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/dicom-web"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+RETRY_POLICY = {"backoff_s": 30.0, "max_backoff_s": 60.0, "max_attempts": 5}
+
+
+def _attempt_once(ex: Exporting, target: object) -> None:
+    exporter = ex.exporter((target,), **RETRY_POLICY)
+    exporter.submit(ex.job.id, ex.result)
+    assert exporter.deliver_due() == 1
+
+
+def _assert_refused(ex: Exporting, *reason: str) -> None:
+    """Failed at the first attempt, with the peer's reason in the delivery and in the job's error."""
+    (delivery,) = ex.state.deliveries(ex.job.id)
+    assert (delivery.state, delivery.attempts, delivery.next_attempt_at) == (DeliveryState.FAILED, 1, None)
+    for part in reason:
+        assert part in delivery.last_error, delivery.last_error
+    job = ex.state.job(ex.job.id)
+    assert job.state is JobState.FAILED and delivery.last_error in job.error
+
+
+def _assert_kept_for_retry(ex: Exporting, *reason: str) -> None:
+    """Still pending after one failed attempt, due again within the jittered backoff of the first retry."""
+    (delivery,) = ex.state.deliveries(ex.job.id)
+    assert (delivery.state, delivery.attempts) == (DeliveryState.PENDING, 1)
+    wait = delivery.next_attempt_at - time.time()
+    assert RETRY_POLICY["backoff_s"] / 2 - 5 <= wait <= RETRY_POLICY["backoff_s"]
+    for part in reason:
+        assert part in delivery.last_error, delivery.last_error
+    assert ex.job_state() is JobState.EXPORTING
+
+
+@pytest.mark.parametrize(("status", "meaning"), [(0xA700, "Out of Resources"), (0xC000, "Cannot Understand")])
+def test_cstore_failure_status_fails_the_delivery_at_once_with_the_status(
+    tmp_path: Path, source: Path, status: int, meaning: str
+) -> None:
+    ex = Exporting(tmp_path, source)
+    with AnsweringSCP(status) as scp:
+        _attempt_once(ex, DicomTarget(name="pacs", ae_title="DEST", host="127.0.0.1", port=scp.port, timeout_s=5))
+    _assert_refused(ex, "refused", f"0x{status:04X}", meaning)
+
+
+def test_cstore_processing_failure_is_retried(tmp_path: Path, source: Path) -> None:
+    ex = Exporting(tmp_path, source)
+    with AnsweringSCP(0x0110) as scp:
+        _attempt_once(ex, DicomTarget(name="pacs", ae_title="DEST", host="127.0.0.1", port=scp.port, timeout_s=5))
+    _assert_kept_for_retry(ex, "0x0110", "Processing Failure")
+
+
+def test_association_rejected_by_storescp_refuse_fails_the_delivery_at_once(tmp_path: Path, source: Path) -> None:
+    ex = Exporting(tmp_path, source)
+    with refusing_storescp() as port:
+        _attempt_once(ex, DicomTarget(name="pacs", ae_title="DEST", host="127.0.0.1", port=port, timeout_s=5))
+    _assert_refused(ex, "rejected the association", "Rejected Permanent")
+
+
+def test_destination_that_never_answers_is_a_timeout_and_retried(tmp_path: Path, source: Path) -> None:
+    ex = Exporting(tmp_path, source)
+    with socket.socket() as silent:  # the kernel completes the TCP handshake; nothing ever answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(4)
+        port = silent.getsockname()[1]
+        started = time.monotonic()
+        _attempt_once(ex, DicomTarget(name="pacs", ae_title="DEST", host="127.0.0.1", port=port, timeout_s=1))
+        assert time.monotonic() - started < 10
+    _assert_kept_for_retry(ex, "not established")
+
+
+@pytest.mark.parametrize("status", [400, 403, 409])
+def test_stow_rs_http_4xx_fails_the_delivery_at_once_with_the_status_and_text(
+    tmp_path: Path, source: Path, status: int
+) -> None:
+    ex = Exporting(tmp_path, source)
+    with http_answering(status, "the server says no: missing Study Date") as url:
+        _attempt_once(ex, StowRsTarget(name="web", url=url, timeout_s=5))
+    _assert_refused(ex, "STOW-RS refused", f"HTTP {status}", "the server says no: missing Study Date")
+
+
+@pytest.mark.parametrize("status", [408, 429, 500, 503])
+def test_stow_rs_http_5xx_408_and_429_are_retried(tmp_path: Path, source: Path, status: int) -> None:
+    ex = Exporting(tmp_path, source)
+    with http_answering(status, "try later") as url:
+        _attempt_once(ex, StowRsTarget(name="web", url=url, timeout_s=5))
+    _assert_kept_for_retry(ex, f"HTTP {status}", "try later")
+
+
+def test_stow_rs_to_a_closed_port_is_retried(tmp_path: Path, source: Path) -> None:
+    ex = Exporting(tmp_path, source)
+    _attempt_once(ex, StowRsTarget(name="web", url=f"http://127.0.0.1:{free_port()}/dicom-web", timeout_s=5))
+    _assert_kept_for_retry(ex, "ConnectionError")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return untrained_checkpoint(tmp_path_factory.mktemp("model") / "small.pt", size=32, attention=False)
+
+
+def _jobs_cli(config: Path, *args: str) -> str:
+    proc = subprocess.run([*ian_node_command(), "jobs", *args, "--config", str(config)], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def test_a_refused_delivery_shows_its_reason_in_jobs_list_show_and_the_api_and_jobs_retry_sends_it_again(
+    tmp_path: Path, checkpoint: Path
+) -> None:
+    reason = "refused the result: C-STORE status 0xA700 (Refused: Out of Resources)"
+    phantom = small_phantom(tmp_path / "phantom")
+    with AnsweringSCP(0xA700) as pacs:
+        target = DicomTarget(name="pacs", ae_title="DEST", host="127.0.0.1", port=pacs.port, timeout_s=5)
+        config = node_config(tmp_path / "node", checkpoint, export=ExportConfig(targets=(target,), **RETRY_POLICY))
+        cli_config = tmp_path / "ian-node.toml"
+        cli_config.write_text(f'[storage]\nspool_dir = "{config.storage.spool_dir}"\n'
+                              f'state_path = "{config.storage.state_path}"\n')
+        with running_node(config) as node:
+            _, statuses = storescu(node.scp.port, list(phantom.instances))
+            assert statuses == [0] * len(phantom.instances)
+            job = wait_for(lambda: next((j for j in node.state.list_jobs() if j.state is JobState.FAILED), None),
+                           120, lambda: f"a failed job: {node.state.list_jobs()}")
+            (delivery,) = node.state.deliveries(job.id)
+            assert delivery.attempts == 1 and reason in delivery.last_error
+
+            shown = requests.get(f"{api_url(node)}/jobs/{job.id}", timeout=10).json()
+            assert shown["state"] == "failed" and reason in shown["error"]
+            assert [(d["target"], d["state"], d["attempts"]) for d in shown["deliveries"]] == [("pacs", "failed", 1)]
+            assert reason in shown["deliveries"][0]["last_error"]
+            assert reason in _jobs_cli(cli_config, "list")
+            assert f"-> pacs: failed, attempts 1, last error: DEST@127.0.0.1:{pacs.port} {reason}" in _jobs_cli(
+                cli_config, "show", str(job.id))
+
+            pacs.status = 0x0000  # the PACS has room again; the operator retries from another process
+            assert "exporting" in _jobs_cli(cli_config, "retry", str(job.id))
+            wait_for(lambda: node.state.job(job.id).state is JobState.DONE, 30, "the retried delivery")
+            result_path = config.storage.spool_dir / node.state.job(job.id).result_path
+        result_uid = pydicom.dcmread(result_path).SOPInstanceUID
+    assert pacs.stored == [result_uid]
