@@ -17,7 +17,14 @@ configure, and the result goes back to where it came from:
   back by STOW-RS to that URL with every other target.
 
 Instances are written to the spool while they are fetched but recorded in the state only once the
-whole series is here, so a failed pull leaves no half series to settle.
+whole series is here, so a failed pull leaves no half series to settle. Like the SCP, a pull holds
+each instance's :meth:`Spool.instance_lock` from before it writes the file until its row is
+committed, so a retention purge of an earlier version of the series, which deletes files under the
+same lock, cannot delete a file that the pull is about to record (it waits, then sees the new row
+and keeps the file). A pull therefore holds the locks of the instances it has fetched until the
+whole series is recorded; two pulls of one series take turns (a per-series lock taken first), so
+they never wait on each other's instance locks. The series is settled after the locks are let go
+(a purge of the pulled series itself takes them).
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import re
 import struct
 import threading
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from io import BytesIO
 from typing import Any
@@ -231,6 +239,8 @@ class Puller:
         self._spool = spool
         self._settle = settle
         self._slots = threading.BoundedSemaphore(max_concurrent)
+        self._pulling_changed = threading.Condition()  # _series_turn: the series being pulled now
+        self._pulling: set[str] = set()
         self._cancel = threading.Event()
         self._sop_classes = frozenset(config.dicom.sop_classes)
 
@@ -253,9 +263,11 @@ class Puller:
             origin_host = urlsplit(target.url).hostname or ""
             what = f"DICOMweb series {request.series_uid} via {target.name!r}"
             expected_series = request.series_uid
-        with self._slots:
-            received = self._fetch_all(files, what, origin_host, expected_series)
-        return self._conclude(request.source, received)
+        with self._slots, ExitStack() as held:  # held: the series' turn and its instance locks
+            received = self._fetch_all(files, what, origin_host, expected_series, held)
+            for instance in received:
+                self._state.record_instance(instance)
+        return self._conclude(request.source, received[0].series_uid, len(received))
 
     # -- sources -----------------------------------------------------------------------------------
 
@@ -305,8 +317,10 @@ class Puller:
     # -- the C-STORE path ----------------------------------------------------------------------------
 
     def _fetch_all(self, files: Iterator[bytes], what: str, origin_host: str,
-                   expected_series: str | None) -> list[ReceivedInstance]:
+                   expected_series: str | None, held: ExitStack) -> list[ReceivedInstance]:
+        """Fetch and write every instance, each under its instance lock (kept in ``held``)."""
         received: list[ReceivedInstance] = []
+        locked: set[str] = set()
         for data in files:
             if self._cancel.is_set():
                 raise PullCancelledError(f"{what}: the node is stopping")
@@ -315,11 +329,30 @@ class Puller:
                 raise SourceRefusedError(f"{what}: instance {instance.sop_instance_uid} belongs to another series")
             if received and instance.series_uid != received[0].series_uid:
                 raise SourceRefusedError(f"{what}: the instances belong to more than one series")
+            if not received:
+                held.enter_context(self._series_turn(instance.series_uid))
+            if instance.sop_instance_uid not in locked:  # a source may list an instance twice
+                held.enter_context(self._spool.instance_lock(instance.sop_instance_uid))
+                locked.add(instance.sop_instance_uid)
             relpath = self._spool.write_instance(instance.series_uid, instance.sop_instance_uid, data)
             received.append(replace(instance, path=relpath))
         if not received:
             raise SourceNotFoundError(f"{what}: the series has no instances")
         return received
+
+    @contextmanager
+    def _series_turn(self, series_uid: str) -> Iterator[None]:
+        """One pull of a series at a time: taken before any of its instance locks."""
+        with self._pulling_changed:
+            while series_uid in self._pulling:
+                self._pulling_changed.wait()
+            self._pulling.add(series_uid)
+        try:
+            yield
+        finally:
+            with self._pulling_changed:
+                self._pulling.discard(series_uid)
+                self._pulling_changed.notify_all()
 
     def _describe(self, data: bytes, what: str, origin_host: str) -> ReceivedInstance:
         """The header facts the state needs, checked as the SCP checks a C-STORE."""
@@ -340,13 +373,8 @@ class Puller:
             sha256=hashlib.sha256(payload).hexdigest(),
         )
 
-    def _conclude(self, source: str, received: list[ReceivedInstance]) -> PullOutcome:
-        """Record every instance, then settle the series now: the pull knows it is complete."""
-        outcome = None
-        for instance in received:
-            outcome = self._state.record_instance(instance)
-        assert outcome is not None  # received is never empty (checked in _fetch_all)
-        series_uid = outcome.series_uid
+    def _conclude(self, source: str, series_uid: str, count: int) -> PullOutcome:
+        """Settle the recorded series now: the pull knows it is complete."""
         series = self._state.series(series_uid)
         if series is None:  # purged between the two calls: nothing left to settle
             raise SourceRefusedError(f"series {series_uid} vanished while it was being recorded")
@@ -358,14 +386,14 @@ class Puller:
             current = [j for j in self._state.jobs_of_series(series_uid) if j.series_version == series.version]
             job = current[0] if current else None
         if reason is not None:
-            logger.info("pulled series %s (%d instances) not selected: %s", series_uid, len(received), reason)
+            logger.info("pulled series %s (%d instances) not selected: %s", series_uid, count, reason)
         elif not settled.applied:
             logger.info("pulled series %s: instances arrived meanwhile, its quiet period decides", series_uid)
         else:
-            logger.info("pulled series %s v%d (%d instances): %s", series_uid, series.version, len(received),
+            logger.info("pulled series %s v%d (%d instances): %s", series_uid, series.version, count,
                         f"job {job.id} queued" if created and job else "its job already exists")
         return PullOutcome(source=source, series_uid=series_uid, series_version=series.version,
-                           instances=len(received), job=job, created=created, skip_reason=reason)
+                           instances=count, job=job, created=created, skip_reason=reason)
 
 
 def pull_answer(outcome: PullOutcome, job_json: Callable[[Job], Mapping[str, Any]]) -> dict[str, Any]:
