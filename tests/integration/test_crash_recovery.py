@@ -14,6 +14,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from ian_node.phantom.study import PhantomConfig, generate_phantom, write_phantom
 from ian_node.storage.records import DeliveryState, JobState
 from ian_node.storage.state import State
 from tests.integration.node_harness import small_phantom, untrained_checkpoint, wait_for
@@ -130,3 +131,38 @@ def test_sigkill_during_export_redelivers_the_same_seg_once(tmp_path: Path, chec
     assert seg.SOPInstanceUID == result_uid
     (job,) = setup.jobs()
     assert job.attempts == 1  # the stored result was re-delivered, not re-computed
+
+
+def test_a_job_killed_three_times_while_running_fails_with_its_reason_and_the_queue_goes_on(tmp_path: Path) -> None:
+    """A poison series: whatever it does to the node (here: SIGKILL while its job runs), the third
+    interruption fails its job on the next start, and the jobs queued behind it and after it run."""
+    # A wider model input and a full-size phantom: the poison's job runs for several seconds (about
+    # 7 s on one core), so each kill lands while it runs; the small series take about 3 s each.
+    slow = untrained_checkpoint(tmp_path / "slow.pt", size=128, attention=False)
+    setup = NodeSetup(tmp_path / "node", slow)
+    poison = write_phantom(generate_phantom(36, 7, PhantomConfig()), tmp_path / "poison")
+    behind, after = small_phantom(tmp_path / "behind", 37), small_phantom(tmp_path / "after", 38)
+    with Destination(tmp_path / "pacs", setup.dest_port) as dest:
+        serve = ServeProcess(setup, "run-1").start()
+        storescu(setup.port, list(poison.instances))
+        for run in (1, 2, 3):
+            wait_for(lambda run=run: (job := setup.job_for(poison.series_uid)) is not None
+                     and job.state is JobState.RUNNING and job.attempts == run, JOB_TIMEOUT,
+                     lambda serve=serve: f"{setup.describe()}\n--- serve log ---\n{serve.log_tail()}")
+            if run == 2:  # a series queued behind the poison while it runs
+                storescu(setup.port, list(behind.instances))
+                wait_for(lambda: setup.job_for(behind.series_uid) is not None, 30, setup.describe)
+            serve.kill()
+            job = setup.job_for(poison.series_uid)
+            assert (job.state, job.attempts) == (JobState.RUNNING, run), "the kill did not land while the job ran"
+            serve = ServeProcess(setup, f"run-{run + 1}").start()  # recovery runs before the port opens
+
+        job = setup.job_for(poison.series_uid)
+        assert (job.state, job.attempts, job.error) == (JobState.FAILED, 3, "interrupted 3 times while running")
+        _wait_for_state(setup, serve, behind.series_uid, JobState.DONE)
+        storescu(setup.port, list(after.instances))
+        _wait_for_state(setup, serve, after.series_uid, JobState.DONE)
+        serve.stop()
+        assert dest.segs_for(poison.series_uid) == []
+        assert len(dest.segs_for(behind.series_uid)) == 1 and len(dest.segs_for(after.series_uid)) == 1
+    assert setup.job_for(behind.series_uid).attempts == 1  # never claimed until the poison was out of the way
