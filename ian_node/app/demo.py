@@ -131,7 +131,9 @@ def run_demo(out: Path, seed: int = 0, patient: int = 0, phantom: PhantomConfig 
     config = NodeConfig(
         dicom=DicomConfig(port=free_port()),
         api=ApiConfig(port=0),  # any free port: the demo may run beside a serving node
-        storage=StorageConfig(spool_dir=out / "node" / "spool", state_path=out / "node" / "state.sqlite3"),
+        # The demo writes a few MiB: keep 64 MiB free rather than the service default, so it runs on a full laptop.
+        storage=StorageConfig(spool_dir=out / "node" / "spool", state_path=out / "node" / "state.sqlite3",
+                              min_free_bytes=64 << 20, min_free_percent=0.0),
         series=SeriesConfig(quiet_period_s=1.0),
         export=ExportConfig(targets=(DicomTarget(name="pacs", ae_title=PACS_AE, host="127.0.0.1", port=listener.port),)),
         model=ModelConfig(checkpoint=checkpoint),

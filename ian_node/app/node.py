@@ -32,7 +32,7 @@ from ian_node.logs import NOTICE
 from ian_node.receive.pull import Puller
 from ian_node.receive.scp import StorageSCP
 from ian_node.segment.pipeline import PipelineOptions
-from ian_node.storage.spool import Spool
+from ian_node.storage.spool import Spool, size_text
 from ian_node.storage.state import State
 from model.predictor import Predictor
 
@@ -48,7 +48,8 @@ class Node:
         self.config = config
         config.storage.state_path.parent.mkdir(parents=True, exist_ok=True)
         self.state = State(config.storage.state_path)
-        self.spool = Spool(config.storage.spool_dir)
+        self.spool = Spool(config.storage.spool_dir, min_free_bytes=config.storage.min_free_bytes,
+                           min_free_percent=config.storage.min_free_percent)
         targets = build_targets(config.export.targets, config.dicom.ae_title)
         self.exporter = Exporter(self.state, self.spool, targets, config.export)
         self.worker = Worker(self.state, self.spool, self.exporter, config.model, options, predictor)
@@ -106,8 +107,10 @@ class Node:
                    f"matching /{s.description_pattern}/" if s.description_pattern else "any",
                    s.min_slices, s.quiet_period_s, s.retention)
         targets = ", ".join(f"{t.name} ({t.kind})" for t in c.export.targets) or "none (results are kept only)"
-        logger.log(NOTICE, "storage: state %s, spool %s; export targets: %s", c.storage.state_path,
-                   c.storage.spool_dir, targets)
+        logger.log(NOTICE, "storage: state %s, spool %s (keeps %s free: min_free_bytes %d, min_free_percent %g); "
+                   "export targets: %s", c.storage.state_path, c.storage.spool_dir,
+                   size_text(self.spool.free_space().min_free_bytes), c.storage.min_free_bytes,
+                   c.storage.min_free_percent, targets)
 
     def stop(self, reason: str = "") -> None:
         """Stop listening first (SCP, then the API once its requests finish), then the timers, the worker

@@ -55,7 +55,9 @@ def node_config(root: Path, checkpoint: Path, **sections: Any) -> NodeConfig:
     base = NodeConfig(
         dicom=DicomConfig(port=0),
         api=ApiConfig(port=0),
-        storage=StorageConfig(spool_dir=root / "spool", state_path=root / "state.sqlite3"),
+        # tests write little: they must not depend on how full the machine's disk is
+        storage=StorageConfig(spool_dir=root / "spool", state_path=root / "state.sqlite3", min_free_bytes=64 << 20,
+                              min_free_percent=0.0),
         series=SeriesConfig(quiet_period_s=1.0),
         model=ModelConfig(checkpoint=checkpoint, device="cpu"),
     )

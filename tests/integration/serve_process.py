@@ -72,6 +72,8 @@ port = {self.port}
 [storage]
 spool_dir = "{self.spool_dir}"
 state_path = "{self.state_path}"
+min_free_bytes = 67108864  # tests must not depend on how full the machine's disk is
+min_free_percent = 0.0
 
 [model]
 checkpoint = "{self.checkpoint}"
@@ -137,10 +139,16 @@ class ServeProcess:
         self.setup = setup
         self.log_path = setup.root / f"{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        #: Seconds from the last start's process launch to its SCP accepting connections (recovery included).
+        self.startup_s: float | None = None
 
-    def start(self, timeout: float = 60.0) -> ServeProcess:
-        """Start and wait until the SCP listens (after recovery: `Node.start` opens the port last)."""
-        self.setup.write_config()
+    def start(self, timeout: float = 60.0, write_config: bool = True) -> ServeProcess:
+        """Start and wait until the SCP listens (after recovery: `Node.start` opens the port last).
+
+        ``write_config=False`` keeps the config file as it is (see :meth:`restart`).
+        """
+        if write_config:
+            self.setup.write_config()
         # One intra-op thread: on a busy 2-core machine two OpenMP threads spin against the other
         # processes and make inference many times slower.
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -149,16 +157,25 @@ class ServeProcess:
                 [*ian_node_command(), "-v", "serve", "--config", str(self.setup.config_path)],
                 stdout=log, stderr=subprocess.STDOUT, cwd=self.setup.root, env=env,
             )
-        deadline = time.monotonic() + timeout
+        launched = time.monotonic()
+        deadline = launched + timeout
         while True:
             if self.proc.poll() is not None:
                 raise AssertionError(f"ian-node serve exited with {self.proc.returncode}:\n{self.log_tail()}")
             try:
                 wait_for_port(self.setup.port, timeout=0.5)
+                self.startup_s = time.monotonic() - launched
                 return self
             except TimeoutError:
                 if time.monotonic() > deadline:
                     raise AssertionError(f"ian-node serve not listening after {timeout} s:\n{self.log_tail()}") from None
+
+    def restart(self, timeout: float = 60.0) -> ServeProcess:
+        """Start again after a kill or a stop with the very same config file (ports included), as an
+        init system restarts a service; :attr:`startup_s` then holds its recovery time."""
+        if self.proc is not None and self.proc.poll() is None:
+            raise RuntimeError("ian-node serve is still running: kill or stop it before a restart")
+        return self.start(timeout, write_config=False)
 
     def kill(self) -> None:
         """SIGKILL: no clean-up of any kind runs in the node."""

@@ -199,8 +199,8 @@ def test_serve_at_the_default_level_logs_startup_jobs_and_shutdown_only(tmp_path
         "on cpu [untrained test model]",
         "NOTICE ian_node.app.node: selection: modalities MR, series description any, at least 5 slices, "
         "quiet period 1 s, unselected series: keep",
-        f"NOTICE ian_node.app.node: storage: state {setup.state_path}, spool {setup.spool_dir}; "
-        "export targets: pacs (dicom)",
+        f"NOTICE ian_node.app.node: storage: state {setup.state_path}, spool {setup.spool_dir} (keeps 64.0 MiB "
+        "free: min_free_bytes 67108864, min_free_percent 0); export targets: pacs (dicom)",
     ], "\n".join(lines)
     assert notices[5] == f"NOTICE ian_node.jobs.worker: job {job.id} started: series {files.series_uid} v1"
     assert notices[6].startswith(f"NOTICE ian_node.jobs.worker: job {job.id} ended: series {files.series_uid} v1, ")
