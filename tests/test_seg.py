@@ -16,6 +16,10 @@ from ian_node.segment.seg import AlgorithmInfo, SegmentationSourceError, build_s
 
 CONFIG = PhantomConfig(shape=(24, 96, 96), oblique_probability=1.0, max_oblique_deg=10.0)
 AI = AlgorithmInfo(name="IANNet", version="0.1.0", checkpoint_hash="sha256:" + "ab" * 32)
+from ian_node.segment.pipeline import PipelineResult
+from ian_node.segment.result import result_segmentation
+from ian_node.segment.volume import load_series
+from model.checkpoint import BUNDLED_CHECKPOINT, load_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -180,3 +184,14 @@ def test_reading_a_seg_against_another_series_is_refused(phantom: Phantom, sourc
 def test_algorithm_info_requires_a_checkpoint_hash():
     with pytest.raises(ValueError, match="checkpoint_hash"):
         AlgorithmInfo(name="IANNet", version="1", checkpoint_hash="")
+
+
+def test_the_result_seg_of_a_series_version_has_the_same_uids_every_time_it_is_rebuilt(phantom: Phantom, source):
+    checkpoint = load_checkpoint(BUNDLED_CHECKPOINT)
+    result = PipelineResult(series=load_series(source), labels=phantom.labels)
+    first, again = (result_segmentation(result, 1, checkpoint) for _ in range(2))
+    assert (first.SOPInstanceUID, first.SeriesInstanceUID) == (again.SOPInstanceUID, again.SeriesInstanceUID)
+    other_version = result_segmentation(result, 2, checkpoint)
+    assert other_version.SOPInstanceUID != first.SOPInstanceUID
+    assert other_version.SeriesInstanceUID != first.SeriesInstanceUID
+    assert str(first.SOPInstanceUID).startswith("2.25.")

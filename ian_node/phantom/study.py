@@ -20,7 +20,6 @@ import json
 import logging
 import re
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,7 +34,7 @@ from ian_node.phantom.mr_series import SeriesInfo, StudyInfo, build_mr_series
 from ian_node.phantom.params import TOOTH_WIDTHS_MM, PatientParams, draw_patient
 from ian_node.phantom.render import Rendered, Tissue, render
 from ian_node.segment.seg import build_segmentation
-from ian_node.uids import is_dicom_uid
+from ian_node.uids import derived_uid, is_dicom_uid
 
 logger = logging.getLogger(__name__)
 
@@ -110,12 +109,8 @@ class Phantom:
 
 
 def make_uid(prefix: str | None, *parts: object) -> str:
-    """Name-based UID: under 2.25 from a UUID (ISO/IEC 9834-8) or under an organisation root."""
-    text = "/".join(str(p) for p in parts)
-    if prefix is None:
-        return f"2.25.{uuid.uuid5(uuid.NAMESPACE_URL, 'ian-node-phantom:' + text).int}"
-    from pydicom.uid import generate_uid
-    return str(generate_uid(prefix=prefix, entropy_srcs=["ian-node-phantom", text]))
+    """The phantom's name-based UIDs (the same study every time for the same seed and patient)."""
+    return derived_uid(prefix, "ian-node-phantom", *parts)
 
 
 def _metal_objects(params: PatientParams, rendered: Rendered) -> list[MetalObject]:

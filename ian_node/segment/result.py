@@ -11,12 +11,12 @@ import logging
 
 import torch
 from pydicom.dataset import Dataset
-from pydicom.uid import generate_uid
 
 from ian_node import __version__
 from ian_node.config import ModelConfig
 from ian_node.segment.pipeline import PipelineResult
 from ian_node.segment.seg import AlgorithmInfo, build_segmentation
+from ian_node.uids import derived_uid
 from model.checkpoint import BUNDLED_CHECKPOINT, LoadedCheckpoint, load_checkpoint
 from model.predictor import Predictor, PredictorOptions
 
@@ -59,6 +59,6 @@ def result_segmentation(result: PipelineResult, version: int, checkpoint: Loaded
         algorithm=algorithm_info(checkpoint),
         series_number=SEG_SERIES_NUMBER_BASE + version,
         series_description=f"IAN segmentation (AI) v{version}",
-        series_instance_uid=generate_uid(prefix=None, entropy_srcs=entropy + ["series"]),
-        sop_instance_uid=generate_uid(prefix=None, entropy_srcs=entropy + ["instance"]),
+        series_instance_uid=derived_uid(None, "ian-node-result", *entropy, "series"),
+        sop_instance_uid=derived_uid(None, "ian-node-result", *entropy, "instance"),
     )
