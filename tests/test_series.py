@@ -176,6 +176,25 @@ def test_unselected_series_is_purged_when_retention_says_so(tmp_path: Path) -> N
         n.close()
 
 
+def test_after_a_restart_a_series_left_open_gets_a_whole_quiet_period_to_resume(tmp_path: Path) -> None:
+    quiet = 0.6
+    before = Node(tmp_path, quiet=quiet)
+    before.receive(0, notify=False)  # received long before the restart: the downtime must not count
+    before.close()
+    time.sleep(quiet)
+    after = Node(tmp_path, quiet=quiet)
+    started = time.monotonic()
+    after.tracker.start()
+    try:
+        after.receive(1)  # the sender resumes right after the restart
+        _wait_until(lambda: after.jobs)
+        assert time.monotonic() - started >= quiet * 0.9
+        assert [(j.series_uid, j.series_version, j.attempts) for j in after.jobs] == [(SERIES, 1, 0)]
+        assert after.state.series(SERIES).instance_count == 2  # one version holds both instances
+    finally:
+        after.close()
+
+
 def test_start_rearms_timers_of_series_left_open_by_a_crash(tmp_path: Path) -> None:
     before = Node(tmp_path)
     before.receive(0, notify=False)  # received, then the process died before any timer fired

@@ -130,8 +130,11 @@ class SeriesTracker:
         """Start the scheduler and re-arm the timer of every series the state says is still open."""
         self._scheduler.start()
         pending = self._state.series_awaiting_completion()
+        # Downtime is not quiet time: a sender cut off by the crash gets a whole quiet period, from
+        # now, to resume before its series is concluded (else the rest would become a new version).
+        started = time.time()
         for series in pending:
-            self._arm(series.series_uid, series.last_received_at + self._rules.quiet_period_s)
+            self._arm(series.series_uid, max(series.last_received_at, started) + self._rules.quiet_period_s)
         if pending:
             logger.info("re-armed quiet-period timers for %d series", len(pending))
 
