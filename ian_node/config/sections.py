@@ -304,7 +304,8 @@ class ExportConfig:
     """Where results go, and how failed deliveries are retried (exponential backoff)."""
 
     targets: tuple[TargetConfig, ...] = ()
-    max_attempts: int = 5
+    #: With backoff_s 10 doubling to max_backoff_s 600 (jittered into [b/2, b]): 70-140 minutes of retries.
+    max_attempts: int = 20
     backoff_s: float = 10.0
     max_backoff_s: float = 600.0
 
