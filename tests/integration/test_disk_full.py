@@ -76,9 +76,11 @@ def test_a_spool_below_its_minimum_refuses_with_a700_leaves_nothing_and_resumes_
     size_kib = (StorageConfig().min_free_bytes + ROOM) // 1024
     with tiny_tmpfs(size_kib) as mount, Destination(tmp_path / "pacs", free_port()) as dest:
         target = DicomTarget(name="pacs", ae_title=DEST_AE, host="127.0.0.1", port=dest.port)
-        # The default minimum (left unset here): 1 GiB, or 5 % of the file system if that were more.
+        # The service's default minimum (the harness's smaller one is replaced): 1 GiB, or 5 % of the file
+        # system if that were more.
+        storage = StorageConfig(spool_dir=mount / "data" / "spool", state_path=mount / "data" / "state.sqlite3")
         config = node_config(mount / "data", checkpoint, export=ExportConfig(targets=(target,)),
-                             series=SeriesConfig(quiet_period_s=1.0))
+                             series=SeriesConfig(quiet_period_s=1.0), storage=storage)
         with running_node(config) as node:
             url, port = api_url(node), node.scp.port
             _, statuses = storescu(port, list(first.instances))
