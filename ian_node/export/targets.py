@@ -40,8 +40,6 @@ logger = logging.getLogger(__name__)
 
 #: C-STORE warnings that still mean "stored" (PS3.4 B.2.3): coercion, elements discarded.
 _STORED_WARNINGS = frozenset({0xB000, 0xB006, 0xB007})
-
-
 #: C-STORE failures outside 0xAxxx / 0xCxxx that are refusals too (PS3.7 C.5): SOP class not
 #: supported, not authorised. Other general failures (0x0110 processing failure, 0x0213 resource
 #: limitation, ...) may pass, so they are retried.
@@ -52,8 +50,8 @@ _TRANSIENT_4XX = frozenset({408, 429})
 _REJECTED_PERMANENT = 0x01
 #: Seconds pynetdicom's DUL reactor sleeps between looks at an idle connection until the peer answers
 #: the association request. Its own 0.001 s made waiting for a silent destination cost about 1.8 % of
-#: a core for the whole ``timeout_s`` of every attempt (benchmarks/outage_cpu.py); the reactor gets its
-#: own delay back once the answer is in, so a delivery pays this at most once.
+#: a core for the whole ``timeout_s`` of every attempt (benchmarks/outage_cpu.py). The reactor gets its
+#: own delay back once the answer is in, so a delivery waits at most this much longer, once.
 _AWAITING_ANSWER_S = 0.05
 
 
