@@ -31,6 +31,7 @@ from pydicom import dcmread
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
+from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS, code_to_category
 
 from ian_node.config import DicomTarget, OrthancTarget, StowRsTarget, TargetConfig
@@ -157,17 +158,32 @@ def _is_refusal(code: int) -> bool:
 
 def _not_established(assoc: Association, where: str, sop_class: str) -> DeliveryError:
     """Why an association did not come up: a refusal when the peer answered "never", else transient."""
-    if assoc.is_rejected:
-        answer = assoc.acceptor.primitive
-        result = getattr(answer, "result", None)
-        why = (f"{answer.result_str}, source {answer.source_str}, reason {answer.reason_str}"
-               if result is not None else "no reason given")
-        if result == _REJECTED_PERMANENT:
+    answer = _rejection(assoc)
+    if answer is not None:
+        why = f"{answer.result_str}, source {answer.source_str}, reason {answer.reason_str}"
+        if answer.result == _REJECTED_PERMANENT:
             return DeliveryRefused(f"{where} rejected the association: {why}")
         return DeliveryError(f"association with {where} rejected: {why}")
     if not assoc.accepted_contexts and assoc.rejected_contexts:
         return DeliveryRefused(f"{where} accepted no presentation context for SOP class {sop_class}")
     return DeliveryError(f"association with {where} not established (refused, unreachable or aborted)")
+
+
+def _rejection(assoc: Association) -> A_ASSOCIATE | None:
+    """The peer's A-ASSOCIATE-RJ, if it sent one.
+
+    pynetdicom checks that the connection is open only after it has sent the request; when the peer
+    rejects at once and closes (dcmtk's storescp --refuse does), its reactor may have closed the socket
+    by then, and pynetdicom aborts as if the connection had failed, leaving the rejection unread in
+    the reactor's queue (seen about one time in three on a loaded 2-core machine). It is read there.
+    """
+    if assoc.is_rejected:
+        answer = assoc.acceptor.primitive
+    else:
+        answer = assoc.dul.peek_next_pdu()
+    if isinstance(answer, A_ASSOCIATE) and answer.result in (0x01, 0x02):
+        return answer
+    return None
 
 
 class StowRsExport:
