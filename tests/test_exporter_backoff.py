@@ -45,7 +45,7 @@ class Draws:
 
 
 class Refusing:
-    """A destination that answers and refuses, as a C-STORE 0xA700 or an HTTP 400 reads to the exporter."""
+    """A destination that answers and refuses, as a C-STORE 0xC000 or an HTTP 400 reads to the exporter."""
 
     name = "pacs"
 
@@ -54,7 +54,7 @@ class Refusing:
 
     def send(self, path: Path, origin: Origin) -> None:
         self.calls += 1
-        raise DeliveryRefused("DEST@127.0.0.1:104 refused the result: C-STORE status 0xA700 (Refused: Out of Resources)")
+        raise DeliveryRefused("DEST@127.0.0.1:104 refused the result: C-STORE status 0xC000 (Cannot Understand)")
 
 
 def _result() -> Dataset:
@@ -152,7 +152,7 @@ def test_a_refusal_fails_the_delivery_at_once_with_the_reason_and_retry_sends_it
     assert exporter.deliver_due() == 1
     (delivery,) = state.deliveries(job_id)
     assert (delivery.state, delivery.attempts, delivery.next_attempt_at) == (DeliveryState.FAILED, 1, None)
-    assert "0xA700" in delivery.last_error
+    assert "0xC000" in delivery.last_error
     job = state.job(job_id)
     assert job.state is JobState.FAILED and job.error == f"delivery failed: pacs: {delivery.last_error}"
     clock.now += 10 * POLICY.max_backoff_s

@@ -5,7 +5,7 @@ state, and a background thread works through the due deliveries:
 
 - a confirmed delivery is recorded as delivered;
 - a refusal (:class:`~ian_node.export.targets.DeliveryRefused`: the destination answered "no", e.g.
-  C-STORE 0xA700 or HTTP 400) fails the delivery at once with the peer's reason;
+  C-STORE 0xC000 or HTTP 400) fails the delivery at once with the peer's reason;
 - any other failure is retried after a capped, jittered backoff (:func:`jittered_backoff`) until
   ``export.max_attempts``, after which the delivery is failed.
 

@@ -152,7 +152,13 @@ _QUIET_WAIT_HANDLERS = [(evt.EVT_CONN_OPEN, _slow_idle_polling), (evt.EVT_ACSE_R
 
 
 def _is_refusal(code: int) -> bool:
-    """Whether a C-STORE status says the peer will not take this data set (not "try later")."""
+    """Whether a C-STORE status says the peer will not take this data set (not "try later").
+
+    0xA7xx (out of resources) is "try later": a PACS whose disk is full is retried with backoff, as
+    this node asks of its own senders when it answers 0xA700.
+    """
+    if code >> 8 == 0xA7:
+        return False
     return code_to_category(code) == "Failure" and (code >> 12 in (0xA, 0xC) or code in _REFUSED_GENERAL)
 
 

@@ -316,7 +316,7 @@ def _assert_kept_for_retry(ex: Exporting, *reason: str) -> None:
     assert ex.job_state() is JobState.EXPORTING
 
 
-@pytest.mark.parametrize(("status", "meaning"), [(0xA700, "Out of Resources"), (0xC000, "Cannot Understand")])
+@pytest.mark.parametrize(("status", "meaning"), [(0xA900, "Does Not Match SOP Class"), (0xC000, "Cannot Understand")])
 def test_cstore_failure_status_fails_the_delivery_at_once_with_the_status(
     tmp_path: Path, source: Path, status: int, meaning: str
 ) -> None:
@@ -326,11 +326,14 @@ def test_cstore_failure_status_fails_the_delivery_at_once_with_the_status(
     _assert_refused(ex, "refused", f"0x{status:04X}", meaning)
 
 
-def test_cstore_processing_failure_is_retried(tmp_path: Path, source: Path) -> None:
+@pytest.mark.parametrize(("status", "meaning"), [(0x0110, "Processing Failure"), (0xA700, "Out of Resources")])
+def test_cstore_processing_failure_or_out_of_resources_is_retried(
+    tmp_path: Path, source: Path, status: int, meaning: str
+) -> None:
     ex = Exporting(tmp_path, source)
-    with AnsweringSCP(0x0110) as scp:
+    with AnsweringSCP(status) as scp:
         _attempt_once(ex, DicomTarget(name="pacs", ae_title="DEST", host="127.0.0.1", port=scp.port, timeout_s=5))
-    _assert_kept_for_retry(ex, "0x0110", "Processing Failure")
+    _assert_kept_for_retry(ex, f"0x{status:04X}", meaning)
 
 
 def test_association_rejected_by_storescp_refuse_fails_the_delivery_at_once(tmp_path: Path, source: Path) -> None:
@@ -391,9 +394,9 @@ def _jobs_cli(config: Path, *args: str) -> str:
 def test_a_refused_delivery_shows_its_reason_in_jobs_list_show_and_the_api_and_jobs_retry_sends_it_again(
     tmp_path: Path, checkpoint: Path
 ) -> None:
-    reason = "refused the result: C-STORE status 0xA700 (Refused: Out of Resources)"
+    reason = "refused the result: C-STORE status 0xC000 (Cannot Understand)"
     phantom = small_phantom(tmp_path / "phantom")
-    with AnsweringSCP(0xA700) as pacs:
+    with AnsweringSCP(0xC000) as pacs:
         target = DicomTarget(name="pacs", ae_title="DEST", host="127.0.0.1", port=pacs.port, timeout_s=5)
         config = node_config(tmp_path / "node", checkpoint, export=ExportConfig(targets=(target,), **RETRY_POLICY))
         cli_config = tmp_path / "ian-node.toml"
@@ -415,7 +418,7 @@ def test_a_refused_delivery_shows_its_reason_in_jobs_list_show_and_the_api_and_j
             assert f"-> pacs: failed, attempts 1, last error: DEST@127.0.0.1:{pacs.port} {reason}" in _jobs_cli(
                 cli_config, "show", str(job.id))
 
-            pacs.status = 0x0000  # the PACS has room again; the operator retries from another process
+            pacs.status = 0x0000  # the PACS was fixed; the operator retries from another process
             assert "exporting" in _jobs_cli(cli_config, "retry", str(job.id))
             wait_for(lambda: node.state.job(job.id).state is JobState.DONE, 30, "the retried delivery")
             result_path = config.storage.spool_dir / node.state.job(job.id).result_path
