@@ -16,7 +16,10 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
-from pydicom.uid import generate_uid
+from pydicom.filereader import read_file_meta_info
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE
+from pynetdicom import _config as pynetdicom_config
 
 from tests.tools import dcmtk
 
@@ -126,3 +129,22 @@ def tiny_tmpfs(size_kib: int) -> Iterator[Path]:
     finally:
         subprocess.run(["umount", str(mountpoint)], check=True)
         mountpoint.rmdir()
+
+
+def send_raw(port: int, paths: Sequence[Path], called: str = "IANNODE") -> list[int]:
+    """C-STORE each file's bytes as they are, one association: pynetdicom reads only the file meta, so a
+    truncated, over-nested or otherwise broken data set reaches the node as a PACS would send it."""
+    ae = AE(ae_title="RAWSCU")
+    for sop_class in {str(read_file_meta_info(p).MediaStorageSOPClassUID) for p in paths}:
+        ae.add_requested_context(sop_class, ExplicitVRLittleEndian)
+    before = pynetdicom_config.STORE_SEND_CHUNKED_DATASET
+    pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True
+    try:
+        assoc = ae.associate("127.0.0.1", port, ae_title=called)
+        assert assoc.is_established
+        try:
+            return [int(assoc.send_c_store(p).get("Status", -1)) for p in paths]
+        finally:
+            assoc.release()
+    finally:
+        pynetdicom_config.STORE_SEND_CHUNKED_DATASET = before

@@ -17,10 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from pydicom.filereader import read_file_meta_info
 from pydicom.uid import BasicTextSRStorage
 from pynetdicom import AE
-from pynetdicom import _config as pynetdicom_config
 
 from ian_node.phantom.study import generate_phantom, phantom_datasets
 from ian_node.storage.records import JobState
@@ -37,7 +35,7 @@ from tests.integration.hostile_corpus import (
     write_series,
 )
 from tests.integration.node_harness import SMALL_PHANTOM, untrained_checkpoint, wait_for
-from tests.integration.peers import echoscu, storescu
+from tests.integration.peers import echoscu, send_raw, storescu
 from tests.integration.serve_process import NODE_AE, Destination, NodeSetup, ServeProcess, ian_node_command
 from tests.tools import dciodvfy_errors
 
@@ -59,24 +57,6 @@ class Sent:
     statuses: list[int]
     outcome: str = ""
 
-
-def _send_raw(port: int, paths: list[Path]) -> list[int]:
-    """C-STORE each file's bytes as they are (pynetdicom reads only the file meta), one association."""
-    metas = [read_file_meta_info(p) for p in paths]
-    ae = AE(ae_title="RAWSCU")
-    for sop_class in {str(m.MediaStorageSOPClassUID) for m in metas}:
-        ae.add_requested_context(sop_class, TRANSFER_SYNTAX)
-    before = pynetdicom_config.STORE_SEND_CHUNKED_DATASET
-    pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True
-    try:
-        assoc = ae.associate("127.0.0.1", port, ae_title=NODE_AE)
-        assert assoc.is_established
-        try:
-            return [int(assoc.send_c_store(p).get("Status", -1)) for p in paths]
-        finally:
-            assoc.release()
-    finally:
-        pynetdicom_config.STORE_SEND_CHUNKED_DATASET = before
 
 
 def _refused_context(port: int) -> str:
@@ -107,7 +87,7 @@ def _send(case: Case, index: int, base: list, folder: Path, port: int) -> Sent:
         return Sent(case, str(series[0].SeriesInstanceUID), uids, [], _refused_context(port))
     to_send = [paths[edited]] if single else paths
     if case.raw is not None or single:
-        statuses = _send_raw(port, to_send)
+        statuses = send_raw(port, to_send)
     else:
         _, statuses = storescu(port, to_send)
     return Sent(case, str(series[0].SeriesInstanceUID), uids, statuses)

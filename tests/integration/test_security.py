@@ -22,16 +22,12 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.filereader import read_file_meta_info
-from pydicom.uid import ExplicitVRLittleEndian
-from pynetdicom import AE
-from pynetdicom import _config as pynetdicom_config
 
 from ian_node.config import CallingAE, DicomConfig, TlsConfig
 from ian_node.receive.scp import StorageSCP
 from ian_node.storage.spool import Spool
 from ian_node.storage.state import State
-from tests.integration.peers import make_mr_series, storescu
+from tests.integration.peers import make_mr_series, send_raw, storescu
 from tests.integration.test_scp_dcmtk import _make_certificates
 
 pytestmark = pytest.mark.integration
@@ -150,23 +146,6 @@ HOSTILE_UIDS = [
 ]
 
 
-def _send_raw(port: int, paths: list[Path]) -> list[int]:
-    """C-STORE each file's bytes as they are (pynetdicom reads only the file meta), one association."""
-    ae = AE(ae_title="RAWSCU")
-    for sop_class in {str(read_file_meta_info(p).MediaStorageSOPClassUID) for p in paths}:
-        ae.add_requested_context(sop_class, ExplicitVRLittleEndian)
-    before = pynetdicom_config.STORE_SEND_CHUNKED_DATASET
-    pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True
-    try:
-        assoc = ae.associate("127.0.0.1", port, ae_title="IANNODE")
-        assert assoc.is_established
-        try:
-            return [int(assoc.send_c_store(p).get("Status", -1)) for p in paths]
-        finally:
-            assoc.release()
-    finally:
-        pynetdicom_config.STORE_SEND_CHUNKED_DATASET = before
-
 
 def _tree(root: Path, leave_out: set[Path]) -> dict[str, int]:
     """Every path under ``root`` (its size; -1 for a folder), outside the folders in ``leave_out``."""
@@ -192,7 +171,7 @@ def test_hostile_uids_get_cannot_understand_and_nothing_is_written_outside_the_s
     leave_out = {tmp_path / "in", tmp_path / "state"}
     with listening(tmp_path) as listener:
         before = _tree(tmp_path, leave_out)
-        statuses = _send_raw(listener.port, [*hostile, good])
+        statuses = send_raw(listener.port, [*hostile, good])
         after = _tree(tmp_path, leave_out)
         assert statuses == [CANNOT_UNDERSTAND] * len(hostile) + [SUCCESS]
         ds = pydicom.dcmread(good)
