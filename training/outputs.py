@@ -1,7 +1,9 @@
 """From finished runs to the paper's artefacts: scores, tables, p-values, figures, timing, export, summary.
 
 Reports cover the repeats that every model of the protocol finished (so that the paired tests compare
-the same images); runs of other repeats are listed in the summary as left out.
+the same images); runs of other repeats are listed in the summary as left out. With two or more such
+repeats the reports also give each repeat's ranking of the models by mean DSC and Kendall's tau
+between every pair of repeats (`reports/ranking.md`, `summary.json` `ranking_stability`).
 
 The exported checkpoint is our network's run with the highest mean test DSC over the repeats (the
 paper reports one model; which repeat is chosen, and why, is written into its metadata).
@@ -38,10 +40,11 @@ from training.report import (
     select_fig6_keys,
     summarize,
     write_metric_reports,
+    write_ranking,
     write_timing,
 )
 from training.runner import BenchmarkPaths, Ledger, RunRecord, build_model, load_predictions, write_json
-from training.stats import compare_to_reference
+from training.stats import compare_to_reference, ranking_stability
 
 logger = logging.getLogger(__name__)
 
@@ -115,8 +118,23 @@ def write_reports(records: list[RunRecord], ledger: Ledger, paths: BenchmarkPath
     files["timing_csv"], files["timing_md"] = write_timing(
         [RunTiming(r.model, r.repeat, r.train_seconds, r.seconds_per_slice) for r in used], paths.reports)
     table1 = {s.model: {"n": s.n, **{m: asdict(s.metrics[m]) for m in METRICS}} for s in summarize(scores)}
+    ranking = None
+    if len(repeats) >= 2 and len(models) >= 2:
+        stability = ranking_stability(scores, "dsc")
+        files["ranking_csv"], files["ranking_tau_csv"], files["ranking_md"] = write_ranking(stability, paths.reports)
+        ranking = {"metric": stability.metric, "mean_tau": _finite(stability.mean_tau),
+                   "means": {str(r): v for r, v in stability.means.items()},
+                   "pairs": [{**asdict(p), "tau": _finite(p.tau), "p_value": _finite(p.p_value)}
+                             for p in stability.pairs]}
+        logger.info("ranking stability over %d repeats: mean Kendall tau %.3f", len(repeats), stability.mean_tau)
     return {"repeats_reported": repeats, "runs_left_out": left_out, "scores": scores, "table1": table1,
-            "pvalues": [asdict(p) for p in pvalues], "files": {k: str(v) for k, v in files.items()}}
+            "pvalues": [asdict(p) for p in pvalues], "ranking_stability": ranking,
+            "files": {k: str(v) for k, v in files.items()}}
+
+
+def _finite(value: float) -> float | None:
+    """JSON has no NaN: an undefined statistic is written as null."""
+    return value if np.isfinite(value) else None
 
 
 def export_best(records: list[RunRecord], scores: list[ImageScore], ledger: Ledger, paths: BenchmarkPaths,
@@ -200,6 +218,7 @@ def write_summary(paths: BenchmarkPaths, ledger: Ledger, records: list[RunRecord
         "table1": reports["table1"],
         "table2": {m: asdict(failure_rates(v)) for m, v in by_model.items()},
         "pvalues": reports["pvalues"],
+        "ranking_stability": reports["ranking_stability"],
         "timing": {r.key: {"train_hours": r.train_seconds / 3600, "seconds_per_slice": r.seconds_per_slice}
                    for r in records},
         "files": reports["files"],

@@ -6,6 +6,8 @@ matplotlib's object API (`Figure`, rendered by Agg), so no pyplot state or displ
 
 Summary statistics: mean, sample standard deviation (ddof = 1; 0 for a single image) and median
 over all test images of all repeats, per model and metric. Failure rates follow `training.metrics`.
+With two or more repeats, `write_ranking` adds each repeat's ranking of the models and Kendall's tau
+between the repeats (`training.stats.ranking_stability`): a pooled table can hide repeats that disagree.
 """
 
 from __future__ import annotations
@@ -19,10 +21,11 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
+from scipy.stats import rankdata
 
 from model.registry import NETWORKS, PAPER_NETWORK
 from training.metrics import METRIC_LABELS, METRICS, ImageScore, failure_rates
-from training.stats import PValueRow
+from training.stats import PValueRow, RankingStability
 
 logger = logging.getLogger(__name__)
 
@@ -243,6 +246,31 @@ def write_timing(timings: Iterable[RunTiming], out_dir: str | Path) -> tuple[Pat
     return out / "timing.csv", out / "timing.md"
 
 
+def write_ranking(stability: RankingStability, out_dir: str | Path) -> tuple[Path, Path, Path]:
+    """ranking.csv (mean score and rank per model and repeat), ranking_tau.csv (Kendall's tau per pair of
+    repeats) and ranking.md (both, and the mean tau): whether the repeats agree on the order of the models."""
+    out = _dir(out_dir)
+    repeats = sorted(stability.means)
+    models = model_order(stability.means[repeats[0]])
+    ranks = {r: _ranks(stability.means[r]) for r in repeats}
+    _write_csv(out / "ranking.csv", ["model", "display_name", "repeat", f"mean_{stability.metric}", "rank"], [
+        [m, display_name(m), r, stability.means[r][m], ranks[r][m]] for r in repeats for m in models])
+    _write_csv(out / "ranking_tau.csv", ["repeat_a", "repeat_b", "kendall_tau", "p_value"],
+               [[p.repeat_a, p.repeat_b, p.tau, p.p_value] for p in stability.pairs])
+    label = METRIC_LABELS.get(stability.metric, stability.metric)
+    lines = [f"**Ranking stability.** Mean test {label} of each model per repeat (rank, 1 = best), and "
+             f"Kendall's τ-b between the rankings of every pair of repeats.", "",
+             "| Model | " + " | ".join(f"Repeat {r}" for r in repeats) + " |", "|---" * (len(repeats) + 1) + "|"]
+    lines += [f"| {display_name(m)} | " + " | ".join(f"{stability.means[r][m]:.3f} ({ranks[r][m]:g})"
+                                                    for r in repeats) + " |" for m in models]
+    lines += ["", "| Repeats | Kendall's τ | p |", "|---|---|---|"]
+    lines += [f"| {p.repeat_a} vs {p.repeat_b} | {p.tau:.3f} | {_format_p(p.p_value)} |" for p in stability.pairs]
+    lines += ["", f"Mean τ over {len(stability.pairs)} pair(s) of repeats: {stability.mean_tau:.3f} "
+              "(1: the same order in every repeat, 0: unrelated orders)."]
+    (out / "ranking.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return out / "ranking.csv", out / "ranking_tau.csv", out / "ranking.md"
+
+
 def plot_fig4(scores: Iterable[ImageScore], path: str | Path) -> Path:
     """Box plots of the four metrics for every model, means marked with "x"."""
     grouped = _by_model(scores)
@@ -373,6 +401,13 @@ def _by_model(scores: Iterable[ImageScore]) -> dict[str, list[ImageScore]]:
     if not grouped:
         raise ValueError("no per-image scores")
     return dict(grouped)
+
+
+def _ranks(means: Mapping[str, float]) -> dict[str, float]:
+    """1 = the highest mean; ties share their average rank."""
+    models = list(means)
+    ranks = rankdata([-means[m] for m in models], method="average")
+    return {m: float(r) for m, r in zip(models, ranks, strict=True)}
 
 
 def _at_median(items: Sequence[ImageScore]) -> ImageScore:

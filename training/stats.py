@@ -11,6 +11,10 @@ there is no evidence of a difference and nothing to rank: we return statistic 0.
 Bonferroni: p_adjusted = min(1, p · m). The family of m comparisons is by default the comparisons of
 one metric (m = number of comparators, as "ours vs each comparator" is asked per metric); pass
 `family="all"` to correct over every metric as well (m = comparators × metrics).
+
+Ranking stability: whether the repeats agree on which network is better, independent of the pooled
+table. Each repeat ranks the models by their mean test score; scipy's Kendall tau-b (ties counted as
+ties) compares every pair of repeats' rankings, and the mean tau over the pairs sums it up.
 """
 
 from __future__ import annotations
@@ -159,3 +163,63 @@ def _index_by_model(scores: Iterable[ImageScore]) -> dict[str, dict[tuple, Image
             raise ValueError(f"model {s.model!r} has two scores for repeat {s.repeat}, side {s.side}, slice {s.slice}")
         out[s.model][s.key] = s
     return dict(out)
+
+
+@dataclass(frozen=True)
+class RankAgreement:
+    """Kendall's tau-b between the model rankings of two repeats (NaN when one ranking is all ties)."""
+
+    repeat_a: int
+    repeat_b: int
+    tau: float
+    p_value: float
+
+
+@dataclass(frozen=True)
+class RankingStability:
+    """Per-repeat mean scores of each model and the rank agreement of every pair of repeats."""
+
+    metric: str
+    means: dict[int, dict[str, float]]  # repeat → model → mean score over its test images
+    pairs: tuple[RankAgreement, ...]
+
+    @property
+    def mean_tau(self) -> float:
+        """Mean tau over the pairs with a defined tau (NaN when there is none)."""
+        taus = [p.tau for p in self.pairs if math.isfinite(p.tau)]
+        return float(np.mean(taus)) if taus else math.nan
+
+
+def repeat_means(scores: Iterable[ImageScore], metric: str = "dsc") -> dict[int, dict[str, float]]:
+    """Mean `metric` per repeat and model, over the repeat's test images."""
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; valid: {', '.join(METRICS)}")
+    values: dict[int, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for s in scores:
+        values[s.repeat][s.model].append(getattr(s, metric))
+    return {r: {m: float(np.mean(v)) for m, v in sorted(models.items())} for r, models in sorted(values.items())}
+
+
+def ranking_stability(scores: Iterable[ImageScore], metric: str = "dsc") -> RankingStability:
+    """Kendall's tau between the repeats' model rankings by mean `metric`, for every pair of repeats.
+
+    Every repeat must have scored the same models (otherwise the rankings are not comparable); with
+    one repeat there are no pairs.
+    """
+    means = repeat_means(scores, metric)
+    if not means:
+        raise ValueError("no per-image scores")
+    repeats = sorted(means)
+    models = sorted(means[repeats[0]])
+    if len(models) < 2:
+        raise ValueError(f"a ranking needs at least two models, got {models}")
+    for r in repeats:
+        if sorted(means[r]) != models:
+            raise ValueError(f"repeat {r} scored models {sorted(means[r])}, repeat {repeats[0]} scored {models}")
+    pairs = []
+    for i, a in enumerate(repeats):
+        for b in repeats[i + 1:]:
+            x, y = ([means[r][m] for m in models] for r in (a, b))
+            result = scipy_stats.kendalltau(x, y)  # NaN when one ranking is all ties
+            pairs.append(RankAgreement(a, b, float(result.statistic), float(result.pvalue)))
+    return RankingStability(metric, means, tuple(pairs))

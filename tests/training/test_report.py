@@ -21,9 +21,10 @@ from training.report import (
     select_fig6_keys,
     write_metric_reports,
     write_per_image_csv,
+    write_ranking,
     write_timing,
 )
-from training.stats import compare_to_reference
+from training.stats import compare_to_reference, ranking_stability
 
 MODELS = ("meganet", "ian_net", "caranet")  # deliberately not in the paper's order
 
@@ -160,3 +161,24 @@ def test_figures_are_written_as_non_empty_pngs(tmp_path):
         with Image.open(path) as im:
             assert im.format == "PNG" and im.size[0] > 300 and im.size[1] > 200
             assert np.asarray(im.convert("L")).std() > 10  # not a blank canvas
+
+
+def test_ranking_report_gives_each_repeats_ranks_and_kendalls_tau(tmp_path):
+    scores = _scores()
+    stability = ranking_stability(scores)
+    csv_path, tau_path, md_path = write_ranking(stability, tmp_path)
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 * len(MODELS)
+    for r in rows:
+        own = [s.dsc for s in scores if s.model == r["model"] and s.repeat == int(r["repeat"])]
+        assert float(r["mean_dsc"]) == pytest.approx(np.mean(own), rel=1e-12)
+    # ian_net is best and caranet worst in both repeats: ranks 1, 2, 3 and tau 1
+    assert {(r["model"], r["rank"]) for r in rows} == {("ian_net", "1.0"), ("meganet", "2.0"), ("caranet", "3.0")}
+    with open(tau_path, newline="") as f:
+        assert [(t["repeat_a"], t["repeat_b"], float(t["kendall_tau"])) for t in csv.DictReader(f)] == [
+            ("0", "1", pytest.approx(1.0))]
+    md = md_path.read_text()
+    assert "| Model | Repeat 0 | Repeat 1 |" in md and "| 0 vs 1 | 1.000 |" in md
+    assert "Mean τ over 1 pair(s) of repeats: 1.000" in md
+    assert re.search(r"\| Our model \| \d\.\d{3} \(1\) \| \d\.\d{3} \(1\) \|", md)

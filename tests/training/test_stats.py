@@ -3,7 +3,7 @@ import pytest
 from scipy import stats as scipy_stats
 
 from training.metrics import ImageScore
-from training.stats import ALL_ZERO_NOTE, bonferroni, compare_to_reference, wilcoxon_paired
+from training.stats import ALL_ZERO_NOTE, bonferroni, compare_to_reference, ranking_stability, wilcoxon_paired
 
 # scipy's documented example (Cushny & Peebles via Conover): exact two-sided p = 0.041259765625.
 DIFFS = [6, 8, 14, 16, 23, 24, 28, 29, 41, -48, 49, 56, 60, -67, 75]
@@ -73,3 +73,35 @@ def test_models_scored_on_different_images_are_an_error():
     scores = _scores("ian_net", [0.5] * 8) + _scores("caranet", [0.4] * 7)
     with pytest.raises(ValueError, match="different images"):
         compare_to_reference(scores, "ian_net")
+
+
+def _repeat_scores(means_by_repeat):
+    """Two images per (repeat, model) whose mean DSC is the given value."""
+    return [ImageScore(m, r, "P0", "R", k, v + d, v, v, v)
+            for r, means in enumerate(means_by_repeat) for m, v in means.items() for k, d in enumerate((-0.1, 0.1))]
+
+
+def test_ranking_stability_is_kendalls_tau_between_every_pair_of_repeats_rankings():
+    repeats = [{"ian_net": 0.8, "caranet": 0.6, "meganet": 0.4, "ducknet": 0.2},
+               {"ian_net": 0.7, "caranet": 0.5, "meganet": 0.6, "ducknet": 0.1},   # one swap
+               {"ian_net": 0.1, "caranet": 0.3, "meganet": 0.5, "ducknet": 0.7}]   # reversed
+    result = ranking_stability(_repeat_scores(repeats))
+    assert result.means[1] == pytest.approx({"caranet": 0.5, "ducknet": 0.1, "ian_net": 0.7, "meganet": 0.6})
+    taus = {(p.repeat_a, p.repeat_b): p.tau for p in result.pairs}
+    assert taus == pytest.approx({(0, 1): 4 / 6, (0, 2): -1.0, (1, 2): -4 / 6})
+    models = sorted(repeats[0])
+    expected = scipy_stats.kendalltau([repeats[0][m] for m in models], [repeats[1][m] for m in models])
+    assert result.pairs[0].p_value == pytest.approx(expected.pvalue)
+    assert result.mean_tau == pytest.approx((4 / 6 - 1 - 4 / 6) / 3)
+
+
+def test_ranking_stability_of_one_repeat_has_no_pairs_and_a_tie_only_ranking_no_tau():
+    assert ranking_stability(_repeat_scores([{"ian_net": 0.8, "caranet": 0.6}])).pairs == ()
+    flat = ranking_stability(_repeat_scores([{"ian_net": 0.8, "caranet": 0.6}, {"ian_net": 0.5, "caranet": 0.5}]))
+    assert np.isnan(flat.pairs[0].tau) and np.isnan(flat.mean_tau)
+
+
+def test_ranking_stability_refuses_repeats_that_scored_other_models():
+    scores = _repeat_scores([{"ian_net": 0.8, "caranet": 0.6}, {"ian_net": 0.5, "meganet": 0.4}])
+    with pytest.raises(ValueError, match="repeat 1 scored models"):
+        ranking_stability(scores)
