@@ -2,11 +2,12 @@
 
     python -m training.default_model --out model/weights/ian_net_phantom.pt
 
-Samples are made by exactly the node's path (`ian_node.segment.pipeline.prepare` and `to_model_space`), so
-the bundled model sees at training time what the node feeds it, and they are held in the benchmark's
-`training.data.SliceSet` and fed through its `SliceDataset`. Besides the coronal slices that carry
-nerve (the paper's samples), a share of empty slices is kept, because the node runs on every coronal
-slice of a side and must learn to answer "no nerve". The validation score is computed through the
+Samples are made by exactly the node's path (`training.data.phantoms.phantom_slice_set`: `prepare` and
+`to_model_space` of `ian_node.segment.pipeline`), so the bundled model sees at training time what the
+node feeds it, and they are held in the benchmark's `training.data.SliceSet` and fed through its
+`SliceDataset`. Besides the coronal slices that carry nerve (the paper's samples), a share of empty
+slices is kept, because the node runs on every coronal slice of a side and must learn to answer "no
+nerve". The validation score is computed through the
 node's `model.predictor.Predictor` (`training.loop.predict_dataset`). The result is labelled
 phantom-trained and is not for clinical use: point the node at a `train_benchmark` checkpoint for real data.
 """
@@ -22,13 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ian_node.phantom.mr_series import build_mr_series
-from ian_node.phantom.study import PhantomConfig, generate_phantom
-from ian_node.segment.pipeline import prepare, to_model_space
-from ian_node.segment.volume import load_series
 from model import registry
 from model.checkpoint import CheckpointMeta, InputContract, save_checkpoint
-from training.data import SampleMeta, SliceSet
+from training.data import SliceSet
+from training.data.phantoms import phantom_slice_set
 from training.loop import TrainConfig, load_weights, predict_dataset, seed_everything, train
 
 logger = logging.getLogger(__name__)
@@ -52,31 +50,13 @@ class DefaultModelRecipe:
     lr: float = 2e-3
 
 
-def phantom_slices(patients: range, recipe: DefaultModelRecipe, config: PhantomConfig | None = None) -> SliceSet:
-    """Nerve-carrying slices of each phantom plus a seeded share of empty ones, in phantom order."""
-    rng = np.random.default_rng(recipe.seed)
-    images, masks, metas = [], [], []
-    for index in patients:
-        phantom = generate_phantom(index, recipe.seed, config)
-        series = load_series(build_mr_series(phantom.volume, phantom.study, phantom.series))
-        prepared = prepare(series, recipe.size)
-        gt = to_model_space(prepared, phantom.labels)
-        sides = [s.stack.side.value for s in prepared.sides for _ in range(len(s.images))]
-        slice_no = [i for s in prepared.sides for i in range(len(s.images))]
-        nerve = gt.reshape(len(gt), -1).any(axis=1)
-        empty = np.flatnonzero(~nerve)
-        n_empty = min(len(empty), int(round(recipe.empty_fraction * nerve.sum())))
-        keep = np.sort(np.concatenate([np.flatnonzero(nerve), rng.choice(empty, n_empty, replace=False)]))
-        images.append(prepared.images[keep])
-        masks.append(gt[keep].astype(bool))
-        metas += [SampleMeta(phantom.study.patient_id, sides[k], slice_no[k]) for k in keep]
-    return SliceSet(np.concatenate(images), np.concatenate(masks), tuple(metas))
-
-
 def train_default_model(out: Path, recipe: DefaultModelRecipe, work_dir: Path) -> dict:
     """Train, evaluate on the validation phantoms, and write the checkpoint; return a summary."""
-    train_slices = phantom_slices(range(recipe.train_patients), recipe)
-    val_slices = phantom_slices(range(recipe.train_patients, recipe.train_patients + recipe.val_patients), recipe)
+    def slices(patients: range) -> SliceSet:  # each half's nerve slices plus the recipe's share of empty ones
+        return phantom_slice_set(patients, recipe.seed, None, recipe.size, "halves", recipe.empty_fraction, recipe.seed)
+
+    train_slices = slices(range(recipe.train_patients))
+    val_slices = slices(range(recipe.train_patients, recipe.train_patients + recipe.val_patients))
     train_set = train_slices.torch_dataset(range(len(train_slices)), in_channels=1)
     val_set = val_slices.torch_dataset(range(len(val_slices)), in_channels=1)
     logger.info("training on %d slices, validating on %d", len(train_set), len(val_set))
