@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Literal
 
 from training.data.collect import (
+    CROP_SUMMARY,
+    CROPS,
     EITHER_SIDE,
     Collector,
     DatasetError,
@@ -24,6 +26,7 @@ from training.data.collect import (
     LoadOptions,
     MissingSeriesError,
     UnmatchedSegmentError,
+    read_crop_boxes,
 )
 from training.data.paper2d import export_2d
 from training.data.samples import (
@@ -48,9 +51,10 @@ READERS: dict[str, str] = {
 FORMATS: tuple[str, ...] = tuple(READERS)
 
 __all__ = [
-    "EITHER_SIDE", "FORMATS", "Collector", "DatasetError", "DuplicateAnnotationError", "EmptyMaskError", "Format",
-    "LoadOptions", "LoadReport", "MissingSeriesError", "SampleMeta", "SliceDataset", "SliceSet", "SourceReport",
-    "UnmatchedSegmentError", "export_2d", "load_dataset", "load_slice_set", "save_slice_set", "subset",
+    "CROPS", "CROP_SUMMARY", "EITHER_SIDE", "FORMATS", "Collector", "DatasetError", "DuplicateAnnotationError",
+    "EmptyMaskError", "Format", "LoadOptions", "LoadReport", "MissingSeriesError", "SampleMeta", "SliceDataset",
+    "SliceSet", "SourceReport", "UnmatchedSegmentError", "export_2d", "load_dataset", "load_slice_set",
+    "read_crop_boxes", "save_slice_set", "subset",
 ]
 
 
@@ -63,7 +67,11 @@ def load_dataset(root: str | Path, fmt: str, options: LoadOptions | None = None)
         module_name, function = READERS[fmt].split(":")
     except KeyError:
         raise ValueError(f"unknown dataset format {fmt!r}; valid: {', '.join(FORMATS)}") from None
+    options = options or LoadOptions()
+    if options.crop == "boxes" and fmt != "dicom":
+        raise DatasetError(f"{root}: crop 'boxes' reads each study's {CROP_SUMMARY} next to its SEG, so it needs the "
+                           f"dicom form, not {fmt}")
     collect: Callable[[Path, Collector], None] = getattr(importlib.import_module(module_name), function)
-    collector = Collector(options or LoadOptions())
+    collector = Collector(options)
     collect(root, collector)
     return collector.build(fmt, root)

@@ -2,7 +2,8 @@
 
 3D inputs (DICOM series + SEG, NIfTI image + label volume) take exactly the node's path, so training
 and inference cannot drift apart: images come from `ian_node.segment.pipeline.prepare` (the side stacks of
-`ian_node.segment.volume` with the default ROI halves, the coronal reformat, the left side flipped to
+`ian_node.segment.volume` with the default ROI halves, or with per-side crop boxes when
+`LoadOptions.crop` is "boxes" (the paper's manual crop; see `read_crop_boxes`), the coronal reformat, the left side flipped to
 right-side orientation, then `model.preprocess` per slice: min-max to uint8, physically square
 zero-pad, LANCZOS into `size`, centre pad), and masks come from `ian_node.segment.pipeline.to_model_space`,
 the node's own map of a label volume through the same stacks and slice transforms (nearest neighbour).
@@ -20,8 +21,9 @@ instead and records why in `LoadReport.skipped`. The format readers (`training.d
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -29,6 +31,7 @@ from typing import Literal
 import numpy as np
 
 from ian_node.segment.pipeline import PreparedSeries, PreparedSide, prepare, to_model_space
+from ian_node.segment.reformat import PatientBox
 from ian_node.segment.volume import SeriesError, SeriesVolume, Side
 from training.data.samples import LoadReport, SampleMeta, SliceSet, SourceReport
 
@@ -36,6 +39,10 @@ logger = logging.getLogger(__name__)
 
 #: Label value meaning "nerve, side decided by position" (an unsided segment split by the ROI halves).
 EITHER_SIDE = 255
+#: Where per-side crop boxes are read from for `crop="boxes"`: this file next to the SEG (the phantom layout).
+CROP_SUMMARY = "summary.json"
+#: How each side's region of interest is chosen: the node's default halves or per-study crop boxes.
+CROPS: tuple[str, ...] = ("halves", "boxes")
 
 
 class DatasetError(ValueError):
@@ -70,6 +77,7 @@ class LoadOptions:
     right_label: int = 1  # NIfTI label values; equal values mean "split by position"
     left_label: int = 2
     seed: int = 0  # for drawing empty slices
+    crop: Literal["halves", "boxes"] = "halves"  # per-side ROI: the volume's halves, or CROP_SUMMARY's boxes
 
     def __post_init__(self) -> None:
         if not isinstance(self.size, int) or self.size < 16:
@@ -78,12 +86,46 @@ class LoadOptions:
             raise ValueError(f"LoadOptions.empty_ratio must be within [0, 100], got {self.empty_ratio!r}")
         if not isinstance(self.slice_step, int) or self.slice_step < 1:
             raise ValueError(f"LoadOptions.slice_step must be a positive integer, got {self.slice_step!r}")
+        if self.crop not in CROPS:
+            raise ValueError(f"LoadOptions.crop must be one of {CROPS}, got {self.crop!r}")
         if self.unsided not in ("error", "split"):
             raise ValueError(f"LoadOptions.unsided must be 'error' or 'split', got {self.unsided!r}")
         for name in ("right_label", "left_label"):
             value = getattr(self, name)
             if not isinstance(value, int) or not 1 <= value <= 254:
                 raise ValueError(f"LoadOptions.{name} must be an integer label value in 1..254, got {value!r}")
+
+
+# ---------------------------------------------------------------- crop boxes
+def read_crop_boxes(summary: Path) -> dict[Side, PatientBox]:
+    """Both sides' crop boxes from a study's summary JSON, so that training can crop as the paper did.
+
+    The file holds `"crop_boxes": {"right": [[xmin, xmax], [ymin, ymax], [zmin, zmax]], "left": ...}`
+    in patient LPS mm (as `ian_node.phantom` writes them). Anything else is a `DatasetError` naming the file.
+    """
+    try:
+        data = json.loads(summary.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DatasetError(f"{summary}: crop boxes were asked for (crop 'boxes') but this file does not exist; "
+                           "crop by the volume's halves instead") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DatasetError(f"{summary}: cannot read the crop boxes: {exc}") from exc
+    boxes = data.get("crop_boxes") if isinstance(data, dict) else None
+    if not isinstance(boxes, Mapping) or not boxes:
+        raise DatasetError(f"{summary}: no 'crop_boxes' (right and left boxes in patient mm) although crop "
+                           "'boxes' was asked for")
+    if sorted(boxes) != sorted(s.value for s in Side):
+        raise DatasetError(f"{summary}: crop_boxes must name exactly 'right' and 'left', got {sorted(boxes)}")
+    out = {}
+    for side in Side:
+        value = boxes[side.value]
+        try:
+            (x0, x1), (y0, y1), (z0, z1) = ((float(lo), float(hi)) for lo, hi in value)
+            out[side] = PatientBox(x0, x1, y0, y1, z0, z1)
+        except (TypeError, ValueError) as exc:
+            raise DatasetError(f"{summary}: crop_boxes[{side.value!r}] must be [[xmin, xmax], [ymin, ymax], "
+                               f"[zmin, zmax]] in mm with min < max, got {value!r}: {exc}") from exc
+    return out
 
 
 # ---------------------------------------------------------------- 3D → 2D, the node's path
@@ -114,17 +156,18 @@ def side_samples(series: SeriesVolume, side: PreparedSide, nerve: np.ndarray, op
 
 
 def volume_samples(series: SeriesVolume, labels: np.ndarray, side_values: dict[Side, tuple[int, ...]],
-                   patient: str, options: LoadOptions) -> dict[Side, SideSamples]:
+                   patient: str, options: LoadOptions,
+                   rois: Mapping[Side, PatientBox] | None = None) -> dict[Side, SideSamples]:
     """Samples of each side listed in `side_values` (the label values that count as that side's nerve).
 
-    Images come from the node's own `prepare`; masks from its `to_model_space`, given a label volume
-    that holds the side's label wherever one of its values is (so an `EITHER_SIDE` voxel counts for
-    the side whose region holds it).
+    Images come from the node's own `prepare` (each side cropped to `rois`, default the volume's
+    halves); masks from its `to_model_space`, given a label volume that holds the side's label
+    wherever one of its values is (so an `EITHER_SIDE` voxel counts for the side whose region holds it).
     """
     if labels.shape != series.shape:
         raise ValueError(f"label volume {labels.shape} does not match image volume {series.shape}")
     out = {}
-    for side in prepare(series, options.size).sides:
+    for side in prepare(series, options.size, rois).sides:
         values = side_values.get(side.stack.side)
         if values is None:
             continue

@@ -17,8 +17,10 @@ Which segment is which nerve (reported per file in `LoadReport`):
 4. a candidate with no side is an error (`UnmatchedSegmentError`) unless `unsided="split"`, which
    assigns its voxels by position: those in the right ROI half to the right nerve and so on.
 
-Two candidates of one side are merged. A side without a segment gives no samples (the paper excluded
-pathological nerves this way). A used segment with no voxel is an `EmptyMaskError`.
+Each side is cropped by the volume's halves, or with `LoadOptions.crop="boxes"` by the per-side boxes
+of the `summary.json` next to the SEG file (`training.data.collect.read_crop_boxes`; the phantom
+layout). Two candidates of one side are merged. A side without a segment gives no samples (the paper
+excluded pathological nerves this way). A used segment with no voxel is an `EmptyMaskError`.
 """
 
 from __future__ import annotations
@@ -38,12 +40,14 @@ from pydicom.uid import SegmentationStorage
 
 from ian_node.segment.volume import IMAGE_SOP_CLASSES, SeriesVolume, Side, load_series
 from training.data.collect import (
+    CROP_SUMMARY,
     EITHER_SIDE,
     Collector,
     DatasetError,
     EmptyMaskError,
     MissingSeriesError,
     UnmatchedSegmentError,
+    read_crop_boxes,
     volume_samples,
 )
 
@@ -223,13 +227,17 @@ def _study(seg_path: Path, index: _Index, collector: Collector, root: Path) -> N
     for side in Side:
         if any(m.side in (side, None) for m in used):
             side_values[side] = (side.label, EITHER_SIDE)
-    sides = volume_samples(series, labels, side_values, patient, collector.options)
+    boxes = read_crop_boxes(seg_path.parent / CROP_SUMMARY) if collector.options.crop == "boxes" else None
+    region = "crop box" if boxes else "half"
+    sides = volume_samples(series, labels, side_values, patient, collector.options, boxes)
     for side, samples in sides.items():
         if samples.nerve_slices == 0 and not any(m.side is None for m in used):
             raise EmptyMaskError(f"{where}: the {side.value} IAN segment has no voxel inside the {side.value} "
-                                 f"half of series {uid} (is its side right?)")
+                                 f"{region} of series {uid} (is its side right?)")
     sides = {s: v for s, v in sides.items() if v.nerve_slices > 0}
     detail = f"series {uid}: " + "; ".join(m.describe() for m in matches)
+    if boxes:
+        detail += f"; cropped by the boxes of {CROP_SUMMARY}"
     collector.add_sides(where, patient, sides, detail)
     logger.info("%s: %s", seg_path.name, detail)
 
