@@ -14,7 +14,7 @@ from ian_node.phantom.render import Tissue
 from ian_node.phantom.study import Phantom, PhantomConfig, generate_phantom, intensity_statistics, write_phantoms
 
 SMALL = PhantomConfig(shape=(24, 96, 96))
-MANDIBLE = (Tissue.CORTEX, Tissue.MARROW, Tissue.TOOTH, Tissue.CANAL)
+MANDIBLE = (Tissue.CORTEX, Tissue.MARROW, Tissue.CANAL)  # the skull and upper teeth are not the mandible
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +86,9 @@ def test_nerve_is_bright_but_overlaps_vessels_and_fat(default_phantom: Phantom):
     assert stats["cnr"]["cortical_bone"] > 5
     # ... but no threshold separates it from its bright look-alikes.
     assert stats["nerve_within_p5_p95"]["vessel"] > 0.5
-    assert stats["nerve_within_p5_p95"]["fat"] > 0.3
+    # Fat is suppressed, unevenly: mostly darker than the nerve, with patches where saturation fails.
+    assert stats["fat"]["mean"] < nerve
+    assert stats["fat"]["p95"] > 1.5 * stats["fat"]["p5"]
 
 
 @pytest.mark.parametrize("index", [0, 1, 2])
@@ -133,6 +135,8 @@ def test_metal_reaching_the_canal_voids_part_of_the_labelled_nerve():
 @pytest.mark.parametrize("kwargs", [
     {"shape": (2, 96, 96)}, {"shape": (24, 96)}, {"pixel_spacing_mm": (0.6, 0.4)},
     {"slice_spacing_mm": (-1.0, 1.0)}, {"metal_probability": 1.5}, {"max_oblique_deg": 45.0},
+    {"row_spacing_mm": (0.9, 0.8)}, {"head_scale": (0.2, 1.0)}, {"max_offset_mm": -1.0},
+    {"max_rotation_deg": 45.0}, {"supersample": 0},
 ])
 def test_config_rejects_invalid_values(kwargs):
     with pytest.raises(ValueError, match="PhantomConfig"):

@@ -54,9 +54,12 @@ def _positive(text: str) -> int:
 
 
 def _phantom_config(args: argparse.Namespace):
-    from ian_node.phantom.study import PhantomConfig
+    from dataclasses import replace
 
-    return PhantomConfig(shape=args.shape) if args.shape else PhantomConfig()
+    from ian_node.phantom.study import phantom_preset
+
+    config = phantom_preset(args.preset)
+    return replace(config, shape=args.shape) if args.shape else config
 
 
 def format_summary(summary: dict) -> str:
@@ -67,12 +70,18 @@ def format_summary(summary: dict) -> str:
             "x".join(str(n) for n in summary["shape"]), " x ".join(f"{s:.3f}" for s in summary["spacing_mm"])),
     ]
     params = summary["parameters"]
+    pose = ", ".join(f"{v:+.1f}" for v in params["head_rotation_deg"])
+    offset = ", ".join(f"{v:+.1f}" for v in params["offset_mm"])
+    lines.append(f"  head scale {params['head_scale']:.2f}, rotation ({pose}) deg, offset ({offset}) mm")
     lines.append(f"  oblique {params['oblique_deg']:.1f} deg, motion {'yes' if params['motion'] else 'no'}, "
                  f"metal restorations {len(params['metals'])} "
                  f"({sum(m['reaches_canal'] for m in params['metals'])} reaching the canal)")
     for side, info in summary["nerves"].items():
         lines.append(f"  {side:5s} IAN: {info['voxels']} voxels, {info['length_in_fov_mm']:.1f} mm long, "
                      f"mean diameter {info['mean_diameter_mm']:.2f} mm")
+    for side, box in summary.get("crop_boxes", {}).items():
+        ranges = " ".join(f"{axis} [{lo:.1f}, {hi:.1f}]" for axis, (lo, hi) in zip("xyz", box, strict=True))
+        lines.append(f"  {side:5s} crop box (LPS mm): {ranges}")
     stats = summary["intensity"]
     lines.append(f"  intensity (stored values, noise SD {stats['noise_sd']:.1f}):")
     lines.append("    {:15s} {:>8s} {:>8s} {:>7s} {:>22s}".format("tissue", "mean", "SD", "CNR", "nerve within p5-p95"))
@@ -96,7 +105,10 @@ def _add_phantom(sub: argparse._SubParsersAction) -> None:
     p.add_argument("out", type=Path, help="output folder")
     p.add_argument("--patients", type=_positive, default=1, help="number of patients (default 1)")
     p.add_argument("--seed", type=_non_negative, default=0, help="seed: patient i of a seed never changes")
-    p.add_argument("--shape", type=_shape, default=None, help="slices,rows,columns (default 64,192,192)")
+    p.add_argument("--preset", choices=("small", "paper"), default="small",
+                   help="small: 64x192x192, the bony anatomy scaled to fit (tests, demo; default); paper: the "
+                        "whole lower head at the paper's 220 mm field of view and 0.429 x 0.8 x 1.6 mm voxels")
+    p.add_argument("--shape", type=_shape, default=None, help="slices,rows,columns (default: the preset's)")
     p.set_defaults(func=_run_phantom)
 
 

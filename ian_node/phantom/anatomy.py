@@ -19,8 +19,9 @@ from ian_node.phantom.tubes import Tube, offset_tube, sample_curve
 
 #: Where the anatomy frame's origin sits in LPS (mm): the mandible of a supine head near isocentre.
 ANATOMY_ORIGIN_LPS = np.array([0.0, -35.0, -95.0])
-#: Fraction of the field of view the bony envelope may fill.
-FILL = 0.88
+#: Fraction of the field of view the bony envelope may fill when it is scaled to fit (the `small`
+#: preset): room for the pose's rotation and offset.
+FILL = 0.7
 HALF_PI = np.pi / 2
 
 
@@ -45,21 +46,25 @@ class Geometry:
         )
 
 
-def acquisition_geometry(params: PatientParams, shape: tuple[int, int, int]) -> Geometry:
+def acquisition_geometry(params: PatientParams, shape: tuple[int, int, int], centre: np.ndarray,
+                         supersample: int = 1) -> Geometry:
     """Axial grid (rows anterior→posterior, columns right→left), slightly oblique on some patients.
 
-    The slice axis runs along minus the normal (row × column cosines), as highdicom orders a series,
-    so `highdicom.get_volume_from_series` reads the written series back to this very affine.
+    `centre` is the field of view's centre in the anatomy frame. With `supersample` k the slices are
+    k times as many and k times as thin over the same slab (their centres average to the coarse
+    ones), for rendering partial volume. The slice axis runs along minus the normal (row × column
+    cosines), as highdicom orders a series, so `highdicom.get_volume_from_series` reads the written
+    series back to this very affine.
     """
-    ps, ss = params.pixel_spacing_mm, params.slice_spacing_mm
+    ps, rs = params.pixel_spacing_mm, params.row_spacing_mm
+    ss = params.slice_spacing_mm / supersample
+    shape = (int(shape[0]) * supersample, int(shape[1]), int(shape[2]))
     oblique = Rotation.from_rotvec(np.radians(params.oblique_deg) * np.asarray(params.oblique_axis)).as_matrix()
     row_cos, col_cos = oblique @ np.array([1.0, 0.0, 0.0]), oblique @ np.array([0.0, 1.0, 0.0])
     normal = np.cross(row_cos, col_cos)
-    axes = np.stack([-normal * ss, col_cos * ps, row_cos * ps], axis=1)
-    head = Rotation.from_euler("xyz", params.head_rotation_deg, degrees=True).as_matrix()
-    extent = np.array(shape, dtype=np.float64) * np.array([ss, ps, ps])
-    jitter = np.asarray(params.fov_offset) * 0.04 * extent[[2, 1, 0]]  # a few mm, x/y/z
-    centre_lps = ANATOMY_ORIGIN_LPS + jitter
+    axes = np.stack([-normal * ss, col_cos * rs, row_cos * ps], axis=1)
+    head = head_rotation(params)
+    centre_lps = ANATOMY_ORIGIN_LPS + head @ np.asarray(centre, dtype=np.float64)
     centre_idx = (np.array(shape, dtype=np.float64) - 1) / 2
     affine = np.eye(4)
     affine[:3, :3] = axes
@@ -71,7 +76,17 @@ def acquisition_geometry(params: PatientParams, shape: tuple[int, int, int]) -> 
     to_index = np.zeros((3, 4))
     to_index[:, :3] = inv_axes @ head
     to_index[:, 3] = inv_axes @ (ANATOMY_ORIGIN_LPS - affine[:3, 3])
-    return Geometry(tuple(int(n) for n in shape), (ss, ps, ps), affine, head, to_anatomy, to_index)
+    return Geometry(shape, (ss, rs, ps), affine, head, to_anatomy, to_index)
+
+
+def head_rotation(params: PatientParams) -> np.ndarray:
+    """The head's pose: anatomy frame → LPS rotation."""
+    return Rotation.from_euler("xyz", params.head_rotation_deg, degrees=True).as_matrix()
+
+
+def to_lps(params: PatientParams, point: np.ndarray) -> np.ndarray:
+    """An anatomy-frame point in patient LPS millimetres."""
+    return ANATOMY_ORIGIN_LPS + head_rotation(params) @ np.asarray(point, dtype=np.float64)
 
 
 @dataclass(frozen=True)
@@ -191,28 +206,34 @@ def _dimensions(params: PatientParams, s_xy: float, s_z: float) -> dict[str, flo
     return d
 
 
-def build_mandible(params: PatientParams, geometry: Geometry) -> Mandible:
-    """Scale the reference mandible to fill the field of view (at most life size) and centre it there."""
-    ss, ps, _ = geometry.spacing
-    fz, fy, fx = np.array(geometry.shape) * np.array([ss, ps, ps])
-    s_xy = s_z = 1.05
-    for _ in range(8):  # shrink until the floors on thickness and height fit too
+def build_mandible(params: PatientParams, fov_mm: tuple[float, float, float] | None = None) -> Mandible:
+    """The mandible, life size times the head scale, or scaled to fill `fov_mm` (slab, rows, columns).
+
+    Either way the bony envelope is centred on the anatomy frame's origin.
+    """
+    if fov_mm is None:
+        s_xy = s_z = params.head_scale
         d = _dimensions(params, s_xy, s_z)
-        fit_xy = FILL * min(fx / d["width"], fy / (d["front"] + d["post"]))
-        fit_z = FILL * fz / d["top"]
-        if fit_xy >= 1 and fit_z >= 1:
-            break
-        s_xy, s_z = s_xy * min(1.0, fit_xy), s_z * min(1.0, fit_z)
-        # Tiny test grids cannot hold the floors; keep the shape plausible rather than flatten it.
-        s_z = max(s_z, 0.6 * s_xy)
-    d = _dimensions(params, s_xy, s_z)
-    # Centre the bony envelope in the anatomy frame (the field of view's centre).
+    else:
+        fz, fy, fx = fov_mm
+        s_xy = s_z = 1.05
+        for _ in range(8):  # shrink until the floors on thickness and height fit too
+            d = _dimensions(params, s_xy, s_z)
+            fit_xy = FILL * min(fx / d["width"], fy / (d["front"] + d["post"]))
+            fit_z = FILL * fz / d["top"]
+            if fit_xy >= 1 and fit_z >= 1:
+                break
+            s_xy, s_z = s_xy * min(1.0, fit_xy), s_z * min(1.0, fit_z)
+            # Tiny test grids cannot hold the floors; keep the shape plausible rather than flatten it.
+            s_z = max(s_z, 0.6 * s_xy)
+        d = _dimensions(params, s_xy, s_z)
     y_back = (d["front"] - d["post"]) / 2
     z_bottom_front = -d["top"] / 2
     rami = {}
     for side in (-1, 1):
         origin = np.array([side * d["half_width"], y_back, z_bottom_front + d["rise"]])  # gonial angle
-        rami[side] = _ramus(side, params.side(side), origin, d["ramus_h"], d["ramus_w"], d["ramus_t"])
+        k = params.side(side).ramus_scale  # mild asymmetry
+        rami[side] = _ramus(side, params.side(side), origin, d["ramus_h"] * k, d["ramus_w"], d["ramus_t"])
     return Mandible(
         half_width=d["half_width"], depth=d["depth"], exponent=params.arch_exponent, y_back=y_back,
         z_bottom_front=z_bottom_front, rise=d["rise"], height_front=d["h_front"], height_back=d["h_back"],
@@ -241,9 +262,27 @@ def _tube(name: str, control: list[np.ndarray], radius: float | np.ndarray) -> T
     return Tube(name, points, r)
 
 
-def side_tubes(side: int, params: PatientParams, mandible: Mandible) -> SideTubes:
-    """The IAN from above the mandibular foramen to the mental foramen, its canal vessels, and the
-    bright look-alikes around it (lingual nerve, pterygoid plexus, facial/retromandibular/lingual vessels)."""
+#: How far below the cranial base's inferior surface the traced nerve begins (mm).
+OVALE_DEPTH_MM = 2.0
+
+
+def foramen_ovale(side: int, params: PatientParams, mandible: Mandible, z_cranial_base: float) -> np.ndarray:
+    """Where the IAN's trace begins: under the cranial base, medial to the condyle, above the
+    mandibular foramen (anatomy frame, mm)."""
+    a, ram = params.side(side), mandible.rami[side]
+    wf, hf = a.foramen_w * ram.width, a.foramen_h * ram.height
+    z = z_cranial_base - OVALE_DEPTH_MM
+    h_ovale = (z - float(ram.origin[2])) / float(ram.e_h[2])
+    ovale = ram.point(wf - 6.0, max(h_ovale, hf + a.extraosseous_mm + 4.0),
+                      -(ram.thickness / 2 + (params.pterygoid_gap_mm + 6.0) * min(1.0, mandible.scale_xy)))
+    ovale[2] = min(float(ovale[2]), z)
+    return ovale
+
+
+def side_tubes(side: int, params: PatientParams, mandible: Mandible, z_cranial_base: float) -> SideTubes:
+    """The IAN from the cranial base (foramen ovale) to the mental foramen, as the paper annotated it,
+    its canal vessels, and the bright look-alikes around it (lingual nerve, pterygoid plexus,
+    facial/retromandibular/lingual vessels)."""
     a = params.side(side)
     ram = mandible.rami[side]
     name = "right" if side < 0 else "left"
@@ -264,9 +303,10 @@ def side_tubes(side: int, params: PatientParams, mandible: Mandible) -> SideTube
     inner_t = -(tr - r_c - mandible.cortex - 0.3)
     t3, t4, t5 = a.canal_theta_deg
     ctrl = [
+        foramen_ovale(side, params, mandible, z_cranial_base),
         ram.point(wf - 1.5, hf + a.extraosseous_mm, -(tr + 0.6 * gap)),
         ram.point(wf - 0.5, hf + 0.45 * a.extraosseous_mm, -(tr + 0.35 * gap)),
-        ram.point(wf, hf, -tr),  # mandibular foramen, on the medial surface
+        foramen := ram.point(wf, hf, -tr),  # mandibular foramen, on the medial surface
         ram.point(wf + 2.0, 0.55 * hf, min(inner_t * 0.8, 0.0)),
         body(t3, a.canal_buccal[0], a.canal_height[0]),
         body(t4, a.canal_buccal[1], a.canal_height[1]),
@@ -280,7 +320,6 @@ def side_tubes(side: int, params: PatientParams, mandible: Mandible) -> SideTube
     ctrl.append(body(mental_theta, None, a.mental_height, u=t_mental + 0.8))
     points = sample_curve(np.asarray(ctrl))
     arc = np.concatenate([[0.0], np.cumsum(np.linalg.norm(np.diff(points, axis=0), axis=1))])
-    foramen = ctrl[2]
     canal_start = float(arc[np.argmin(np.linalg.norm(points - foramen, axis=1))])
     radius = a.nerve_radius_mm * (1 - a.nerve_taper * np.clip((arc - canal_start) / (arc[-1] - canal_start), 0, 1))
     nerve = Tube(f"{name} IAN", points, radius)

@@ -1,9 +1,10 @@
 """Per-patient parameters of the synthetic MRN phantom, drawn deterministically from (seed, patient).
 
-Lengths here are for an adult-sized reference mandible in millimetres; `phantom_anatomy` scales the
-bony anatomy to the chosen field of view, while the nerve, vessels and canal keep their real sizes.
-The draws happen in a fixed order whatever the configuration, so patient i of seed s keeps the same
-anatomy when the image size or the number of patients changes.
+Lengths are adult sizes in millimetres; docs/phantoms.md lists the ranges with their sources. At the
+`paper` preset the head is life size times `head_scale`; the `small` preset scales the bony anatomy
+to fill its field of view, while the nerve, vessels and canal keep their real sizes. The draws happen
+in a fixed order whatever the configuration, so patient i of seed s keeps the same anatomy when the
+image size or the number of patients changes.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ class SideAnatomy:
     vessel_twist_deg: float  # slow rotation of the bundle along its course
     extraosseous_mm: float  # nerve length traced above the mandibular foramen
     lingual_nerve_radius_mm: float
+    ramus_scale: float  # mild asymmetry: this side's ramus height factor
+    annotation_inset: float  # the annotator's brush radius as a fraction of the nerve radius
     distractor_radius_mm: tuple[float, float, float, float]  # retromandibular v., facial a., facial v., lingual a.
     plexus: tuple[tuple[float, float, float, float, float], ...]  # pterygoid venous plexus tubes
 
@@ -58,6 +61,8 @@ class Contrast:
     tooth: float
     canal_fill: float
     lingual_nerve: float
+    brain: float
+    fat_failure: float  # how bright fat gets where its suppression fails (MENSE fat saturation is uneven)
 
 
 @dataclass(frozen=True)
@@ -76,12 +81,14 @@ class MetalSpec:
 class PatientParams:
     """Everything that makes one synthetic patient."""
 
-    pixel_spacing_mm: float
+    pixel_spacing_mm: float  # column spacing (left-right)
+    row_spacing_mm: float  # row spacing (anterior-posterior, the phase-encode direction)
     slice_spacing_mm: float
     oblique_axis: tuple[float, float, float]
     oblique_deg: float
     head_rotation_deg: tuple[float, float, float]  # about x (pitch), y (roll), z (yaw)
-    fov_offset: tuple[float, float, float]  # fraction of the spare field of view
+    offset_mm: tuple[float, float, float]  # the head's centre from the field of view's centre (x, y, z)
+    head_scale: float  # life-size head at the paper preset: every bony and soft length times this
     arch_half_width_mm: float
     arch_depth_mm: float
     arch_exponent: float
@@ -107,6 +114,17 @@ class PatientParams:
     soft_margin_mm: float
     pharynx_radii_mm: tuple[float, float]
     oral_air_mm: float
+    cranial_base_gap_mm: float  # condyle top to the roof of the glenoid fossa (the cranial base)
+    cranial_base_mm: float  # thickness of the middle cranial fossa floor
+    zygoma_half_width_mm: float  # half the bizygomatic breadth (lateral border of the arches)
+    zygoma_radius_mm: float  # the arch's half height
+    eam_radius_mm: float
+    eam_behind_condyle_mm: float
+    head_half_width_mm: float  # half the head breadth above the cranial base
+    head_length_mm: float  # glabella-opisthocranion length
+    palate_above_occlusion_mm: float
+    palate_mm: float  # hard palate thickness
+    sinus_radii_mm: tuple[float, float, float]
     right: SideAnatomy
     left: SideAnatomy
     contrast: Contrast
@@ -156,13 +174,17 @@ def _side(rng: np.random.Generator, nerve_diameter: tuple[float, float]) -> Side
         vessel_twist_deg=_u(rng, -60, 60),
         extraosseous_mm=_u(rng, 8, 16),
         lingual_nerve_radius_mm=_u(rng, 0.9, 1.25),
+        ramus_scale=_u(rng, 0.95, 1.05),
+        annotation_inset=_u(rng, 0.8, 0.95),
         distractor_radius_mm=(_u(rng, 1.2, 2.0), _u(rng, 0.8, 1.3), _u(rng, 1.0, 1.6), _u(rng, 0.7, 1.2)),
         plexus=plexus,
     )
 
 
 def draw_patient(rng: np.random.Generator, *, pixel_spacing: tuple[float, float],
-                 slice_spacing: tuple[float, float], nerve_diameter: tuple[float, float],
+                 row_spacing: tuple[float, float] | None, slice_spacing: tuple[float, float],
+                 nerve_diameter: tuple[float, float], max_offset_mm: float, max_rotation_deg: float,
+                 head_scale: tuple[float, float],
                  noise: tuple[float, float], bias: tuple[float, float], motion_probability: float,
                  metal_probability: float, metal_reaches_canal_probability: float,
                  oblique_probability: float, max_oblique_deg: float) -> PatientParams:
@@ -171,8 +193,8 @@ def draw_patient(rng: np.random.Generator, *, pixel_spacing: tuple[float, float]
     axis /= np.linalg.norm(axis)
     oblique = rng.random() < oblique_probability
     oblique_deg = max_oblique_deg * _u(rng, 0.25, 1.0)
-    head = tuple(_u(rng, -4, 4) for _ in range(3))
-    fov_offset = tuple(_u(rng, -0.5, 0.5) for _ in range(3))
+    head = tuple(_u(rng, -max_rotation_deg, max_rotation_deg) for _ in range(3))
+    offset = tuple(_u(rng, -max_offset_mm, max_offset_mm) for _ in range(3))
     missing = tuple(bool(m) for m in rng.random(16) < 0.12)
     right, left = _side(rng, nerve_diameter), _side(rng, nerve_diameter)
 
@@ -181,7 +203,7 @@ def draw_patient(rng: np.random.Generator, *, pixel_spacing: tuple[float, float]
         nerve=nerve,
         canal_vessel=nerve * _u(rng, 0.8, 1.1),
         vessel=_u(rng, 0.7, 1.0),
-        fat=_u(rng, 0.58, 0.82),
+        fat=_u(rng, 0.12, 0.3),
         marrow=_u(rng, 0.45, 0.62),
         muscle=_u(rng, 0.26, 0.38),
         soft=_u(rng, 0.36, 0.46),
@@ -190,6 +212,8 @@ def draw_patient(rng: np.random.Generator, *, pixel_spacing: tuple[float, float]
         tooth=_u(rng, 0.02, 0.05),
         canal_fill=_u(rng, 0.45, 0.65),
         lingual_nerve=nerve * _u(rng, 0.9, 1.08),
+        brain=_u(rng, 0.3, 0.42),
+        fat_failure=_u(rng, 0.55, 0.85),
     )
 
     has_metal = rng.random() < metal_probability
@@ -207,13 +231,17 @@ def draw_patient(rng: np.random.Generator, *, pixel_spacing: tuple[float, float]
     metals = tuple(metal_draws[:n_metal]) if has_metal else ()
     motion = rng.random() < motion_probability
 
+    column_spacing = _u(rng, *pixel_spacing)
+    rows = _u(rng, *row_spacing) if row_spacing is not None else column_spacing
     return PatientParams(
-        pixel_spacing_mm=_u(rng, *pixel_spacing),
+        pixel_spacing_mm=column_spacing,
+        row_spacing_mm=rows,
         slice_spacing_mm=_u(rng, *slice_spacing),
         oblique_axis=tuple(float(v) for v in axis),
         oblique_deg=oblique_deg if oblique else 0.0,
         head_rotation_deg=head,
-        fov_offset=fov_offset,
+        offset_mm=offset,
+        head_scale=_u(rng, *head_scale),
         arch_half_width_mm=_u(rng, 40, 47),
         arch_depth_mm=_u(rng, 66, 78),
         arch_exponent=_u(rng, 1.8, 2.6),
@@ -239,6 +267,17 @@ def draw_patient(rng: np.random.Generator, *, pixel_spacing: tuple[float, float]
         soft_margin_mm=_u(rng, 8, 14),
         pharynx_radii_mm=(_u(rng, 8, 13), _u(rng, 4, 8)),
         oral_air_mm=_u(rng, 0.0, 4.0),
+        cranial_base_gap_mm=_u(rng, 3.0, 6.0),
+        cranial_base_mm=_u(rng, 4.0, 8.0),
+        zygoma_half_width_mm=_u(rng, 62.0, 70.0),
+        zygoma_radius_mm=_u(rng, 2.5, 3.5),
+        eam_radius_mm=_u(rng, 3.0, 4.5),
+        eam_behind_condyle_mm=_u(rng, 9.0, 14.0),
+        head_half_width_mm=_u(rng, 70.0, 78.0),
+        head_length_mm=_u(rng, 178.0, 198.0),
+        palate_above_occlusion_mm=_u(rng, 12.0, 18.0),
+        palate_mm=_u(rng, 3.0, 6.0),
+        sinus_radii_mm=(_u(rng, 10.0, 14.0), _u(rng, 14.0, 18.0), _u(rng, 13.0, 17.0)),
         right=right,
         left=left,
         contrast=contrast,

@@ -28,11 +28,13 @@ import numpy as np
 from pydicom import dcmwrite
 from pydicom.dataset import Dataset
 
-from ian_node.phantom.anatomy import HALF_PI, acquisition_geometry
+from ian_node.phantom.anatomy import HALF_PI, acquisition_geometry, build_mandible, to_lps
 from ian_node.phantom.artefacts import MetalObject, apply_metal, bias_field, motion_ghosting, point_spread, rician
+from ian_node.phantom.head import crop_box, head_layout
 from ian_node.phantom.mr_series import SeriesInfo, StudyInfo, build_mr_series
 from ian_node.phantom.params import TOOTH_WIDTHS_MM, PatientParams, draw_patient
 from ian_node.phantom.render import Rendered, Tissue, render
+from ian_node.segment.reformat import PatientBox
 from ian_node.segment.seg import build_segmentation
 from ian_node.uids import derived_uid, is_dicom_uid
 
@@ -53,8 +55,16 @@ class PhantomConfig:
     """What kind of studies to generate. Ranges are (min, max) drawn uniformly per patient."""
 
     shape: tuple[int, int, int] = (64, 192, 192)  # slices, rows, columns (axial)
-    pixel_spacing_mm: tuple[float, float] = (0.43, 0.6)
+    pixel_spacing_mm: tuple[float, float] = (0.43, 0.6)  # column spacing (left-right)
+    row_spacing_mm: tuple[float, float] | None = None  # anterior-posterior; None: square pixels
     slice_spacing_mm: tuple[float, float] = (0.8, 1.6)
+    #: False: the bony anatomy is scaled to fill this (small) field of view; True: a life-size head,
+    #: times a per-patient scale, placed in the field of view as a technologist would.
+    life_size: bool = False
+    head_scale: tuple[float, float] = (0.85, 1.15)
+    max_offset_mm: float = 20.0  # head centre off the field of view's centre, per axis (life size)
+    max_rotation_deg: float = 10.0  # head rotation about each axis
+    supersample: int = 2  # slices rendered per acquired slice, averaged down (partial volume)
     nerve_diameter_mm: tuple[float, float] = (2.0, 3.0)
     noise_sigma: tuple[float, float] = (0.03, 0.065)  # per channel, in units of tissue signal (nerve ~0.85)
     bias_strength: tuple[float, float] = (0.08, 0.3)
@@ -73,7 +83,16 @@ class PhantomConfig:
             raise ValueError("PhantomConfig.shape must be 3 ints (slices >= 4, rows/columns >= 32), "
                              f"got {self.shape!r}")
         _check_range("pixel_spacing_mm", self.pixel_spacing_mm, 0.1, 5.0)
+        if self.row_spacing_mm is not None:
+            _check_range("row_spacing_mm", self.row_spacing_mm, 0.1, 5.0)
         _check_range("slice_spacing_mm", self.slice_spacing_mm, 0.1, 10.0)
+        _check_range("head_scale", self.head_scale, 0.5, 1.5)
+        if not 0.0 <= self.max_offset_mm <= 60.0:
+            raise ValueError(f"PhantomConfig.max_offset_mm must be within [0, 60], got {self.max_offset_mm!r}")
+        if not 0.0 <= self.max_rotation_deg <= 20.0:
+            raise ValueError(f"PhantomConfig.max_rotation_deg must be within [0, 20], got {self.max_rotation_deg!r}")
+        if not isinstance(self.supersample, int) or not 1 <= self.supersample <= 4:
+            raise ValueError(f"PhantomConfig.supersample must be an int in 1..4, got {self.supersample!r}")
         _check_range("nerve_diameter_mm", self.nerve_diameter_mm, 0.5, 6.0)
         _check_range("noise_sigma", self.noise_sigma, 0.0, 1.0)
         _check_range("bias_strength", self.bias_strength, 0.0, 2.0)
@@ -88,6 +107,22 @@ class PhantomConfig:
             raise ValueError(f"PhantomConfig.intensity_scale must be within [1, 20000], got {self.intensity_scale!r}")
 
 
+#: The paper's acquisition (220 x 220 mm field of view, 0.429 x 0.8 x 1.6 mm voxels: columns, rows,
+#: slices) over the lower head, from below the chin to above the cranial base.
+PAPER = PhantomConfig(shape=(88, 275, 512), pixel_spacing_mm=(0.4297, 0.4297), row_spacing_mm=(0.8, 0.8),
+                      slice_spacing_mm=(1.6, 1.6), life_size=True)
+#: Preset name → configuration; `small` (the default) keeps CPU tests and the demo fast.
+PRESETS: dict[str, PhantomConfig] = {"small": PhantomConfig(), "paper": PAPER}
+
+
+def phantom_preset(name: str) -> PhantomConfig:
+    """The named acquisition preset (`small` or `paper`)."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown phantom preset {name!r}; valid: {', '.join(PRESETS)}") from None
+
+
 @dataclass(frozen=True)
 class Phantom:
     """One synthetic patient: the image volume, IAN labels (1 right, 2 left), tissue map, DICOM identity."""
@@ -100,6 +135,8 @@ class Phantom:
     study: StudyInfo
     series: SeriesInfo
     params: dict = field(repr=False)
+    landmarks: dict[str, tuple[float, float, float]] = field(default_factory=dict, repr=False)  # LPS mm
+    crop_boxes: dict[str, PatientBox] = field(default_factory=dict, repr=False)  # "right"/"left": the paper's crop
     uid_key: str = field(default="", repr=False)  # names this phantom's deterministic instance UIDs
     uid_prefix: str | None = None
 
@@ -166,14 +203,30 @@ def generate_phantom(patient_index: int, seed: int, config: PhantomConfig | None
     streams = np.random.SeedSequence([int(seed), int(patient_index), 0x1A2]).spawn(4)
     param_rng, texture_rng, noise_rng, identity_rng = (np.random.default_rng(s) for s in streams)
     params = draw_patient(
-        param_rng, pixel_spacing=config.pixel_spacing_mm, slice_spacing=config.slice_spacing_mm,
-        nerve_diameter=config.nerve_diameter_mm, noise=config.noise_sigma, bias=config.bias_strength,
+        param_rng, pixel_spacing=config.pixel_spacing_mm, row_spacing=config.row_spacing_mm,
+        slice_spacing=config.slice_spacing_mm, nerve_diameter=config.nerve_diameter_mm,
+        max_offset_mm=config.max_offset_mm, max_rotation_deg=config.max_rotation_deg, head_scale=config.head_scale,
+        noise=config.noise_sigma, bias=config.bias_strength,
         motion_probability=config.motion_probability, metal_probability=config.metal_probability,
         metal_reaches_canal_probability=config.metal_reaches_canal_probability,
         oblique_probability=config.oblique_probability, max_oblique_deg=config.max_oblique_deg,
     )
-    geometry = acquisition_geometry(params, config.shape)
-    rendered = render(params, geometry, texture_rng)
+    fov = np.array(config.shape) * np.array([params.slice_spacing_mm, params.row_spacing_mm, params.pixel_spacing_mm])
+    offset = np.asarray(params.offset_mm)
+    if config.life_size:
+        mandible = build_mandible(params)
+        layout = head_layout(params, mandible)
+        # In plane the head sits anywhere within the offset; along the slab the technologist covers
+        # chin to cranial base, so only a quarter of the offset applies.
+        centre = layout.fov_centre() - offset * np.array([1.0, 1.0, 0.25])
+    else:
+        mandible = build_mandible(params, tuple(fov))
+        layout = head_layout(params, mandible)
+        centre = -offset * float(min(fov[1:]) / 220.0) * np.array([1.0, 1.0, 0.25])
+    geometry = acquisition_geometry(params, config.shape, centre)
+    fine = acquisition_geometry(params, config.shape, centre, config.supersample)
+    rendered = render(params, fine, geometry, mandible, layout, texture_rng)
+    del fine
     image, tissue = rendered.image, rendered.tissue
     coords = geometry.anatomy_coords()
     for metal in _metal_objects(params, rendered):
@@ -200,8 +253,14 @@ def generate_phantom(patient_index: int, seed: int, config: PhantomConfig | None
                                          "left": rendered.nerve_length_in_fov_mm[1]}
     summary["canal_in_bone_fraction"] = {"right": rendered.canal_in_bone_fraction[-1],
                                          "left": rendered.canal_in_bone_fraction[1]}
-    return Phantom(int(seed), int(patient_index), volume, rendered.labels, tissue, study, series, summary, key,
-                   config.uid_prefix)
+    landmarks = {name: to_lps(params, point) for name, point in rendered.layout.landmarks.items()}
+    boxes = {name: crop_box(landmarks, side) for side, name in ((-1, "right"), (1, "left"))}
+    return Phantom(
+        int(seed), int(patient_index), volume, rendered.labels, tissue, study, series, summary,
+        landmarks={k: tuple(float(v) for v in p) for k, p in landmarks.items()},
+        crop_boxes={k: PatientBox(*b.reshape(-1)) for k, b in boxes.items()},
+        uid_key=key, uid_prefix=config.uid_prefix,
+    )
 
 
 #: Tissue groups reported in the summary.
@@ -214,6 +273,8 @@ STAT_GROUPS: dict[str, tuple[Tissue, ...]] = {
     "soft_tissue": (Tissue.SOFT,),
     "gland": (Tissue.GLAND,),
     "cortical_bone": (Tissue.CORTEX,),
+    "skull": (Tissue.SKULL,),
+    "brain": (Tissue.BRAIN,),
     "canal_fill": (Tissue.CANAL,),
 }
 
@@ -326,6 +387,8 @@ def phantom_summary(phantom: Phantom, seg_uid: str | None = None) -> dict:
         "spacing_mm": spacing,
         "affine": np.asarray(phantom.volume.affine).tolist(),
         "nerves": sides,
+        "landmarks": {name: list(point) for name, point in phantom.landmarks.items()},
+        "crop_boxes": {name: box.bounds.tolist() for name, box in phantom.crop_boxes.items()},
         "intensity": intensity_statistics(phantom),
         "parameters": phantom.params,
     }
