@@ -21,7 +21,8 @@ from ian_node.phantom.tubes import Tube, offset_tube, sample_curve
 ANATOMY_ORIGIN_LPS = np.array([0.0, -35.0, -95.0])
 #: Fraction of the field of view the bony envelope may fill when it is scaled to fit (the `small`
 #: preset): room for the pose's rotation and offset.
-FILL = 0.7
+FILL = 0.84
+FILL_Z = 0.72  # the slab is thin: head pitch and roll move the condyles and chin most along it
 HALF_PI = np.pi / 2
 
 
@@ -220,7 +221,7 @@ def build_mandible(params: PatientParams, fov_mm: tuple[float, float, float] | N
         for _ in range(8):  # shrink until the floors on thickness and height fit too
             d = _dimensions(params, s_xy, s_z)
             fit_xy = FILL * min(fx / d["width"], fy / (d["front"] + d["post"]))
-            fit_z = FILL * fz / d["top"]
+            fit_z = FILL_Z * fz / d["top"]
             if fit_xy >= 1 and fit_z >= 1:
                 break
             s_xy, s_z = s_xy * min(1.0, fit_xy), s_z * min(1.0, fit_z)
@@ -276,7 +277,15 @@ def foramen_ovale(side: int, params: PatientParams, mandible: Mandible, z_crania
     ovale = ram.point(wf - 6.0, max(h_ovale, hf + a.extraosseous_mm + 4.0),
                       -(ram.thickness / 2 + (params.pterygoid_gap_mm + 6.0) * min(1.0, mandible.scale_xy)))
     ovale[2] = min(float(ovale[2]), z)
-    return ovale
+    return _lateral_of_midline(ovale, side, ram)
+
+
+def _lateral_of_midline(point: np.ndarray, side: int, ram: Ramus) -> np.ndarray:
+    """Keep a point medial to the ramus well lateral of the midline, even where the canal's floors
+    make a scaled-down ramus thick (the `small` preset's tiny grids)."""
+    point = np.array(point, dtype=np.float64)
+    point[0] = side * max(side * float(point[0]), 0.6 * abs(float(ram.origin[0])))
+    return point
 
 
 def side_tubes(side: int, params: PatientParams, mandible: Mandible, z_cranial_base: float) -> SideTubes:
@@ -304,7 +313,7 @@ def side_tubes(side: int, params: PatientParams, mandible: Mandible, z_cranial_b
     t3, t4, t5 = a.canal_theta_deg
     ctrl = [
         foramen_ovale(side, params, mandible, z_cranial_base),
-        ram.point(wf - 1.5, hf + a.extraosseous_mm, -(tr + 0.6 * gap)),
+        _lateral_of_midline(ram.point(wf - 1.5, hf + a.extraosseous_mm, -(tr + 0.6 * gap)), side, ram),
         ram.point(wf - 0.5, hf + 0.45 * a.extraosseous_mm, -(tr + 0.35 * gap)),
         foramen := ram.point(wf, hf, -tr),  # mandibular foramen, on the medial surface
         ram.point(wf + 2.0, 0.55 * hf, min(inner_t * 0.8, 0.0)),
