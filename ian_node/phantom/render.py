@@ -158,7 +158,7 @@ def render(params: PatientParams, geometry: Geometry, acquired: Geometry, m: Man
     np.minimum(depth_in, head_outline_depth(layout, x, y, 0.0) + F(6.0), out=depth_in)  # the back of the neck
     np.maximum(depth_in, cranium_depth(layout, x, y, z), out=depth_in)
     head = depth_in > 0
-    canvas.paint(head, Tissue.SOFT, Shade(c.soft, 0.06, 0.03))
+    canvas.paint(head, Tissue.SOFT, Shade(c.soft, 0.1, 0.04))
     # MENSE fat saturation is uneven: fat stays dark in most places and fails in broad patches.
     failure = np.clip(F(0.7) * _texture(shape, rng, 24) - F(0.15), 0, 1)
     failure *= F(c.fat_failure - c.fat)
@@ -167,7 +167,7 @@ def render(params: PatientParams, geometry: Geometry, acquired: Geometry, m: Man
     canvas.paint(head & (depth_in < F(params.subcutaneous_fat_mm)), Tissue.FAT, fat_value)
     canvas.paint(head & (v < F(-3.0)) & (tex_lo > F(1.0)), Tissue.FAT, fat_value)  # submandibular fat
 
-    muscle_value = Shade(c.muscle, 0.05, 0.05)
+    muscle_value = Shade(c.muscle, 0.09, 0.06)  # fibres and fatty streaks
     masseter = (ram_t > rt + F(0.3)) & (ram_t < rt + F(params.masseter_mm)) & (ram_w > -3) & (ram_w < rw + 3) \
         & (ram_h > -4) & (ram_h < F(0.8 * ramus.height))
     gap, mp = F(params.pterygoid_gap_mm), F(params.medial_pterygoid_mm)
@@ -180,7 +180,7 @@ def render(params: PatientParams, geometry: Geometry, acquired: Geometry, m: Man
     canvas.paint(head & pterygo_fat, Tissue.FAT, fat_value)
     parotid = (ram_w < -F(0.5)) & (ram_w > -F(15.0)) & (ram_t > -4) & (ram_t < rt + F(params.masseter_mm)) \
         & (ram_h > F(0.1 * ramus.height)) & (ram_h < F(ramus.height + 5))
-    gland_value = Shade(c.gland, 0.05, 0.08)
+    gland_value = Shade(c.gland, 0.08, 0.1)
     canvas.paint(head & parotid, Tissue.GLAND, gland_value)
     for side in (-1, 1):
         th = np.radians(22 * side)
