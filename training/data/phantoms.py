@@ -24,10 +24,10 @@ from ian_node.segment.pipeline import prepare, to_model_space
 from ian_node.segment.reformat import PatientBox
 from ian_node.segment.volume import Side, load_series
 from model.preprocess import DEFAULT_SIZE
+from training.data.collect import CROPS
 from training.data.samples import LoadReport, SampleMeta, SliceSet, SourceReport
 
-Crop = Literal["halves", "boxes"]
-CROPS: tuple[str, ...] = ("halves", "boxes")
+Crop = Literal["halves", "boxes"]  # as `training.data.LoadOptions.crop`
 
 
 def phantom_slice_set(
@@ -77,8 +77,6 @@ def phantom_slice_set(
 
 def _rois(phantom: Phantom) -> dict[Side, PatientBox]:
     """The phantom's manual per-side crops keyed as `prepare` wants them."""
-    boxes = getattr(phantom, "crop_boxes", None)
-    if not boxes:
-        raise ValueError(f"phantom {phantom.study.patient_id} has no crop_boxes: crop='boxes' needs a generator "
-                         "that records the per-side manual crops (ian_node.phantom, issue 13)")
-    return {Side(side): box for side, box in boxes.items()}
+    if not phantom.crop_boxes:
+        raise ValueError(f"phantom {phantom.study.patient_id} has no crop_boxes for crop 'boxes'")
+    return {Side(side): box for side, box in phantom.crop_boxes.items()}
