@@ -122,7 +122,9 @@ def summarise(runs: list[Run], presets: list[str], write: bool) -> dict:
     if "paper" in out:
         paper = out["paper"]
         out["targets"] = {"paper_max_generate_s": TARGET_PAPER_S, "paper_max_peak_gb": TARGET_PAPER_PEAK_GB,
-                          "time_met": paper["generate_s"]["max"] <= TARGET_PAPER_S,
+                          "time_met_wall": paper["generate_s"]["max"] <= TARGET_PAPER_S,
+                          "time_met_cpu": paper["generate_cpu_s"]["max"] <= TARGET_PAPER_S,
+                          "wall_over_cpu": paper["generate_s"]["median"] / paper["generate_cpu_s"]["median"],
                           "memory_met": paper["peak_gb"]["max"] < TARGET_PAPER_PEAK_GB}
     return out
 
@@ -177,9 +179,13 @@ def main(argv: list[str] | None = None) -> int:
     print(table(summary, args.presets, args.write))
     if "targets" in summary:
         t = summary["targets"]
-        print(f"\nissue 13 targets for one paper patient: <= {t['paper_max_generate_s']:.0f} s "
-              f"({'met' if t['time_met'] else 'MISSED'}), peak < {t['paper_max_peak_gb']:.0f} GB "
-              f"({'met' if t['memory_met'] else 'MISSED'})")
+        verdict = {True: "met", False: "MISSED"}
+        print(f"\nissue 13 targets for one paper patient: <= {t['paper_max_generate_s']:.0f} s on one core "
+              f"(wall clock {verdict[t['time_met_wall']]}, CPU time {verdict[t['time_met_cpu']]}), "
+              f"peak < {t['paper_max_peak_gb']:.0f} GB ({verdict[t['memory_met']]})")
+        if t["wall_over_cpu"] > 1.2:
+            print(f"the pinned core was shared: wall clock / CPU time = {t['wall_over_cpu']:.2f} "
+                  f"(load average {os.getloadavg()[0]:.1f}); the CPU time is what one free core would take")
     if args.out:
         doc = {"seed": args.seed, "patients": args.patients, "cpu": cpu, "write": args.write,
                "machine": {"python": platform.python_version(), "processor": platform.processor(),
