@@ -25,7 +25,7 @@ import torch
 
 from ian_node.logs import LoggingSetup, setup_logging
 from model.registry import NETWORKS
-from training.data import FORMATS, DatasetError, LoadOptions, export_2d, load_dataset
+from training.data import CROPS, FORMATS, DatasetError, LoadOptions, export_2d, load_dataset
 from training.presets import IAN_NET_VARIANTS, PRESETS, Protocol, Runtime, preset
 from training.runner import BenchmarkError, BenchmarkPaths, Ledger, prepare_data, reevaluate, train_all
 
@@ -95,8 +95,11 @@ def _add_run_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--empty-slices", dest="empty_ratio", type=float, metavar="RATIO",
                    help="nerve-free slices added per nerve slice (3D inputs; default 0: nerve slices only)")
     g.add_argument("--slice-step", type=int, help="keep every k-th nerve slice (default 1)")
+    g.add_argument("--crop", choices=CROPS, help="each side's region: the volume's halves (default) or the crop "
+                                                 "boxes of the summary.json next to each SEG (phantoms)")
     g.add_argument("--phantom-patients", type=int, help="generated phantom patients when --data is absent")
-    g.add_argument("--phantom-shape", type=_triple(int), metavar="S,R,C", help="phantom volume shape")
+    g.add_argument("--phantom-preset", help="kind of generated phantoms: small or paper (whole lower head, "
+                                            "220 mm field of view)")
     g.add_argument("--phantom-seed", type=int, help="phantom generator seed")
     _add_data_options(p)
     r = p.add_argument_group("runtime")

@@ -10,13 +10,18 @@ Presets:
   epochs, batch 32, Focal Tversky γ 2, α 0.7, β 0.3, patience 25, all seven networks at full width,
   256 px). Needs `--data`. Three input channels, as the authors' released code and every comparator's
   original take (grey replicated); the node reads the channel count from the checkpoint.
-- `smoke`: the whole pipeline in about a minute on a 2-core CPU (CI): six generated phantom patients
-  of (24, 96, 96), every second nerve slice, 64 px, width 0.125, one channel, batch 16, one repeat,
-  one epoch.
-- `phantom`: long enough for the seven networks to learn the phantom task on a 2-core CPU in about
-  half an hour (docs/benchmark.md has its measured tables): ten phantom patients, every second nerve
-  slice, 128 px (at 64 px the stride-8 decoders of CaraNet and HarDNet-MSEG see the 2-3 mm nerve
-  as less than one pixel), width 0.25, one channel, batch 8, one repeat of 16 epochs.
+- `smoke`: the whole pipeline in about a minute on a 2-core CPU (CI): four generated `small` phantom
+  patients (64, 192, 192), each side cropped by its crop box, every third nerve slice, 64 px, width
+  0.125, one channel, batch 16, one repeat, one epoch.
+- `phantom`: the paper's setting on paper-scale phantoms, sized for a 2-core CPU: ten `paper` phantom
+  patients (the paper's acquisition: 220 mm field of view, 0.429 × 0.8 × 1.6 mm voxels, (88, 275, 512);
+  about 20 s each to generate), each side cropped by its ground-truth crop box (the paper's manual
+  crop), 256 px, every eighth coronal nerve slice (6.4 mm apart; about 21 samples per patient, 208 in
+  all: 6 training, 2 validation and 2 test patients), width 0.125, one channel, batch 4, 8 epochs,
+  one repeat. Measured on this machine (docs/benchmark.md): 0.61 s of training per image for the
+  seven networks together on an idle machine (2 threads; DS-TransUNet 43 %, DUCK-Net 28 %), so one
+  repeat is about 12 minutes; with other jobs sharing the two cores it took about 3 times as long, and
+  1 thread was then 4 times faster than 2.
 
 Everything a preset does not name is the paper's value (optimiser, schedule, loss, patience, splits).
 """
@@ -28,6 +33,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from model.registry import NETWORKS, PAPER_NETWORK, network_class
+from training.data.collect import CROPS
 from training.settings import reject_unknown_fields
 from training.splits import PAPER_FRACTIONS, PAPER_REPEATS
 
@@ -64,9 +70,12 @@ class Protocol:
     # how samples are drawn from 3D inputs
     empty_ratio: float = 0.0
     slice_step: int = 1
+    # each side's region: the volume's halves (the node's default) or the study's crop boxes (the paper's
+    # manual crop; read from the summary.json next to each SEG, as the phantoms write it)
+    crop: str = "halves"
     # generated phantom data, used when no --data is given (0 patients: --data is required)
     phantom_patients: int = 0
-    phantom_shape: tuple[int, int, int] = (24, 96, 96)
+    phantom_preset: str = "small"  # ian_node.phantom.study.phantom_preset: "small" or "paper"
     phantom_seed: int = 0
 
     def __post_init__(self) -> None:
@@ -83,6 +92,8 @@ class Protocol:
             raise ValueError(f"in_channels must be 1 or 3, got {self.in_channels}")
         if not isinstance(self.repeats, int) or self.repeats < 1:
             raise ValueError(f"repeats must be a positive integer, got {self.repeats!r}")
+        if self.crop not in CROPS:
+            raise ValueError(f"crop must be one of {CROPS}, got {self.crop!r}")
         if self.phantom_patients and self.phantom_patients < 3:
             raise ValueError(f"phantom_patients must be 0 or at least 3 (train/val/test), got {self.phantom_patients}")
 
@@ -99,7 +110,7 @@ class Protocol:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Protocol:
         reject_unknown_fields(cls, data, "protocol")
-        tuples = {"models", "fractions", "phantom_shape"}
+        tuples = {"models", "fractions"}
         return cls(**{k: tuple(v) if k in tuples else v for k, v in data.items()})
 
     def differences(self, other: Protocol) -> list[str]:
@@ -120,10 +131,10 @@ class Runtime:
 
 PRESETS: dict[str, Protocol] = {
     "paper": Protocol(),
-    "smoke": Protocol(repeats=1, epochs=1, batch_size=16, width=0.125, size=64, in_channels=1, slice_step=2,
-                      phantom_patients=6, phantom_shape=(24, 96, 96)),
-    "phantom": Protocol(repeats=1, epochs=16, batch_size=8, width=0.25, size=128, in_channels=1, slice_step=2,
-                        phantom_patients=10, phantom_shape=(24, 96, 96)),
+    "smoke": Protocol(repeats=1, epochs=1, batch_size=16, width=0.125, size=64, in_channels=1, slice_step=3,
+                      crop="boxes", phantom_patients=4, phantom_preset="small"),
+    "phantom": Protocol(repeats=1, epochs=8, batch_size=4, width=0.125, size=256, in_channels=1, slice_step=8,
+                        crop="boxes", phantom_patients=10, phantom_preset="paper"),
 }
 
 

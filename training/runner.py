@@ -103,11 +103,15 @@ def write_json(path: Path, data: Any) -> None:
 # ---------------------------------------------------------------- data
 def ensure_phantoms(paths: BenchmarkPaths, protocol: Protocol) -> Path:
     """Generate the protocol's phantom patients once (atomically, by folder rename) and reuse them."""
-    from ian_node.phantom.study import PhantomConfig, write_phantoms
+    from ian_node.phantom.study import phantom_preset, write_phantoms
 
+    try:
+        config = phantom_preset(protocol.phantom_preset)
+    except (KeyError, ValueError) as exc:
+        raise BenchmarkError(f"phantom_preset {protocol.phantom_preset!r}: {exc}") from exc
     target = paths.phantoms
     wanted = {"seed": protocol.phantom_seed, "patients": protocol.phantom_patients,
-              "shape": list(protocol.phantom_shape)}
+              "preset": protocol.phantom_preset, "shape": list(config.shape)}
     marker = target / "benchmark_phantoms.json"
     if target.is_dir():
         if marker.is_file() and json.loads(marker.read_text()) == wanted:
@@ -115,10 +119,9 @@ def ensure_phantoms(paths: BenchmarkPaths, protocol: Protocol) -> Path:
         raise BenchmarkError(f"{target} holds other phantoms than this protocol asks for ({wanted})")
     partial = target.with_name("phantoms.partial")
     shutil.rmtree(partial, ignore_errors=True)
-    logger.info("generating %d phantom patients of shape %s (seed %d)", protocol.phantom_patients,
-                protocol.phantom_shape, protocol.phantom_seed)
-    write_phantoms(partial, protocol.phantom_patients, protocol.phantom_seed,
-                   PhantomConfig(shape=tuple(protocol.phantom_shape)))
+    logger.info("generating %d %r phantom patients of shape %s (seed %d)", protocol.phantom_patients,
+                protocol.phantom_preset, config.shape, protocol.phantom_seed)
+    write_phantoms(partial, protocol.phantom_patients, protocol.phantom_seed, config)
     (partial / marker.name).write_text(json.dumps(wanted))
     partial.rename(target)
     return target
@@ -137,7 +140,7 @@ def prepare_data(paths: BenchmarkPaths, protocol: Protocol, data: Path | None, f
     if data is None and not protocol.phantom_patients:
         raise BenchmarkError("--data is required: this preset does not generate phantom data")
     load = LoadOptions(**{**asdict(load), "size": protocol.size, "empty_ratio": protocol.empty_ratio,
-                          "slice_step": protocol.slice_step, "seed": protocol.seed})
+                          "slice_step": protocol.slice_step, "seed": protocol.seed, "crop": protocol.crop})
     source = {"data": str(Path(data).resolve()) if data is not None else "generated phantoms",
               "format": fmt if data is not None else "dicom", "load": asdict(load)}
     if paths.samples.is_file():
