@@ -117,7 +117,9 @@ def test_motion_ghosts_raise_the_signal_outside_the_head():
     moving = generate_phantom(4, 4, PhantomConfig(shape=(24, 96, 96), motion_probability=1.0))
     air = still.tissue == Tissue.AIR
     assert np.array_equal(still.labels, moving.labels)
-    assert moving.volume.array[air].mean() > 1.1 * still.volume.array[air].mean()
+    # Ghosts are copies of the head, weaker where the suppressed fat used to be bright: a few percent
+    # of the air's noise floor over ~50,000 voxels (its standard error is about 0.2%).
+    assert moving.volume.array[air].mean() > 1.03 * still.volume.array[air].mean()
 
 
 def test_metal_reaching_the_canal_voids_part_of_the_labelled_nerve():
@@ -177,3 +179,13 @@ def test_console_script_rejects_a_bad_shape_with_status_2(tmp_path):
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "shape" in proc.stderr
+
+
+@pytest.mark.parametrize("index", range(3))
+def test_crop_boxes_hold_every_annotated_voxel_whatever_the_pose(index: int):
+    # The small preset's own grid: the tiny test grid squashes the anatomy past proportion.
+    phantom = generate_phantom(index, 13)
+    for label, side in ((1, "right"), (2, "left")):
+        points = _lps(phantom, phantom.labels == label)
+        assert len(points) > 50
+        assert phantom.crop_boxes[side].contains(points).all(), (side, phantom.params["head_rotation_deg"])

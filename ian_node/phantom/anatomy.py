@@ -177,7 +177,7 @@ def _ramus(side: int, anatomy: SideAnatomy, origin: np.ndarray, height: float, w
 
 def canal_radius(anatomy: SideAnatomy) -> float:
     """Mandibular canal radius: the nerve plus the artery and vein beside it."""
-    return anatomy.nerve_radius_mm + 2 * max(anatomy.vessel_radius_mm) + 0.25
+    return anatomy.nerve_radius_mm + 2 * max(anatomy.vessel_radius_mm) + 0.1
 
 
 def _dimensions(params: PatientParams, s_xy: float, s_z: float) -> dict[str, float]:
@@ -264,7 +264,7 @@ def _tube(name: str, control: list[np.ndarray], radius: float | np.ndarray) -> T
 
 
 #: How far below the cranial base's inferior surface the traced nerve begins (mm).
-OVALE_DEPTH_MM = 2.0
+OVALE_DEPTH_MM = 3.0
 
 
 def foramen_ovale(side: int, params: PatientParams, mandible: Mandible, z_cranial_base: float) -> np.ndarray:
@@ -274,7 +274,7 @@ def foramen_ovale(side: int, params: PatientParams, mandible: Mandible, z_crania
     wf, hf = a.foramen_w * ram.width, a.foramen_h * ram.height
     z = z_cranial_base - OVALE_DEPTH_MM
     h_ovale = (z - float(ram.origin[2])) / float(ram.e_h[2])
-    ovale = ram.point(wf - 6.0, max(h_ovale, hf + a.extraosseous_mm + 4.0),
+    ovale = ram.point(wf - 6.0 * min(1.0, mandible.scale_xy), max(h_ovale, hf + 3.0),
                       -(ram.thickness / 2 + (params.pterygoid_gap_mm + 6.0) * min(1.0, mandible.scale_xy)))
     ovale[2] = min(float(ovale[2]), z)
     return _lateral_of_midline(ovale, side, ram)
@@ -311,10 +311,12 @@ def side_tubes(side: int, params: PatientParams, mandible: Mandible, z_cranial_b
 
     inner_t = -(tr - r_c - mandible.cortex - 0.3)
     t3, t4, t5 = a.canal_theta_deg
+    ovale = foramen_ovale(side, params, mandible, z_cranial_base)
+    rise = float((ovale - ram.origin) @ ram.e_h) - hf  # along the ramus, foramen ovale to mandibular foramen
     ctrl = [
-        foramen_ovale(side, params, mandible, z_cranial_base),
-        _lateral_of_midline(ram.point(wf - 1.5, hf + a.extraosseous_mm, -(tr + 0.6 * gap)), side, ram),
-        ram.point(wf - 0.5, hf + 0.45 * a.extraosseous_mm, -(tr + 0.35 * gap)),
+        ovale,
+        _lateral_of_midline(ram.point(wf - 1.5, hf + 0.6 * rise, -(tr + 0.6 * gap)), side, ram),
+        ram.point(wf - 0.5, hf + 0.3 * rise, -(tr + 0.35 * gap)),
         foramen := ram.point(wf, hf, -tr),  # mandibular foramen, on the medial surface
         ram.point(wf + 2.0, 0.55 * hf, min(inner_t * 0.8, 0.0)),
         body(t3, a.canal_buccal[0], a.canal_height[0]),
@@ -328,6 +330,11 @@ def side_tubes(side: int, params: PatientParams, mandible: Mandible, z_cranial_b
     t_mental = float(mandible.thickness(np.float32(np.radians(mental_theta)))) / 2
     ctrl.append(body(mental_theta, None, a.mental_height, u=t_mental + 0.8))
     points = sample_curve(np.asarray(ctrl))
+    # The spline may bulge above the foramen ovale where the course is short (tiny grids): the
+    # trace begins at the last sample above that level, as the annotator's began at the skull base.
+    at_foramen = int(np.argmin(np.linalg.norm(points - foramen, axis=1)))
+    above = np.flatnonzero(points[:at_foramen, 2] > z_cranial_base - OVALE_DEPTH_MM)
+    points = points[above[-1] + 1 :] if above.size else points
     arc = np.concatenate([[0.0], np.cumsum(np.linalg.norm(np.diff(points, axis=0), axis=1))])
     canal_start = float(arc[np.argmin(np.linalg.norm(points - foramen, axis=1))])
     radius = a.nerve_radius_mm * (1 - a.nerve_taper * np.clip((arc - canal_start) / (arc[-1] - canal_start), 0, 1))

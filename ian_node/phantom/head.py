@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ian_node.phantom.anatomy import Mandible, foramen_ovale
+from ian_node.phantom.anatomy import Mandible, foramen_ovale, head_rotation
 from ian_node.phantom.params import PatientParams
 from ian_node.phantom.tubes import Tube, sample_curve
 
@@ -109,20 +109,29 @@ def head_layout(params: PatientParams, m: Mandible) -> HeadLayout:
                                  z_pal + params.palate_mm * sz + rz + 2.0]), np.array([rx, ry, rz]))
         landmarks[f"zygomatic_arch_{name}"] = lateral
         landmarks[f"external_acoustic_meatus_{name}"] = e_pts[0]
+        # The cranial base over this side's infratemporal fossa (foramen ovale to condyle), at its
+        # highest point in the image: a tilted head tilts the skull base's inferior surface.
         ovale = foramen_ovale(side, params, m, z_cb)
-        landmarks[f"cranial_base_{name}"] = np.array([ovale[0], ovale[1], z_cb])  # roof over the foramen ovale
-        # The most anterior buccal skin of this side: over the canine-premolar region of the face.
-        th = np.radians(25.0)
-        rho = float(m.radius(np.float32(th))) + m.thickness_front / 2 + params.soft_margin_mm * s
-        landmarks[f"buccal_skin_{name}"] = np.array([side * rho * np.sin(th), m.y_back - rho * np.cos(th),
-                                                     z_occ])
+        gx, gy = np.meshgrid(np.linspace(ovale[0], c[0], 7), np.linspace(min(ovale[1], c[1]) - 10.0 * s,
+                                                                          max(ovale[1], c[1]) + 10.0 * s, 9))
+        roof = np.stack([gx.ravel(), gy.ravel(), np.full(gx.size, z_cb)], axis=1)
+        landmarks[f"cranial_base_{name}"] = roof[np.argmax((roof @ head_rotation(params).T)[:, 2])]
+        # The most anterior buccal skin of this side, as seen in the image: the skin over the
+        # incisor-to-premolar region of the face, its most anterior point in LPS.
+        th = np.radians(np.linspace(5.0, 45.0, 17))
+        rho = m.radius(th.astype(np.float32)).astype(np.float64) + m.thickness_front / 2 + params.soft_margin_mm * s
+        skin = np.stack([side * rho * np.sin(th), m.y_back - rho * np.cos(th), np.full(len(th), z_occ)], axis=1)
+        landmarks[f"buccal_skin_{name}"] = skin[np.argmin((skin @ head_rotation(params).T)[:, 1])]
     y_palate = m.y_back - 0.5 * float(m.radius(np.float32(0.0)))
     y_fossa_front = float(sinus[1][0][1] + sinus[1][1][1])
     y_fossa_back = max(float(t[0][1] + t[1][1]) for t in temporal.values()) + 5.0 * s
     landmarks["palatal_suture"] = np.array([0.0, y_palate, z_pal])
-    landmarks["menton"] = m.body_point(0.0, 0.0, 0.0)
+    # "The most inferior point of the chin" as seen in the image: with the head rolled or pitched,
+    # the lowest point of the chin's inferior border in LPS, not necessarily the midline menton.
+    chin = np.array([m.body_point(float(t), 0.0, 0.0) for t in np.linspace(-45.0, 45.0, 31)])
+    landmarks["menton"] = chin[np.argmin((chin @ head_rotation(params).T)[:, 2])]
     return HeadLayout(
-        scale=s, z_menton=float(landmarks["menton"][2]), z_occlusal=z_occ, z_palate=z_pal,
+        scale=s, z_menton=float(chin[15][2]), z_occlusal=z_occ, z_palate=z_pal,
         palate_mm=params.palate_mm * sz, z_cranial_base=z_cb, cranial_base_mm=params.cranial_base_mm * sz,
         y_face=y_face, y_palate=y_palate, y_head_centre=y_face + 0.5 * length,
         y_fossa_front=y_fossa_front, y_fossa_back=y_fossa_back, head_half_width=half_width,
@@ -154,8 +163,8 @@ def crop_box(landmarks: dict[str, np.ndarray], side: int) -> np.ndarray:
     """The paper's manual crop of one side as [[xmin, xmax], [ymin, ymax], [zmin, zmax]] in LPS mm.
 
     Landmarks must already be in LPS: medially the palatal suture, laterally the zygomatic arch,
-    anteriorly the buccal skin, posteriorly the ear canal, inferiorly the chin, superiorly the
-    cranial base (the box is axis-aligned in LPS, as a crop of the axial images is).
+    anteriorly the buccal skin, posteriorly the ear canal, inferiorly the lowest point of the chin
+    in the image, superiorly the cranial base (the box is axis-aligned in LPS, as a crop of the axial images is).
     """
     name = "right" if side < 0 else "left"
     xs = sorted((float(landmarks["palatal_suture"][0]), float(landmarks[f"zygomatic_arch_{name}"][0])))

@@ -37,7 +37,7 @@ class SideAnatomy:
     vessel_radius_mm: tuple[float, float]  # inferior alveolar artery, vein
     vessel_angle_deg: tuple[float, float]  # their position around the nerve (0 = above)
     vessel_twist_deg: float  # slow rotation of the bundle along its course
-    extraosseous_mm: float  # nerve length traced above the mandibular foramen
+    extraosseous_mm: float  # how far above the mandibular foramen the lingual nerve parts from the IAN
     lingual_nerve_radius_mm: float
     ramus_scale: float  # mild asymmetry: this side's ramus height factor
     annotation_inset: float  # the annotator's brush radius as a fraction of the nerve radius
@@ -161,15 +161,15 @@ def _side(rng: np.random.Generator, nerve_diameter: tuple[float, float]) -> Side
         ramus_flare_deg=_u(rng, 0, 6),
         foramen_w=_u(rng, 0.5, 0.62),
         foramen_h=_u(rng, 0.4, 0.52),
-        canal_theta_deg=(theta3, _u(rng, 48, 54), _u(rng, 36, 41)),
+        canal_theta_deg=(theta3, _u(rng, 46, 52), _u(rng, 31, 36)),
         canal_height=(_u(rng, 0.38, 0.48), _u(rng, 0.3, 0.38), _u(rng, 0.32, 0.42)),
         canal_buccal=(_u(rng, -0.9, -0.4), _u(rng, -0.4, 0.2), _u(rng, -0.1, 0.5)),
-        mental_theta_deg=_u(rng, 25, 31),
+        mental_theta_deg=_u(rng, 19, 25),  # below the second premolar
         mental_height=_u(rng, 0.45, 0.58),
         anterior_loop=bool(rng.random() < 0.25),
         nerve_radius_mm=_u(rng, nerve_diameter[0] / 2, nerve_diameter[1] / 2),
         nerve_taper=_u(rng, 0.0, 0.15),
-        vessel_radius_mm=(_u(rng, 0.3, 0.5), _u(rng, 0.4, 0.65)),
+        vessel_radius_mm=(_u(rng, 0.25, 0.4), _u(rng, 0.3, 0.5)),
         vessel_angle_deg=(_u(rng, -60, -10), _u(rng, 10, 70)),
         vessel_twist_deg=_u(rng, -60, 60),
         extraosseous_mm=_u(rng, 8, 16),
@@ -232,7 +232,8 @@ def draw_patient(rng: np.random.Generator, *, pixel_spacing: tuple[float, float]
     motion = rng.random() < motion_probability
 
     column_spacing = _u(rng, *pixel_spacing)
-    rows = _u(rng, *row_spacing) if row_spacing is not None else column_spacing
+    rows = _u(rng, *(row_spacing or (1.0, 1.0)))  # drawn either way: later draws stay the same patient
+    rows = rows if row_spacing is not None else column_spacing
     return PatientParams(
         pixel_spacing_mm=column_spacing,
         row_spacing_mm=rows,
@@ -250,7 +251,7 @@ def draw_patient(rng: np.random.Generator, *, pixel_spacing: tuple[float, float]
         inferior_rise_mm=_u(rng, 2, 7),
         body_thickness_front_mm=_u(rng, 12.5, 15),
         body_thickness_back_mm=_u(rng, 10.5, 13),
-        ramus_height_mm=_u(rng, 42, 52),
+        ramus_height_mm=_u(rng, 50, 60),
         ramus_width_mm=_u(rng, 28, 34),
         ramus_thickness_mm=_u(rng, 9.0, 10.5),
         cortex_mm=_u(rng, 1.2, 2.0),

@@ -16,7 +16,7 @@ from enum import IntEnum
 import numpy as np
 from scipy import ndimage
 
-from ian_node.phantom.anatomy import HALF_PI, Geometry, Mandible, SideTubes, side_tubes
+from ian_node.phantom.anatomy import HALF_PI, Geometry, Mandible, SideTubes, canal_radius, side_tubes
 from ian_node.phantom.head import HeadLayout, cranium_depth, head_outline_depth
 from ian_node.phantom.params import TOOTH_WIDTHS_MM, PatientParams
 from ian_node.phantom.tubes import Tube, TubeRenderer
@@ -175,7 +175,11 @@ def render(params: PatientParams, geometry: Geometry, acquired: Geometry, m: Man
         & (ram_h > -3) & (ram_h < F(0.75 * ramus.height))
     pterygo_fat = (ram_t <= -(rt + F(0.2))) & (ram_t >= -(rt + gap)) & (ram_w > F(0.05) * rw) & (ram_w < rw + 4) \
         & (ram_h > F(0.2 * ramus.height)) & (ram_h < F(1.1 * ramus.height))
-    tongue = in_arch & (u < -t_half - F(1.0)) & (v > F(3.0)) & (z < F(layout.z_palate))
+    # The tongue fills the arch and its base runs on behind the rami to the oropharynx, rounded.
+    inner = F(m.half_width) - t_half - F(1.0)
+    base = ~in_arch & (((y - F(m.y_back)) / F(0.35 * m.depth)) ** 2 + (x / inner) ** 2 <= 1)
+    tongue = ((in_arch & (u < -t_half - F(1.0))) | base) & (v > F(3.0)) & (z < F(layout.z_palate))
+    del inner, base
     canvas.paint(head & (masseter | medial_pt | tongue), Tissue.MUSCLE, muscle_value)
     canvas.paint(head & pterygo_fat, Tissue.FAT, fat_value)
     parotid = (ram_w < -F(0.5)) & (ram_w > -F(15.0)) & (ram_t > -4) & (ram_t < rt + F(params.masseter_mm)) \
@@ -249,7 +253,7 @@ def render(params: PatientParams, geometry: Geometry, acquired: Geometry, m: Man
         dist = renderer.distances(st.nerve)
         arc = st.nerve.arc_length[dist.nearest]
         in_canal = (arc >= st.canal_start_mm) & (arc <= st.canal_end_mm) & bone_flat[dist.voxels]
-        r_canal = dist.radius(st.nerve) + 2 * max(a.vessel_radius_mm) + 0.25
+        r_canal = dist.radius(st.nerve) + F(canal_radius(a) - a.nerve_radius_mm)
         wall = in_canal & (dist.distance >= r_canal) & (dist.distance < r_canal + params.canal_wall_mm) \
             & (tex_lo.reshape(-1)[dist.voxels] > F(-0.8))  # the canal's cortical wall has gaps
         lumen = in_canal & (dist.distance < r_canal)
