@@ -188,6 +188,10 @@ def run(args: argparse.Namespace) -> int:
     summary = write_summary(paths, ledger, records, reports, exported, slices, context)
     print(f"benchmark in {paths.root}: {len(records)} runs, repeats {reports['repeats_reported']} reported")
     print(f"  Table 1: {reports['files']['table1_md']}\n  summary: {summary}")
+    ranking = reports["ranking_stability"]
+    if ranking:
+        tau = "undefined" if ranking["mean_tau"] is None else f"{ranking['mean_tau']:.3f}"
+        print(f"  ranking over repeats: {reports['files']['ranking_md']} (mean Kendall tau {tau})")
     if exported:
         print(f"  checkpoint: {exported['path']} (repeat {exported['repeat']})")
     return 0
