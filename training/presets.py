@@ -18,10 +18,11 @@ Presets:
   about 20 s each to generate), each side cropped by its ground-truth crop box (the paper's manual
   crop), 256 px, every eighth coronal nerve slice (6.4 mm apart; about 21 samples per patient, 208 in
   all: 6 training, 2 validation and 2 test patients), width 0.125, one channel, batch 4, 8 epochs,
-  one repeat. Measured on this machine (docs/benchmark.md): 0.61 s of training per image for the
-  seven networks together on an idle machine (2 threads; DS-TransUNet 43 %, DUCK-Net 28 %), so one
-  repeat is about 12 minutes; with other jobs sharing the two cores it took about 3 times as long, and
-  1 thread was then 4 times faster than 2.
+  one repeat. Measured on this 2-core CPU (docs/benchmark.md): phantoms 3 min; training all seven
+  networks 13.7-23.8 min per repeat with other jobs sharing the cores (load 2-5, one thread: there,
+  1 thread was 4 times faster than 2), an estimated 12 min on an idle machine with 2 threads (DS-TransUNet
+  42 %, DUCK-Net 26 %). In this budget only our network and DS-TransUNet learn the task (DSC ~0.43);
+  the others stay undertrained.
 
 Everything a preset does not name is the paper's value (optimiser, schedule, loss, patience, splits).
 """
