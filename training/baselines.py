@@ -119,7 +119,8 @@ def blob_baseline(size: int = REFERENCE_SIZE) -> Baseline:
     scale = size / REFERENCE_SIZE
     grid = tuple(
         BlobParams(round(sigma * scale, 3), rel, None if area is None else max(1, round(area * scale**2)))
-        for sigma, rel, area in itertools.product((1.0, 2.0, 4.0), (0.6, 0.75, 0.9), (None, 100, 300, 1000))
+        for sigma, rel, area in itertools.product((1.0, 2.0, 4.0, 6.0), (0.6, 0.75, 0.85, 0.9, 0.95),
+                                                   (None, 100, 300))
     )
     last: list[tuple[np.ndarray, float, np.ndarray]] = []  # tune walks the grid sigma by sigma: smooth once each
 
@@ -134,7 +135,7 @@ def blob_baseline(size: int = REFERENCE_SIZE) -> Baseline:
 def percentile_baseline() -> Baseline:
     """The global-percentile baseline; its grid does not depend on the slice size."""
     grid = tuple(PercentileParams(q, scope) for scope, q in itertools.product(
-        ("slice", "volume"), (90.0, 95.0, 98.0, 99.0, 99.5, 99.8, 99.9)))
+        ("slice", "volume"), (95.0, 98.0, 99.0, 99.5, 99.7, 99.8, 99.85, 99.9, 99.95)))
     return Baseline("percentile", _percentile_of_set, grid)
 
 
