@@ -184,7 +184,7 @@ def _side(rng: np.random.Generator, nerve_diameter: tuple[float, float]) -> Side
 def draw_patient(rng: np.random.Generator, *, pixel_spacing: tuple[float, float],
                  row_spacing: tuple[float, float] | None, slice_spacing: tuple[float, float],
                  nerve_diameter: tuple[float, float], max_offset_mm: float, max_rotation_deg: float,
-                 head_scale: tuple[float, float],
+                 head_scale: tuple[float, float], nerve_signal: tuple[float, float] = (0.82, 1.0),
                  noise: tuple[float, float], bias: tuple[float, float], motion_probability: float,
                  metal_probability: float, metal_reaches_canal_probability: float,
                  oblique_probability: float, max_oblique_deg: float) -> PatientParams:
@@ -198,7 +198,7 @@ def draw_patient(rng: np.random.Generator, *, pixel_spacing: tuple[float, float]
     missing = tuple(bool(m) for m in rng.random(16) < 0.12)
     right, left = _side(rng, nerve_diameter), _side(rng, nerve_diameter)
 
-    nerve = _u(rng, 0.82, 1.0)
+    nerve = _u(rng, *nerve_signal)
     contrast = Contrast(
         nerve=nerve,
         canal_vessel=nerve * _u(rng, 0.8, 1.1),

@@ -69,7 +69,11 @@ class PhantomConfig:
     max_rotation_deg: float = 10.0  # head rotation about each axis
     supersample: int = 2  # slices rendered per acquired slice, averaged down (partial volume)
     nerve_diameter_mm: tuple[float, float] = (2.0, 3.0)
-    noise_sigma: tuple[float, float] = (0.03, 0.065)  # per channel, in units of tissue signal (nerve ~0.85)
+    noise_sigma: tuple[float, float] = (0.03, 0.065)  # per channel, in units of tissue signal (1.0 = brightest)
+    #: The nerve's signal before bias and noise. The `paper` preset keeps it below its bright look-alikes
+    #: (vessels 0.7-1.0, fat where suppression fails up to 0.85): on MENSE the IAN is conspicuous in
+    #: its canal, not the brightest thing in a 220 mm head.
+    nerve_signal: tuple[float, float] = (0.82, 1.0)
     bias_strength: tuple[float, float] = (0.08, 0.3)
     motion_probability: float = 0.3
     metal_probability: float = 0.7
@@ -98,6 +102,7 @@ class PhantomConfig:
             raise ValueError(f"PhantomConfig.supersample must be an int in 1..4, got {self.supersample!r}")
         _check_range("nerve_diameter_mm", self.nerve_diameter_mm, 0.5, 6.0)
         _check_range("noise_sigma", self.noise_sigma, 0.0, 1.0)
+        _check_range("nerve_signal", self.nerve_signal, 0.1, 1.0)
         _check_range("bias_strength", self.bias_strength, 0.0, 2.0)
         for name in ("motion_probability", "metal_probability", "metal_reaches_canal_probability",
                      "oblique_probability"):
@@ -114,7 +119,8 @@ class PhantomConfig:
 #: slices) over the lower head, from below the chin to above the cranial base.
 PAPER = PhantomConfig(shape=(88, 275, 512), pixel_spacing_mm=(0.4297, 0.4297), row_spacing_mm=(0.8, 0.8),
                       slice_spacing_mm=(1.6, 1.6), life_size=True, max_offset_mm=20.0,
-                      metal_probability=0.8)  # 41 of the paper's 51 nerves had restorations nearby
+                      metal_probability=0.8,  # 41 of the paper's 51 nerves had restorations nearby
+                      nerve_signal=(0.55, 0.75), noise_sigma=(0.045, 0.08))
 #: Preset name → configuration; `small` (the default) keeps CPU tests and the demo fast.
 PRESETS: dict[str, PhantomConfig] = {"small": PhantomConfig(), "paper": PAPER}
 
@@ -210,6 +216,7 @@ def generate_phantom(patient_index: int, seed: int, config: PhantomConfig | None
         param_rng, pixel_spacing=config.pixel_spacing_mm, row_spacing=config.row_spacing_mm,
         slice_spacing=config.slice_spacing_mm, nerve_diameter=config.nerve_diameter_mm,
         max_offset_mm=config.max_offset_mm, max_rotation_deg=config.max_rotation_deg, head_scale=config.head_scale,
+        nerve_signal=config.nerve_signal,
         noise=config.noise_sigma, bias=config.bias_strength,
         motion_probability=config.motion_probability, metal_probability=config.metal_probability,
         metal_reaches_canal_probability=config.metal_reaches_canal_probability,
