@@ -58,7 +58,7 @@ def _phantom_config(args: argparse.Namespace):
 
     from ian_node.phantom.study import phantom_preset
 
-    config = phantom_preset(args.preset)
+    config = phantom_preset(getattr(args, "preset", "small"))  # the demo always runs the small preset
     return replace(config, shape=args.shape) if args.shape else config
 
 
