@@ -63,6 +63,12 @@ class PatientBox:
         points = np.asarray(points, dtype=np.float64)
         return np.all((points >= b[:, 0]) & (points < b[:, 1]), axis=-1)
 
+    def contains_1d(self, values: np.ndarray, axis: int) -> np.ndarray:
+        """Which coordinates along one axis (0 x, 1 y, 2 z) lie in the box's range, by `contains`' rule."""
+        lo, hi = self.bounds[axis] - _FACE_SHIFT_MM
+        values = np.asarray(values, dtype=np.float64)
+        return (values >= lo) & (values < hi)
+
 
 @dataclass(frozen=True)
 class CoronalStack:
@@ -76,7 +82,7 @@ class CoronalStack:
     inside: np.ndarray  # bool (n, h, w): voxel centre inside the side's region of interest
 
 
-def _extent_corners(geometry: hd.VolumeGeometry | hd.Volume) -> np.ndarray:
+def extent_corners(geometry: hd.VolumeGeometry | hd.Volume) -> np.ndarray:
     """LPS positions (8, 3) of the outer voxel corners (centres ± half a voxel)."""
     shape = geometry.spatial_shape
     grid = np.array(np.meshgrid(*[(-0.5, n - 0.5) for n in shape], indexing="ij")).reshape(3, -1).T
@@ -85,7 +91,7 @@ def _extent_corners(geometry: hd.VolumeGeometry | hd.Volume) -> np.ndarray:
 
 def default_rois(series: SeriesVolume) -> dict[Side, PatientBox]:
     """The patient-right (lower x) and patient-left halves of the volume's extent; whole y and z."""
-    corners = _extent_corners(series.volume)
+    corners = extent_corners(series.volume)
     lo, hi = corners.min(axis=0), corners.max(axis=0)
     mid = float((lo[0] + hi[0]) / 2)
     yz = dict(y_min=float(lo[1]), y_max=float(hi[1]), z_min=float(lo[2]), z_max=float(hi[2]))
@@ -119,7 +125,7 @@ def coronal_stack(series: SeriesVolume, side: Side | str, roi: PatientBox | None
         raise RuntimeError(f"series {series.series_uid}: reorientation is not an axis permutation")
 
     # candidate index box: the ROI (clipped to the volume extent) mapped into canonical indices
-    corners = _extent_corners(canon)
+    corners = extent_corners(canon)
     bounds = np.clip(roi.bounds, corners.min(axis=0)[:, None], corners.max(axis=0)[:, None])
     box = np.array(np.meshgrid(*bounds, indexing="ij")).reshape(3, -1).T
     idx = canon.map_reference_to_indices(box, round_output=False, check_bounds=False)
