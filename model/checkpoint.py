@@ -45,6 +45,10 @@ class CheckpointMeta:
     threshold: float = 0.5
     label: str = ""
     training: dict[str, Any] = field(default_factory=dict)
+    #: The crop the network was trained on: {"region": "landmarks" | "nerve-margins" | "half",
+    #: "trained_with": "oracle" | "auto" | "half" | "box", "samples": "all" | "nerve-only"}. Empty for
+    #: checkpoints written before crops were recorded; those were trained on the volume's halves.
+    crop: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CheckpointMeta:

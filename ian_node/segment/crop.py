@@ -21,8 +21,12 @@ from typing import Any
 from ian_node.segment.localise import locate
 from ian_node.segment.reformat import PatientBox, default_rois
 from ian_node.segment.volume import SeriesError, SeriesVolume, Side
+from model.checkpoint import CheckpointMeta
 from model.localiser import LoadedLocaliser
 
+#: Crop definitions a checkpoint can be trained on: the paper's landmark crop, the nerve's bounding
+#: box grown by fixed margins (training.data, for data without landmarks), or the volume's halves.
+REGIONS: tuple[str, ...] = ("landmarks", "nerve-margins", "half")
 #: The result state of a job whose localiser found no plausible mandible.
 NO_REGION = "no mandible region found"
 
@@ -115,6 +119,39 @@ def resolve_crop(series: SeriesVolume, request: CropRequest, localiser: LoadedLo
         detail = ", ".join(f"{s} confidence {found.sides[Side(s)].confidence:.2f}" for s in weak)
         problem = f"{NO_REGION} ({detail}; threshold {threshold:.2f})"
     return CropResult(sides, found.seconds, problem, localiser.sha256)
+
+
+#: What a checkpoint without crop metadata was trained on (every checkpoint before crops were recorded).
+LEGACY_CROP: dict[str, str] = {"region": "half", "trained_with": "half", "samples": "nerve-only"}
+
+
+def checkpoint_crop(meta: CheckpointMeta) -> dict[str, Any]:
+    """The crop a checkpoint was trained on (`CheckpointMeta.crop`, or `LEGACY_CROP`)."""
+    return dict(meta.crop) if meta.crop else dict(LEGACY_CROP)
+
+
+def check_crop_compatible(meta: CheckpointMeta, mode: CropMode | str, localiser: LoadedLocaliser | None) -> None:
+    """Refuse (CropError) a crop mode that cannot reproduce what the checkpoint was trained on.
+
+    ``half`` and ``box``/``oracle`` are always allowed (half is kept for comparison; a box is the
+    user's call). ``auto`` needs a localiser whose boxes follow the checkpoint's crop region; a
+    checkpoint trained on halves has no region a localiser could find.
+    """
+    mode = CropMode(mode)
+    crop = checkpoint_crop(meta)
+    region = crop.get("region")
+    if region not in REGIONS:
+        raise CropError(f"checkpoint crop region {region!r} is not one this node can reproduce ({', '.join(REGIONS)})")
+    if mode is not CropMode.AUTO:
+        return
+    if region == "half":
+        raise CropError("the checkpoint was trained on the volume's left-right halves, which the localiser does "
+                        "not reproduce: set crop mode 'half' (config [crop] mode, or --crop half)")
+    if localiser is None:
+        raise CropError("crop mode 'auto' needs a localiser, and none is configured")
+    if localiser.meta.region != region:
+        raise CropError(f"the checkpoint was trained on {region!r} crops but the localiser {localiser.path.name} "
+                        f"finds {localiser.meta.region!r} crops: use a localiser trained with the same crop definition")
 
 
 class NoRegionError(SeriesError):
