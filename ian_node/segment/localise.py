@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import highdicom as hd
 import numpy as np
 import torch
 from scipy import ndimage
@@ -61,9 +62,8 @@ class Localisation:
     seconds: float
 
 
-def localiser_grid(series: SeriesVolume, spacing: float) -> LocaliserGrid:
-    """The whole series on an LPS-aligned grid of `spacing` mm, normalised for the localiser."""
-    volume = series.volume
+def localiser_grid(volume: hd.Volume, spacing: float) -> LocaliserGrid:
+    """A whole series volume on an LPS-aligned grid of `spacing` mm, normalised for the localiser."""
     data = np.asarray(volume.array, dtype=np.float32)
     affine = np.asarray(volume.affine, dtype=np.float64)
     steps = np.linalg.norm(affine[:3, :3], axis=0)  # mm per index step along each array axis
@@ -161,7 +161,7 @@ def grow(boxes: dict[Side, PatientBox | None], margin_mm: float) -> dict[Side, P
 def locate(series: SeriesVolume, localiser: LoadedLocaliser) -> Localisation:
     """Both sides' crop boxes (safety margin included) and confidences for one series."""
     start = time.perf_counter()
-    grid = localiser_grid(series, localiser.meta.spacing_mm)
+    grid = localiser_grid(series.volume, localiser.meta.spacing_mm)
     occupancy = predict_occupancy(localiser, grid)
     fitted = {side: fit_box(occupancy[k], grid) for k, side in enumerate((Side.RIGHT, Side.LEFT))}
     boxes = grow({side: box for side, (box, _) in fitted.items()}, localiser.meta.safety_margin_mm)
