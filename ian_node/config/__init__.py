@@ -7,6 +7,7 @@ the file and the ``IAN_NODE_<SECTION>_<KEY>`` overrides: :mod:`ian_node.config.l
 from ian_node.config.loading import load_config
 from ian_node.config.sections import (
     BASE_SOP_CLASSES,
+    CROP_MODES,
     DEFAULT_DATA_DIR,
     ENV_CONFIG_FILE,
     ENV_PREFIX,
@@ -15,6 +16,7 @@ from ian_node.config.sections import (
     ApiConfig,
     CallingAE,
     ConfigError,
+    CropConfig,
     DicomConfig,
     DicomTarget,
     ExportConfig,
@@ -26,11 +28,13 @@ from ian_node.config.sections import (
     StowRsTarget,
     TargetConfig,
     TlsConfig,
+    check_box,
+    check_box_pair,
 )
 
 __all__ = [
-    "BASE_SOP_CLASSES", "DEFAULT_DATA_DIR", "ENV_CONFIG_FILE", "ENV_PREFIX", "SECTIONS", "TARGET_CONFIG_TYPES",
-    "ApiConfig", "CallingAE", "ConfigError", "DicomConfig", "DicomTarget", "ExportConfig", "ModelConfig",
+    "BASE_SOP_CLASSES", "CROP_MODES", "DEFAULT_DATA_DIR", "ENV_CONFIG_FILE", "ENV_PREFIX", "SECTIONS", "TARGET_CONFIG_TYPES",
+    "ApiConfig", "CallingAE", "ConfigError", "CropConfig", "DicomConfig", "DicomTarget", "ExportConfig", "ModelConfig",
     "NodeConfig", "OrthancTarget", "SeriesConfig", "StorageConfig", "StowRsTarget", "TargetConfig", "TlsConfig",
-    "load_config",
+    "check_box", "check_box_pair", "load_config",
 ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -204,6 +205,89 @@ class ModelConfig:
             raise ConfigError("batch_size", f"must be at least 1, got {self.batch_size}")
 
 
+#: The crop modes the node serves (``ian_node.segment.crop.CropMode``); "oracle" is a box recorded as such.
+CROP_MODES: tuple[str, ...] = ("auto", "half", "box", "oracle")
+
+#: One side's crop box as configured: ((x_min, x_max), (y_min, y_max), (z_min, z_max)) in LPS mm.
+BoxMm = tuple[tuple[float, float], tuple[float, float], tuple[float, float]]
+
+
+def check_box(key: str, value: object) -> BoxMm:
+    """A crop box from TOML or JSON ([[x_min, x_max], [y_min, y_max], [z_min, z_max]], LPS mm), checked.
+
+    Shared by the ``[crop]`` section, ``POST /jobs`` and ``predict --roi``, so a box means the same everywhere.
+    """
+    expected = "[[x_min, x_max], [y_min, y_max], [z_min, z_max]] in LPS mm"
+    if not isinstance(value, list | tuple) or len(value) != 3:
+        raise ConfigError(key, f"must be {expected}, got {value!r}")
+    box = []
+    for axis, pair in zip("xyz", value, strict=True):
+        if not isinstance(pair, list | tuple) or len(pair) != 2 or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in pair
+        ):
+            raise ConfigError(key, f"must be {expected}: the {axis} range is not two finite numbers, got {pair!r}")
+        lo, hi = float(pair[0]), float(pair[1])
+        if not lo < hi:
+            raise ConfigError(key, f"the {axis} range must have min < max, got [{lo:g}, {hi:g}]")
+        box.append((lo, hi))
+    return (box[0], box[1], box[2])
+
+
+def check_box_pair(key: str, right: BoxMm, left: BoxMm) -> None:
+    """The two sides' boxes must not overlap, and the right one lies at lower x (LPS: patient right)."""
+    if all(r[0] < lf[1] and lf[0] < r[1] for r, lf in zip(right, left, strict=True)):
+        raise ConfigError(key, "the right and left boxes overlap (each voxel belongs to one side at most)")
+    if sum(right[0]) >= sum(left[0]):
+        raise ConfigError(key, "the right box must lie at lower x than the left one (LPS x grows to patient left)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CropConfig:
+    """Each side's crop before segmentation (issue 14; ``ian_node.segment.crop``).
+
+    ``auto`` (default): the localiser finds the paper's crop; a series where it is not confident is
+    not segmented and its job ends "no mandible region found", unless ``segment_when_not_found``
+    (then the SEG is made in the localiser's boxes, or the halves where a side has none, and the job
+    is flagged). ``half``: the volume's left-right halves. ``box``: the ``right`` and ``left`` boxes
+    for every series; ``oracle`` is the same, recorded as oracle.
+    """
+
+    mode: Literal["auto", "half", "box", "oracle"] = "auto"
+    right: tuple[tuple[float, ...], ...] | None = None
+    left: tuple[tuple[float, ...], ...] | None = None
+    #: The localiser checkpoint; unset: the bundled phantom-trained one.
+    localiser: Path | None = None
+    #: Per-side confidence below which no region is found; unset: the localiser's own threshold.
+    min_confidence: float | None = None
+    segment_when_not_found: bool = False
+
+    def __post_init__(self) -> None:
+        if self.mode not in CROP_MODES:
+            raise ConfigError("mode", f"must be one of {', '.join(map(repr, CROP_MODES))}, got {self.mode!r}")
+        boxed = self.mode in ("box", "oracle")
+        for side in ("right", "left"):
+            value = getattr(self, side)
+            if value is None:
+                if boxed:
+                    raise ConfigError(side, f"is required with mode {self.mode!r} (a box for each side)")
+                continue
+            if not boxed:
+                raise ConfigError(side, f"is used only with mode 'box' or 'oracle', not {self.mode!r}")
+            object.__setattr__(self, side, check_box(side, list(value)))
+        if boxed:
+            check_box_pair("left", self.right, self.left)  # type: ignore[arg-type]
+        _check_file("localiser", self.localiser)
+        if self.min_confidence is not None and not 0.0 <= self.min_confidence <= 1.0:
+            raise ConfigError("min_confidence", f"must be from 0 to 1, got {self.min_confidence}")
+
+    @property
+    def boxes(self) -> dict[str, BoxMm] | None:
+        """{"right": box, "left": box} for ``box`` and ``oracle``; None otherwise."""
+        if self.right is None or self.left is None:
+            return None
+        return {"right": self.right, "left": self.left}  # type: ignore[dict-item] (checked: BoxMm)
+
+
 @dataclass(frozen=True, kw_only=True)
 class SeriesConfig:
     """When a series is complete, and which complete series become jobs."""
@@ -348,6 +432,7 @@ class NodeConfig:
     tls: TlsConfig = field(default_factory=TlsConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    crop: CropConfig = field(default_factory=CropConfig)
     series: SeriesConfig = field(default_factory=SeriesConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
