@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
-from ian_node.storage.records import Delivery, DeliveryState, Job, JobState, StateError, delivery_from_row, job_from_row
+from ian_node.storage.records import (
+    Delivery,
+    DeliveryState,
+    Job,
+    JobOutcome,
+    JobState,
+    StateError,
+    delivery_from_row,
+    job_from_row,
+)
 from ian_node.storage.schema import Database
 
 
@@ -36,17 +47,49 @@ class JobQueries(Database):
         rows = self._rows("SELECT * FROM jobs WHERE series_uid = ? ORDER BY series_version, id", (series_uid,))
         return [job_from_row(r) for r in rows]
 
+    def outcome_counts(self) -> dict[JobOutcome, int]:
+        """Jobs by what their segmentation came to (jobs without an outcome are not counted)."""
+        counts = dict.fromkeys(JobOutcome, 0)
+        for row in self._rows("SELECT outcome, COUNT(*) FROM jobs WHERE outcome IS NOT NULL GROUP BY outcome"):
+            counts[JobOutcome(row[0])] = int(row[1])
+        return counts
+
     def claim_next_job(self) -> Job | None:
-        """Atomically move the oldest queued job to running and return it (None: queue empty)."""
+        """Atomically move the oldest queued job to running and return it (None: queue empty).
+
+        What a previous run recorded (crop used, outcome, flag, counts) is cleared; the job's own crop
+        request stays.
+        """
         now = self._clock()
         with self._tx() as db:
             row = db.execute(
                 "UPDATE jobs SET state = 'running', attempts = attempts + 1, started_at = ?, updated_at = ?,"
-                " error = NULL WHERE id = (SELECT id FROM jobs WHERE state = 'queued' ORDER BY id LIMIT 1)"
+                " error = NULL, crop = NULL, outcome = NULL, flag = NULL, voxels = NULL, timings = NULL"
+                " WHERE id = (SELECT id FROM jobs WHERE state = 'queued' ORDER BY id LIMIT 1)"
                 " RETURNING *",
                 (now, now),
             ).fetchone()
         return job_from_row(row) if row else None
+
+    def record_segmentation(
+        self, job_id: int, *, crop_request: Mapping[str, Any], crop: Mapping[str, Any] | None,
+        outcome: JobOutcome, flag: str | None = None, voxels: Mapping[str, int] | None = None,
+        timings: Mapping[str, float] | None = None,
+    ) -> Job:
+        """Record a running job's crop (requested and used), outcome and flag, before it exports or fails."""
+        now = self._clock()
+
+        def text(value: Mapping[str, Any] | None) -> str | None:
+            return None if value is None else json.dumps(value, sort_keys=True)
+
+        with self._tx() as db:
+            self._require(db, job_id, JobState.RUNNING)
+            db.execute(
+                "UPDATE jobs SET crop_request = ?, crop = ?, outcome = ?, flag = ?, voxels = ?, timings = ?,"
+                " updated_at = ? WHERE id = ?",
+                (text(crop_request), text(crop), str(outcome), flag, text(voxels), text(timings), now, job_id),
+            )
+        return self._job_or_fail(job_id)
 
     def mark_job_exporting(self, job_id: int, result_path: str, targets: Sequence[str]) -> Job:
         """Record a running job's result file and create one pending delivery per target."""
@@ -75,11 +118,20 @@ class JobQueries(Database):
             )
         return self._job_or_fail(job_id)
 
-    def retry_job(self, job_id: int) -> Job:
-        """Re-deliver a failed job's result, or re-run it when it never produced one."""
+    def retry_job(self, job_id: int, crop_request: Mapping[str, Any] | None = None) -> Job:
+        """Re-deliver a failed job's result, or re-run it when it never produced one.
+
+        ``crop_request`` (a re-run only) replaces the job's crop, e.g. a box after "no mandible region found".
+        """
         now = self._clock()
         with self._tx() as db:
             row = self._require(db, job_id, JobState.FAILED)
+            if crop_request is not None:
+                if row["result_path"] is not None:
+                    raise StateError(f"job {job_id} has a result, which a retry re-delivers: a new crop needs a "
+                                     "new segmentation (a new version of the series)")
+                db.execute("UPDATE jobs SET crop_request = ? WHERE id = ?",
+                           (json.dumps(crop_request, sort_keys=True), job_id))
             if row["result_path"] is not None:
                 db.execute(
                     "UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = ?, last_error = NULL"

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 
 class StateError(RuntimeError):
@@ -21,6 +23,17 @@ class JobState(StrEnum):
     EXPORTING = "exporting"
     DONE = "done"
     FAILED = "failed"
+
+
+class JobOutcome(StrEnum):
+    """What a job's segmentation came to; a job that failed before its crop was decided has none."""
+
+    SEGMENTED = "segmented"
+    #: The localiser found no plausible mandible: nothing was segmented or sent (the job fails with
+    #: "no mandible region found ...").
+    NO_REGION = "no_region"
+    #: No region was found but ``crop.segment_when_not_found`` is set: segmented and sent, flagged.
+    SEGMENTED_NO_REGION = "segmented_no_region"
 
 
 class SeriesState(StrEnum):
@@ -130,6 +143,22 @@ class Job:
     started_at: float | None
     finished_at: float | None
     updated_at: float
+    #: The job's own crop request (``"source": "api"``, from ``POST /jobs``) or the configured one
+    #: its last run used (``"source": "config"``): {"mode", "right", "left", "source"}.
+    crop_request: dict[str, Any] | None = None
+    #: The crop used: {"right": {"mode", "box_mm", "confidence"}, "left": {...}}.
+    crop: dict[str, Any] | None = None
+    outcome: JobOutcome | None = None
+    #: What an operator must know about the result (the localiser's problem); None when nothing.
+    flag: str | None = None
+    voxels: dict[str, int] | None = None
+    timings: dict[str, float] | None = None
+
+    @property
+    def api_crop_request(self) -> dict[str, Any] | None:
+        """The crop this job was given through the API (None: the node's configured crop)."""
+        request = self.crop_request
+        return request if request is not None and request.get("source") == "api" else None
 
 
 @dataclass(frozen=True)
@@ -172,9 +201,18 @@ def series_from_row(row: sqlite3.Row) -> Series:
     return Series(**values)
 
 
+#: Job columns that hold JSON text.
+JOB_JSON_COLUMNS = ("crop_request", "crop", "voxels", "timings")
+
+
 def job_from_row(row: sqlite3.Row) -> Job:
     values = dict(row)
     values["state"] = JobState(values["state"])
+    for key in JOB_JSON_COLUMNS:
+        if values.get(key) is not None:
+            values[key] = json.loads(values[key])
+    if values.get("outcome") is not None:
+        values["outcome"] = JobOutcome(values["outcome"])
     return Job(**values)
 
 

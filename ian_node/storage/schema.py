@@ -16,7 +16,7 @@ from typing import Self
 
 from ian_node.storage.records import StateError, StateFullError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 SCHEMA = """
 CREATE TABLE series (
@@ -62,6 +62,12 @@ CREATE TABLE jobs (
     started_at REAL,
     finished_at REAL,
     updated_at REAL NOT NULL,
+    crop_request TEXT,
+    crop TEXT,
+    outcome TEXT CHECK (outcome IN ('segmented', 'no_region', 'segmented_no_region')),
+    flag TEXT,
+    voxels TEXT,
+    timings TEXT,
     UNIQUE (series_uid, series_version)
 );
 CREATE INDEX jobs_by_state ON jobs (state, id);
@@ -87,6 +93,18 @@ MIGRATIONS = {
 ALTER TABLE instances ADD COLUMN series_version INTEGER;
 ALTER TABLE instances ADD COLUMN unconfirmed INTEGER;
 CREATE INDEX instances_unconfirmed ON instances (unconfirmed) WHERE unconfirmed IS NOT NULL;
+""",
+    # Issue 14, each job's crop: the crop requested (JSON: mode, boxes, and whether POST /jobs or the
+    # config asked), the crop used (JSON: per side mode, box_mm, confidence), the outcome (segmented,
+    # or no mandible region found: not segmented, or segmented anyway), the flag an operator must
+    # read (the localiser's problem), and per-side voxel counts and stage timings (JSON).
+    3: """
+ALTER TABLE jobs ADD COLUMN crop_request TEXT;
+ALTER TABLE jobs ADD COLUMN crop TEXT;
+ALTER TABLE jobs ADD COLUMN outcome TEXT CHECK (outcome IN ('segmented', 'no_region', 'segmented_no_region'));
+ALTER TABLE jobs ADD COLUMN flag TEXT;
+ALTER TABLE jobs ADD COLUMN voxels TEXT;
+ALTER TABLE jobs ADD COLUMN timings TEXT;
 """,
 }
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from ian_node.storage.records import (
     Instance,
@@ -186,13 +188,15 @@ class SeriesQueries(Database):
         return [Instance(**dict(r)) for r in rows]
 
     def settle_series(
-        self, series_uid: str, seen_received_at: float, skip_reason: str | None, purge: bool = False
+        self, series_uid: str, seen_received_at: float, skip_reason: str | None, purge: bool = False,
+        crop_request: Mapping[str, Any] | None = None,
     ) -> Settlement:
         """Conclude a quiet period: queue a job for the current version (``skip_reason`` None) or skip.
 
         Nothing happens when an instance arrived after ``seen_received_at`` (its own timer concludes
         later). A skipped series with ``purge`` loses its instance rows in the same transaction; the
-        caller deletes the returned files.
+        caller deletes the returned files. ``crop_request`` (from ``POST /jobs``) is stored with
+        a new job, so the worker never sees the job without it.
         """
         now = self._clock()
         with self._tx() as db:
@@ -215,9 +219,10 @@ class SeriesQueries(Database):
                     purged = tuple((r["sop_instance_uid"], r["path"]) for r in rows.fetchall())
                 return Settlement(applied=True, purged=purged, skip_reason=skip_reason)
             cur = db.execute(
-                "INSERT OR IGNORE INTO jobs (series_uid, series_version, state, created_at, updated_at)"
-                " VALUES (?, ?, 'queued', ?, ?)",
-                (series_uid, row["version"], now, now),
+                "INSERT OR IGNORE INTO jobs (series_uid, series_version, state, created_at, updated_at, crop_request)"
+                " VALUES (?, ?, 'queued', ?, ?, ?)",
+                (series_uid, row["version"], now, now,
+                 None if crop_request is None else json.dumps(crop_request, sort_keys=True)),
             )
             if cur.rowcount == 0:
                 return Settlement(applied=True)  # this version already has its job
