@@ -5,7 +5,7 @@
 
 Development phantoms (default patients 0-3 of seed 13) and evaluation phantoms (patients 100-101) are
 generated with `phantom_preset("paper")` and cut into model-space slices by the node's own path with each
-side's manual crop (`training.data.phantoms.phantom_slice_set`, crop "boxes"). The two baselines of
+side's manual crop (`training.data.phantoms.phantom_slice_set`, crop "oracle"). The two baselines of
 `training.baselines` are tuned on the development slices; a network with the bundled model's
 architecture and width (`training.default_model.DefaultModelRecipe`) is trained briefly on the same
 development phantoms (the last one validates) with `training.loop.train`, or read from `--checkpoint`.
@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import sys
 import tempfile
 import time
@@ -108,8 +107,8 @@ def run(settings: Settings, work_dir: Path) -> dict[str, Any]:
     config = phantom_preset("paper")
     t0 = time.perf_counter()
     # every slice of each crop: a volume-wide percentile sees the crop's empty slices, and the node runs on them
-    dev = phantom_slice_set(settings.dev_patients, settings.seed, config, size, "boxes", math.inf)
-    evaluation = phantom_slice_set(settings.eval_patients, settings.seed, config, size, "boxes", math.inf)
+    dev = phantom_slice_set(settings.dev_patients, settings.seed, config, size, "oracle")
+    evaluation = phantom_slice_set(settings.eval_patients, settings.seed, config, size, "oracle")
     timings["phantoms_s"] = time.perf_counter() - t0
     logger.info("%d development and %d evaluation slices (%d with nerve) at %d px", len(dev), len(evaluation),
                 int(evaluation.masks.any(axis=(1, 2)).sum()), size)

@@ -61,6 +61,26 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
                    help="a SEG segment without right/left: refuse it (default) or split it by side of the head")
     g.add_argument("--nifti-labels", type=_labels, default=(1, 2), metavar="R,L",
                    help="label values of the right and left nerve in NIfTI label volumes (equal: split by side)")
+    g.add_argument("--localiser", type=Path, help="crop auto: the localiser checkpoint (default: the bundled one)")
+
+
+def _add_sample_options(g: argparse._ArgumentGroup, defaults: bool) -> None:
+    """--crop, --nerve-slices-only / --all-slices and --slice-step; `defaults`: give their LoadOptions
+    defaults (export-2d) rather than None (run: None takes the preset's value)."""
+    base = LoadOptions()
+    g.add_argument("--crop", choices=CROPS, default=base.crop if defaults else None,
+                   help="each side's crop: oracle (the study's landmark crop from the summary.json next to its SEG, "
+                        "else its nerve grown by fixed margins), auto (the node's localiser) or half (the volume's "
+                        "halves)" + (f"; default {base.crop}" if defaults else ""))
+    slices = g.add_mutually_exclusive_group()
+    slices.add_argument("--nerve-slices-only", dest="nerve_slices_only", action="store_const", const=True,
+                        default=base.nerve_slices_only if defaults else None,
+                        help="samples are the coronal slices that carry nerve (the paper's selection)")
+    slices.add_argument("--all-slices", dest="nerve_slices_only", action="store_const", const=False,
+                        help="samples are every coronal slice of the crop, nerve-free ones included (what the "
+                             "node predicts)" + ("; the default" if defaults else ""))
+    g.add_argument("--slice-step", type=int, default=base.slice_step if defaults else None,
+                   help="keep every k-th of those slices (default 1)")
 
 
 def _add_run_parser(sub: argparse._SubParsersAction) -> None:
@@ -92,11 +112,7 @@ def _add_run_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--size", type=int, help="model input size in pixels (paper: 256)")
     g.add_argument("--in-channels", type=int, choices=(1, 3), help="grey replicated to 1 or 3 channels")
     g.add_argument("--ian-net-variant", choices=IAN_NET_VARIANTS, help="our network's variant")
-    g.add_argument("--empty-slices", dest="empty_ratio", type=float, metavar="RATIO",
-                   help="nerve-free slices added per nerve slice (3D inputs; default 0: nerve slices only)")
-    g.add_argument("--slice-step", type=int, help="keep every k-th nerve slice (default 1)")
-    g.add_argument("--crop", choices=CROPS, help="each side's region: the volume's halves (default) or the crop "
-                                                 "boxes of the summary.json next to each SEG (phantoms)")
+    _add_sample_options(g, defaults=False)
     g.add_argument("--phantom-patients", type=int, help="generated phantom patients when --data is absent")
     g.add_argument("--phantom-preset", help="kind of generated phantoms: small or paper (whole lower head, "
                                             "220 mm field of view)")
@@ -119,9 +135,7 @@ def _add_export_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("output", type=Path)
     p.add_argument("--format", choices=("dicom", "nifti"), default="dicom")
     p.add_argument("--size", type=int, default=256, help="image size in pixels (default 256)")
-    p.add_argument("--empty-slices", dest="empty_ratio", type=float, default=0.0, metavar="RATIO")
-    p.add_argument("--slice-step", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0, help="seed for drawing empty slices")
+    _add_sample_options(p.add_argument_group("samples"), defaults=True)
     _add_data_options(p)
     p.add_argument("-v", "--verbose", action="count", default=0, help="log INFO messages (-vv: debug)")
 
@@ -151,7 +165,8 @@ def _setup_logging(verbosity: int, log_file: Path | None) -> LoggingSetup:
 
 def _load_options(args: argparse.Namespace) -> LoadOptions:
     return LoadOptions(skip_bad=args.skip_bad, unsided=args.unsided_segments, right_label=args.nifti_labels[0],
-                       left_label=args.nifti_labels[1])
+                       left_label=args.nifti_labels[1],
+                       localiser=str(args.localiser.resolve()) if args.localiser is not None else None)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -192,6 +207,7 @@ def run(args: argparse.Namespace) -> int:
     if ranking:
         tau = "undefined" if ranking["mean_tau"] is None else f"{ranking['mean_tau']:.3f}"
         print(f"  ranking over repeats: {reports['files']['ranking_md']} (mean Kendall tau {tau})")
+    print(f"  samples: {len(slices)}, crop {slices.report.crop or protocol.crop}")
     if exported:
         print(f"  checkpoint: {exported['path']} (repeat {exported['repeat']})")
     return 0
@@ -199,11 +215,12 @@ def run(args: argparse.Namespace) -> int:
 
 def export(args: argparse.Namespace) -> int:
     """The `export-2d` command."""
-    options = LoadOptions(**{**asdict(_load_options(args)), "size": args.size, "empty_ratio": args.empty_ratio,
-                             "slice_step": args.slice_step, "seed": args.seed})
+    options = LoadOptions(**{**asdict(_load_options(args)), "size": args.size, "crop": args.crop,
+                             "nerve_slices_only": args.nerve_slices_only, "slice_step": args.slice_step})
     slices = load_dataset(args.input, args.format, options)
     table = export_2d(slices, args.output)
-    print(f"wrote {len(slices)} samples to {args.output} ({table.name}); {len(slices.report.skipped)} source(s) skipped")
+    print(f"wrote {len(slices)} samples to {args.output} ({table.name}); {len(slices.report.skipped)} source(s) skipped;"
+          f" crop {slices.report.crop}")
     for s in slices.report.skipped:
         print(f"  skipped {s.source}: {s.detail}")
     return 0

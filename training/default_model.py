@@ -5,9 +5,12 @@
 Samples are made by exactly the node's path (`training.data.phantoms.phantom_slice_set`: `prepare` and
 `to_model_space` of `ian_node.segment.pipeline`), so the bundled model sees at training time what the
 node feeds it, and they are held in the benchmark's `training.data.SliceSet` and fed through its
-`SliceDataset`. Besides the coronal slices that carry nerve (the paper's samples), a share of empty
-slices is kept, because the node runs on every coronal slice of a side and must learn to answer "no
-nerve". The validation score is computed through the
+`SliceDataset`. Each side is cropped by the phantom's landmark crop (crop ``oracle``, region
+``landmarks``: the paper's crop, which the node's localiser finds), and every coronal slice of the
+crop is a sample, nerve-free ones included, because the node runs on every slice of the crop and must
+learn to answer "no nerve"; the checkpoint records that crop (`CheckpointMeta.crop`), so the node
+can refuse a crop mode that does not reproduce it. The weights kept are those of the epoch with the
+lowest validation loss (never a test score). The validation score is computed through the
 node's `model.predictor.Predictor` (`training.loop.predict_dataset`). The result is labelled
 phantom-trained and is not for clinical use: point the node at a `train_benchmark` checkpoint for real data.
 """
@@ -18,11 +21,12 @@ import argparse
 import json
 import logging
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
+from ian_node.segment.crop import CropMode
 from model import registry
 from model.checkpoint import CheckpointMeta, InputContract, save_checkpoint
 from training.data import SliceSet
@@ -44,7 +48,8 @@ class DefaultModelRecipe:
     architecture: str = "ian_net"
     width: float = 0.125
     size: int = 128
-    empty_fraction: float = 0.3  # empty slices kept, relative to the number of nerve slices
+    crop: str = CropMode.ORACLE.value  # the phantoms' landmark crop (training.data.collect)
+    nerve_slices_only: bool = False  # every slice of the crop, as the node predicts
     epochs: int = 5
     batch_size: int = 16
     lr: float = 2e-3
@@ -52,8 +57,8 @@ class DefaultModelRecipe:
 
 def train_default_model(out: Path, recipe: DefaultModelRecipe, work_dir: Path) -> dict:
     """Train, evaluate on the validation phantoms, and write the checkpoint; return a summary."""
-    def slices(patients: range) -> SliceSet:  # each half's nerve slices plus the recipe's share of empty ones
-        return phantom_slice_set(patients, recipe.seed, None, recipe.size, "halves", recipe.empty_fraction, recipe.seed)
+    def slices(patients: range) -> SliceSet:
+        return phantom_slice_set(patients, recipe.seed, None, recipe.size, recipe.crop, recipe.nerve_slices_only)
 
     train_slices = slices(range(recipe.train_patients))
     val_slices = slices(range(recipe.train_patients, recipe.train_patients + recipe.val_patients))
@@ -72,7 +77,8 @@ def train_default_model(out: Path, recipe: DefaultModelRecipe, work_dir: Path) -
     scores = predictions.scores("ian_net", 0)
     dsc = float(np.mean([s.dsc for s in scores]))
     summary = {
-        "recipe": recipe.__dict__,
+        "recipe": asdict(recipe),
+        "selection": "epoch with the lowest validation loss (validation phantoms; no test data)",
         "train_slices": len(train_set),
         "val_slices": len(val_set),
         "best_epoch": result.best_epoch,
@@ -90,6 +96,7 @@ def train_default_model(out: Path, recipe: DefaultModelRecipe, work_dir: Path) -
         input=InputContract(size=recipe.size, in_channels=1),
         label=LABEL,
         training=summary,
+        crop=train_slices.report.checkpoint_crop(),
     )
     summary["sha256"] = save_checkpoint(out, model, meta)
     return summary

@@ -8,21 +8,24 @@ Presets:
 
 - `paper`: the paper (10 repeats, 70/15/15 patient-level splits, AdamW 1e-3 / 1e-4, cosine, 50
   epochs, batch 32, Focal Tversky γ 2, α 0.7, β 0.3, patience 25, all seven networks at full width,
-  256 px). Needs `--data`. Three input channels, as the authors' released code and every comparator's
-  original take (grey replicated); the node reads the channel count from the checkpoint.
+  256 px, each side cropped by the oracle crop, nerve slices only: the paper's Table 1 samples). Needs
+  `--data`. Three input channels, as the authors' released code and every comparator's original take
+  (grey replicated); the node reads the channel count from the checkpoint.
 - `smoke`: the whole pipeline in about a minute on a 2-core CPU (CI): four generated `small` phantom
-  patients (64, 192, 192), each side cropped by its crop box, every third nerve slice, 64 px, width
-  0.125, one channel, batch 16, one repeat, one epoch.
+  patients (64, 192, 192), each side cropped by its landmark crop (oracle), every fourth coronal slice
+  of the crop (nerve-free ones included: what the node predicts), 64 px, width 0.125, one channel,
+  batch 16, one repeat, one epoch.
 - `phantom`: the paper's setting on paper-scale phantoms, sized for a 2-core CPU: ten `paper` phantom
   patients (the paper's acquisition: 220 mm field of view, 0.429 × 0.8 × 1.6 mm voxels, (88, 275, 512);
-  about 20 s each to generate), each side cropped by its ground-truth crop box (the paper's manual
-  crop), 256 px, every eighth coronal nerve slice (6.4 mm apart; about 21 samples per patient, 208 in
-  all: 6 training, 2 validation and 2 test patients), width 0.125, one channel, batch 4, 8 epochs,
-  one repeat. Measured on this 2-core CPU (docs/benchmark.md): phantoms 3 min; training all seven
-  networks 13.7-23.8 min per repeat with other jobs sharing the cores (load 2-5, one thread: there,
-  1 thread was 4 times faster than 2), an estimated 12 min on an idle machine with 2 threads (DS-TransUNet
-  42 %, DUCK-Net 26 %). In this budget only our network and DS-TransUNet learn the task (DSC ~0.43);
-  the others stay undertrained.
+  about 20 s each to generate), each side cropped by its landmark crop (oracle: the paper's manual
+  crop), 256 px, every sixteenth coronal slice of the crop, nerve-free ones included (about half of
+  a crop's slices carry nerve, so this keeps the sample count of the earlier every-eighth-nerve-slice
+  selection, about 21 per patient), width 0.125, one channel, batch 4, 8 epochs, one repeat. Measured
+  with that earlier selection on this 2-core CPU (docs/benchmark.md): phantoms 3 min; training all
+  seven networks 13.7-23.8 min per repeat with other jobs sharing the cores (load 2-5, one thread:
+  there, 1 thread was 4 times faster than 2), an estimated 12 min on an idle machine with 2 threads
+  (DS-TransUNet 42 %, DUCK-Net 26 %). In this budget only our network and DS-TransUNet learn the task
+  (DSC ~0.43); the others stay undertrained.
 
 Everything a preset does not name is the paper's value (optimiser, schedule, loss, patience, splits).
 """
@@ -33,6 +36,7 @@ import logging
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+from ian_node.segment.crop import CropMode
 from model.registry import NETWORKS, PAPER_NETWORK, network_class
 from training.data.collect import CROPS
 from training.settings import reject_unknown_fields
@@ -68,12 +72,12 @@ class Protocol:
     size: int = 256
     in_channels: int = 3
     ian_net_variant: str = "paper-attention"
-    # how samples are drawn from 3D inputs
-    empty_ratio: float = 0.0
+    # each side's crop (training.data.collect): "oracle" (the study's landmark crop, else its nerve
+    # margins), "auto" (the node's localiser) or "half"; and which of its coronal slices are samples:
+    # every one (what the node predicts) or, with nerve_slices_only, the paper's nerve slices
+    crop: str = CropMode.ORACLE.value
+    nerve_slices_only: bool = False
     slice_step: int = 1
-    # each side's region: the volume's halves (the node's default) or the study's crop boxes (the paper's
-    # manual crop; read from the summary.json next to each SEG, as the phantoms write it)
-    crop: str = "halves"
     # generated phantom data, used when no --data is given (0 patients: --data is required)
     phantom_patients: int = 0
     phantom_preset: str = "small"  # ian_node.phantom.study.phantom_preset: "small" or "paper"
@@ -95,6 +99,7 @@ class Protocol:
             raise ValueError(f"repeats must be a positive integer, got {self.repeats!r}")
         if self.crop not in CROPS:
             raise ValueError(f"crop must be one of {CROPS}, got {self.crop!r}")
+        object.__setattr__(self, "crop", str(CropMode(self.crop).value))
         if self.phantom_patients and self.phantom_patients < 3:
             raise ValueError(f"phantom_patients must be 0 or at least 3 (train/val/test), got {self.phantom_patients}")
 
@@ -110,6 +115,7 @@ class Protocol:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Protocol:
+        data = _upgrade(data)
         reject_unknown_fields(cls, data, "protocol")
         tuples = {"models", "fractions"}
         return cls(**{k: tuple(v) if k in tuples else v for k, v in data.items()})
@@ -117,6 +123,29 @@ class Protocol:
     def differences(self, other: Protocol) -> list[str]:
         a, b = self.to_dict(), other.to_dict()
         return [f"{k}: {a[k]!r} vs {b[k]!r}" for k in a if a[k] != b[k]]
+
+
+#: Crop names of ledgers written before the crop modes were the node's (`ian_node.segment.crop.CropMode`).
+_OLD_CROPS = {"halves": CropMode.HALF.value, "boxes": CropMode.ORACLE.value}
+
+
+def _upgrade(data: dict[str, Any]) -> dict[str, Any]:
+    """A protocol read from an older ledger in today's terms, so that its reports can be rebuilt.
+
+    Old ledgers named the crops "halves" and "boxes" (the landmark boxes of each study's summary.json,
+    today's oracle crop) and drew samples by `empty_ratio` (0: nerve slices only). A ratio above 0
+    drew a random share of empty slices, which no setting reproduces any more: refused.
+    """
+    data = dict(data)
+    if data.get("crop") in _OLD_CROPS:
+        data["crop"] = _OLD_CROPS[data["crop"]]
+    if "empty_ratio" in data:
+        ratio = data.pop("empty_ratio")
+        if ratio:
+            raise ValueError(f"protocol empty_ratio {ratio!r} (random nerve-free slices) is no longer supported; "
+                             "samples are every slice of the crop or, with nerve_slices_only, nerve slices only")
+        data.setdefault("nerve_slices_only", True)
+    return data
 
 
 @dataclass(frozen=True)
@@ -131,11 +160,11 @@ class Runtime:
 
 
 PRESETS: dict[str, Protocol] = {
-    "paper": Protocol(),
-    "smoke": Protocol(repeats=1, epochs=1, batch_size=16, width=0.125, size=64, in_channels=1, slice_step=3,
-                      crop="boxes", phantom_patients=4, phantom_preset="small"),
-    "phantom": Protocol(repeats=1, epochs=8, batch_size=4, width=0.125, size=256, in_channels=1, slice_step=8,
-                        crop="boxes", phantom_patients=10, phantom_preset="paper"),
+    "paper": Protocol(nerve_slices_only=True),
+    "smoke": Protocol(repeats=1, epochs=1, batch_size=16, width=0.125, size=64, in_channels=1, slice_step=4,
+                      phantom_patients=4, phantom_preset="small"),
+    "phantom": Protocol(repeats=1, epochs=8, batch_size=4, width=0.125, size=256, in_channels=1, slice_step=16,
+                        phantom_patients=10, phantom_preset="paper"),
 }
 
 

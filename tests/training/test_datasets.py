@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import nibabel as nib
@@ -31,7 +32,9 @@ from training.data import (
 )
 
 SIZE = 64
-OPTIONS = LoadOptions(size=SIZE)
+#: The format readers are tested on the halves and the paper's nerve slices (test_crop.py tests the crops
+#: and the sample policy).
+OPTIONS = LoadOptions(size=SIZE, crop="half", nerve_slices_only=True)
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +133,8 @@ def test_nifti_pairs_converted_from_the_series_give_identical_samples(studies, d
 
 def test_export_2d_command_writes_the_paper_form_that_reads_back_identically(studies, dicom_set, tmp_path):
     out = tmp_path / "paper2d"
-    assert main(["export-2d", str(studies), str(out), "--format", "dicom", "--size", str(SIZE)]) == 0
+    assert main(["export-2d", str(studies), str(out), "--format", "dicom", "--size", str(SIZE), "--crop", "half",
+                 "--nerve-slices-only"]) == 0
     with (out / "samples.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == len(dicom_set) and set(rows[0]) == {"image", "mask", "patient", "side", "slice"}
@@ -154,12 +158,23 @@ def test_2d_images_of_another_size_go_through_the_slice_transform(tmp_path):
     assert loaded.metas[0].side == "right" and loaded.metas[0].slice == 7 and loaded.masks[0].sum() > 0
 
 
-def test_empty_ratio_adds_nerve_free_slices_and_slice_step_thins_nerve_slices(studies, dicom_set):
-    with_empty = load_dataset(studies, "dicom", LoadOptions(size=SIZE, empty_ratio=0.5))
-    empty = ~with_empty.masks.reshape(len(with_empty), -1).any(axis=1)
-    assert abs(int(empty.sum()) - round(0.5 * len(dicom_set))) <= 4
-    thinned = load_dataset(studies, "dicom", LoadOptions(size=SIZE, slice_step=2))
+def test_slice_step_thins_the_nerve_slices(dicom_set, studies):
+    thinned = load_dataset(studies, "dicom", replace(OPTIONS, slice_step=2))
     assert len(dicom_set) / 2 <= len(thinned) <= len(dicom_set) / 2 + 4
+
+
+def test_nifti_pairs_have_no_landmarks_so_the_oracle_crop_is_the_nerve_margins(studies, tmp_path):
+    study = _patient_dirs(studies)[0]
+    files = sorted((study / "series").glob("*.dcm"))
+    series = load_series(files)
+    labels = read_segmentation_labels(pydicom.dcmread(study / "seg.dcm"), [pydicom.dcmread(f) for f in files])
+    (tmp_path / "imagesTr").mkdir()
+    (tmp_path / "labelsTr").mkdir()
+    nib.save(series.volume.to_nibabel(), tmp_path / "imagesTr" / "P1_0000.nii.gz")
+    nib.save(series.volume.with_array(labels).to_nibabel(), tmp_path / "labelsTr" / "P1.nii.gz")
+    loaded = load_dataset(tmp_path, "nifti", LoadOptions(size=SIZE))
+    assert loaded.report.crop == {"region": "nerve-margins", "trained_with": "oracle", "samples": "all"}
+    assert "oracle crop from the nerve margins" in loaded.report.sources[0].detail
 
 
 def test_seg_referencing_a_missing_series_is_refused_naming_the_seg(studies, tmp_path):
@@ -176,7 +191,7 @@ def test_bad_study_is_skipped_and_reported_only_with_skip_bad(studies, tmp_path)
     _copy_study(first, tmp_path / "a")
     (tmp_path / "b").mkdir()
     shutil.copy(second / "seg.dcm", tmp_path / "b" / "seg.dcm")
-    loaded = load_dataset(tmp_path, "dicom", LoadOptions(size=SIZE, skip_bad=True))
+    loaded = load_dataset(tmp_path, "dicom", replace(OPTIONS, skip_bad=True))
     assert len(set(loaded.patients)) == 1
     (skipped,) = loaded.report.skipped
     assert skipped.source.endswith("b/seg.dcm") and "not among" in skipped.detail
@@ -188,7 +203,7 @@ def test_segment_without_side_is_refused_unless_split_by_position(studies, tmp_p
     _edit_segments(study / "seg.dcm", {1: "Segment_1", 2: "Segment_2"}, drop_codes=True)
     with pytest.raises(UnmatchedSegmentError, match=r"a/seg\.dcm: segment 1 \('Segment_1'\) has no single side"):
         load_dataset(tmp_path, "dicom", OPTIONS)
-    split = load_dataset(tmp_path, "dicom", LoadOptions(size=SIZE, unsided="split"))
+    split = load_dataset(tmp_path, "dicom", replace(OPTIONS, unsided="split"))
     assert {m.side for m in split.metas} == {"right", "left"}
     assert "both sides by position" in split.report.sources[0].detail
 
@@ -223,12 +238,21 @@ def test_empty_nifti_label_is_refused_naming_the_file(studies, tmp_path):
         load_dataset(tmp_path, "nifti", OPTIONS)
 
 
-def test_empty_2d_mask_is_refused_naming_the_file(tmp_path):
+def test_empty_2d_mask_is_refused_naming_the_file_when_only_nerve_slices_are_asked_for(tmp_path):
     Image.fromarray(np.full((SIZE, SIZE), 90, np.uint8)).save(tmp_path / "a.png")
     Image.fromarray(np.zeros((SIZE, SIZE), np.uint8)).save(tmp_path / "m.png")
     (tmp_path / "samples.csv").write_text("image,mask,patient,side,slice\na.png,m.png,P1,left,0\n")
     with pytest.raises(EmptyMaskError, match=r"m\.png: mask is empty"):
         load_dataset(tmp_path, "2d", OPTIONS)
+
+
+def test_empty_2d_mask_is_kept_when_every_slice_is_a_sample(tmp_path):
+    Image.fromarray(np.zeros((SIZE, SIZE), np.uint8)).save(tmp_path / "m.png")
+    Image.fromarray(np.full((SIZE, SIZE), 9, np.uint8)).save(tmp_path / "i.png")
+    (tmp_path / "samples.csv").write_text("image,mask,patient,side,slice\ni.png,m.png,P1,L,3\n")
+    loaded = load_dataset(tmp_path, "2d", LoadOptions(size=SIZE))
+    assert len(loaded) == 1 and not loaded.masks.any()
+    assert loaded.report.crop == {"region": "landmarks", "trained_with": "oracle", "samples": "all"}
 
 
 def test_export_2d_refuses_a_non_empty_folder(dicom_set, tmp_path):

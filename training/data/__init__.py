@@ -1,11 +1,14 @@
-"""Training samples: 2D coronal slices that carry nerve, from DICOM studies, NIfTI pairs or the paper's 2D form.
+"""Training samples: 2D coronal slices of each side's crop, from DICOM studies, NIfTI pairs or the paper's 2D form.
 
 Every input form ends as a `SliceSet` (`training.data.samples`): uint8 model-space images (N, S, S),
 boolean masks (N, S, S) and one `SampleMeta` (patient, side, slice) per sample, ordered by
 (patient, side, slice). 3D forms go through the node's own `ian_node.segment.pipeline` (`prepare`
 for images, `to_model_space` for masks); how, and the shared options and errors, are in
 `training.data.collect`. The readers: `training.data.dicom` (MR series + SEG), `training.data.nifti`
-(image + label volumes) and `training.data.paper2d` (the paper's PNG/JPEG folders, and `export_2d`).
+(image + label volumes), `training.data.paper2d` (the paper's PNG/JPEG folders, and `export_2d`) and
+`training.data.phantoms` (generated phantoms, without writing them). The crop (``oracle``, ``auto``,
+``half``) and the sample policy (every slice of the crop, or nerve slices only) are described in
+`training.data.collect`.
 """
 
 from __future__ import annotations
@@ -19,6 +22,9 @@ from training.data.collect import (
     CROP_SUMMARY,
     CROPS,
     EITHER_SIDE,
+    NERVE_MARGINS_MM,
+    SAMPLES_ALL,
+    SAMPLES_NERVE_ONLY,
     Collector,
     DatasetError,
     DuplicateAnnotationError,
@@ -26,7 +32,8 @@ from training.data.collect import (
     LoadOptions,
     MissingSeriesError,
     UnmatchedSegmentError,
-    read_crop_boxes,
+    find_crop_boxes,
+    nerve_margin_boxes,
 )
 from training.data.paper2d import export_2d
 from training.data.samples import (
@@ -51,10 +58,11 @@ READERS: dict[str, str] = {
 FORMATS: tuple[str, ...] = tuple(READERS)
 
 __all__ = [
-    "CROPS", "CROP_SUMMARY", "EITHER_SIDE", "FORMATS", "Collector", "DatasetError", "DuplicateAnnotationError",
-    "EmptyMaskError", "Format", "LoadOptions", "LoadReport", "MissingSeriesError", "SampleMeta", "SliceDataset",
-    "SliceSet", "SourceReport", "UnmatchedSegmentError", "export_2d", "load_dataset", "load_slice_set",
-    "read_crop_boxes", "save_slice_set", "subset",
+    "CROPS", "CROP_SUMMARY", "EITHER_SIDE", "FORMATS", "NERVE_MARGINS_MM", "SAMPLES_ALL", "SAMPLES_NERVE_ONLY",
+    "Collector", "DatasetError", "DuplicateAnnotationError", "EmptyMaskError", "Format", "LoadOptions", "LoadReport",
+    "MissingSeriesError", "SampleMeta", "SliceDataset", "SliceSet", "SourceReport", "UnmatchedSegmentError",
+    "export_2d", "find_crop_boxes", "load_dataset", "load_slice_set", "nerve_margin_boxes", "save_slice_set",
+    "subset",
 ]
 
 
@@ -68,9 +76,9 @@ def load_dataset(root: str | Path, fmt: str, options: LoadOptions | None = None)
     except KeyError:
         raise ValueError(f"unknown dataset format {fmt!r}; valid: {', '.join(FORMATS)}") from None
     options = options or LoadOptions()
-    if options.crop == "boxes" and fmt != "dicom":
-        raise DatasetError(f"{root}: crop 'boxes' reads each study's {CROP_SUMMARY} next to its SEG, so it needs the "
-                           f"dicom form, not {fmt}")
+    if options.crop == "auto" and fmt == "2d":
+        raise DatasetError(f"{root}: crop 'auto' runs the localiser on whole series, which the 2d form does not "
+                           "hold; its slices are cropped already (use crop 'oracle' or 'half' to say by what)")
     collect: Callable[[Path, Collector], None] = getattr(importlib.import_module(module_name), function)
     collector = Collector(options)
     collect(root, collector)

@@ -1,48 +1,74 @@
-"""What every input form shares: load options, errors, 3D volumes to side samples, and assembling a `SliceSet`.
+"""What every input form shares: load options, the crop, errors, 3D volumes to side samples, and a `SliceSet`.
 
-3D inputs (DICOM series + SEG, NIfTI image + label volume) take exactly the node's path, so training
-and inference cannot drift apart: images come from `ian_node.segment.pipeline.prepare` (the side stacks of
-`ian_node.segment.volume` with the default ROI halves, or with per-side crop boxes when
-`LoadOptions.crop` is "boxes" (the paper's manual crop; see `read_crop_boxes`), the coronal reformat, the left side flipped to
-right-side orientation, then `model.preprocess` per slice: min-max to uint8, physically square
-zero-pad, LANCZOS into `size`, centre pad), and masks come from `ian_node.segment.pipeline.to_model_space`,
-the node's own map of a label volume through the same stacks and slice transforms (nearest neighbour).
-`slice` is the coronal index in the side's stack (anterior → posterior). A coronal slice is a sample
-when its mask is non-empty *in model space* (what the network sees and is scored on); `empty_ratio`
-adds nerve-free slices of the same side (`round(ratio × nerve samples)`, drawn with a seed per patient
-and side) and `slice_step` keeps every k-th nerve slice (a speed knob for smoke runs: neighbouring
-coronal slices are nearly identical).
+3D inputs (DICOM series + SEG, NIfTI image + label volume, generated phantoms) take exactly the node's
+path, so training and inference cannot drift apart: images come from `ian_node.segment.pipeline.prepare`
+(the side stacks of `ian_node.segment.volume`, each side cropped by the crop below, the coronal
+reformat, the left side flipped to right-side orientation, then `model.preprocess` per slice: min-max
+to uint8, physically square zero-pad, LANCZOS into `size`, centre pad), and masks come from
+`ian_node.segment.pipeline.to_model_space`, the node's own map of a label volume through the same stacks
+and slice transforms (nearest neighbour). `slice` is the coronal index in the side's stack (anterior →
+posterior).
+
+**The crop** (`LoadOptions.crop`, the node's `ian_node.segment.crop.CropMode` names):
+
+- ``oracle`` (default): the paper's semi-automatic crop. A study's landmark crop when it has one (the
+  ``crop_boxes`` of the `CROP_SUMMARY` next to its SEG, as the phantoms write it; region
+  ``landmarks``), otherwise the nerve's bounding box grown by `NERVE_MARGINS_MM` (`nerve_margin_boxes`;
+  region ``nerve-margins``). One dataset has one region: when some DICOM studies have landmarks and
+  others do not, every study is cropped by its nerve margins (and a warning says so), because a
+  checkpoint records one crop region and the node's localiser reproduces one.
+- ``auto``: the node's localiser (`ian_node.segment.crop.resolve_crop`) finds each side's box, as the
+  node will at inference; the region is the localiser's (`LocaliserMeta.region`). A study where it finds
+  no mandible is a `DatasetError`.
+- ``half``: the volume's left-right halves, whole y and z (the node's first crop), for comparison.
+
+**The samples** (`LoadOptions.nerve_slices_only`): by default every coronal slice of each side's crop,
+nerve-free ones included, because that is what the node predicts; with `nerve_slices_only` only the
+slices whose mask is non-empty *in model space* (what the network sees and is scored on), the paper's
+selection. `slice_step` keeps every k-th of those slices (a speed knob for smoke runs: neighbouring
+coronal slices are nearly identical). What was used is recorded in `LoadReport.crop` as the checkpoint
+stores it: ``{"region", "trained_with", "samples"}`` (`model.checkpoint.CheckpointMeta.crop`).
 
 Bad inputs raise a `DatasetError` naming the file; `LoadOptions.skip_bad` skips the offending source
 instead and records why in `LoadReport.skipped`. The format readers (`training.data.dicom`, `.nifti`,
-`.paper2d`) feed one `Collector`, which refuses duplicate samples and builds the ordered `SliceSet`.
+`.paper2d`, `.phantoms`) feed one `Collector`, which refuses duplicate samples and builds the ordered
+`SliceSet`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
+from ian_node.segment.crop import CropMode, CropRequest, resolve_crop
 from ian_node.segment.pipeline import PreparedSeries, PreparedSide, prepare, to_model_space
-from ian_node.segment.reformat import PatientBox
+from ian_node.segment.reformat import PatientBox, default_rois
 from ian_node.segment.volume import SeriesError, SeriesVolume, Side
+from model.localiser import LoadedLocaliser, load_localiser
 from training.data.samples import LoadReport, SampleMeta, SliceSet, SourceReport
 
 logger = logging.getLogger(__name__)
 
 #: Label value meaning "nerve, side decided by position" (an unsided segment split by the ROI halves).
 EITHER_SIDE = 255
-#: Where per-side crop boxes are read from for `crop="boxes"`: this file next to the SEG (the phantom layout).
+#: Where a study's landmark crop boxes are read from: this file next to the SEG (the phantom layout).
 CROP_SUMMARY = "summary.json"
-#: How each side's region of interest is chosen: the node's default halves or per-study crop boxes.
-CROPS: tuple[str, ...] = ("halves", "boxes")
+#: The crop modes training can use (`ian_node.segment.crop.CropMode`; ``box`` needs boxes from a user).
+CROPS: tuple[str, ...] = (CropMode.ORACLE.value, CropMode.AUTO.value, CropMode.HALF.value)
+#: The sample policies as `CheckpointMeta.crop["samples"]` names them.
+SAMPLES_ALL, SAMPLES_NERVE_ONLY = "all", "nerve-only"
+#: How far each side's oracle box reaches beyond the bounding box of its nerve voxel centres, in mm.
+#: Lateral/medial are away from/towards the midline in x, anterior is lower LPS y, inferior lower z.
+#: The rounded medians of the distances from the nerve's bounding box to the paper's landmark crop
+#: on 24 `paper`-preset phantoms (seed 101), so that data without landmarks is cropped about alike.
+NERVE_MARGINS_MM: dict[str, float] = {"lateral": 20.0, "medial": 22.0, "anterior": 20.0, "posterior": 18.0,
+                                      "inferior": 12.0, "superior": 5.0}
 
 
 class DatasetError(ValueError):
@@ -67,27 +93,28 @@ class DuplicateAnnotationError(DatasetError):
 
 @dataclass(frozen=True)
 class LoadOptions:
-    """How inputs become samples; the defaults are the paper's (nerve slices only, 256 px)."""
+    """How inputs become samples: the crop, which slices, the model size, and how bad inputs are met."""
 
     size: int = 256
-    empty_ratio: float = 0.0
+    crop: str = CropMode.ORACLE.value  # one of CROPS (stored as the plain name: options are written as JSON)
+    nerve_slices_only: bool = False  # True: the paper's samples; False: every slice of the crop
     slice_step: int = 1
+    localiser: str | None = None  # crop "auto": the localiser checkpoint; None: the bundled one
     skip_bad: bool = False
     unsided: Literal["error", "split"] = "error"  # DICOM segments without a side
     right_label: int = 1  # NIfTI label values; equal values mean "split by position"
     left_label: int = 2
-    seed: int = 0  # for drawing empty slices
-    crop: Literal["halves", "boxes"] = "halves"  # per-side ROI: the volume's halves, or CROP_SUMMARY's boxes
 
     def __post_init__(self) -> None:
         if not isinstance(self.size, int) or self.size < 16:
             raise ValueError(f"LoadOptions.size must be an integer >= 16, got {self.size!r}")
-        if not (isinstance(self.empty_ratio, (int, float)) and 0 <= self.empty_ratio <= 100):
-            raise ValueError(f"LoadOptions.empty_ratio must be within [0, 100], got {self.empty_ratio!r}")
         if not isinstance(self.slice_step, int) or self.slice_step < 1:
             raise ValueError(f"LoadOptions.slice_step must be a positive integer, got {self.slice_step!r}")
         if self.crop not in CROPS:
             raise ValueError(f"LoadOptions.crop must be one of {CROPS}, got {self.crop!r}")
+        object.__setattr__(self, "crop", CropMode(self.crop).value)
+        if not isinstance(self.nerve_slices_only, bool):
+            raise ValueError(f"LoadOptions.nerve_slices_only must be True or False, got {self.nerve_slices_only!r}")
         if self.unsided not in ("error", "split"):
             raise ValueError(f"LoadOptions.unsided must be 'error' or 'split', got {self.unsided!r}")
         for name in ("right_label", "left_label"):
@@ -95,27 +122,40 @@ class LoadOptions:
             if not isinstance(value, int) or not 1 <= value <= 254:
                 raise ValueError(f"LoadOptions.{name} must be an integer label value in 1..254, got {value!r}")
 
+    @property
+    def mode(self) -> CropMode:
+        """The crop as the node's `CropMode`."""
+        return CropMode(self.crop)
 
-# ---------------------------------------------------------------- crop boxes
-def read_crop_boxes(summary: Path) -> dict[Side, PatientBox]:
-    """Both sides' crop boxes from a study's summary JSON, so that training can crop as the paper did.
+    @property
+    def samples(self) -> str:
+        """The sample policy's name, as the checkpoint records it."""
+        return SAMPLES_NERVE_ONLY if self.nerve_slices_only else SAMPLES_ALL
+
+
+# ---------------------------------------------------------------- the crop
+def find_crop_boxes(summary: Path) -> dict[Side, PatientBox] | None:
+    """Both sides' landmark crop boxes from a study's summary JSON, or None when it gives none.
 
     The file holds `"crop_boxes": {"right": [[xmin, xmax], [ymin, ymax], [zmin, zmax]], "left": ...}`
-    in patient LPS mm (as `ian_node.phantom` writes them). Anything else is a `DatasetError` naming the file.
+    in patient LPS mm (as `ian_node.phantom` writes them). No file, or no ``crop_boxes`` key, means
+    the study has no landmarks (the oracle crop falls back to nerve margins); a file that cannot be
+    read or boxes that are malformed are a `DatasetError` naming the file, since what was meant is unknown.
     """
     try:
         data = json.loads(summary.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise DatasetError(f"{summary}: crop boxes were asked for (crop 'boxes') but this file does not exist; "
-                           "crop by the volume's halves instead") from None
+        return None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DatasetError(f"{summary}: cannot read the crop boxes: {exc}") from exc
-    boxes = data.get("crop_boxes") if isinstance(data, dict) else None
-    if not isinstance(boxes, Mapping) or not boxes:
-        raise DatasetError(f"{summary}: no 'crop_boxes' (right and left boxes in patient mm) although crop "
-                           "'boxes' was asked for")
-    if sorted(boxes) != sorted(s.value for s in Side):
-        raise DatasetError(f"{summary}: crop_boxes must name exactly 'right' and 'left', got {sorted(boxes)}")
+    if not isinstance(data, dict):
+        raise DatasetError(f"{summary}: expected a JSON object, got {type(data).__name__}")
+    if "crop_boxes" not in data:
+        return None
+    boxes = data["crop_boxes"]
+    if not isinstance(boxes, Mapping) or sorted(boxes) != sorted(s.value for s in Side):
+        raise DatasetError(f"{summary}: crop_boxes must name exactly 'right' and 'left', got "
+                           f"{sorted(boxes) if isinstance(boxes, Mapping) else type(boxes).__name__}")
     out = {}
     for side in Side:
         value = boxes[side.value]
@@ -128,36 +168,86 @@ def read_crop_boxes(summary: Path) -> dict[Side, PatientBox]:
     return out
 
 
+def nerve_margin_boxes(labels: np.ndarray, affine: np.ndarray) -> dict[Side, PatientBox]:
+    """Each labelled side's oracle box when a study has no landmarks: its nerve grown by `NERVE_MARGINS_MM`.
+
+    `labels` holds `Side.label` values (1 right, 2 left) in the index order of `affine` (index → LPS mm).
+    A side's box is the bounding box of its nerve voxel centres in LPS mm, grown by the margins: for the
+    right side (lower x) lateral is x_min and medial x_max, for the left side the other way round;
+    anterior is y_min, posterior y_max, inferior z_min, superior z_max. When the two grown boxes overlap
+    in x, both are cut at the midpoint of the overlap, so that no voxel belongs to both sides. Sides
+    without a voxel are left out.
+    """
+    affine = np.asarray(affine, dtype=np.float64)
+    m = NERVE_MARGINS_MM
+    out: dict[Side, list[float]] = {}
+    for side in Side:
+        index = np.argwhere(labels == side.label).astype(np.float64)
+        if not len(index):
+            continue
+        points = index @ affine[:3, :3].T + affine[:3, 3]
+        (x0, y0, z0), (x1, y1, z1) = points.min(axis=0), points.max(axis=0)
+        lower_x, upper_x = (m["lateral"], m["medial"]) if side is Side.RIGHT else (m["medial"], m["lateral"])
+        out[side] = [x0 - lower_x, x1 + upper_x, y0 - m["anterior"], y1 + m["posterior"],
+                     z0 - m["inferior"], z1 + m["superior"]]
+    if len(out) == 2 and out[Side.RIGHT][1] > out[Side.LEFT][0]:
+        middle = (out[Side.RIGHT][1] + out[Side.LEFT][0]) / 2
+        out[Side.RIGHT][1] = out[Side.LEFT][0] = middle
+    return {side: PatientBox(*(float(v) for v in bounds)) for side, bounds in out.items()}
+
+
+def sided_labels(series: SeriesVolume, labels: np.ndarray) -> np.ndarray:
+    """`labels` with `EITHER_SIDE` voxels given the side of the half they lie in (as `unsided="split"` means)."""
+    either = labels == EITHER_SIDE
+    if not either.any():
+        return labels
+    out = labels.copy()
+    index = np.argwhere(either).astype(np.float64)
+    affine = np.asarray(series.volume.affine, dtype=np.float64)
+    x = index @ affine[0, :3] + affine[0, 3]
+    right = default_rois(series)[Side.RIGHT].contains_1d(x, 0)
+    out[either] = np.where(right, Side.RIGHT.label, Side.LEFT.label).astype(labels.dtype)
+    return out
+
+
+@dataclass(frozen=True)
+class StudyCrop:
+    """One study's crop: the boxes to `prepare` (None: the halves), their region, and a line for the report."""
+
+    rois: dict[Side, PatientBox] | None
+    region: str
+    detail: str
+
+
+def _box_text(boxes: Mapping[Side, PatientBox]) -> str:
+    return "; ".join(f"{s.value} " + " ".join(f"[{lo:.0f}, {hi:.0f}]" for lo, hi in b.bounds)
+                     for s, b in boxes.items())
+
+
 # ---------------------------------------------------------------- 3D → 2D, the node's path
 @dataclass(frozen=True)
 class SideSamples:
     images: np.ndarray
     masks: np.ndarray
     slices: tuple[int, ...]
-    nerve_slices: int
+    nerve_slices: int  # slices of the side's crop whose mask is non-empty at the model size
     lost_slices: int  # nerve in the source slice but none left at the model size
 
 
-def side_samples(series: SeriesVolume, side: PreparedSide, nerve: np.ndarray, options: LoadOptions,
-                 rng: np.random.Generator) -> SideSamples:
+def side_samples(series: SeriesVolume, side: PreparedSide, nerve: np.ndarray, options: LoadOptions) -> SideSamples:
     """One side's samples: `nerve` is a label volume holding this side's label where its nerve is."""
     model_masks = to_model_space(PreparedSeries(series, (side,)), nerve).astype(bool)
     stack = side.stack
     in_source = ((nerve.reshape(-1)[stack.source_index] != 0) & stack.inside).reshape(len(stack.slices), -1).any(1)
     in_model = model_masks.reshape(len(model_masks), -1).any(axis=1)
-    chosen = list(np.flatnonzero(in_model)[:: options.slice_step])
-    if options.empty_ratio > 0:
-        empty = np.flatnonzero(~in_source)
-        n_empty = min(len(empty), int(round(options.empty_ratio * len(chosen))))
-        chosen += list(rng.choice(empty, size=n_empty, replace=False)) if n_empty else []
-    chosen = sorted(int(k) for k in chosen)
+    candidates = np.flatnonzero(in_model) if options.nerve_slices_only else np.arange(len(in_model))
+    chosen = [int(k) for k in candidates[:: options.slice_step]]
     return SideSamples(side.images[chosen], model_masks[chosen], tuple(chosen), int(in_model.sum()),
                        int((in_source & ~in_model).sum()))
 
 
 def volume_samples(series: SeriesVolume, labels: np.ndarray, side_values: dict[Side, tuple[int, ...]],
-                   patient: str, options: LoadOptions,
-                   rois: Mapping[Side, PatientBox] | None = None) -> dict[Side, SideSamples]:
+                   options: LoadOptions, rois: Mapping[Side, PatientBox] | None = None) -> dict[Side, SideSamples]:
     """Samples of each side listed in `side_values` (the label values that count as that side's nerve).
 
     Images come from the node's own `prepare` (each side cropped to `rois`, default the volume's
@@ -172,17 +262,14 @@ def volume_samples(series: SeriesVolume, labels: np.ndarray, side_values: dict[S
         if values is None:
             continue
         nerve = np.where(np.isin(labels, values), np.uint8(side.stack.side.label), np.uint8(0))
-        name = side.stack.side.value
-        rng = np.random.default_rng(np.random.SeedSequence(
-            [options.seed, int(hashlib.sha256(f"{patient}/{name}".encode()).hexdigest()[:8], 16)]))
-        out[side.stack.side] = side_samples(series, side, nerve, options, rng)
+        out[side.stack.side] = side_samples(series, side, nerve, options)
     return out
 
 
 # ---------------------------------------------------------------- assembling sets
 @dataclass
 class Collector:
-    """Accumulates samples per (patient, side), refusing duplicates, and the per-source report."""
+    """Accumulates samples per (patient, side), refusing duplicates, the per-source report and the crop used."""
 
     options: LoadOptions
     images: list[np.ndarray] = field(default_factory=list)
@@ -191,6 +278,40 @@ class Collector:
     owners: dict[tuple[str, str], str] = field(default_factory=dict)
     keys: set[tuple[str, str, int]] = field(default_factory=set)
     sources: list[SourceReport] = field(default_factory=list)
+    regions: set[str] = field(default_factory=set)  # crop regions of the sources used
+    _localiser: LoadedLocaliser | None = None
+
+    @property
+    def localiser(self) -> LoadedLocaliser:
+        """The localiser of crop ``auto``, loaded once per dataset."""
+        if self._localiser is None:
+            self._localiser = load_localiser(self.options.localiser)
+            logger.info("crop auto: localiser %s (region %s, sha256 %s)", self._localiser.path.name,
+                        self._localiser.meta.region, self._localiser.sha256[:12])
+        return self._localiser
+
+    def crop(self, series: SeriesVolume, labels: np.ndarray, landmarks: Mapping[Side, PatientBox] | None,
+             where: str) -> StudyCrop:
+        """One study's crop under `options.crop` (rules in the module docstring).
+
+        `landmarks` are the study's landmark boxes (None: it has none, or the dataset does not use
+        them); `labels` its label volume, for the nerve margins.
+        """
+        mode = self.options.mode
+        if mode is CropMode.HALF:
+            return StudyCrop(None, "half", "cropped by the volume's halves")
+        if mode is CropMode.ORACLE:
+            if landmarks is not None:
+                boxes = {Side(k): v for k, v in landmarks.items()}
+                return StudyCrop(boxes, "landmarks", f"oracle crop from the landmarks: {_box_text(boxes)}")
+            boxes = nerve_margin_boxes(sided_labels(series, labels), np.asarray(series.volume.affine))
+            return StudyCrop(boxes, "nerve-margins", f"oracle crop from the nerve margins: {_box_text(boxes)}")
+        found = resolve_crop(series, CropRequest(CropMode.AUTO), self.localiser)
+        if not found.found:
+            raise DatasetError(f"{where}: crop 'auto': {found.problem}")
+        confidences = ", ".join(f"{s.value} {c.confidence:.2f}" for s, c in found.sides.items())
+        return StudyCrop(found.rois, self.localiser.meta.region,
+                         f"auto crop (confidence {confidences}): {_box_text(found.rois)}")
 
     def add_sample(self, source: str, meta: SampleMeta, image: np.ndarray, mask: np.ndarray) -> None:
         key = (meta.patient, meta.side, meta.slice)
@@ -201,9 +322,10 @@ class Collector:
         self.masks.append(mask[None])
         self.metas.append(meta)
 
-    def add_sides(self, source: str, patient: str, sides: dict[Side, SideSamples], detail: str) -> None:
-        total = sum(len(s.slices) for s in sides.values())
-        if total == 0:
+    def add_sides(self, source: str, patient: str, sides: dict[Side, SideSamples], detail: str,
+                  region: str) -> None:
+        """One study's sides (those with nerve at the model size), cropped by a `region` crop."""
+        if not sum(s.nerve_slices for s in sides.values()):
             raise EmptyMaskError(f"{source}: no coronal slice carries nerve at {self.options.size} px ({detail})")
         for side in sides:
             owner = self.owners.get((patient, side.value))
@@ -219,8 +341,10 @@ class Collector:
             self.metas += [SampleMeta(patient, side.value, k) for k in s.slices]
             self.keys.update((patient, side.value, k) for k in s.slices)
             lost = f", {s.lost_slices} lost at {self.options.size} px" if s.lost_slices else ""
-            parts.append(f"{side.value}: {len(s.slices)} samples of {s.nerve_slices} nerve slices{lost}")
-        self.sources.append(SourceReport(source, "used", f"{detail}; " + "; ".join(parts), total))
+            parts.append(f"{side.value}: {len(s.slices)} samples, {s.nerve_slices} nerve slices{lost}")
+        self.regions.add(region)
+        self.sources.append(SourceReport(source, "used", f"{detail}; " + "; ".join(parts),
+                                         sum(len(s.slices) for s in sides.values())))
 
     def run(self, source: str, work: Callable[[], None]) -> None:
         """Run one source's work; on a bad input, skip it (reported) if allowed, else raise."""
@@ -232,14 +356,26 @@ class Collector:
             logger.warning("skipping %s: %s", source, exc)
             self.sources.append(SourceReport(source, "skipped", str(exc)))
 
-    def build(self, fmt: str, root: Path) -> SliceSet:
+    def crop_record(self, root: Path | str) -> dict[str, Any]:
+        """What the samples were cropped by, as `CheckpointMeta.crop` records it (plus the localiser's hash)."""
+        if len(self.regions) > 1:  # the readers decide one region per dataset; this guards that rule
+            raise DatasetError(f"{root}: the studies were cropped by different regions {sorted(self.regions)}; "
+                               "a dataset must use one crop definition")
+        record: dict[str, Any] = {"region": next(iter(self.regions), ""), "trained_with": self.options.crop,
+                                  "samples": self.options.samples}
+        if self.options.mode is CropMode.AUTO:
+            record["localiser_sha256"] = self.localiser.sha256
+        return record
+
+    def build(self, fmt: str, root: Path | str) -> SliceSet:
         report = LoadReport(fmt, str(root), tuple(self.sources))
         if not self.metas:
             raise DatasetError(f"{root}: no usable samples ({len(report.skipped)} source(s) skipped)")
+        report = LoadReport(fmt, str(root), tuple(self.sources), self.crop_record(root))
         images = np.concatenate(self.images)
         masks = np.concatenate(self.masks)
         order = sorted(range(len(self.metas)), key=lambda i: (self.metas[i].patient, self.metas[i].side,
                                                               self.metas[i].slice))
-        logger.info("%s dataset: %d samples from %d source(s), %d skipped", fmt, len(order),
-                    len(report.sources) - len(report.skipped), len(report.skipped))
+        logger.info("%s dataset: %d samples from %d source(s), %d skipped; crop %s", fmt, len(order),
+                    len(report.sources) - len(report.skipped), len(report.skipped), report.crop)
         return SliceSet(images[order], masks[order], tuple(self.metas[i] for i in order), report)

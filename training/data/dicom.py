@@ -17,9 +17,9 @@ Which segment is which nerve (reported per file in `LoadReport`):
 4. a candidate with no side is an error (`UnmatchedSegmentError`) unless `unsided="split"`, which
    assigns its voxels by position: those in the right ROI half to the right nerve and so on.
 
-Each side is cropped by the volume's halves, or with `LoadOptions.crop="boxes"` by the per-side boxes
-of the `summary.json` next to the SEG file (`training.data.collect.read_crop_boxes`; the phantom
-layout). Two candidates of one side are merged. A side without a segment gives no samples (the paper
+Each side is cropped by `LoadOptions.crop` (`training.data.collect`): with ``oracle``, by the
+landmark boxes of the `summary.json` next to the SEG file (`find_crop_boxes`; the phantom layout) when
+every study has them, otherwise by every study's nerve margins. Two candidates of one side are merged. A side without a segment gives no samples (the paper
 excluded pathological nerves this way). A used segment with no voxel is an `EmptyMaskError`.
 """
 
@@ -38,6 +38,8 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import SegmentationStorage
 
+from ian_node.segment.crop import CropMode
+from ian_node.segment.reformat import PatientBox
 from ian_node.segment.volume import IMAGE_SOP_CLASSES, SeriesVolume, Side, load_series
 from training.data.collect import (
     CROP_SUMMARY,
@@ -47,7 +49,7 @@ from training.data.collect import (
     EmptyMaskError,
     MissingSeriesError,
     UnmatchedSegmentError,
-    read_crop_boxes,
+    find_crop_boxes,
     volume_samples,
 )
 
@@ -192,7 +194,8 @@ def _segment_pixels(seg: hd.seg.Segmentation, series: SeriesVolume, numbers: lis
     return array >= 0.5
 
 
-def _study(seg_path: Path, index: _Index, collector: Collector, root: Path) -> None:
+def _study(seg_path: Path, index: _Index, collector: Collector, root: Path,
+           landmarks: dict[Side, PatientBox] | None) -> None:
     where = str(seg_path)
     ds = pydicom.dcmread(seg_path)
     refs = list(ds.get("ReferencedSeriesSequence", []))
@@ -227,18 +230,15 @@ def _study(seg_path: Path, index: _Index, collector: Collector, root: Path) -> N
     for side in Side:
         if any(m.side in (side, None) for m in used):
             side_values[side] = (side.label, EITHER_SIDE)
-    boxes = read_crop_boxes(seg_path.parent / CROP_SUMMARY) if collector.options.crop == "boxes" else None
-    region = "crop box" if boxes else "half"
-    sides = volume_samples(series, labels, side_values, patient, collector.options, boxes)
+    crop = collector.crop(series, labels, landmarks, where)
+    sides = volume_samples(series, labels, side_values, collector.options, crop.rois)
     for side, samples in sides.items():
         if samples.nerve_slices == 0 and not any(m.side is None for m in used):
             raise EmptyMaskError(f"{where}: the {side.value} IAN segment has no voxel inside the {side.value} "
-                                 f"{region} of series {uid} (is its side right?)")
+                                 f"crop of series {uid} ({crop.detail}; is its side right?)")
     sides = {s: v for s, v in sides.items() if v.nerve_slices > 0}
-    detail = f"series {uid}: " + "; ".join(m.describe() for m in matches)
-    if boxes:
-        detail += f"; cropped by the boxes of {CROP_SUMMARY}"
-    collector.add_sides(where, patient, sides, detail)
+    detail = f"series {uid}: " + "; ".join(m.describe() for m in matches) + f"; {crop.detail}"
+    collector.add_sides(where, patient, sides, detail, crop.region)
     logger.info("%s: %s", seg_path.name, detail)
 
 
@@ -249,5 +249,28 @@ def collect_dicom(root: Path, collector: Collector) -> None:
         raise DatasetError(f"{root}: no DICOM Segmentation among {index.files} DICOM file(s); "
                            "the dicom form needs MR series plus SEGs that annotate them")
     logger.info("%s: %d image series, %d SEG file(s)", root, len(index.series), len(index.segs))
-    for seg_path in index.segs:
-        collector.run(str(seg_path), lambda p=seg_path: _study(p, index, collector, root))
+    landmarks = _landmarks(index.segs, collector)
+    for seg_path, boxes in landmarks.items():
+        collector.run(str(seg_path), lambda p=seg_path, b=boxes: _study(p, index, collector, root, b))
+
+
+def _landmarks(segs: list[Path], collector: Collector) -> dict[Path, dict[Side, PatientBox] | None]:
+    """Each SEG's landmark boxes for crop ``oracle`` (None everywhere when not every study has them).
+
+    One dataset gets one crop region: if any study lacks landmarks, every study is cropped by its
+    nerve margins, so that the region recorded in the checkpoint is true of every sample. A SEG whose
+    summary cannot be read is skipped (`skip_bad`) or stops the load, like any bad input.
+    """
+    if collector.options.mode is not CropMode.ORACLE:
+        return dict.fromkeys(segs)
+    found: dict[Path, dict[Side, PatientBox] | None] = {}
+    for seg_path in segs:
+        collector.run(str(seg_path), lambda p=seg_path: found.__setitem__(p, find_crop_boxes(p.parent / CROP_SUMMARY)))
+    with_landmarks = sum(boxes is not None for boxes in found.values())
+    if with_landmarks == len(found):
+        return found
+    if with_landmarks:
+        logger.warning("%d of %d studies have landmark crop boxes (%s); cropping every study by its nerve "
+                       "margins instead, so that the dataset has one crop region", with_landmarks, len(found),
+                       CROP_SUMMARY)
+    return dict.fromkeys(found)

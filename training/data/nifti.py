@@ -11,6 +11,9 @@ Label values: `LoadOptions.right_label` (default 1) and `left_label` (default 2)
 convention (`ian_node.segment.seg`). Equal values mean "nerve, side by position": voxels in the right ROI
 half become the right nerve. Any other non-zero value is an error naming the file.
 
+Crop (`LoadOptions.crop`): a NIfTI pair has no landmarks, so ``oracle`` crops each side by its nerve
+margins (`training.data.collect.nerve_margin_boxes`); ``auto`` and ``half`` work as for DICOM.
+
 Geometry: `highdicom.Volume.from_nibabel` turns the NIfTI affine (RAS) into the patient LPS affine,
 so the same side stacks and coronal reformat as for DICOM apply, and a NIfTI converted from a DICOM
 series gives the very same samples. Image and label must share shape and affine.
@@ -114,14 +117,15 @@ def _pair(image_path: Path, label_path: Path, patient: str, collector: Collector
         how = f"labels right={options.right_label}, left={options.left_label}"
     series = SeriesVolume(series_uid=f"nifti:{image_path.name}",
                           volume=image.with_array(np.asarray(image.array, dtype=np.float32)), frames=())
-    sides = volume_samples(series, labels, side_values, patient, options)
+    crop = collector.crop(series, labels, None, where)
+    sides = volume_samples(series, labels, side_values, options, crop.rois)
     if options.right_label != options.left_label:
         for side, samples in sides.items():
             if samples.nerve_slices == 0:
                 raise EmptyMaskError(f"{where}: the {side.value} nerve label has no voxel inside the {side.value} "
-                                     "half of the volume (are the label values swapped?)")
+                                     f"crop ({crop.detail}; are the label values swapped?)")
     sides = {s: v for s, v in sides.items() if v.nerve_slices > 0}
-    collector.add_sides(where, patient, sides, f"image {image_path.name}, {how}")
+    collector.add_sides(where, patient, sides, f"image {image_path.name}, {how}; {crop.detail}", crop.region)
 
 
 def collect_nifti(root: Path, collector: Collector) -> None:

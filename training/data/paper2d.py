@@ -5,6 +5,11 @@ paths relative to the root, PNG or JPEG; side is right/left or R/L). An image al
 is used as stored (converted to 8-bit grey); any other size goes through the node's slice transform
 (`model.preprocess`) with square pixels. Masks are grey values ≥ 128 (JPEG-safe). `export_2d`
 writes that form losslessly (PNG), so it reads back to identical arrays at the same size.
+
+The slices were cropped before they were written, so `LoadOptions.crop` only says by what: ``oracle``
+(the default) takes them for the paper's landmark crop (region ``landmarks``), ``half`` for the
+volume's halves; ``auto`` needs volumes and is refused. With `nerve_slices_only` an empty mask is an
+error (the paper's form holds nerve slices); otherwise empty samples are kept.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ian_node.segment.crop import CropMode
 from model.preprocess import image_to_model, mask_to_model, plan_slice_transform
 from training.data.collect import Collector, DatasetError, EmptyMaskError
 from training.data.samples import SampleMeta, SliceSet, SourceReport
@@ -25,6 +31,8 @@ logger = logging.getLogger(__name__)
 
 SAMPLES_CSV = "samples.csv"
 SAMPLE_FIELDS = ("image", "mask", "patient", "side", "slice")
+#: The crop region the 2D form's slices are taken to have, per `LoadOptions.crop` (see the module docstring).
+REGION_2D: dict[str, str] = {CropMode.ORACLE.value: "landmarks", CropMode.HALF.value: "half"}
 _SIDE_NAMES = {"right": "right", "r": "right", "rt": "right", "left": "left", "l": "left", "lt": "left"}
 
 
@@ -52,6 +60,7 @@ def collect_2d(root: Path, collector: Collector) -> None:
             raise DatasetError(f"{table}: missing column(s) {missing}; expected {', '.join(SAMPLE_FIELDS)}")
         rows = list(reader)
     size = collector.options.size
+    collector.regions.add(REGION_2D[collector.options.crop])
     for line, row in enumerate(rows, start=2):
         where = f"{table}:{line}"
 
@@ -74,8 +83,9 @@ def collect_2d(root: Path, collector: Collector) -> None:
             if image.shape != (size, size):
                 t = plan_slice_transform(image.shape, (1.0, 1.0), size)
                 image, mask = image_to_model(image, t), mask_to_model(mask, t)
-            if not mask.any() and collector.options.empty_ratio == 0:
-                raise EmptyMaskError(f"{mask_path}: mask is empty (pass an empty-slice ratio > 0 to keep empty samples)")
+            if not mask.any() and collector.options.nerve_slices_only:
+                raise EmptyMaskError(f"{mask_path}: mask is empty although only nerve slices were asked for "
+                                     "(drop --nerve-slices-only to keep empty samples)")
             collector.add_sample(where, SampleMeta(patient, side, slice_index), image, mask)
 
         collector.run(where, work)

@@ -44,23 +44,39 @@ class SourceReport:
     samples: int = 0
 
 
+#: The keys of `model.checkpoint.CheckpointMeta.crop`.
+CHECKPOINT_CROP_KEYS = ("region", "trained_with", "samples")
+
+
 @dataclass(frozen=True)
 class LoadReport:
     format: str
     root: str
     sources: tuple[SourceReport, ...] = ()
+    #: The crop and sample policy of every sample, as `model.checkpoint.CheckpointMeta.crop` records them:
+    #: {"region", "trained_with", "samples"} (plus "localiser_sha256" for crop "auto"); empty for
+    #: sets built before crops were recorded.
+    crop: dict[str, Any] = field(default_factory=dict)
 
     @property
     def skipped(self) -> tuple[SourceReport, ...]:
         return tuple(s for s in self.sources if s.status == "skipped")
 
+    def checkpoint_crop(self) -> dict[str, Any]:
+        """The crop record a checkpoint trained on these samples stores (`CheckpointMeta.crop`)."""
+        missing = [k for k in CHECKPOINT_CROP_KEYS if not self.crop.get(k)]
+        if missing:
+            raise ValueError(f"samples of {self.root or self.format!r} record no crop {missing}")
+        return {k: self.crop[k] for k in CHECKPOINT_CROP_KEYS}
+
     def to_dict(self) -> dict[str, Any]:
-        return {"format": self.format, "root": self.root, "n_sources": len(self.sources),
+        return {"format": self.format, "root": self.root, "crop": dict(self.crop), "n_sources": len(self.sources),
                 "n_skipped": len(self.skipped), "sources": [asdict(s) for s in self.sources]}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LoadReport:
-        return cls(data["format"], data["root"], tuple(SourceReport(**s) for s in data["sources"]))
+        return cls(data["format"], data["root"], tuple(SourceReport(**s) for s in data["sources"]),
+                   dict(data.get("crop", {})))
 
 
 @dataclass(frozen=True)
