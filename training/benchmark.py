@@ -209,7 +209,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"  ranking over repeats: {reports['files']['ranking_md']} (mean Kendall tau {tau})")
     print(f"  samples: {len(slices)}, crop {slices.report.crop or protocol.crop}")
     if exported:
-        print(f"  checkpoint: {exported['path']} (repeat {exported['repeat']})")
+        print(f"  checkpoint: {exported['path']} (repeat {exported['repeat']}, chosen on validation DSC)")
     return 0
 
 

@@ -5,13 +5,17 @@ the same images); runs of other repeats are listed in the summary as left out. W
 repeats the reports also give each repeat's ranking of the models by mean DSC and Kendall's tau
 between every pair of repeats (`reports/ranking.md`, `summary.json` `ranking_stability`).
 
-The exported checkpoint is our network's run with the highest mean test DSC over the repeats (the
-paper reports one model; which repeat is chosen, and why, is written into its metadata).
+The exported checkpoint is our network's run with the highest validation DSC (the mean per-slice DSC
+of its validation patients at its best epoch, the weights exported), never a test score: the test
+patients stay unseen by every choice, so the reported test metrics of the exported model are not
+optimistically picked. The rule, and the crop the samples were made with (`checkpoint_crop`), are
+written into its metadata.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import logging
 import platform
 import subprocess
@@ -24,12 +28,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from ian_node.segment.crop import CropMode
 from model.checkpoint import CheckpointMeta, InputContract, save_checkpoint
 from model.predictor import pick_device
 from model.registry import PAPER_NETWORK
-from training.data import SliceSet
-from training.loop import load_weights
+from training.data import SAMPLES_ALL, SAMPLES_NERVE_ONLY, SliceSet
+from training.loop import TrainResult, load_weights
 from training.metrics import METRICS, ImageScore, failure_rates, image_metrics
+from training.presets import Protocol
 from training.report import (
     GridRow,
     OverlayCase,
@@ -137,42 +143,76 @@ def _finite(value: float) -> float | None:
     return value if np.isfinite(value) else None
 
 
+def validation_dsc(paths: BenchmarkPaths, record: RunRecord) -> float:
+    """A run's validation DSC at its best epoch (`training.loop`'s history), the score its exported weights had."""
+    result = TrainResult.from_dict(json.loads((paths.run_dir(record.model, record.repeat) / "result.json").read_text()))
+    try:
+        return next(h.val_dsc for h in result.history if h.epoch == result.best_epoch)
+    except StopIteration:
+        raise ValueError(f"run {record.key}: its history has no best epoch {result.best_epoch}") from None
+
+
+def select_export(records: list[RunRecord], paths: BenchmarkPaths) -> tuple[RunRecord, float]:
+    """Our network's run to export: the highest validation DSC; ties to the lower validation loss, then repeat."""
+    ours = [(r, validation_dsc(paths, r)) for r in records if r.model == PAPER_NETWORK]
+    if not ours:
+        raise ValueError(f"no {PAPER_NETWORK} run to export")
+    return max(ours, key=lambda rs: (rs[1], -rs[0].best_val_loss, -rs[0].repeat))
+
+
+def checkpoint_crop(protocol: Protocol, slices: SliceSet) -> dict[str, Any]:
+    """`CheckpointMeta.crop` of a benchmark's samples: what `training.data` recorded while loading them.
+
+    Samples cached before crops were recorded carry none; theirs follows from the protocol (an old
+    "boxes" crop, now oracle, read the landmark boxes of each study's summary.json).
+    """
+    if slices.report.crop:
+        return slices.report.checkpoint_crop()
+    region = {CropMode.HALF.value: "half", CropMode.ORACLE.value: "landmarks"}.get(protocol.crop)
+    if region is None:
+        raise ValueError(f"the samples record no crop and crop {protocol.crop!r} does not say which region")
+    return {"region": region, "trained_with": protocol.crop,
+            "samples": SAMPLES_NERVE_ONLY if protocol.nerve_slices_only else SAMPLES_ALL}
+
+
 def export_best(records: list[RunRecord], scores: list[ImageScore], ledger: Ledger, paths: BenchmarkPaths,
                 slices: SliceSet, context: dict[str, Any]) -> dict[str, Any] | None:
-    """Our network's best repeat (highest mean test DSC) as a self-describing node checkpoint."""
+    """Our network's best repeat on validation data (`select_export`) as a self-describing node checkpoint."""
     protocol = ledger.protocol
-    ours = [r for r in records if r.model == PAPER_NETWORK]
-    if not ours:
-        logger.info("%s is not among the models; no checkpoint to export", PAPER_NETWORK)
+    reported = {s.repeat for s in scores}  # repeats every model finished: the exported one has test metrics
+    candidates = [r for r in records if r.model == PAPER_NETWORK and r.repeat in reported]
+    if not candidates:
+        logger.info("%s is not among the models of a reported repeat; no checkpoint to export", PAPER_NETWORK)
         return None
-    dsc: dict[int, list[float]] = defaultdict(list)
-    for s in scores:
-        if s.model == PAPER_NETWORK:
-            dsc[s.repeat].append(s.dsc)
-    best = max((r for r in ours if r.repeat in dsc), key=lambda r: (float(np.mean(dsc[r.repeat])), -r.repeat))
+    best, val_dsc = select_export(candidates, paths)
     split = next(s for s in ledger.splits if s.repeat == best.repeat)
     net = build_model(protocol, PAPER_NETWORK, split)
     load_weights(net, paths.run_dir(PAPER_NETWORK, best.repeat) / "checkpoint_best.pt")
-    test = {m: float(np.mean([getattr(s, m) for s in scores if s.model == PAPER_NETWORK and s.repeat == best.repeat]))
-            for m in METRICS}
+    mine = [s for s in scores if s.model == PAPER_NETWORK and s.repeat == best.repeat]
+    test = {m: float(np.mean([getattr(s, m) for s in mine])) for m in METRICS}
+    crop = checkpoint_crop(protocol, slices)
     meta = CheckpointMeta(
         architecture=PAPER_NETWORK, width=protocol.width, options=protocol.model_options(PAPER_NETWORK),
         variant=getattr(net, "variant", ""), input=InputContract(size=protocol.size, in_channels=protocol.in_channels),
-        threshold=protocol.threshold, label="Inferior alveolar nerve",
+        threshold=protocol.threshold, label="Inferior alveolar nerve", crop=crop,
         training={
-            "selection": "repeat with the highest mean test DSC", "repeat": best.repeat, "split_seed": split.seed,
+            "selection": "repeat with the highest validation DSC (per-slice mean on its validation patients at its "
+                         "best epoch); test data played no part in the choice",
+            "repeat": best.repeat, "split_seed": split.seed, "val_dsc": val_dsc,
             "patients": {"train": len(split.train), "val": len(split.val), "test": len(split.test)},
             "samples": {"train": best.n_train, "val": best.n_val, "test": best.n_test},
             "epochs_run": best.epochs_run, "best_epoch": best.best_epoch, "best_val_loss": best.best_val_loss,
             "stopped_early": best.stopped_early, "training_hours": best.train_seconds / 3600,
             "test_metrics_mean": test, "protocol": protocol.to_dict(), "data_fingerprint": ledger.fingerprint,
             "data": context.get("data", {}), "software": context.get("software", {}),
+            "localiser_sha256": slices.report.crop.get("localiser_sha256"),
             "git_commit": context.get("git", {}).get("commit"), "device": context.get("device", {}).get("name"),
         })
     sha = save_checkpoint(paths.export, net, meta)
-    logger.info("exported %s repeat %d (mean test DSC %.4f) to %s", PAPER_NETWORK, best.repeat, test["dsc"],
-                paths.export)
-    return {"path": str(paths.export), "sha256": sha, "repeat": best.repeat, "test_metrics_mean": test}
+    logger.info("exported %s repeat %d (validation DSC %.4f; crop %s) to %s", PAPER_NETWORK, best.repeat, val_dsc,
+                crop, paths.export)
+    return {"path": str(paths.export), "sha256": sha, "repeat": best.repeat, "selection": "validation DSC",
+            "val_dsc": val_dsc, "crop": crop, "test_metrics_mean": test}
 
 
 def environment(device: str) -> dict[str, Any]:
@@ -211,6 +251,7 @@ def write_summary(paths: BenchmarkPaths, ledger: Ledger, records: list[RunRecord
         "protocol": ledger.protocol.to_dict(),
         "data_fingerprint": ledger.fingerprint,
         "samples": len(slices), "patients": len(set(slices.patients)),
+        "crop": slices.report.crop,
         "data_report": slices.report.to_dict(),
         "splits": [s.to_dict() for s in ledger.splits],
         "runs": [asdict(r) for r in records],

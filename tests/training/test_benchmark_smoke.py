@@ -97,6 +97,8 @@ def test_exported_checkpoint_loads_and_reproduces_its_runs_test_predictions(smok
     assert meta.architecture == "ian_net" and meta.variant == "paper-attention" and meta.width == 0.125
     assert (meta.input.size, meta.input.in_channels) == (64, 1)
     assert meta.training["repeat"] == 0 and meta.training["protocol"]["epochs"] == 1
+    assert "validation" in meta.training["selection"]
+    assert meta.crop == {"region": "landmarks", "trained_with": "oracle", "samples": "all"}
     assert set(meta.training["test_metrics_mean"]) == set(METRICS)
     slices, _ = load_slice_set(smoke / "data" / "samples.npz")
     indices, saved = load_predictions(smoke / "runs" / "ian_net" / "repeat_0")
@@ -113,6 +115,8 @@ def test_summary_holds_results_versions_device_and_commit(smoke):
     assert len(summary["runs"]) == 7 and summary["repeats_reported"] == [0]
     assert set(summary["table1"]) == set(NETWORKS) and len(summary["pvalues"]) == 24
     assert summary["protocol"]["size"] == 64 and summary["data_report"]["n_skipped"] == 0
+    assert (summary["protocol"]["crop"], summary["protocol"]["nerve_slices_only"]) == ("oracle", False)
+    assert summary["crop"] == {"region": "landmarks", "trained_with": "oracle", "samples": "all"}
     exported = summary["exported_checkpoint"]
     assert exported["sha256"] == hashlib.sha256((smoke / "export" / "ian_net_best.pt").read_bytes()).hexdigest()
 
