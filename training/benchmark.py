@@ -80,7 +80,7 @@ def _add_sample_options(g: argparse._ArgumentGroup, defaults: bool) -> None:
                         help="samples are every coronal slice of the crop, nerve-free ones included (what the "
                              "node predicts)" + ("; the default" if defaults else ""))
     g.add_argument("--slice-step", type=int, default=base.slice_step if defaults else None,
-                   help="keep every k-th of those slices (default 1)")
+                   help="keep every k-th of those slices" + (" (default 1)" if defaults else ""))
 
 
 def _add_run_parser(sub: argparse._SubParsersAction) -> None:

@@ -17,6 +17,7 @@ from ian_node.segment.reformat import PatientBox
 from ian_node.segment.seg import read_segmentation_labels
 from ian_node.segment.volume import Side, load_series
 from model.localiser import LocaliserMeta, LocaliserNet, load_localiser, save_localiser
+from training.benchmark import _protocol, parser
 from training.data import (
     NERVE_MARGINS_MM,
     DatasetError,
@@ -227,3 +228,10 @@ def test_auto_crop_that_finds_no_mandible_is_an_error_naming_the_study(study, tm
     path = _constant_localiser(tmp_path / "blind.pt", -10.0)
     with pytest.raises(DatasetError, match=r"seg\.dcm: crop 'auto': no mandible region found"):
         load_dataset(study, "dicom", LoadOptions(size=SIZE, crop="auto", localiser=path))
+
+
+def test_the_crop_and_sample_flags_override_the_presets_values():
+    args = parser().parse_args(["run", "--out", "x", "--preset", "paper", "--all-slices", "--crop", "half"])
+    assert (_protocol(args).crop, _protocol(args).nerve_slices_only) == ("half", False)
+    args = parser().parse_args(["run", "--out", "x", "--preset", "smoke", "--nerve-slices-only"])
+    assert (_protocol(args).crop, _protocol(args).nerve_slices_only) == ("oracle", True)

@@ -279,7 +279,7 @@ class Collector:
     keys: set[tuple[str, str, int]] = field(default_factory=set)
     sources: list[SourceReport] = field(default_factory=list)
     regions: set[str] = field(default_factory=set)  # crop regions of the sources used
-    _localiser: LoadedLocaliser | None = None
+    _localiser: LoadedLocaliser | None = field(default=None, repr=False)
 
     @property
     def localiser(self) -> LoadedLocaliser:
