@@ -5,6 +5,7 @@ import pytest
 
 from ian_node.phantom.mr_series import build_mr_series
 from ian_node.phantom.study import PhantomConfig, generate_phantom
+from ian_node.segment.crop import CropMode, CropRequest
 from ian_node.segment.pipeline import PipelineOptions, finish, prepare, segment_series, to_model_space
 from ian_node.segment.volume import load_series
 
@@ -50,9 +51,11 @@ class _Oracle:
 def test_segment_series_times_every_stage(phantom_series):
     phantom, series = phantom_series
     prepared = prepare(series, 128)
-    result = segment_series(series, _Oracle(to_model_space(prepared, phantom.labels), 128))
+    options = PipelineOptions(crop=CropRequest(CropMode.HALF))
+    result = segment_series(series, _Oracle(to_model_space(prepared, phantom.labels), 128), options)
     np.testing.assert_array_equal(result.labels, phantom.labels)
-    assert set(result.timings) == {"load", "preprocess", "inference", "inverse_postprocess"}
+    assert set(result.timings) == {"load", "localise", "preprocess", "inference", "inverse_postprocess"}
+    assert result.crop is not None and {c.mode for c in result.crop.sides.values()} == {CropMode.HALF}
     assert result.voxels["right"] == int((phantom.labels == 1).sum()) > 0
 
 

@@ -45,7 +45,8 @@ def test_predict_on_a_study_folder_writes_a_valid_seg_of_its_image_series(
 ) -> None:
     out = tmp_path / "out" / "seg.dcm"
     # the folder also holds the ground-truth SEG and a JSON file: neither is an image series
-    status = main(["predict", str(study.root), "--out", str(out), "--checkpoint", str(checkpoint), "--device", "cpu"])
+    status = main(["predict", str(study.root), "--out", str(out), "--checkpoint", str(checkpoint), "--device", "cpu",
+                   "--crop", "half"])
     assert status == 0
     assert study.series_uid in capsys.readouterr().out
     assert dciodvfy_errors(out) == []
@@ -62,7 +63,7 @@ def test_predict_on_two_series_exits_2_naming_both_until_series_picks_one(
     other = small_phantom(tmp_path / "other", 1)
     out = tmp_path / "seg.dcm"
     args = ["predict", str(study.series_dir), str(other.series_dir), "--out", str(out),
-            "--checkpoint", str(checkpoint), "--device", "cpu"]
+            "--checkpoint", str(checkpoint), "--device", "cpu", "--crop", "half"]
     assert main(args) == 2
     message = capsys.readouterr().err
     assert "--series" in message and study.series_uid in message and other.series_uid in message
@@ -74,7 +75,8 @@ def test_predict_on_two_series_exits_2_naming_both_until_series_picks_one(
 
 
 def _predict(*args: str) -> list[str]:
-    return ["predict", *args, "--device", "cpu"]
+    """Halves: the test checkpoints (and the bundled model until it is retrained on landmark crops) record no crop."""
+    return ["predict", *args, "--device", "cpu", "--crop", "half"]
 
 
 def test_predict_names_a_missing_path_and_an_empty_folder_as_such(

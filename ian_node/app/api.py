@@ -6,12 +6,20 @@ Routes (JSON unless stated; errors are ``{"error": "..."}`` with a 4xx/5xx statu
   that container health checks need no secret; it reveals nothing else.
 - ``GET /metrics``: Prometheus text (``ian_node.app.metrics``).
 - ``GET /jobs?state=&series=&limit=``: newest first. ``GET /jobs/{id}``: one job, its deliveries and
-  a summary of its series.
-- ``POST /jobs/{id}/retry``: re-deliver a failed job's result, or re-run it (409 unless failed).
+  a summary of its series. Every job shows its ``outcome`` (``segmented``; ``no_region``: the
+  localiser found no mandible, nothing was sent and the job failed with "no mandible region found";
+  ``segmented_no_region``: segmented and sent anyway, see ``crop.segment_when_not_found``), its
+  ``flag`` (what an operator must know about the result, else null), ``roi`` (the crop used per side:
+  mode, box_mm, confidence), ``roi_request`` (the crop asked for and by whom: ``"source": "api"`` or
+  ``"config"``), and per-side ``voxels`` and stage ``timings``.
+- ``POST /jobs/{id}/retry``: re-deliver a failed job's result, or re-run it (409 unless failed). A
+  body ``{"roi": {"right": [[x_min, x_max], [y_min, y_max], [z_min, z_max]], "left": ...}}`` re-runs it
+  with those boxes (LPS mm), e.g. after "no mandible region found" (409 when it has a result).
 - ``POST /jobs``: the pull trigger (``ian_node.receive.pull``), answering 201 with the new job, 200 with
   the job that the series' unchanged version already has, 422 when the node's selection rules skip
   the series or its data cannot be taken, 404 when the source has no such series, 502 when the
-  source fails.
+  source fails. An optional ``"roi"`` (as for a retry) crops this job to those boxes; 400 when it is
+  malformed, 409 when the series' version already has its job (retry that one with the ``roi``).
 
 With ``api.token`` set, every route but ``/health`` needs ``Authorization: Bearer <token>``
 (compared in constant time; 401 otherwise). The API listens on ``api.bind`` (127.0.0.1 by default).
@@ -40,7 +48,15 @@ from ian_node.config import ApiConfig
 from ian_node.export.exporter import Exporter
 from ian_node.jobs.worker import Worker
 from ian_node.receive.counters import ReceiveCounters
-from ian_node.receive.pull import Puller, PullError, parse_pull_request, pull_answer
+from ian_node.receive.pull import (
+    Puller,
+    PullError,
+    PullRequestError,
+    parse_pull_request,
+    parse_roi,
+    pull_answer,
+    roi_crop_request,
+)
 from ian_node.storage.records import Delivery, Job, JobState, Series, SeriesState, StateError
 from ian_node.storage.state import State
 
@@ -80,6 +96,8 @@ def job_json(job: Job) -> dict[str, Any]:
         "state": str(job.state), "attempts": job.attempts, "error": job.error,
         "has_result": job.result_path is not None, "created_at": job.created_at,
         "started_at": job.started_at, "finished_at": job.finished_at, "updated_at": job.updated_at,
+        "outcome": None if job.outcome is None else str(job.outcome), "flag": job.flag,
+        "roi": job.crop, "roi_request": job.crop_request, "voxels": job.voxels, "timings": job.timings,
     }
 
 
@@ -203,10 +221,20 @@ class NodeApi:
         status = _enum_param(query, "status", SeriesState)
         return _json(HTTPStatus.OK, {"series": [series_json(s) for s in self.state.list_series(status, limit)]})
 
-    def retry_job(self, params: dict[str, str], _request: _Request) -> Response:
+    def retry_job(self, params: dict[str, str], request: _Request) -> Response:
         job = self._job(params["id"])
+        crop_request = None
+        if request.body.strip():
+            body = _json_body(request)
+            if not isinstance(body, dict) or set(body) - {"roi"}:
+                raise ApiError(HTTPStatus.BAD_REQUEST, 'a retry body may hold only "roi"')
+            if "roi" in body:
+                try:
+                    crop_request = roi_crop_request(parse_roi(body["roi"]))
+                except PullRequestError as exc:
+                    raise ApiError(HTTPStatus.BAD_REQUEST, str(exc)) from None
         try:
-            job = self.state.retry_job(job.id)
+            job = self.state.retry_job(job.id, crop_request)
         except StateError as exc:
             raise ApiError(HTTPStatus.CONFLICT, str(exc)) from None
         logger.info("job %d: retry requested through the API (now %s)", job.id, job.state)
@@ -215,14 +243,12 @@ class NodeApi:
         return _json(HTTPStatus.OK, job_json(job))
 
     def pull(self, _params: dict[str, str], request: _Request) -> Response:
-        try:
-            body = json.loads(request.body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ApiError(HTTPStatus.BAD_REQUEST, f"the body is not valid JSON: {exc}") from None
+        body = _json_body(request)
         source = body.get("source") if isinstance(body, dict) else None
         label = source if source in ("orthanc", "dicomweb") else "invalid"
         try:
-            outcome = self.puller.pull(parse_pull_request(body))
+            pull = parse_pull_request(body)
+            outcome = self.puller.pull(pull)
         except PullError as exc:
             self.pulls.add(label, _PULL_OUTCOMES.get(exc.status, "error"))
             if exc.status >= 500:
@@ -234,6 +260,12 @@ class NodeApi:
             answer["error"] = f"the series is not selected: {outcome.skip_reason}"
             return _json(HTTPStatus.UNPROCESSABLE_ENTITY, answer)
         self.pulls.add(label, "queued" if outcome.created else "unchanged")
+        if pull.roi is not None and not outcome.created:
+            answer["error"] = ("the roi was not applied: " + (
+                f"series {outcome.series_uid} v{outcome.series_version} already has job {outcome.job.id} "
+                f"(retry it with the roi: POST /jobs/{outcome.job.id}/retry)" if outcome.job is not None else
+                "instances of the series arrived meanwhile, so its quiet period creates the job"))
+            return _json(HTTPStatus.CONFLICT, answer)
         return _json(HTTPStatus.CREATED if outcome.created else HTTPStatus.OK, answer)
 
     def _job(self, text: str) -> Job:
@@ -243,6 +275,13 @@ class NodeApi:
         if job is None:
             raise ApiError(HTTPStatus.NOT_FOUND, f"job {int(text)} does not exist")
         return job
+
+
+def _json_body(request: _Request) -> Any:
+    try:
+        return json.loads(request.body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ApiError(HTTPStatus.BAD_REQUEST, f"the body is not valid JSON: {exc}") from None
 
 
 def _single_values(query: dict[str, list[str]], known: set[str]) -> dict[str, str]:

@@ -14,10 +14,14 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ian_node import __version__
 from ian_node.app.predict import add_predict
 from ian_node.logs import setup_logging
+
+if TYPE_CHECKING:
+    from ian_node.storage.records import Job
 
 logger = logging.getLogger(__name__)
 
@@ -140,6 +144,9 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--patient", type=_non_negative, default=0, help="patient index within the seed")
     p.add_argument("--shape", type=_shape, default=None, help="slices,rows,columns (default 64,192,192)")
     p.add_argument("--checkpoint", type=Path, default=None, help="model checkpoint (default: the bundled one)")
+    p.add_argument("--crop", choices=("auto", "half"), default=None,
+                   help="each side's crop: auto (the localiser) or half; default: the node's default ([crop] mode)")
+    p.add_argument("--localiser", type=Path, default=None, help="localiser checkpoint (default: the bundled one)")
     p.set_defaults(func=_run_demo)
 
 
@@ -147,9 +154,11 @@ def _run_demo(args: argparse.Namespace) -> int:
     import json
 
     from ian_node.app.demo import run_demo
+    from ian_node.config import CropConfig
 
+    crop = CropConfig(**({"mode": args.crop} if args.crop else {}), localiser=args.localiser)
     out = args.out if args.out is not None else Path(tempfile.mkdtemp(prefix="ian-node-demo-"))
-    report = run_demo(out, args.seed, args.patient, _phantom_config(args), args.checkpoint)
+    report = run_demo(out, args.seed, args.patient, _phantom_config(args), args.checkpoint, crop=crop)
     print(format_summary(json.loads((report.phantom_dir / "summary.json").read_text())))
     print(report.format())
     return 0 if report.dciodvfy_errors in (None, []) else 1
@@ -206,7 +215,7 @@ def _add_jobs(sub: argparse._SubParsersAction) -> None:
 
 def _run_jobs(args: argparse.Namespace) -> int:
     from ian_node.config import load_config
-    from ian_node.storage.records import JobState, SeriesState, StateError
+    from ian_node.storage.records import JobOutcome, JobState, SeriesState, StateError
     from ian_node.storage.state import State
 
     config = load_config(args.config)
@@ -222,7 +231,7 @@ def _run_jobs(args: argparse.Namespace) -> int:
         if args.action == "list":
             for job in state.list_jobs(JobState(args.state) if args.state else None):
                 print(f"{job.id:6d} {job.state:9s} series {job.series_uid} v{job.series_version}"
-                      + (f"  error: {job.error}" if job.error else ""))
+                      + _job_flag(job) + (f"  error: {job.error}" if job.error else ""))
             return 0
         job = state.job(args.id)
         if job is None:
@@ -235,10 +244,25 @@ def _run_jobs(args: argparse.Namespace) -> int:
                 print(f"ian-node jobs: {exc}", file=sys.stderr)
                 return 2
         print(f"job {job.id}: {job.state}, series {job.series_uid} v{job.series_version}, attempts {job.attempts}"
-              + (f", error: {job.error}" if job.error else ""))
+              + (f", outcome {job.outcome}" if job.outcome else "") + (f", error: {job.error}" if job.error else ""))
+        if job.flag and job.outcome is not JobOutcome.NO_REGION:  # a failed job's error already says it
+            print(f"  flag: {job.flag}")
+        for side, crop in (job.crop or {}).items():
+            box = crop.get("box_mm")
+            ranges = " ".join(f"{a} [{lo:.1f}, {hi:.1f}]" for a, (lo, hi) in zip("xyz", box, strict=True)) if box else "none"
+            confidence = f", confidence {crop['confidence']:.2f}" if crop.get("confidence") is not None else ""
+            voxels = f", {job.voxels[side]} voxels" if job.voxels and side in job.voxels else ""
+            print(f"  {side:5s} crop {crop.get('mode')}: {ranges}{confidence}{voxels}")
         for d in state.deliveries(job.id):
             print(f"  -> {d.target}: {d.state}, attempts {d.attempts}" + (f", last error: {d.last_error}" if d.last_error else ""))
     return 0
+
+
+def _job_flag(job: Job) -> str:
+    """The list's marker for a job whose localiser found no mandible: NOT SEGMENTED, or SENT FLAGGED."""
+    if job.outcome is None or job.outcome == "segmented":
+        return ""
+    return "  [no region: not segmented]" if job.outcome == "no_region" else "  [no region: segmented anyway]"
 
 
 #: (name, add-parser function) of every subcommand, in help order.

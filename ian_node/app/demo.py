@@ -4,8 +4,8 @@
 2. start a C-STORE listener standing in for the PACS, and the node, on free ports;
 3. send the series to the node with a real SCU (pynetdicom, one association);
 4. wait for the node's SEG to arrive at the listener;
-5. validate it (highdicom read-back, and dciodvfy when installed) and report per-stage timings and
-   the DSC against the phantom's ground truth.
+5. validate it (highdicom read-back, and dciodvfy when installed) and report per-stage timings,
+   each side's crop (mode, box, localiser confidence) and the DSC against the phantom's ground truth.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import highdicom as hd
 import numpy as np
@@ -28,6 +29,7 @@ from pynetdicom.sop_class import MRImageStorage
 from ian_node.app.node import Node
 from ian_node.config import (
     ApiConfig,
+    CropConfig,
     DicomConfig,
     DicomTarget,
     ExportConfig,
@@ -40,6 +42,7 @@ from ian_node.net import free_port
 from ian_node.phantom.study import PhantomConfig, generate_phantom, write_phantom
 from ian_node.segment.seg import read_segmentation_labels
 from ian_node.segment.volume import Side
+from ian_node.storage.records import JobState
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +65,8 @@ class DemoReport:
     voxels: dict[str, tuple[int, int]] = field(default_factory=dict)  # side -> (predicted, ground truth)
     dciodvfy_errors: list[str] | None = None
     model_label: str = ""
+    #: The crop the node used per side, as its job records it: {"mode", "box_mm", "confidence"}.
+    crop: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def format(self) -> str:
         lines = [f"phantom study: {self.phantom_dir}", f"SEG received: {self.seg_path}"]
@@ -70,12 +75,22 @@ class DemoReport:
         lines.append("timings (s): " + ", ".join(f"{k} {v:.2f}" for k, v in self.timings.items()))
         for side, value in self.dsc.items():
             pred, gt = self.voxels[side]
-            lines.append(f"{side:5s} IAN: DSC {value:.3f} against ground truth ({pred} predicted / {gt} true voxels)")
+            lines.append(f"{side:5s} IAN: DSC {value:.3f} against ground truth ({pred} predicted / {gt} true voxels)"
+                         + (f"; crop {crop_text(self.crop[side])}" if side in self.crop else ""))
         if self.dciodvfy_errors is None:
             lines.append("dciodvfy: not installed (make test installs dicom3tools); highdicom read-back passed")
         else:
             lines.append(f"dciodvfy: {len(self.dciodvfy_errors)} error(s)" + "".join("\n  " + e for e in self.dciodvfy_errors))
         return "\n".join(lines)
+
+
+def crop_text(crop: dict[str, Any]) -> str:
+    """One side's crop as recorded: "auto x [-60.1, -12.0] y [...] z [...] mm, confidence 0.91"."""
+    box = crop.get("box_mm")
+    ranges = "no box" if box is None else " ".join(
+        f"{axis} [{lo:.1f}, {hi:.1f}]" for axis, (lo, hi) in zip("xyz", box, strict=True)) + " mm"
+    confidence = crop.get("confidence")
+    return f"{crop.get('mode')} {ranges}" + ("" if confidence is None else f", confidence {confidence:.2f}")
 
 
 class _Listener:
@@ -119,8 +134,8 @@ def send_series(paths: list[Path], port: int, called_ae: str) -> None:
 
 
 def run_demo(out: Path, seed: int = 0, patient: int = 0, phantom: PhantomConfig | None = None,
-             checkpoint: Path | None = None, timeout_s: float = 900.0) -> DemoReport:
-    """Run the whole demo in `out`; returns what it measured."""
+             checkpoint: Path | None = None, timeout_s: float = 900.0, crop: CropConfig | None = None) -> DemoReport:
+    """Run the whole demo in `out`; returns what it measured. `crop`: the node's ``[crop]`` (default: its defaults)."""
     out.mkdir(parents=True, exist_ok=True)
     study = generate_phantom(patient, seed, phantom)
     files = write_phantom(study, out / "phantom")
@@ -137,6 +152,7 @@ def run_demo(out: Path, seed: int = 0, patient: int = 0, phantom: PhantomConfig 
         series=SeriesConfig(quiet_period_s=1.0),
         export=ExportConfig(targets=(DicomTarget(name="pacs", ae_title=PACS_AE, host="127.0.0.1", port=listener.port),)),
         model=ModelConfig(checkpoint=checkpoint),
+        crop=crop or CropConfig(),
     )
     node = Node(config)
     try:
@@ -145,11 +161,11 @@ def run_demo(out: Path, seed: int = 0, patient: int = 0, phantom: PhantomConfig 
         t0 = time.perf_counter()
         send_series(list(files.instances), node.scp.port, config.dicom.ae_title)
         t1 = time.perf_counter()
-        if not listener.received.wait(timeout_s):
-            jobs = node.state.list_jobs()
-            raise RuntimeError(f"no SEG within {timeout_s:.0f} s; jobs: {[(j.id, j.state, j.error) for j in jobs]}")
+        _wait_for_seg(node, listener, timeout_s)
         t2 = time.perf_counter()
         totals = node.worker.totals
+        job = node.state.list_jobs(limit=1)[0]
+        report.crop = dict(job.crop or {})
     finally:
         node.stop()
         listener.stop()
@@ -158,6 +174,19 @@ def run_demo(out: Path, seed: int = 0, patient: int = 0, phantom: PhantomConfig 
                       **{k: v / max(totals.jobs, 1) for k, v in totals.seconds.items()}}
     _validate(report, study.labels, list(files.instances))
     return report
+
+
+def _wait_for_seg(node: Node, listener: _Listener, timeout_s: float) -> None:
+    """Until the SEG arrives; a failed job (e.g. "no mandible region found") ends the wait with its error."""
+    deadline = time.monotonic() + timeout_s
+    while not listener.received.wait(0.2):
+        failed = [j for j in node.state.list_jobs() if j.state is JobState.FAILED]
+        if failed:
+            crop = "".join(f"; {side} crop {crop_text(c)}" for side, c in (failed[0].crop or {}).items())
+            raise RuntimeError(f"job {failed[0].id} failed: {failed[0].error}{crop}")
+        if time.monotonic() > deadline:
+            jobs = node.state.list_jobs()
+            raise RuntimeError(f"no SEG within {timeout_s:.0f} s; jobs: {[(j.id, j.state, j.error) for j in jobs]}")
 
 
 def _validate(report: DemoReport, truth: np.ndarray, source_paths: list[Path]) -> None:

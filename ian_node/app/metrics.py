@@ -75,6 +75,10 @@ def render_metrics(state: State, totals: StageTotals, pulls: PullCounter | None 
                [("", {}, state.instances_received())])
     out.family("ian_node_jobs", "gauge", "Jobs by state.",
                [("", {"state": str(s)}, n) for s, n in state.job_counts().items()])
+    out.family("ian_node_job_outcomes", "gauge",
+               "Jobs by what their segmentation came to: segmented; no_region (no mandible region found, nothing "
+               "sent); segmented_no_region (sent anyway, flagged: crop.segment_when_not_found).",
+               [("", {"outcome": str(o)}, n) for o, n in state.outcome_counts().items()])
     out.family("ian_node_deliveries", "gauge", "Result deliveries (job x target) by state.",
                [("", {"state": str(s)}, n) for s, n in state.delivery_counts().items()])
     seconds = sorted(dict(totals.seconds).items())

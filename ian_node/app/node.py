@@ -52,7 +52,7 @@ class Node:
                            min_free_percent=config.storage.min_free_percent)
         targets = build_targets(config.export.targets, config.dicom.ae_title)
         self.exporter = Exporter(self.state, self.spool, targets, config.export)
-        self.worker = Worker(self.state, self.spool, self.exporter, config.model, options, predictor)
+        self.worker = Worker(self.state, self.spool, self.exporter, config.model, options, predictor, crop=config.crop)
         self.tracker = SeriesTracker(self.state, self.spool, config.series, on_job=self.worker.wake)
         self.scp = StorageSCP(config.dicom, config.tls, self.state, self.spool, on_stored=self.tracker.instance_stored)
         self.puller = Puller(config, self.state, self.spool, settle=self.tracker.settle_now)
@@ -101,6 +101,7 @@ class Node:
             meta = checkpoint.meta
             logger.log(NOTICE, "model: %s %s, sha256 %s, on %s%s", meta.architecture, meta.variant,
                        checkpoint.sha256[:12], device, f" [{meta.label}]" if meta.label else "")
+        logger.log(NOTICE, "crop: %s", self._crop_text())
         s = c.series
         logger.log(NOTICE, "selection: modalities %s, series description %s, at least %d slices, quiet period %g s, "
                    "unselected series: %s", ",".join(s.modalities),
@@ -111,6 +112,22 @@ class Node:
                    "export targets: %s", c.storage.state_path, c.storage.spool_dir,
                    size_text(self.spool.free_space().min_free_bytes), c.storage.min_free_bytes,
                    c.storage.min_free_percent, targets)
+
+    def _crop_text(self) -> str:
+        """The start-up line's crop: the mode, and the localiser or boxes it uses."""
+        crop = self.config.crop
+        if crop.mode == "auto":
+            localiser = self.worker.localiser
+            name = "bundled" if crop.localiser is None else str(crop.localiser)
+            threshold = crop.min_confidence if crop.min_confidence is not None else (
+                localiser.meta.min_confidence if localiser is not None else float("nan"))
+            return (f"auto (localiser {name}, sha256 {localiser.sha256[:12] if localiser else '?'}, min confidence "
+                    f"{threshold:.2f}); no region found: "
+                    + ("segment anyway in its boxes, flagged" if crop.segment_when_not_found else "not segmented"))
+        if crop.mode == "half":
+            return "half (each left-right half of the volume)"
+        boxes = crop.boxes or {}
+        return f"{crop.mode} " + ", ".join(f"{side} {[list(r) for r in box]} mm" for side, box in boxes.items())
 
     def stop(self, reason: str = "") -> None:
         """Stop listening first (SCP, then the API once its requests finish), then the timers, the worker

@@ -3,11 +3,17 @@
 It applies the node's selection rules by default (modality, localizers and scouts, one volume of at
 least two slices), so a file-in run answers as the node would; `--any-modality` lifts the modality
 rule for research on other image types. It says what it found and what it ignored.
+
+The crop is the node's (``[crop]``): ``--crop auto`` (the localiser, default), ``half``, or ``box`` /
+``oracle`` with ``--roi`` boxes. ``--report`` writes the crop used per side, voxel counts, timings and
+the outcome as JSON. Exit status: 0 segmented, 1 the series cannot be segmented, 2 bad inputs or
+options (or a checkpoint the crop cannot reproduce), 3 no mandible region found (report still written).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections import Counter
@@ -17,7 +23,7 @@ from pathlib import Path
 from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
 
-from ian_node.config import SeriesConfig
+from ian_node.config import CROP_MODES, ConfigError, CropConfig, SeriesConfig, check_box, check_box_pair
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +37,20 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--any-modality", action="store_true",
                    help="segment image series of any modality (the node's rule: MR only)")
+    p.add_argument("--crop", choices=CROP_MODES, default="auto",
+                   help="each side's crop: auto (the localiser finds it; default), half (the volume's halves), "
+                        "box or oracle (the --roi boxes; oracle is recorded as such)")
+    p.add_argument("--roi", type=Path, default=None,
+                   help='JSON boxes for --crop box/oracle: {"right": [[x_min, x_max], [y_min, y_max], '
+                        '[z_min, z_max]], "left": ...} in LPS mm, or a file with a "crop_boxes" key (a phantom\'s '
+                        "summary.json)")
+    p.add_argument("--localiser", type=Path, default=None, help="localiser checkpoint (default: the bundled one)")
+    p.add_argument("--min-confidence", type=float, default=None,
+                   help="per-side localiser confidence below which no region is found (default: the localiser's)")
+    p.add_argument("--segment-when-not-found", action="store_true",
+                   help="when no region is found, segment anyway in the localiser's boxes (or halves)")
+    p.add_argument("--report", type=Path, default=None,
+                   help="write a JSON report: crop used per side (mode, box_mm, confidence), voxels, timings, outcome")
     p.set_defaults(func=run_predict)
 
 
@@ -109,13 +129,70 @@ def _selected(found: Found, args: argparse.Namespace) -> tuple[str, list[Path]]:
     return uid, paths
 
 
+def read_roi(path: Path) -> dict[str, tuple[tuple[float, float], ...]]:
+    """The boxes of a ``--roi`` file: {"right": box, "left": box}, directly or under "crop_boxes"."""
+    try:
+        data = json.loads(path.read_text())
+    except OSError as exc:
+        raise InputError(f"--roi {path}: cannot read it: {exc.strerror or exc}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"--roi {path}: not JSON: {exc}") from None
+    if isinstance(data, dict) and "crop_boxes" in data:
+        data = data["crop_boxes"]
+    if not isinstance(data, dict) or not {"right", "left"} <= set(data):
+        raise InputError(f'--roi {path}: expected {{"right": [[x_min, x_max], [y_min, y_max], [z_min, z_max]], '
+                         '"left": ...} (LPS mm) or a "crop_boxes" key holding that')
+    try:
+        boxes = {side: check_box(side, data[side]) for side in ("right", "left")}
+        check_box_pair("left", boxes["right"], boxes["left"])
+    except ConfigError as exc:
+        raise InputError(f"--roi {path}: {exc}") from None
+    return boxes
+
+
+def crop_config(args: argparse.Namespace) -> CropConfig:
+    """The ``[crop]`` section predict's options describe; InputError names the option at fault."""
+    boxed = args.crop in ("box", "oracle")
+    if boxed and args.roi is None:
+        raise InputError(f"--crop {args.crop} needs --roi FILE.json with a box for each side")
+    if args.roi is not None and not boxed:
+        raise InputError(f"--roi is used only with --crop box or oracle, not {args.crop}")
+    boxes = read_roi(args.roi) if args.roi is not None else {}
+    try:
+        return CropConfig(mode=args.crop, right=boxes.get("right"), left=boxes.get("left"), localiser=args.localiser,
+                          min_confidence=args.min_confidence, segment_when_not_found=args.segment_when_not_found)
+    except ConfigError as exc:
+        option = {"localiser": "--localiser", "min_confidence": "--min-confidence"}.get(exc.key, "--crop")
+        raise InputError(f"{option}: {exc.reason}") from None
+
+
+def _write_report(path: Path | None, report: dict[str, object]) -> None:
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1) + "\n")
+
+
+def _crop_text(crop: dict[str, dict[str, object]]) -> str:
+    """E.g. "right auto [[-60.1, -12.0], ...] confidence 0.91"."""
+    parts = []
+    for side, c in crop.items():
+        box = c["box_mm"]
+        text = "no box" if box is None else "[" + ", ".join(f"[{lo:.1f}, {hi:.1f}]" for lo, hi in box) + "] mm"
+        parts.append(f"{side} {c['mode']} {text}" + ("" if c["confidence"] is None else f" confidence {c['confidence']:.2f}"))
+    return "; ".join(parts)
+
+
 def run_predict(args: argparse.Namespace) -> int:
     from ian_node.config import ModelConfig
-    from ian_node.segment.pipeline import failure_message, segment_series
-    from ian_node.segment.result import load_predictor, result_segmentation
+    from ian_node.segment.crop import CropError
+    from ian_node.segment.pipeline import NotSegmentedError, failure_message, segment_series
+    from ian_node.segment.result import load_crop_localiser, load_predictor, pipeline_options, result_segmentation
     from ian_node.segment.volume import SeriesError
+    from model.localiser import LocaliserCheckpointError
 
     try:
+        crop = crop_config(args)
         found = find_series(args.inputs)
         uid, paths = _selected(found, args)
     except InputError as exc:
@@ -123,18 +200,40 @@ def run_predict(args: argparse.Namespace) -> int:
         return 2
     if found.ignored:
         print(f"ian-node predict: {found.ignored_text()}", file=sys.stderr)
-    predictor = load_predictor(ModelConfig(checkpoint=args.checkpoint, device=args.device))
+    try:
+        localiser = load_crop_localiser(crop)
+        predictor = load_predictor(ModelConfig(checkpoint=args.checkpoint, device=args.device), crop, localiser)
+    except (CropError, LocaliserCheckpointError) as exc:
+        print(f"ian-node predict: {exc}", file=sys.stderr)
+        return 2
     if args.checkpoint is None:
         print(f"model: {predictor.checkpoint.meta.label}", file=sys.stderr)
+    report: dict[str, object] = {"series_uid": uid, "crop_mode": crop.mode, "out": None}
     try:
-        result = segment_series(paths, predictor)
+        result = segment_series(paths, predictor, pipeline_options(crop), localiser)
         seg = result_segmentation(result, 1, predictor.checkpoint)
+    except NotSegmentedError as exc:
+        report.update(outcome="no_region", flag=exc.crop.problem, roi=exc.crop.as_json(), voxels=None,
+                      timings=exc.timings)
+        _write_report(args.report, report)
+        print(f"ian-node predict: {failure_message(exc)}; not segmented ({_crop_text(exc.crop.as_json())}; "
+              "--segment-when-not-found segments anyway, --crop box --roi FILE gives the boxes)", file=sys.stderr)
+        return 3
     except SeriesError as exc:
         print(f"ian-node predict: {failure_message(exc)}", file=sys.stderr)
         return 1
     args.out.parent.mkdir(parents=True, exist_ok=True)
     seg.save_as(args.out, enforce_file_format=True)
+    used = result.crop.as_json() if result.crop is not None else None
+    problem = result.crop.problem if result.crop is not None else ""
+    report.update(outcome="segmented_no_region" if problem else "segmented", flag=problem or None, roi=used,
+                  voxels=result.voxels, timings=result.timings, out=str(args.out))
+    _write_report(args.report, report)
+    if problem:
+        print(f"ian-node predict: {problem}; segmented anyway (--segment-when-not-found)", file=sys.stderr)
     print(f"series {uid}: {len(paths)} files -> {args.out}; "
           + ", ".join(f"{k} IAN {v} voxels" for k, v in result.voxels.items()) + "; "
           + ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items()))
+    if used is not None:
+        print(f"crop: {_crop_text(used)}")
     return 0

@@ -16,8 +16,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
+from typing import Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from pydicom import Dataset, dcmread
@@ -32,18 +33,20 @@ logger = logging.getLogger(__name__)
 
 
 def settle(state: State, spool: Spool, rules: SeriesConfig, series: Series,
-           on_job: Callable[[Job], None] | None = None) -> Settlement:
+           on_job: Callable[[Job], None] | None = None, crop_request: Mapping[str, Any] | None = None) -> Settlement:
     """Conclude a complete series: select it and queue its job, or skip it (purging per retention).
 
     The one settlement for the quiet-period timer and the pull. It does nothing when an instance
-    arrived after ``series`` was read (that instance's own quiet period decides).
+    arrived after ``series`` was read (that instance's own quiet period decides). ``crop_request``:
+    a pull's own crop, stored with the job it creates.
     """
     reason = skip_reason(series, rules)
     if reason is None:
         headers = _headers(state, spool, series)
         reason = None if headers is None else volume_skip_reason(headers, rules)
     purge = reason is not None and rules.retention == "purge"
-    settled = state.settle_series(series.series_uid, series.last_received_at, reason, purge=purge)
+    settled = state.settle_series(series.series_uid, series.last_received_at, reason, purge=purge,
+                                  crop_request=crop_request)
     if not settled.applied:
         return settled
     if reason is not None:
@@ -185,6 +188,6 @@ class SeriesTracker:
             return None
         return self.settle_now(series).job
 
-    def settle_now(self, series: Series) -> Settlement:
+    def settle_now(self, series: Series, crop_request: Mapping[str, Any] | None = None) -> Settlement:
         """Settle ``series`` without waiting for its quiet period (the pull knows it is complete)."""
-        return settle(self._state, self._spool, self._rules, series, self._on_job)
+        return settle(self._state, self._spool, self._rules, series, self._on_job, crop_request)

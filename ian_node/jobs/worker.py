@@ -3,6 +3,12 @@
 A job's work is pure apart from reading its instance files and writing its result through the
 exporter (which stores it durably before any delivery). A failing job is recorded with its error
 and never blocks the queue. The model and the SEG come from :mod:`ian_node.segment.result`.
+
+Each job is cropped as the ``[crop]`` config says, unless it carries its own request (``POST /jobs``
+with a ``roi``). The crop requested and used, the outcome and per-side voxel counts and timings are
+recorded on the job. When the localiser finds no mandible the job fails with "no mandible region
+found" and outcome ``no_region``, nothing is sent; with ``crop.segment_when_not_found`` it is
+segmented and sent anyway, with outcome ``segmented_no_region`` and the localiser's problem as its flag.
 """
 
 from __future__ import annotations
@@ -10,23 +16,36 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
-from ian_node.config import ModelConfig
+from ian_node.config import CropConfig, ModelConfig
 from ian_node.export.exporter import Exporter
 from ian_node.logs import NOTICE, exception_text
 from ian_node.polling import PollingThread
-from ian_node.segment.pipeline import PipelineOptions, failure_message, segment_series
-from ian_node.segment.result import load_predictor, result_segmentation
-from ian_node.storage.records import Job
+from ian_node.segment.crop import check_crop_compatible
+from ian_node.segment.pipeline import NotSegmentedError, PipelineOptions, failure_message, segment_series
+from ian_node.segment.result import (
+    load_crop_localiser,
+    load_predictor,
+    request_from_record,
+    request_record,
+    result_segmentation,
+)
+from ian_node.storage.records import Job, JobOutcome
 from ian_node.storage.spool import Spool
 from ian_node.storage.state import State
+from model.localiser import LoadedLocaliser
 from model.predictor import Predictor
 
 logger = logging.getLogger(__name__)
 
 #: Longest idle wait between looks at the job queue (jobs from another process appear within it).
 IDLE_WAIT_S = 5.0
+
+def _rounded(timings: dict[str, float]) -> dict[str, float]:
+    return {k: round(v, 4) for k, v in timings.items()}
+
 
 @dataclass
 class StageTotals:
@@ -40,22 +59,51 @@ class Worker:
     """Runs queued jobs in a background thread; `wake` after queueing one."""
 
     def __init__(self, state: State, spool: Spool, exporter: Exporter, model: ModelConfig,
-                 options: PipelineOptions | None = None, predictor: Predictor | None = None) -> None:
+                 options: PipelineOptions | None = None, predictor: Predictor | None = None,
+                 crop: CropConfig | None = None, localiser: LoadedLocaliser | None = None) -> None:
+        """`options`: threshold and clean-up (its crop fields come from `crop` and each job's own request).
+
+        `predictor` and `localiser` replace the configured ones (tests, or an embedding application).
+        """
         self._state = state
         self._spool = spool
         self._exporter = exporter
         self._model_config = model
+        self._crop = crop or CropConfig()
         self._options = options or PipelineOptions()
         self._predictor = predictor  # None: load the configured checkpoint on first use
+        self._localiser = localiser
+        self._loaded = False
         self._loop = PollingThread("ian-node-worker", self._pass, error_wait_s=IDLE_WAIT_S)
         self.totals = StageTotals(defaultdict(float))
 
     @property
     def predictor(self) -> Predictor:
-        """Loaded on first use, so that `serve` starts listening at once."""
-        if self._predictor is None:
-            self._predictor = load_predictor(self._model_config)
+        """Loaded on first use, so that `serve` starts listening at once; with the localiser, and checked
+        against the crop mode (a checkpoint the configured crop cannot reproduce is refused)."""
+        if not self._loaded:
+            if self._localiser is None:
+                self._localiser = load_crop_localiser(self._crop)
+            if self._predictor is None:
+                self._predictor = load_predictor(self._model_config, self._crop, self._localiser)
+            elif (checkpoint := getattr(self._predictor, "checkpoint", None)) is not None:
+                check_crop_compatible(checkpoint.meta, self._crop.mode, self._localiser)
+            self._loaded = True
+        assert self._predictor is not None
         return self._predictor
+
+    @property
+    def localiser(self) -> LoadedLocaliser | None:
+        """The crop localiser (None unless the crop mode is ``auto``)."""
+        _ = self.predictor  # loads both
+        return self._localiser
+
+    def _job_options(self, job: Job) -> tuple[dict[str, Any], PipelineOptions]:
+        """The crop request this job runs with (its own, or the configured one) and the pipeline options."""
+        record = job.api_crop_request or request_record(self._crop)
+        return record, replace(self._options, crop=request_from_record(record),
+                               min_confidence=self._crop.min_confidence,
+                               segment_when_not_found=self._crop.segment_when_not_found)
 
     def run_job(self, job: Job) -> None:
         """Segment one claimed job and hand its SEG to the exporter; record a failure otherwise."""
@@ -63,9 +111,24 @@ class Worker:
         logger.log(NOTICE, "job %d started: series %s v%d", job.id, job.series_uid, job.series_version)
         try:
             paths = [self._spool.path(i.path) for i in self._state.instances(job.series_uid, job.series_version)]
+            request, options = self._job_options(job)
             t0 = time.perf_counter()
-            result = segment_series(paths, self.predictor, self._options)
+            try:
+                result = segment_series(paths, self.predictor, options, self.localiser)
+            except NotSegmentedError as exc:
+                self._not_segmented(job, request, exc, started)
+                return
             t1 = time.perf_counter()
+            crop = result.crop
+            assert crop is not None  # segment_series always records its crop
+            self._state.record_segmentation(
+                job.id, crop_request=request, crop=crop.as_json(),
+                outcome=JobOutcome.SEGMENTED if crop.found else JobOutcome.SEGMENTED_NO_REGION,
+                flag=crop.problem or None, voxels=result.voxels, timings=_rounded(result.timings))
+            if not crop.found:
+                logger.warning("job %d (series %s v%d): %s; segmented anyway in %s (crop.segment_when_not_found)",
+                               job.id, job.series_uid, job.series_version, crop.problem,
+                               ", ".join(f"{s.value} {c.mode.value}" for s, c in crop.sides.items()))
             seg = result_segmentation(result, job.series_version, self.predictor.checkpoint)
             t2 = time.perf_counter()
             exported = self._exporter.submit(job.id, seg)
@@ -85,6 +148,18 @@ class Worker:
                     ", ".join(f"{k} {v} voxels" for k, v in result.voxels.items()))
         logger.log(NOTICE, "job %d ended: series %s v%d, %.1f s, %s (%d instances)", job.id, job.series_uid,
                    job.series_version, time.perf_counter() - started, exported.state, len(paths))
+
+    def _not_segmented(self, job: Job, request: dict[str, Any], exc: NotSegmentedError, started: float) -> None:
+        """No mandible region found: the job fails with that reason and outcome ``no_region``; nothing is sent."""
+        self._state.record_segmentation(job.id, crop_request=request, crop=exc.crop.as_json(),
+                                        outcome=JobOutcome.NO_REGION, flag=exc.crop.problem,
+                                        timings=_rounded(exc.timings))
+        self._state.fail_job(job.id, failure_message(exc))
+        for stage, seconds in exc.timings.items():
+            self.totals.seconds[stage] += seconds
+        self.totals.jobs += 1
+        logger.log(NOTICE, "job %d ended: series %s v%d, %.1f s, not segmented: %s", job.id, job.series_uid,
+                   job.series_version, time.perf_counter() - started, exc.crop.problem)
 
     def run_pending(self) -> int:
         """Run queued jobs until the queue is empty; returns how many ran."""

@@ -16,6 +16,11 @@ configure, and the result goes back to where it came from:
   ``url`` is the URL of a ``kind = "stowrs"`` export target, whose credentials it uses; the SEG goes
   back by STOW-RS to that URL with every other target.
 
+Either may add ``"roi": {"right": [[x_min, x_max], [y_min, y_max], [z_min, z_max]], "left": ...}``
+(LPS mm): the job then crops each side to that box (crop mode ``box``) instead of the node's
+configured crop. The boxes are stored with the job when it is created, so the worker never runs it
+without them.
+
 Instances are written to the spool while they are fetched but recorded in the state only once the
 whole series is here, so a failed pull leaves no half series to settle. Like the SCP, a pull holds
 each instance's :meth:`Spool.instance_lock` from before it writes the file until its row is
@@ -46,7 +51,8 @@ from dicomweb_client.api import DICOMwebClient
 from pydicom import dcmread, dcmwrite
 from pydicom.errors import InvalidDicomError
 
-from ian_node.config import NodeConfig, OrthancTarget, StowRsTarget
+from ian_node.config import ConfigError, NodeConfig, OrthancTarget, StowRsTarget, check_box, check_box_pair
+from ian_node.config.sections import BoxMm
 from ian_node.net import http_session
 from ian_node.receive.header import HeaderError, read_header_facts
 from ian_node.storage.records import Job, ReceivedInstance, Series, Settlement
@@ -61,8 +67,8 @@ ORTHANC_ID_RE = re.compile(r"[0-9a-f]{8}(-[0-9a-f]{8}){4}")
 #: What a pull request may hold, per source.
 PULL_KEYS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     # source: (required keys, optional keys)
-    "orthanc": (frozenset({"source", "series"}), frozenset({"target"})),
-    "dicomweb": (frozenset({"source", "url", "study_uid", "series_uid"}), frozenset()),
+    "orthanc": (frozenset({"source", "series"}), frozenset({"target", "roi"})),
+    "dicomweb": (frozenset({"source", "url", "study_uid", "series_uid"}), frozenset({"roi"})),
 }
 
 
@@ -107,6 +113,8 @@ class OrthancPull:
     series: str
     target: str | None = None
     source: str = "orthanc"
+    #: {"right": box, "left": box} in LPS mm for this job's crop; None: the node's configured crop.
+    roi: Mapping[str, BoxMm] | None = None
 
 
 @dataclass(frozen=True)
@@ -115,6 +123,7 @@ class DicomwebPull:
     study_uid: str
     series_uid: str
     source: str = "dicomweb"
+    roi: Mapping[str, BoxMm] | None = None
 
 
 PullRequest = OrthancPull | DicomwebPull
@@ -150,16 +159,37 @@ def parse_pull_request(body: Any) -> PullRequest:
         raise PullRequestError(f"unknown key(s) {', '.join(unknown)} for a {source} pull "
                                f"(known: {', '.join(sorted(required | optional))})")
     for key, value in body.items():
-        if not isinstance(value, str):
+        if key != "roi" and not isinstance(value, str):
             raise PullRequestError(f"{key} must be a string, got {type(value).__name__}")
+    roi = parse_roi(body["roi"]) if "roi" in body else None
     if source == "orthanc":
         if ORTHANC_ID_RE.fullmatch(body["series"]) is None:
             raise PullRequestError("series must be an Orthanc series ID (five groups of eight hex digits)")
-        return OrthancPull(series=body["series"], target=body.get("target"))
+        return OrthancPull(series=body["series"], target=body.get("target"), roi=roi)
     for key in ("study_uid", "series_uid"):
         if not is_dicom_uid(body[key]):
             raise PullRequestError(f"{key} is not a DICOM UID")
-    return DicomwebPull(url=body["url"], study_uid=body["study_uid"], series_uid=body["series_uid"])
+    return DicomwebPull(url=body["url"], study_uid=body["study_uid"], series_uid=body["series_uid"], roi=roi)
+
+
+def parse_roi(value: Any) -> dict[str, BoxMm]:
+    """``{"right": box, "left": box}`` checked as the ``[crop]`` config checks its boxes; PullRequestError otherwise."""
+    if not isinstance(value, dict) or set(value) != {"right", "left"}:
+        got = sorted(value) if isinstance(value, dict) else type(value).__name__
+        raise PullRequestError(f'roi must be {{"right": [[x_min, x_max], [y_min, y_max], [z_min, z_max]], '
+                               f'"left": [...]}} in LPS mm, got {got}')
+    try:
+        boxes = {side: check_box(side, value[side]) for side in ("right", "left")}
+        check_box_pair("left", boxes["right"], boxes["left"])
+    except ConfigError as exc:
+        raise PullRequestError(str(exc.within("roi"))) from None
+    return boxes
+
+
+def roi_crop_request(roi: Mapping[str, BoxMm]) -> dict[str, Any]:
+    """The job's crop request for a pull's ``roi`` (the record `ian_node.storage.records.Job` describes)."""
+    return {"mode": "box", "right": [list(r) for r in roi["right"]], "left": [list(r) for r in roi["left"]],
+            "source": "api"}
 
 
 def _same_url(a: str, b: str) -> bool:
@@ -233,7 +263,8 @@ class Puller:
     """Runs pulls for the API: fetch, spool, record, then conclude the series at once."""
 
     def __init__(self, config: NodeConfig, state: State, spool: Spool,
-                 settle: Callable[[Series], Settlement], max_concurrent: int = 2) -> None:
+                 settle: Callable[[Series, Mapping[str, Any] | None], Settlement], max_concurrent: int = 2) -> None:
+        """``settle(series, crop_request)`` concludes a pulled series (``crop_request``: the pull's own crop)."""
         self._config = config
         self._state = state
         self._spool = spool
@@ -267,7 +298,8 @@ class Puller:
             received = self._fetch_all(files, what, origin_host, expected_series, held)
             for instance in received:
                 self._state.record_instance(instance)
-        return self._conclude(request.source, received[0].series_uid, len(received))
+        crop_request = None if request.roi is None else roi_crop_request(request.roi)
+        return self._conclude(request.source, received[0].series_uid, len(received), crop_request)
 
     # -- sources -----------------------------------------------------------------------------------
 
@@ -373,12 +405,13 @@ class Puller:
             sha256=hashlib.sha256(payload).hexdigest(),
         )
 
-    def _conclude(self, source: str, series_uid: str, count: int) -> PullOutcome:
+    def _conclude(self, source: str, series_uid: str, count: int,
+                  crop_request: Mapping[str, Any] | None) -> PullOutcome:
         """Settle the recorded series now: the pull knows it is complete."""
         series = self._state.series(series_uid)
         if series is None:  # purged between the two calls: nothing left to settle
             raise SourceRefusedError(f"series {series_uid} vanished while it was being recorded")
-        settled = self._settle(series)
+        settled = self._settle(series, crop_request)
         reason = settled.skip_reason
         job = settled.job
         created = job is not None

@@ -3,14 +3,16 @@
 Pure: no I/O beyond reading its inputs. Split in two around the network so that the exact geometry
 can be checked without one: `prepare` takes the series to model-space slices, `finish` takes
 model-space probabilities back to source voxels and cleans them up in 3D. `segment_series` is
-prepare → predictor → finish, timed per stage.
+load → crop (`ian_node.segment.crop`: the localiser, halves or given boxes) → prepare → predictor →
+finish, timed per stage. When the localiser finds no plausible mandible the network does not run:
+`NotSegmentedError` says why and carries the crop, unless the options say to segment anyway.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -18,10 +20,12 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from ian_node.logs import raised_by_us, redact
+from ian_node.segment.crop import CropMode, CropRequest, CropResult, NoRegionError, SideCrop, resolve_crop
 from ian_node.segment.metadata import check_source_metadata
 from ian_node.segment.postprocess import DEFAULT_MAX_GAP_MM, keep_main_tract
-from ian_node.segment.reformat import CoronalStack, PatientBox, side_stacks, stack_to_volume
+from ian_node.segment.reformat import CoronalStack, PatientBox, RoiError, default_rois, side_stacks, stack_to_volume
 from ian_node.segment.volume import MalformedDatasetError, SeriesError, SeriesVolume, Side, load_series
+from model.localiser import LoadedLocaliser
 from model.preprocess import (
     SliceTransform,
     image_to_model,
@@ -41,8 +45,13 @@ class SlicePredictor(Protocol):
 
 @dataclass(frozen=True)
 class PipelineOptions:
-    #: Per-side regions of interest in patient mm; None = each half of the volume.
-    rois: Mapping[Side, PatientBox] | None = None
+    #: How each side is cropped (`ian_node.segment.crop`): the localiser by default.
+    crop: CropRequest = field(default_factory=CropRequest)
+    #: Per-side localiser confidence below which no region is found; None: the localiser's own.
+    min_confidence: float | None = None
+    #: When no region is found: False, do not segment (`NotSegmentedError`); True, segment in the
+    #: localiser's boxes (the halves where a side has none) and mark the result's crop with the problem.
+    segment_when_not_found: bool = False
     threshold: float = 0.5
     #: 3D clean-up per side (ian_node.segment.postprocess); None turns it off.
     max_gap_mm: float | None = DEFAULT_MAX_GAP_MM
@@ -75,6 +84,9 @@ class PipelineResult:
     series: SeriesVolume
     labels: np.ndarray  # uint8, source voxel geometry: 0 background, 1 right IAN, 2 left IAN
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+    #: The crop used per side; `crop.problem` is set when the series was segmented without a found
+    #: region (``segment_when_not_found``). None only for results built outside `segment_series`.
+    crop: CropResult | None = None
 
     @property
     def voxels(self) -> dict[str, int]:
@@ -127,26 +139,58 @@ def finish(prepared: PreparedSeries, probabilities: np.ndarray, options: Pipelin
     return labels
 
 
+class NotSegmentedError(NoRegionError):
+    """No region was found, so the network did not run: `crop` says what the localiser saw."""
+
+    def __init__(self, series_uid: str, crop: CropResult, timings: Mapping[str, float]) -> None:
+        super().__init__(series_uid, crop.problem)
+        self.crop = crop
+        self.timings = dict(timings)
+
+
+def fallback_crop(series: SeriesVolume, crop: CropResult) -> CropResult:
+    """A crop that was not found, made segmentable: the localiser's boxes, the half where a side has none.
+
+    `problem` stays set, so the result is flagged wherever it is recorded.
+    """
+    halves = default_rois(series)
+    sides = {side: c if c.box is not None else SideCrop(CropMode.HALF, halves[side], c.confidence)
+             for side, c in crop.sides.items()}
+    return replace(crop, sides=sides)
+
+
 def segment_series(
     sources: Sequence[Dataset | Path | str] | SeriesVolume,
     predictor: SlicePredictor,
     options: PipelineOptions | None = None,
+    localiser: LoadedLocaliser | None = None,
 ) -> PipelineResult:
-    """The whole job: load → prepare → predict → back to source voxels → 3D clean-up."""
+    """The whole job: load → crop → prepare → predict → back to source voxels → 3D clean-up.
+
+    `localiser` is needed for crop mode ``auto``. Raises `NotSegmentedError` when no region is
+    found and `options.segment_when_not_found` is false.
+    """
     options = options or PipelineOptions()
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     series = sources if isinstance(sources, SeriesVolume) else load_series(sources)
     check_source_metadata(series)  # what the SEG cannot be built without fails before the network runs
     t1 = time.perf_counter()
-    prepared = prepare(series, predictor.size, options.rois)
+    crop = resolve_crop(series, options.crop, localiser, options.min_confidence)
     t2 = time.perf_counter()
-    probabilities = predictor.predict(prepared.images)
+    timings.update(load=t1 - t0, localise=t2 - t1)
+    if not crop.found:
+        if not options.segment_when_not_found:
+            raise NotSegmentedError(series.series_uid, crop, timings)
+        crop = fallback_crop(series, crop)
+    prepared = prepare(series, predictor.size, crop.rois)
     t3 = time.perf_counter()
-    labels = finish(prepared, probabilities, options)
+    probabilities = predictor.predict(prepared.images)
     t4 = time.perf_counter()
-    timings.update(load=t1 - t0, preprocess=t2 - t1, inference=t3 - t2, inverse_postprocess=t4 - t3)
-    return PipelineResult(series, labels, timings)
+    labels = finish(prepared, probabilities, options)
+    t5 = time.perf_counter()
+    timings.update(preprocess=t3 - t2, inference=t4 - t3, inverse_postprocess=t5 - t4)
+    return PipelineResult(series, labels, timings, crop)
 
 
 def failure_message(exc: BaseException) -> str:
@@ -155,5 +199,7 @@ def failure_message(exc: BaseException) -> str:
         return f"malformed dataset: {exc.problem} (series {exc.series_uid})"
     if isinstance(exc, SeriesError):
         return str(exc)
+    if isinstance(exc, RoiError):  # a given crop box that misses the series
+        return f"crop: {exc}"
     text = str(exc) if raised_by_us(exc) else redact(str(exc))  # a library may quote header values
     return f"internal error: {text or 'unexpected failure'} (the node's log has the details)"

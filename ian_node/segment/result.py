@@ -1,23 +1,33 @@
-"""From a checkpoint to a result SEG: the node's model loading and the SEG of one series version.
+"""From a checkpoint to a result SEG: the node's model loading, its crop, and the SEG of one series version.
 
 Shared by the worker and ``ian-node predict``, so a file-in/SEG-out run builds exactly what the node
 would send. SEG UIDs are derived from (source series, series version, model hash), so a job re-run
 after a crash produces the same SEG instance and a PACS sees one result per version.
+
+The crop is checked against the checkpoint when the model is loaded (`check_crop_compatible`), so a
+node whose configured crop cannot reproduce the checkpoint's training crop refuses to start rather
+than segmenting every series in the wrong region.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from pydicom.dataset import Dataset
 
 from ian_node import __version__
-from ian_node.config import ModelConfig
-from ian_node.segment.pipeline import PipelineResult
+from ian_node.config import CropConfig, ModelConfig, check_box
+from ian_node.segment.crop import CropMode, CropRequest, check_crop_compatible
+from ian_node.segment.pipeline import PipelineOptions, PipelineResult
+from ian_node.segment.reformat import PatientBox
 from ian_node.segment.seg import AlgorithmInfo, build_segmentation
+from ian_node.segment.volume import Side
 from ian_node.uids import derived_uid
 from model.checkpoint import BUNDLED_CHECKPOINT, LoadedCheckpoint, load_checkpoint
+from model.localiser import LoadedLocaliser, load_localiser
 from model.predictor import Predictor, PredictorOptions
 
 logger = logging.getLogger(__name__)
@@ -26,12 +36,71 @@ logger = logging.getLogger(__name__)
 SEG_SERIES_NUMBER_BASE = 9000
 
 
-def load_predictor(config: ModelConfig) -> Predictor:
-    """The configured checkpoint (or the bundled phantom model) on the configured device."""
+def crop_request(mode: str, right: Any = None, left: Any = None) -> CropRequest:
+    """A `CropRequest` from a mode and [[x_min, x_max], [y_min, y_max], [z_min, z_max]] boxes (LPS mm)."""
+    boxes = None
+    if right is not None and left is not None:
+        boxes = {Side.RIGHT: _patient_box(check_box("right", right)),
+                 Side.LEFT: _patient_box(check_box("left", left))}
+    return CropRequest(CropMode(mode), boxes)
+
+
+def _patient_box(box: tuple[tuple[float, float], ...]) -> PatientBox:
+    return PatientBox(*(v for pair in box for v in pair))
+
+
+def configured_crop(config: CropConfig) -> CropRequest:
+    """The ``[crop]`` section's request."""
+    return crop_request(config.mode, config.right, config.left)
+
+
+def request_record(config: CropConfig) -> dict[str, Any]:
+    """The configured crop as a job records it (``"source": "config"``; see `ian_node.storage.records.Job`)."""
+    boxes = config.boxes or {}
+    return {"mode": config.mode, "right": _lists(boxes.get("right")), "left": _lists(boxes.get("left")),
+            "source": "config"}
+
+
+def _lists(box: Any) -> list[list[float]] | None:
+    return None if box is None else [list(pair) for pair in box]
+
+
+def request_from_record(record: Mapping[str, Any]) -> CropRequest:
+    """A job's recorded crop request back as a `CropRequest`."""
+    return crop_request(record["mode"], record.get("right"), record.get("left"))
+
+
+def pipeline_options(config: CropConfig, request: CropRequest | None = None) -> PipelineOptions:
+    """The pipeline's options for the ``[crop]`` section; `request` replaces its mode and boxes (a job's own)."""
+    return PipelineOptions(crop=request or configured_crop(config), min_confidence=config.min_confidence,
+                           segment_when_not_found=config.segment_when_not_found)
+
+
+def load_crop_localiser(config: CropConfig) -> LoadedLocaliser | None:
+    """The configured (or bundled) localiser when the crop mode is ``auto``; None otherwise."""
+    if config.mode != CropMode.AUTO:
+        return None
+    localiser = load_localiser(config.localiser)
+    meta = localiser.meta
+    logger.info("localiser %s (region %s, sha256 %s, min confidence %.2f%s)", localiser.path.name, meta.region,
+                localiser.sha256[:12], meta.min_confidence if config.min_confidence is None else config.min_confidence,
+                "" if config.min_confidence is None else " from the config")
+    return localiser
+
+
+def load_predictor(config: ModelConfig, crop: CropConfig | None = None,
+                   localiser: LoadedLocaliser | None = None) -> Predictor:
+    """The configured checkpoint (or the bundled phantom model) on the configured device.
+
+    With `crop`, refuse (`ian_node.segment.crop.CropError`) a checkpoint whose training crop that
+    crop mode cannot reproduce (`localiser`: the one `load_crop_localiser` loaded for ``auto``).
+    """
     path = config.checkpoint or BUNDLED_CHECKPOINT
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     checkpoint = load_checkpoint(path)
+    if crop is not None:
+        check_crop_compatible(checkpoint.meta, crop.mode, localiser)
     predictor = Predictor(checkpoint, PredictorOptions(device=config.device, batch_size=config.batch_size))
     logger.info(
         "model %s (%s, sha256 %s) on %s%s",

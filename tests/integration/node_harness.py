@@ -19,7 +19,7 @@ import requests
 import torch
 
 from ian_node.app.node import Node
-from ian_node.config import ApiConfig, DicomConfig, ModelConfig, NodeConfig, SeriesConfig, StorageConfig
+from ian_node.config import ApiConfig, CropConfig, DicomConfig, ModelConfig, NodeConfig, SeriesConfig, StorageConfig
 from ian_node.phantom.study import PhantomConfig, PhantomFiles, generate_phantom, write_phantom
 from model import registry
 from model.checkpoint import CheckpointMeta, InputContract, save_checkpoint
@@ -51,7 +51,7 @@ def small_phantom(folder: Path, patient: int = 0, seed: int = 7) -> PhantomFiles
 
 
 def node_config(root: Path, checkpoint: Path, **sections: Any) -> NodeConfig:
-    """A node on free loopback ports (0) with its data under ``root``; ``sections`` replace defaults."""
+    """A node on free loopback ports (0) with its data under ``root``, cropping halves; ``sections`` replace defaults."""
     base = NodeConfig(
         dicom=DicomConfig(port=0),
         api=ApiConfig(port=0),
@@ -60,6 +60,8 @@ def node_config(root: Path, checkpoint: Path, **sections: Any) -> NodeConfig:
                               min_free_percent=0.0),
         series=SeriesConfig(quiet_period_s=1.0),
         model=ModelConfig(checkpoint=checkpoint, device="cpu"),
+        # the untrained checkpoint records no crop (trained on halves, as far as the node knows)
+        crop=CropConfig(mode="half"),
     )
     return replace(base, **sections)
 

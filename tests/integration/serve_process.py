@@ -81,6 +81,9 @@ device = "cpu"
 # a CPU runs this model about 3x faster in batches of 32 slices than in the default 8
 batch_size = 32
 
+[crop]
+mode = "half"  # the untrained test checkpoints record no crop: trained on halves, as far as the node knows
+
 [series]
 quiet_period_s = {self.quiet_period_s}
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from ian_node.app.demo import run_demo
+from ian_node.config import CropConfig
 from ian_node.phantom.study import PhantomConfig
 from model.checkpoint import BUNDLED_CHECKPOINT
 from tests.integration.node_harness import untrained_checkpoint
@@ -37,12 +38,13 @@ def one_torch_thread() -> Iterator[None]:
 def test_demo_command_reports_dsc_per_side_and_a_seg_without_dciodvfy_errors(tmp_path: Path) -> None:
     checkpoint = untrained_checkpoint(tmp_path / "small.pt", size=32, attention=False)
     proc = subprocess.run(
-        [*ian_node_command(), "demo", "--shape", "24,96,96", "--checkpoint", str(checkpoint), "--out",
-         str(tmp_path / "demo")],
+        [*ian_node_command(), "demo", "--shape", "24,96,96", "--checkpoint", str(checkpoint), "--crop", "half",
+         "--out", str(tmp_path / "demo")],
         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert sorted(side for side, _ in _DSC_LINE.findall(proc.stdout)) == ["left", "right"]
+    assert len(re.findall(r"IAN: DSC .*; crop half x \[.*\] y \[.*\] z \[.*\] mm$", proc.stdout, re.MULTILINE)) == 2
     assert "dciodvfy: 0 error(s)" in proc.stdout
     assert re.search(r"timings \(s\): .*inference [0-9.]+.*seg_build [0-9.]+", proc.stdout)
     assert len(list((tmp_path / "demo" / "pacs").iterdir())) == 1  # the SEG, delivered once
@@ -53,7 +55,10 @@ def test_bundled_model_segments_both_nerves_of_a_held_out_phantom(tmp_path: Path
         pytest.skip(f"the bundled model {BUNDLED_CHECKPOINT} has not been made (python -m training.default_model)")
     # The default phantom size: the bundled model was trained on it (a 24x96x96 phantom crops the
     # anatomy differently and scores near 0).
-    report = run_demo(tmp_path, seed=0, patient=0, phantom=PhantomConfig(), checkpoint=None)
+    # Halves until the bundled model is retrained on landmark crops (with mode auto the node refuses a
+    # checkpoint trained on halves).
+    report = run_demo(tmp_path, seed=0, patient=0, phantom=PhantomConfig(), checkpoint=None,
+                      crop=CropConfig(mode="half"))
     assert report.dciodvfy_errors == []
     assert "NOT FOR CLINICAL USE" in report.model_label
     assert min(report.dsc.values()) > BUNDLED_MIN_DSC, report.format()

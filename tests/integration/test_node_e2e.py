@@ -22,6 +22,7 @@ from pydicom.uid import JPEGLosslessSV1, JPEGLSLossless, SegmentationStorage
 from ian_node.app.node import Node
 from ian_node.config import (
     ApiConfig,
+    CropConfig,
     DicomConfig,
     DicomTarget,
     ExportConfig,
@@ -198,6 +199,7 @@ def test_ground_truth_predictor_through_the_node_reproduces_the_ground_truth_in_
         series=SeriesConfig(quiet_period_s=1.0),
         export=ExportConfig(targets=(DicomTarget(name="pacs", ae_title=DEST_AE, host="127.0.0.1", port=dest_port),)),
         api=ApiConfig(port=0),
+        crop=CropConfig(mode="half"),  # the oracle answers for the halves `prepare` cut above
     )
     node = Node(config, predictor=oracle)
     with Destination(tmp_path / "pacs", dest_port) as dest:

@@ -134,7 +134,7 @@ def test_purge_racing_a_pull_keeps_every_file_the_pull_records(tmp_path: Path, o
         proxy.pause_before = f"/instances/{listed[-1]}/file"
         target = OrthancTarget(name="orthanc", url=proxy.url, username=orthanc.username, password=orthanc.password)
         config = NodeConfig(series=RULES, export=ExportConfig(targets=(target,)))
-        puller = Puller(config, state, spool, settle=lambda s: settle(state, spool, RULES, s))
+        puller = Puller(config, state, spool, settle=lambda s, crop=None: settle(state, spool, RULES, s, crop_request=crop))
         pulled = Outcome()
         pull = _in_thread(pulled, puller.pull, OrthancPull(series=series_id))
         assert proxy.paused.wait(STEP_S), "the pull never asked for its last instance"
