@@ -22,6 +22,7 @@ from pynetdicom.dsutils import create_file_meta, encode_file_meta
 
 from ian_node.receive.commit import GroupCommitter, recover_unconfirmed
 from ian_node.storage.records import ReceivedInstance
+from ian_node.storage.schema import SCHEMA_VERSION
 from ian_node.storage.spool import Spool
 from ian_node.storage.state import State
 
@@ -155,17 +156,20 @@ def test_a_state_written_with_schema_version_1_is_upgraded_in_place(tmp_path: Pa
     spool = Spool(tmp_path / "spool")
     with State(path) as state:
         old = _receive(state, spool, 1)
-    with sqlite3.connect(path) as db:  # version 1 had neither column nor index
+    with sqlite3.connect(path) as db:  # version 1 had neither column nor index, nor the jobs' crop columns (3)
         db.executescript(
             "DROP INDEX instances_unconfirmed; ALTER TABLE instances DROP COLUMN unconfirmed;"
-            " ALTER TABLE instances DROP COLUMN series_version; PRAGMA user_version = 1;"
+            " ALTER TABLE instances DROP COLUMN series_version;"
+            + "".join(f" ALTER TABLE jobs DROP COLUMN {c};"
+                      for c in ("crop_request", "crop", "outcome", "flag", "voxels", "timings"))
+            + " PRAGMA user_version = 1;"
         )
     with State(path) as state:
         assert state.instances(SERIES)[0].sop_instance_uid == old.sop_instance_uid
         _receive(state, spool, 2, durable=False)
         assert recover_unconfirmed(state, spool) == (1, 0)
     with sqlite3.connect(path) as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
 
 
 def test_one_bad_row_in_a_batch_fails_alone(store: tuple[State, Spool]) -> None:
