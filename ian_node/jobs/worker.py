@@ -43,6 +43,7 @@ logger = logging.getLogger(__name__)
 #: Longest idle wait between looks at the job queue (jobs from another process appear within it).
 IDLE_WAIT_S = 5.0
 
+
 def _rounded(timings: dict[str, float]) -> dict[str, float]:
     return {k: round(v, 4) for k, v in timings.items()}
 
