@@ -10,8 +10,8 @@ import pytest
 from ian_node.config import CropConfig, ModelConfig
 from ian_node.phantom.mr_series import build_mr_series
 from ian_node.phantom.study import PhantomConfig, generate_phantom
-from ian_node.segment.crop import NO_REGION, CropError, CropMode, CropRequest
-from ian_node.segment.pipeline import NotSegmentedError, PipelineOptions, failure_message, prepare, segment_series
+from ian_node.segment.crop import NO_REGION, CropError, CropMode, CropRequest, NoRegionError
+from ian_node.segment.pipeline import PipelineOptions, failure_message, prepare, segment_series
 from ian_node.segment.reformat import PatientBox, default_rois
 from ian_node.segment.result import load_crop_localiser, load_predictor
 from ian_node.segment.volume import SeriesVolume, Side, load_series
@@ -98,7 +98,7 @@ def test_no_region_found_stops_before_the_network_with_the_crop_and_a_clear_mess
     series: SeriesVolume, empty_localiser: Path
 ) -> None:
     predictor = _Counting()
-    with pytest.raises(NotSegmentedError) as info:
+    with pytest.raises(NoRegionError) as info:
         segment_series(series, predictor, PipelineOptions(), load_localiser(empty_localiser))
     assert predictor.slices == []
     exc = info.value
@@ -124,7 +124,7 @@ def test_segment_when_not_found_uses_the_halves_where_the_localiser_has_no_box_a
 def test_a_min_confidence_above_the_localiser_answer_means_no_region(
     series: SeriesVolume, found_localiser: Path
 ) -> None:
-    with pytest.raises(NotSegmentedError, match="threshold 1.00"):
+    with pytest.raises(NoRegionError, match="threshold 1.00"):
         segment_series(series, _Counting(), PipelineOptions(min_confidence=1.0 + 1e-9), load_localiser(found_localiser))
 
 

@@ -185,8 +185,8 @@ def _crop_text(crop: dict[str, dict[str, object]]) -> str:
 
 def run_predict(args: argparse.Namespace) -> int:
     from ian_node.config import ModelConfig
-    from ian_node.segment.crop import CropError
-    from ian_node.segment.pipeline import NotSegmentedError, failure_message, segment_series
+    from ian_node.segment.crop import CropError, NoRegionError
+    from ian_node.segment.pipeline import failure_message, segment_series
     from ian_node.segment.result import load_crop_localiser, load_predictor, pipeline_options, result_segmentation
     from ian_node.segment.volume import SeriesError
     from model.localiser import LocaliserCheckpointError
@@ -212,7 +212,7 @@ def run_predict(args: argparse.Namespace) -> int:
     try:
         result = segment_series(paths, predictor, pipeline_options(crop), localiser)
         seg = result_segmentation(result, 1, predictor.checkpoint)
-    except NotSegmentedError as exc:
+    except NoRegionError as exc:
         report.update(outcome="no_region", flag=exc.crop.problem, roi=exc.crop.as_json(), voxels=None,
                       timings=exc.timings)
         _write_report(args.report, report)

@@ -23,8 +23,8 @@ from ian_node.config import CropConfig, ModelConfig
 from ian_node.export.exporter import Exporter
 from ian_node.logs import NOTICE, exception_text
 from ian_node.polling import PollingThread
-from ian_node.segment.crop import check_crop_compatible
-from ian_node.segment.pipeline import NotSegmentedError, PipelineOptions, failure_message, segment_series
+from ian_node.segment.crop import NoRegionError, check_crop_compatible
+from ian_node.segment.pipeline import PipelineOptions, failure_message, segment_series
 from ian_node.segment.result import (
     load_crop_localiser,
     load_predictor,
@@ -116,7 +116,7 @@ class Worker:
             t0 = time.perf_counter()
             try:
                 result = segment_series(paths, self.predictor, options, self.localiser)
-            except NotSegmentedError as exc:
+            except NoRegionError as exc:
                 self._not_segmented(job, request, exc, started)
                 return
             t1 = time.perf_counter()
@@ -150,7 +150,7 @@ class Worker:
         logger.log(NOTICE, "job %d ended: series %s v%d, %.1f s, %s (%d instances)", job.id, job.series_uid,
                    job.series_version, time.perf_counter() - started, exported.state, len(paths))
 
-    def _not_segmented(self, job: Job, request: dict[str, Any], exc: NotSegmentedError, started: float) -> None:
+    def _not_segmented(self, job: Job, request: dict[str, Any], exc: NoRegionError, started: float) -> None:
         """No mandible region found: the job fails with that reason and outcome ``no_region``; nothing is sent."""
         self._state.record_segmentation(job.id, crop_request=request, crop=exc.crop.as_json(),
                                         outcome=JobOutcome.NO_REGION, flag=exc.crop.problem,

@@ -155,4 +155,10 @@ def check_crop_compatible(meta: CheckpointMeta, mode: CropMode | str, localiser:
 
 
 class NoRegionError(SeriesError):
-    """The localiser found no plausible mandible: the series is not segmented (unless configured to)."""
+    """No plausible mandible was found, so the network did not run: `crop` says what the localiser saw,
+    `timings` the stages run so far."""
+
+    def __init__(self, series_uid: str, crop: CropResult, timings: Mapping[str, float] | None = None) -> None:
+        super().__init__(series_uid, crop.problem)
+        self.crop = crop
+        self.timings = dict(timings or {})

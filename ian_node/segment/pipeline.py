@@ -5,7 +5,7 @@ can be checked without one: `prepare` takes the series to model-space slices, `f
 model-space probabilities back to source voxels and cleans them up in 3D. `segment_series` is
 load → crop (`ian_node.segment.crop`: the localiser, halves or given boxes) → prepare → predictor →
 finish, timed per stage. When the localiser finds no plausible mandible the network does not run:
-`NotSegmentedError` says why and carries the crop, unless the options say to segment anyway.
+`NoRegionError` says why and carries the crop, unless the options say to segment anyway.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ class PipelineOptions:
     crop: CropRequest = field(default_factory=CropRequest)
     #: Per-side localiser confidence below which no region is found; None: the localiser's own.
     min_confidence: float | None = None
-    #: When no region is found: False, do not segment (`NotSegmentedError`); True, segment in the
+    #: When no region is found: False, do not segment (`NoRegionError`); True, segment in the
     #: localiser's boxes (the halves where a side has none) and mark the result's crop with the problem.
     segment_when_not_found: bool = False
     threshold: float = 0.5
@@ -139,15 +139,6 @@ def finish(prepared: PreparedSeries, probabilities: np.ndarray, options: Pipelin
     return labels
 
 
-class NotSegmentedError(NoRegionError):
-    """No region was found, so the network did not run: `crop` says what the localiser saw."""
-
-    def __init__(self, series_uid: str, crop: CropResult, timings: Mapping[str, float]) -> None:
-        super().__init__(series_uid, crop.problem)
-        self.crop = crop
-        self.timings = dict(timings)
-
-
 def fallback_crop(series: SeriesVolume, crop: CropResult) -> CropResult:
     """A crop that was not found, made segmentable: the localiser's boxes, the half where a side has none.
 
@@ -167,7 +158,7 @@ def segment_series(
 ) -> PipelineResult:
     """The whole job: load → crop → prepare → predict → back to source voxels → 3D clean-up.
 
-    `localiser` is needed for crop mode ``auto``. Raises `NotSegmentedError` when no region is
+    `localiser` is needed for crop mode ``auto``. Raises `NoRegionError` when no region is
     found and `options.segment_when_not_found` is false.
     """
     options = options or PipelineOptions()
@@ -181,7 +172,7 @@ def segment_series(
     timings.update(load=t1 - t0, localise=t2 - t1)
     if not crop.found:
         if not options.segment_when_not_found:
-            raise NotSegmentedError(series.series_uid, crop, timings)
+            raise NoRegionError(series.series_uid, crop, timings)
         crop = fallback_crop(series, crop)
     prepared = prepare(series, predictor.size, crop.rois)
     t3 = time.perf_counter()
