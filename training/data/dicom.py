@@ -21,6 +21,9 @@ Each side is cropped by `LoadOptions.crop` (`training.data.collect`): with ``ora
 landmark boxes of the `summary.json` next to the SEG file (`find_crop_boxes`; the phantom layout) when
 every study has them, otherwise by every study's nerve margins. Two candidates of one side are merged. A side without a segment gives no samples (the paper
 excluded pathological nerves this way). A used segment with no voxel is an `EmptyMaskError`.
+
+`read_study` is the volume half of this (SEG + series → label volume), shared with the benchmark's
+crop localiser (`training.localiser_run`), which needs the volumes rather than the slices.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from __future__ import annotations
 import logging
 import re
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -194,10 +198,25 @@ def _segment_pixels(seg: hd.seg.Segmentation, series: SeriesVolume, numbers: lis
     return array >= 0.5
 
 
-def _study(seg_path: Path, index: _Index, collector: Collector, root: Path,
-           landmarks: dict[Side, PatientBox] | None) -> None:
-    where = str(seg_path)
-    ds = pydicom.dcmread(seg_path)
+@dataclass(frozen=True)
+class StudyVolumes:
+    """One SEG's study as volumes: what the training samples and the benchmark's localiser are made from."""
+
+    seg_path: Path
+    patient: str
+    series: SeriesVolume
+    labels: np.ndarray  # uint8: `Side.label` per nerve voxel, `EITHER_SIDE` for a segment split by position
+    matches: tuple[SegmentMatch, ...]
+
+    @property
+    def side_values(self) -> dict[Side, tuple[int, ...]]:
+        """Label values that count as each annotated side's nerve."""
+        used = [m for m in self.matches if m.used]
+        return {side: (side.label, EITHER_SIDE) for side in Side if any(m.side in (side, None) for m in used)}
+
+
+def _source_series(ds: Dataset, index: _Index, root: Path, where: str) -> str:
+    """The UID of the one series a SEG annotates, checked to be in the tree with every referenced instance."""
     refs = list(ds.get("ReferencedSeriesSequence", []))
     uids = sorted({str(r.get("SeriesInstanceUID", "")) for r in refs} - {""})
     if not uids:
@@ -213,12 +232,32 @@ def _study(seg_path: Path, index: _Index, collector: Collector, root: Path,
     if missing:
         raise MissingSeriesError(f"{where}: references {len(missing)} instance(s) of series {uid} that are not "
                                  f"under {root} (e.g. {sorted(missing)[0]})")
-    matches = match_segments(ds, collector.options.unsided, where)
+    return uid
+
+
+def read_study(seg_path: Path, index: _Index, root: Path, unsided: str = "error",
+               wanted: Callable[[str], bool] | None = None) -> StudyVolumes | None:
+    """Read one SEG and its source series into a label volume aligned with the series.
+
+    `wanted` filters by patient before any pixel data is read (the PatientID of the series' first
+    file) and again on the loaded series: None is returned for a patient it rejects, so that a
+    caller can keep some patients' volumes (a split's test patients) out of memory altogether.
+    """
+    where = str(seg_path)
+    ds = pydicom.dcmread(seg_path)
+    uid = _source_series(ds, index, root, where)
+    if wanted is not None:
+        header = pydicom.dcmread(index.series[uid][0], stop_before_pixels=True, specific_tags=["PatientID"])
+        if not wanted(str(header.get("PatientID", "")).strip()):
+            return None
+    matches = match_segments(ds, unsided, where)
     used = [m for m in matches if m.used]
     series = load_series(index.series[uid])
     patient = str(series.frames[0].dataset.get("PatientID", "")).strip()
     if not patient:
         raise DatasetError(f"{where}: source series {uid} has no PatientID; patients are needed for the splits")
+    if wanted is not None and not wanted(patient):
+        return None
     seg = hd.seg.Segmentation.from_dataset(ds, copy=False)
     pixels = _segment_pixels(seg, series, [m.number for m in used], where)
     labels = np.zeros(series.shape, dtype=np.uint8)
@@ -226,19 +265,26 @@ def _study(seg_path: Path, index: _Index, collector: Collector, root: Path,
         if not pixels[..., j].any():
             raise EmptyMaskError(f"{where}: segment {m.number} ({m.label!r}) has no voxel")
         labels[pixels[..., j]] = m.side.label if m.side else EITHER_SIDE
-    side_values: dict[Side, tuple[int, ...]] = {}
-    for side in Side:
-        if any(m.side in (side, None) for m in used):
-            side_values[side] = (side.label, EITHER_SIDE)
+    return StudyVolumes(seg_path, patient, series, labels, tuple(matches))
+
+
+def _study(seg_path: Path, index: _Index, collector: Collector, root: Path,
+           landmarks: dict[Side, PatientBox] | None) -> None:
+    where = str(seg_path)
+    study = read_study(seg_path, index, root, collector.options.unsided)
+    assert study is not None  # no patient filter: every study is read
+    series, labels, matches = study.series, study.labels, study.matches
+    used = [m for m in matches if m.used]
+    uid = series.series_uid
     crop = collector.crop(series, labels, landmarks, where)
-    sides = volume_samples(series, labels, side_values, collector.options, crop.rois)
+    sides = volume_samples(series, labels, study.side_values, collector.options, crop.rois)
     for side, samples in sides.items():
         if samples.nerve_slices == 0 and not any(m.side is None for m in used):
             raise EmptyMaskError(f"{where}: the {side.value} IAN segment has no voxel inside the {side.value} "
                                  f"crop of series {uid} ({crop.detail}; is its side right?)")
     sides = {s: v for s, v in sides.items() if v.nerve_slices > 0}
     detail = f"series {uid}: " + "; ".join(m.describe() for m in matches) + f"; {crop.detail}"
-    collector.add_sides(where, patient, sides, detail, crop.region)
+    collector.add_sides(where, study.patient, sides, detail, crop.region)
     logger.info("%s: %s", seg_path.name, detail)
 
 

@@ -16,13 +16,15 @@ margins (`training.data.collect.nerve_margin_boxes`); ``auto`` and ``half`` work
 
 Geometry: `highdicom.Volume.from_nibabel` turns the NIfTI affine (RAS) into the patient LPS affine,
 so the same side stacks and coronal reformat as for DICOM apply, and a NIfTI converted from a DICOM
-series gives the very same samples. Image and label must share shape and affine.
+series gives the very same samples. Image and label must share shape and affine. `read_pair` (a pair
+as volumes) is shared with the benchmark's crop localiser (`training.localiser_run`).
 """
 
 from __future__ import annotations
 
 import csv
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import highdicom as hd
@@ -30,7 +32,14 @@ import nibabel as nib
 import numpy as np
 
 from ian_node.segment.volume import SeriesVolume, Side
-from training.data.collect import EITHER_SIDE, Collector, DatasetError, EmptyMaskError, volume_samples
+from training.data.collect import (
+    EITHER_SIDE,
+    Collector,
+    DatasetError,
+    EmptyMaskError,
+    LoadOptions,
+    volume_samples,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -86,9 +95,20 @@ def read_volume(path: Path) -> hd.Volume:
     return volume
 
 
-def _pair(image_path: Path, label_path: Path, patient: str, collector: Collector) -> None:
+@dataclass(frozen=True)
+class PairVolumes:
+    """One NIfTI pair as volumes: what the training samples and the benchmark's localiser are made from."""
+
+    label_path: Path
+    series: SeriesVolume
+    labels: np.ndarray  # uint8: `Side.label` per nerve voxel, `EITHER_SIDE` when the sides share a value
+    side_values: dict[Side, tuple[int, ...]]
+    how: str  # which label value was taken for which side, for the load report
+
+
+def read_pair(image_path: Path, label_path: Path, options: LoadOptions) -> PairVolumes:
+    """Read an image and its label volume, check they match, and map the label values onto sides."""
     where = str(label_path)
-    options = collector.options
     image = read_volume(image_path)
     label = read_volume(label_path)
     if image.spatial_shape != label.spatial_shape or not image.geometry_equal(label, tol=1e-3):
@@ -117,15 +137,23 @@ def _pair(image_path: Path, label_path: Path, patient: str, collector: Collector
         how = f"labels right={options.right_label}, left={options.left_label}"
     series = SeriesVolume(series_uid=f"nifti:{image_path.name}",
                           volume=image.with_array(np.asarray(image.array, dtype=np.float32)), frames=())
+    return PairVolumes(label_path, series, labels, side_values, how)
+
+
+def _pair(image_path: Path, label_path: Path, patient: str, collector: Collector) -> None:
+    where = str(label_path)
+    options = collector.options
+    pair = read_pair(image_path, label_path, options)
+    series, labels = pair.series, pair.labels
     crop = collector.crop(series, labels, None, where)
-    sides = volume_samples(series, labels, side_values, options, crop.rois)
+    sides = volume_samples(series, labels, pair.side_values, options, crop.rois)
     if options.right_label != options.left_label:
         for side, samples in sides.items():
             if samples.nerve_slices == 0:
                 raise EmptyMaskError(f"{where}: the {side.value} nerve label has no voxel inside the {side.value} "
                                      f"crop ({crop.detail}; are the label values swapped?)")
     sides = {s: v for s, v in sides.items() if v.nerve_slices > 0}
-    collector.add_sides(where, patient, sides, f"image {image_path.name}, {how}; {crop.detail}", crop.region)
+    collector.add_sides(where, patient, sides, f"image {image_path.name}, {pair.how}; {crop.detail}", crop.region)
 
 
 def collect_nifti(root: Path, collector: Collector) -> None:
