@@ -5,8 +5,8 @@
     train_benchmark export-2d IN OUT --format dicom|nifti [--size N]
 
 `run` (the default) trains every (model, repeat) of the protocol, resumably, then writes the per-image
-metrics, Tables 1 and 2, p-values, Figs 4-6, the timing table, `summary.json` and our network's best
-checkpoint under `--out` (layout in `training.runner`). Every protocol setting is a flag; a flag left
+metrics, Tables 1 and 2, p-values, Figs 4-6, the timing table, `summary.json`, our network's best
+checkpoint and its crop localiser (`training.localiser_run`) under `--out` (layout in `training.runner`). Every protocol setting is a flag; a flag left
 out takes the preset's value (default preset: `paper`). Running the same command again continues an
 interrupted benchmark; `--evaluate-only` rebuilds the reports from the saved runs.
 Exit status: 0 done, 2 bad input or settings (the message names the file or setting), 1 other errors.
@@ -26,7 +26,7 @@ import torch
 from ian_node.logs import LoggingSetup, setup_logging
 from model.registry import NETWORKS
 from training.data import CROPS, FORMATS, DatasetError, LoadOptions, export_2d, load_dataset
-from training.presets import IAN_NET_VARIANTS, PRESETS, Protocol, Runtime, preset
+from training.presets import IAN_NET_VARIANTS, LOCALISER_PRESETS, PRESETS, Protocol, Runtime, localiser_preset, preset
 from training.runner import BenchmarkError, BenchmarkPaths, Ledger, prepare_data, reevaluate, train_all
 
 logger = logging.getLogger(__name__)
@@ -117,6 +117,12 @@ def _add_run_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--phantom-preset", help="kind of generated phantoms: small or paper (whole lower head, "
                                             "220 mm field of view)")
     g.add_argument("--phantom-seed", type=int, help="phantom generator seed")
+    loc = p.add_argument_group("crop localiser (trained after the runs for the exported checkpoint)")
+    loc.add_argument("--localiser-iterations", type=int, metavar="N",
+                     help="training iterations of the localiser trained on the exported repeat's training and "
+                          "validation patients (default: the preset's; paper and phantom "
+                          f"{LOCALISER_PRESETS['paper'].iterations}, smoke {LOCALISER_PRESETS['smoke'].iterations}); "
+                          "0: train none")
     _add_data_options(p)
     r = p.add_argument_group("runtime")
     r.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
@@ -171,7 +177,8 @@ def _load_options(args: argparse.Namespace) -> LoadOptions:
 
 def run(args: argparse.Namespace) -> int:
     """The `run` command; returns the exit status."""
-    from training.outputs import environment, export_best, write_reports, write_summary
+    from training.localiser_run import benchmark_localiser
+    from training.outputs import checkpoint_crop, environment, export_best, export_choice, write_reports, write_summary
 
     paths = BenchmarkPaths(args.out)
     runtime = Runtime(device=args.device, threads=args.threads, num_workers=args.num_workers,
@@ -181,10 +188,12 @@ def run(args: argparse.Namespace) -> int:
     if args.evaluate_only:
         if not paths.ledger.is_file():
             raise BenchmarkError(f"{paths.ledger}: no benchmark to evaluate in {args.out}")
-        protocol = Ledger.read(paths.ledger).protocol
+        stored = Ledger.read(paths.ledger)
+        protocol, preset_name = stored.protocol, stored.preset or args.preset
         logger.info("evaluate only: using the protocol stored in %s", paths.ledger)
     else:
-        protocol = _protocol(args)
+        protocol, preset_name = _protocol(args), args.preset
+    localiser_options = localiser_preset(preset_name, args.localiser_iterations)
     slices, source = prepare_data(paths, protocol, args.data, args.format, _load_options(args),
                                   reuse=args.evaluate_only)
     ledger = Ledger.open(paths.ledger, protocol, slices, args.preset)
@@ -199,8 +208,12 @@ def run(args: argparse.Namespace) -> int:
     records = reevaluate(ledger, paths, slices, runtime) if args.evaluate_only else train_all(
         ledger, paths, slices, runtime)
     reports = write_reports(records, ledger, paths, slices)
-    exported = export_best(records, reports["scores"], ledger, paths, slices, context)
-    summary = write_summary(paths, ledger, records, reports, exported, slices, context)
+    choice = export_choice(records, reports["scores"], paths)
+    localiser = None if choice is None else benchmark_localiser(
+        paths, ledger, source, checkpoint_crop(protocol, slices)["region"], choice[0].repeat, localiser_options,
+        runtime, train=not args.evaluate_only)
+    exported = export_best(records, reports["scores"], ledger, paths, slices, context, localiser)
+    summary = write_summary(paths, ledger, records, reports, exported, slices, context, localiser)
     print(f"benchmark in {paths.root}: {len(records)} runs, repeats {reports['repeats_reported']} reported")
     print(f"  Table 1: {reports['files']['table1_md']}\n  summary: {summary}")
     ranking = reports["ranking_stability"]
@@ -210,6 +223,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"  samples: {len(slices)}, crop {slices.report.crop or protocol.crop}")
     if exported:
         print(f"  checkpoint: {exported['path']} (repeat {exported['repeat']}, chosen on validation DSC)")
+    if localiser and "sha256" in localiser:
+        print(f"  localiser: {localiser['path']} ({localiser['status']}; region {localiser['region']}, safety "
+              f"margin {localiser['safety_margin_mm']:.0f} mm)")
+    elif localiser:
+        print(f"  localiser: none ({localiser['reason']})")
     return 0
 
 

@@ -9,7 +9,7 @@ The exported checkpoint is our network's run with the highest validation DSC (th
 of its validation patients at its best epoch, the weights exported), never a test score: the test
 patients stay unseen by every choice, so the reported test metrics of the exported model are not
 optimistically picked. The rule, and the crop the samples were made with (`checkpoint_crop`), are
-written into its metadata.
+written into its metadata, with the crop localiser trained for it (`training.localiser_run`).
 """
 
 from __future__ import annotations
@@ -28,11 +28,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from ian_node.segment.crop import CropMode
+from ian_node.segment.crop import CropMode, check_crop_compatible
 from model.checkpoint import CheckpointMeta, InputContract, save_checkpoint
+from model.localiser import load_localiser
 from model.predictor import pick_device
 from model.registry import PAPER_NETWORK
 from training.data import SAMPLES_ALL, SAMPLES_NERVE_ONLY, SliceSet
+from training.localiser_run import checkpoint_record
 from training.loop import TrainResult, load_weights
 from training.metrics import METRICS, ImageScore, failure_rates, image_metrics
 from training.presets import Protocol
@@ -175,22 +177,40 @@ def checkpoint_crop(protocol: Protocol, slices: SliceSet) -> dict[str, Any]:
             "samples": SAMPLES_NERVE_ONLY if protocol.nerve_slices_only else SAMPLES_ALL}
 
 
-def export_best(records: list[RunRecord], scores: list[ImageScore], ledger: Ledger, paths: BenchmarkPaths,
-                slices: SliceSet, context: dict[str, Any]) -> dict[str, Any] | None:
-    """Our network's best repeat on validation data (`select_export`) as a self-describing node checkpoint."""
-    protocol = ledger.protocol
+def export_choice(records: list[RunRecord], scores: list[ImageScore],
+                  paths: BenchmarkPaths) -> tuple[RunRecord, float] | None:
+    """The run `export_best` exports and its validation DSC, among the reported repeats; None without one."""
     reported = {s.repeat for s in scores}  # repeats every model finished: the exported one has test metrics
     candidates = [r for r in records if r.model == PAPER_NETWORK and r.repeat in reported]
     if not candidates:
+        return None
+    return select_export(candidates, paths)
+
+
+def export_best(records: list[RunRecord], scores: list[ImageScore], ledger: Ledger, paths: BenchmarkPaths,
+                slices: SliceSet, context: dict[str, Any], localiser: dict[str, Any] | None = None,
+                ) -> dict[str, Any] | None:
+    """Our network's best repeat on validation data (`select_export`) as a self-describing node checkpoint.
+
+    `localiser` is the record of its crop localiser (`training.localiser_run`), written into the
+    metadata (`crop["localiser_sha256"]`, `training["localiser"]`) once checked to be accepted by the
+    node next to this checkpoint in crop mode ``auto``.
+    """
+    protocol = ledger.protocol
+    choice = export_choice(records, scores, paths)
+    if choice is None:
         logger.info("%s is not among the models of a reported repeat; no checkpoint to export", PAPER_NETWORK)
         return None
-    best, val_dsc = select_export(candidates, paths)
+    best, val_dsc = choice
     split = next(s for s in ledger.splits if s.repeat == best.repeat)
     net = build_model(protocol, PAPER_NETWORK, split)
     load_weights(net, paths.run_dir(PAPER_NETWORK, best.repeat) / "checkpoint_best.pt")
     mine = [s for s in scores if s.model == PAPER_NETWORK and s.repeat == best.repeat]
     test = {m: float(np.mean([getattr(s, m) for s in mine])) for m in METRICS}
     crop = checkpoint_crop(protocol, slices)
+    paired = checkpoint_record(localiser)
+    if paired is not None:
+        crop["localiser_sha256"] = paired["sha256"]
     meta = CheckpointMeta(
         architecture=PAPER_NETWORK, width=protocol.width, options=protocol.model_options(PAPER_NETWORK),
         variant=getattr(net, "variant", ""), input=InputContract(size=protocol.size, in_channels=protocol.in_channels),
@@ -207,7 +227,10 @@ def export_best(records: list[RunRecord], scores: list[ImageScore], ledger: Ledg
             "data": context.get("data", {}), "software": context.get("software", {}),
             "localiser_sha256": slices.report.crop.get("localiser_sha256"),
             "git_commit": context.get("git", {}).get("commit"), "device": context.get("device", {}).get("name"),
+            "localiser": paired,
         })
+    if paired is not None:
+        check_crop_compatible(meta, CropMode.AUTO, load_localiser(paths.localiser))
     sha = save_checkpoint(paths.export, net, meta)
     logger.info("exported %s repeat %d (validation DSC %.4f; crop %s) to %s", PAPER_NETWORK, best.repeat, val_dsc,
                 crop, paths.export)
@@ -242,7 +265,8 @@ def _git() -> dict[str, Any]:
 
 
 def write_summary(paths: BenchmarkPaths, ledger: Ledger, records: list[RunRecord], reports: dict[str, Any],
-                  exported: dict[str, Any] | None, slices: SliceSet, context: dict[str, Any]) -> Path:
+                  exported: dict[str, Any] | None, slices: SliceSet, context: dict[str, Any],
+                  localiser: dict[str, Any] | None = None) -> Path:
     by_model: dict[str, list[float]] = defaultdict(list)
     for s in reports["scores"]:
         by_model[s.model].append(s.dsc)
@@ -264,6 +288,7 @@ def write_summary(paths: BenchmarkPaths, ledger: Ledger, records: list[RunRecord
                    for r in records},
         "files": reports["files"],
         "exported_checkpoint": exported,
+        "localiser": localiser,
     }
     write_json(paths.summary, summary)
     return paths.summary

@@ -39,6 +39,7 @@ from typing import Any
 from ian_node.segment.crop import CropMode
 from model.registry import NETWORKS, PAPER_NETWORK, network_class
 from training.data.collect import CROPS
+from training.localiser import LocaliserTrainOptions
 from training.settings import reject_unknown_fields
 from training.splits import PAPER_FRACTIONS, PAPER_REPEATS
 
@@ -166,6 +167,31 @@ PRESETS: dict[str, Protocol] = {
     "phantom": Protocol(repeats=1, epochs=8, batch_size=4, width=0.125, size=256, in_channels=1, slice_step=16,
                         phantom_patients=10, phantom_preset="paper"),
 }
+
+
+#: The crop localiser each preset trains after its runs (`training.localiser_run`): `paper` and
+#: `phantom` the bundled localiser's recipe (3 mm grid, 2400 iterations), `smoke` a token one (6 mm
+#: grid, small channels and canvas, 20 iterations: seconds on a CPU) that only proves the path runs.
+#: `--localiser-iterations` overrides the iterations (0: no localiser). Kept out of `Protocol`:
+#: the localiser changes no run, so changing it must not refuse to resume a benchmark.
+LOCALISER_PRESETS: dict[str, LocaliserTrainOptions] = {
+    "paper": LocaliserTrainOptions(),
+    "smoke": LocaliserTrainOptions(spacing_mm=6.0, channels=(4, 8, 8, 8), canvas=(16, 16, 16), iterations=20),
+    "phantom": LocaliserTrainOptions(),
+}
+
+
+def localiser_preset(name: str, iterations: int | None = None) -> LocaliserTrainOptions:
+    """A preset's localiser settings, with `iterations` replaced unless None (0: train none)."""
+    try:
+        base = LOCALISER_PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; valid: {', '.join(LOCALISER_PRESETS)}") from None
+    if iterations is None:
+        return base
+    if not isinstance(iterations, int) or iterations < 0:
+        raise ValueError(f"localiser iterations must be a whole number >= 0, got {iterations!r}")
+    return replace(base, iterations=iterations)
 
 
 def preset(name: str, **overrides: Any) -> Protocol:

@@ -11,6 +11,8 @@ Folder layout (`BenchmarkPaths`, the same names every time, nnU-Net style):
                                        and evaluation.json
     OUT/reports/                       tables, p-values, timing, figures
     OUT/export/ian_net_best.pt         the best repeat of our network, in model/checkpoint.py format
+    OUT/export/localiser.pt            its crop localiser, trained on that repeat's training and validation
+                                       patients (`training.localiser_run`)
     OUT/summary.json                   everything, with software versions, device and git commit
 
 The ledger is rewritten atomically after every run. A run it lists as finished (with its predictions
@@ -58,6 +60,7 @@ class BenchmarkPaths:
     phantoms = property(lambda self: self.root / "data" / "phantoms")
     reports = property(lambda self: self.root / "reports")
     export = property(lambda self: self.root / "export" / "ian_net_best.pt")
+    localiser = property(lambda self: self.root / "export" / "localiser.pt")
     summary = property(lambda self: self.root / "summary.json")
 
     def run_dir(self, model: str, repeat: int) -> Path:
@@ -158,13 +161,16 @@ def prepare_data(paths: BenchmarkPaths, protocol: Protocol, data: Path | None, f
 
 # ---------------------------------------------------------------- ledger
 class Ledger:
-    """The run ledger: protocol, data fingerprint, splits, and one record per finished run."""
+    """The run ledger: protocol, data fingerprint, splits, one record per finished run, and the
+    exported checkpoint's localiser (`training.localiser_run`; None until one was trained or skipped)."""
 
     def __init__(self, path: Path, protocol: Protocol, fingerprint: str, splits: list[Split],
-                 runs: dict[str, dict[str, Any]] | None = None, preset: str = "") -> None:
+                 runs: dict[str, dict[str, Any]] | None = None, preset: str = "",
+                 localiser: dict[str, Any] | None = None) -> None:
         self.path, self.protocol, self.fingerprint, self.splits = path, protocol, fingerprint, splits
         self.runs: dict[str, dict[str, Any]] = runs or {}
         self.preset = preset
+        self.localiser = localiser
 
     @classmethod
     def read(cls, path: Path) -> Ledger:
@@ -175,7 +181,8 @@ class Ledger:
         if data.get("format") != LEDGER_FORMAT:
             raise BenchmarkError(f"{path}: not a benchmark ledger of format {LEDGER_FORMAT}")
         return cls(path, Protocol.from_dict(data["protocol"]), data["data_fingerprint"],
-                   [Split.from_dict(s) for s in data["splits"]], data["runs"], data.get("preset", ""))
+                   [Split.from_dict(s) for s in data["splits"]], data["runs"], data.get("preset", ""),
+                   data.get("localiser"))
 
     @classmethod
     def open(cls, path: Path, protocol: Protocol, slices: SliceSet, preset: str = "") -> Ledger:
@@ -198,7 +205,8 @@ class Ledger:
     def save(self) -> None:
         write_json(self.path, {"format": LEDGER_FORMAT, "preset": self.preset, "protocol": self.protocol.to_dict(),
                                "data_fingerprint": self.fingerprint,
-                               "splits": [s.to_dict() for s in self.splits], "runs": self.runs})
+                               "splits": [s.to_dict() for s in self.splits], "runs": self.runs,
+                               "localiser": self.localiser})
 
     def finished(self, model: str, repeat: int) -> RunRecord | None:
         entry = self.runs.get(run_key(model, repeat))

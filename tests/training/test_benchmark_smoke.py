@@ -1,4 +1,5 @@
-"""`train_benchmark --preset smoke` end to end on generated phantoms: every artefact, consistent; resume after SIGKILL."""
+"""`train_benchmark --preset smoke` end to end on generated phantoms: every artefact, consistent (the exported
+checkpoint with its crop localiser); resume after SIGKILL."""
 
 from __future__ import annotations
 
@@ -17,12 +18,16 @@ import numpy as np
 import pytest
 import torch
 
+from ian_node.segment.crop import check_crop_compatible
 from model.checkpoint import load_checkpoint
+from model.localiser import load_localiser
 from model.registry import NETWORKS
 from training.benchmark import main
 from training.data import load_slice_set
+from training.localiser_run import benchmark_localiser, patient_key
 from training.metrics import METRICS
-from training.runner import load_predictions
+from training.presets import Runtime, localiser_preset
+from training.runner import BenchmarkPaths, Ledger, load_predictions
 
 SMOKE = ["--preset", "smoke", "--threads", "1", "--no-progress"]
 REPORTS = ("per_image_metrics.csv", "table1.csv", "table1.md", "table2.csv", "table2.md", "pvalues.csv",
@@ -57,6 +62,7 @@ def test_smoke_run_writes_every_artefact(smoke):
             assert (run / name).is_file(), f"{model}: {name}"
     assert (smoke / "benchmark.log").stat().st_size > 0
     assert (smoke / "export" / "ian_net_best.pt").is_file()
+    assert (smoke / "export" / "localiser.pt").is_file()
 
 
 def test_table1_means_equal_the_means_of_the_per_image_csv(smoke):
@@ -98,7 +104,8 @@ def test_exported_checkpoint_loads_and_reproduces_its_runs_test_predictions(smok
     assert (meta.input.size, meta.input.in_channels) == (64, 1)
     assert meta.training["repeat"] == 0 and meta.training["protocol"]["epochs"] == 1
     assert "validation" in meta.training["selection"]
-    assert meta.crop == {"region": "landmarks", "trained_with": "oracle", "samples": "all"}
+    assert meta.crop == {"region": "landmarks", "trained_with": "oracle", "samples": "all",
+                         "localiser_sha256": load_localiser(smoke / "export" / "localiser.pt").sha256}
     assert set(meta.training["test_metrics_mean"]) == set(METRICS)
     slices, _ = load_slice_set(smoke / "data" / "samples.npz")
     indices, saved = load_predictions(smoke / "runs" / "ian_net" / "repeat_0")
@@ -121,6 +128,44 @@ def test_summary_holds_results_versions_device_and_commit(smoke):
     assert exported["sha256"] == hashlib.sha256((smoke / "export" / "ian_net_best.pt").read_bytes()).hexdigest()
 
 
+def test_smoke_run_trains_a_localiser_the_node_accepts_next_to_the_exported_checkpoint(smoke):
+    checkpoint = load_checkpoint(smoke / "export" / "ian_net_best.pt")
+    localiser = load_localiser(smoke / "export" / "localiser.pt")
+    assert localiser.meta.region == checkpoint.meta.crop["region"] == "landmarks"
+    check_crop_compatible(checkpoint.meta, "auto", localiser)
+    assert localiser.meta.spacing_mm == 6.0 and localiser.meta.training["iterations"] == 20  # the smoke preset's
+    summary = json.loads((smoke / "summary.json").read_text())
+    record = summary["localiser"]
+    assert record["status"] == "trained" and record["sha256"] == localiser.sha256
+    assert record["safety_margin_mm"] == localiser.meta.safety_margin_mm and record["validation"]["sides"] == 2
+    assert checkpoint.meta.crop["localiser_sha256"] == localiser.sha256
+    assert checkpoint.meta.training["localiser"]["sha256"] == localiser.sha256
+    assert "patients" not in checkpoint.meta.training["localiser"]  # the deployed checkpoint names no patient
+    assert json.loads((smoke / "ledger.json").read_text())["localiser"] == record
+
+
+def test_the_localiser_learns_the_exported_repeats_train_and_validation_patients_never_its_test_patients(smoke):
+    summary = json.loads((smoke / "summary.json").read_text())
+    split = next(s for s in summary["splits"] if s["repeat"] == summary["exported_checkpoint"]["repeat"])
+    record = summary["localiser"]
+    assert record["patients"] == {"train": sorted(split["train"]), "val": sorted(split["val"])}
+    studies = load_localiser(smoke / "export" / "localiser.pt").meta.training["benchmark"]["studies"]
+    assert sorted(studies["train"]) == sorted(patient_key(p) for p in split["train"])
+    assert sorted(studies["val"]) == sorted(patient_key(p) for p in split["val"])
+    assert not {patient_key(p) for p in split["test"]} & set(studies["train"] + studies["val"])
+
+
+def test_a_rerun_keeps_the_localiser_of_the_same_repeat_and_settings(smoke):
+    path = smoke / "export" / "localiser.pt"
+    stamp, sha = path.stat().st_mtime_ns, load_localiser(path).sha256
+    ledger = Ledger.read(smoke / "ledger.json")
+    source = json.loads((smoke / "summary.json").read_text())["data"]
+    record = benchmark_localiser(BenchmarkPaths(smoke), ledger, source, "landmarks", 0, localiser_preset("smoke"),
+                                 Runtime(threads=1, progress=False))
+    assert record["status"] == "kept" and record["sha256"] == sha and path.stat().st_mtime_ns == stamp
+    assert record["patients"]  # carried over from the ledger
+
+
 def test_evaluate_only_rebuilds_identical_reports_from_saved_predictions_and_checkpoints(smoke):
     before = (smoke / "reports" / "per_image_metrics.csv").read_bytes()
     table1 = (smoke / "reports" / "table1.csv").read_bytes()
@@ -133,6 +178,7 @@ def test_evaluate_only_rebuilds_identical_reports_from_saved_predictions_and_che
     assert (smoke / "reports" / "per_image_metrics.csv").read_bytes() == before
     assert (smoke / "reports" / "table1.csv").read_bytes() == table1
     assert all((smoke / "reports" / name).is_file() for name in REPORTS)
+    assert json.loads((smoke / "summary.json").read_text())["localiser"]["status"] == "kept"
 
 
 def test_changed_settings_in_an_existing_folder_are_refused(smoke, caplog):
