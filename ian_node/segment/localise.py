@@ -72,7 +72,7 @@ def localiser_grid(volume: hd.Volume, spacing: float) -> LocaliserGrid:
     corners = extent_corners(volume)
     lo, hi = corners.min(axis=0), corners.max(axis=0)
     shape = np.maximum(1, np.ceil((hi - lo) / spacing).astype(int))
-    shape = -(-shape // GRID_MULTIPLE) * GRID_MULTIPLE
+    shape = np.maximum(-(-shape // GRID_MULTIPLE) * GRID_MULTIPLE, 2 * GRID_MULTIPLE)  # >= 2 voxels at the bottleneck
     origin = (lo + hi) / 2 - spacing * (shape - 1) / 2  # the grid centred on the field of view
     axes = [origin[a] + spacing * np.arange(shape[a]) for a in range(3)]
     points = np.stack(np.meshgrid(*axes, indexing="ij"), axis=0).reshape(3, -1)
