@@ -7,7 +7,7 @@
    ``--parallel`` at once, to dcmtk's storescp (``TCP_NODELAY=1``), a bare pynetdicom SCP that only
    writes and fsyncs each file, and the node's SCP (spool + SQLite + timers). The receivers and the
    sender come from ``benchmarks/ingest.py``; rounds interleave the receivers; medians are reported.
-2. **Turnaround** of a default phantom series (64×192×192) with the bundled model: from the last
+2. **Turnaround** of a `demo`-preset phantom series (88×138×256) with the bundled model: from the last
    instance acknowledged (its commit time in the state) to the SEG confirmed by a dcmtk storescp
    destination (the delivery's confirmation time in the state), split by stage from the worker's
    per-stage seconds. The node runs in this process with the model loaded beforehand (a running node
@@ -41,7 +41,7 @@ import torch
 from ian_node.app.node import Node
 from ian_node.config import DicomConfig, DicomTarget, ExportConfig, ModelConfig, NodeConfig, SeriesConfig, StorageConfig
 from ian_node.net import free_port
-from ian_node.phantom.study import PhantomConfig, generate_phantom, write_phantom
+from ian_node.phantom.study import PhantomConfig, generate_phantom, phantom_preset, write_phantom
 from ian_node.storage.records import JobState
 from model.checkpoint import BUNDLED_CHECKPOINT
 
@@ -176,7 +176,7 @@ def _measure_one(node: Node, files: list[Path], series_uid: str, timeout: float 
 
 
 def turnaround(root: Path, checkpoint: Path, series: int, quiet_s: float, batch_size: int, device: str) -> None:
-    config_phantom = PhantomConfig()
+    config_phantom = phantom_preset("demo")  # life size, so that the localiser finds the crop
     studies = []
     for patient in range(series + 1):  # seed 0: held out from the bundled model's training (seed 2026)
         studies.append(write_phantom(generate_phantom(patient, 0, config_phantom), root / f"turnaround-{patient}"))
@@ -257,6 +257,8 @@ device = "{device}"
 batch_size = {batch_size}
 [series]
 quiet_period_s = 1.0
+[crop]
+mode = "half"  # `small`-preset series of any length: the localiser is for life-size heads
 [export]
 targets = [{{ name = "pacs", kind = "dicom", ae_title = "{DEST_AE}", host = "127.0.0.1", port = {dest_port} }}]
 [api]

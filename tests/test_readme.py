@@ -62,17 +62,7 @@ def _run_phantom_then_predict(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     (phantom,) = [c for c in _table_commands() if c[:2] == ["ian-node", "phantom"]]
     (predict,) = [c for c in _table_commands() if c[:2] == ["ian-node", "predict"]]
     assert main(phantom[1:]) == 0
-    assert main(predict[1:] + _crop_until_rebundled()) == 0
+    assert main(predict[1:]) == 0
     out = tmp_path / predict[predict.index("--out") + 1]
     assert out.exists() and "NOT FOR CLINICAL USE" in capsys.readouterr().err
 
-
-def _crop_until_rebundled() -> list[str]:
-    """``--crop half`` while the bundled model is trained on halves or the bundled localiser is missing
-    (the default crop, auto, refuses that model); nothing once both are bundled, so the command runs as written."""
-    from ian_node.segment.crop import checkpoint_crop
-    from model.checkpoint import BUNDLED_CHECKPOINT, load_checkpoint
-    from model.localiser import BUNDLED_LOCALISER
-
-    ready = BUNDLED_LOCALISER.exists() and checkpoint_crop(load_checkpoint(BUNDLED_CHECKPOINT).meta)["region"] != "half"
-    return [] if ready else ["--crop", "half"]

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ian_node.phantom.study import phantom_preset
 from ian_node.segment.crop import CropMode
 from model import registry
 from model.checkpoint import CheckpointMeta, InputContract, save_checkpoint
@@ -48,6 +49,7 @@ class DefaultModelRecipe:
     architecture: str = "ian_net"
     width: float = 0.125
     size: int = 128
+    preset: str = "demo"  # the demo's phantoms: life-size heads, which the bundled localiser finds
     crop: str = CropMode.ORACLE.value  # the phantoms' landmark crop (training.data.collect)
     nerve_slices_only: bool = False  # every slice of the crop, as the node predicts
     epochs: int = 5
@@ -58,7 +60,8 @@ class DefaultModelRecipe:
 def train_default_model(out: Path, recipe: DefaultModelRecipe, work_dir: Path) -> dict:
     """Train, evaluate on the validation phantoms, and write the checkpoint; return a summary."""
     def slices(patients: range) -> SliceSet:
-        return phantom_slice_set(patients, recipe.seed, None, recipe.size, recipe.crop, recipe.nerve_slices_only)
+        return phantom_slice_set(patients, recipe.seed, phantom_preset(recipe.preset), recipe.size, recipe.crop,
+                                 recipe.nerve_slices_only)
 
     train_slices = slices(range(recipe.train_patients))
     val_slices = slices(range(recipe.train_patients, recipe.train_patients + recipe.val_patients))

@@ -93,20 +93,27 @@ class PhantomRecipe:
 
     coarse: int = 160  # COARSE_PAPER patients, seed 11
     paper: int = 10  # full `paper` preset patients, seed 12 (their own noise and partial volume)
-    small: int = 30  # `small` preset patients, seed 13 (the demo's and the tests' phantoms)
-    validation: int = 6  # `paper` preset patients, seed 14: margin calibration and model choice
+    demo: int = 40  # `demo` preset patients, seed 13 (the demo's studies: paper field of view, half resolution)
+    validation: int = 6  # `paper` preset patients, seed 14: margin calibration
+    demo_validation: int = 4  # `demo` preset patients, seed 14
+    # The `small` preset is left out: its bony anatomy is scaled to fill a ~100 mm field of view, so its
+    # crop is most of the image. Trained with a third of its draws from 60 of them, the localiser still
+    # kept only 0-90% of their nerves inside its boxes (and fell to 0.40 IoU on them), while life-size
+    # heads were unaffected; the tests and the benchmark crop `small` phantoms by `oracle` or `half`.
 
 
 def phantom_recipe_samples(recipe: PhantomRecipe, spacing: float) -> tuple[list[LocaliserSample], list[LocaliserSample]]:
     """(training, validation) samples of the bundled localiser."""
     plan: list[tuple[PhantomConfig, int, int]] = [(COARSE_PAPER, 11, recipe.coarse), (PAPER, 12, recipe.paper),
-                                                  (phantom_preset("small"), 13, recipe.small)]
+                                                  (phantom_preset("demo"), 13, recipe.demo)]
     train = []
     for config, seed, count in plan:
         started = time.perf_counter()
         train += [phantom_sample(generate_phantom(i, seed, config), spacing) for i in range(count)]
         logger.info("%d phantoms of seed %d in %.0f s", count, seed, time.perf_counter() - started)
     val = [phantom_sample(generate_phantom(i, 14, PAPER), spacing) for i in range(recipe.validation)]
+    val += [phantom_sample(generate_phantom(i, 14, phantom_preset("demo")), spacing)
+            for i in range(recipe.demo_validation)]
     return train, val
 
 
@@ -337,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iterations", type=int, default=LocaliserTrainOptions.iterations)
     parser.add_argument("--coarse", type=int, default=PhantomRecipe.coarse, help="coarse paper-FOV phantoms")
     parser.add_argument("--paper", type=int, default=PhantomRecipe.paper, help="paper-preset phantoms")
-    parser.add_argument("--small", type=int, default=PhantomRecipe.small, help="small-preset phantoms")
+    parser.add_argument("--demo", type=int, default=PhantomRecipe.demo, help="demo-preset phantoms")
     parser.add_argument("--validation", type=int, default=PhantomRecipe.validation)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
@@ -346,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     options = LocaliserTrainOptions(iterations=args.iterations, threads=args.threads, seed=args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
-    recipe = PhantomRecipe(args.coarse, args.paper, args.small, args.validation)
+    recipe = PhantomRecipe(args.coarse, args.paper, args.demo, validation=args.validation)
     train, val = phantom_recipe_samples(recipe, options.spacing_mm)
     net, meta = build_localiser(train, val, options, label="phantom-trained crop localiser (training.localiser)")
     meta.training["recipe"] = dataclasses.asdict(recipe)

@@ -62,7 +62,7 @@ def _phantom_config(args: argparse.Namespace):
 
     from ian_node.phantom.study import phantom_preset
 
-    config = phantom_preset(getattr(args, "preset", "small"))  # the demo always runs the small preset
+    config = phantom_preset(getattr(args, "preset", "demo"))  # the demo always runs the demo preset
     return replace(config, shape=args.shape) if args.shape else config
 
 
@@ -109,8 +109,9 @@ def _add_phantom(sub: argparse._SubParsersAction) -> None:
     p.add_argument("out", type=Path, help="output folder")
     p.add_argument("--patients", type=_positive, default=1, help="number of patients (default 1)")
     p.add_argument("--seed", type=_non_negative, default=0, help="seed: patient i of a seed never changes")
-    p.add_argument("--preset", choices=("small", "paper"), default="small",
-                   help="small: 64x192x192, the bony anatomy scaled to fit (tests, demo; default); paper: the "
+    p.add_argument("--preset", choices=("small", "demo", "paper"), default="small",
+                   help="small: 64x192x192, the bony anatomy scaled to fit (tests; default); demo: a life-size "
+                        "head at 220 mm field of view and 0.86 x 1.6 x 1.6 mm voxels (the demo's); paper: the "
                         "whole lower head at the paper's 220 mm field of view and 0.429 x 0.8 x 1.6 mm voxels")
     p.add_argument("--shape", type=_shape, default=None, help="slices,rows,columns (default: the preset's)")
     p.set_defaults(func=_run_phantom)

@@ -39,7 +39,7 @@ from ian_node.config import (
     StorageConfig,
 )
 from ian_node.net import free_port
-from ian_node.phantom.study import PhantomConfig, generate_phantom, write_phantom
+from ian_node.phantom.study import PhantomConfig, generate_phantom, phantom_preset, write_phantom
 from ian_node.segment.seg import read_segmentation_labels
 from ian_node.segment.volume import Side
 from ian_node.storage.records import JobState
@@ -137,7 +137,7 @@ def run_demo(out: Path, seed: int = 0, patient: int = 0, phantom: PhantomConfig 
              checkpoint: Path | None = None, timeout_s: float = 900.0, crop: CropConfig | None = None) -> DemoReport:
     """Run the whole demo in `out`; returns what it measured. `crop`: the node's ``[crop]`` (default: its defaults)."""
     out.mkdir(parents=True, exist_ok=True)
-    study = generate_phantom(patient, seed, phantom)
+    study = generate_phantom(patient, seed, phantom or phantom_preset("demo"))  # life size: the localiser finds it
     files = write_phantom(study, out / "phantom")
     report = DemoReport(phantom_dir=files.root)
     received = out / "pacs"

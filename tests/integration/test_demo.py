@@ -12,8 +12,6 @@ import pytest
 import torch
 
 from ian_node.app.demo import run_demo
-from ian_node.config import CropConfig
-from ian_node.phantom.study import PhantomConfig
 from model.checkpoint import BUNDLED_CHECKPOINT
 from tests.integration.node_harness import untrained_checkpoint
 from tests.integration.serve_process import ian_node_command
@@ -53,12 +51,11 @@ def test_demo_command_reports_dsc_per_side_and_a_seg_without_dciodvfy_errors(tmp
 def test_bundled_model_segments_both_nerves_of_a_held_out_phantom(tmp_path: Path, one_torch_thread: None) -> None:
     if not BUNDLED_CHECKPOINT.exists():
         pytest.skip(f"the bundled model {BUNDLED_CHECKPOINT} has not been made (python -m training.default_model)")
-    # The default phantom size: the bundled model was trained on it (a 24x96x96 phantom crops the
-    # anatomy differently and scores near 0).
-    # Halves until the bundled model is retrained on landmark crops (with mode auto the node refuses a
-    # checkpoint trained on halves).
-    report = run_demo(tmp_path, seed=0, patient=0, phantom=PhantomConfig(), checkpoint=None,
-                      crop=CropConfig(mode="half"))
+    # The demo's defaults: a `demo`-preset study (held out: the bundled model saw seed 2026, the
+    # localiser seeds 11-14), cropped by the bundled localiser (crop mode auto).
+    report = run_demo(tmp_path, seed=0, patient=0, checkpoint=None)
+    assert {side: crop["mode"] for side, crop in report.crop.items()} == {"right": "auto", "left": "auto"}
+    assert min(crop["confidence"] for crop in report.crop.values()) >= 0.5, report.format()
     assert report.dciodvfy_errors == []
     assert "NOT FOR CLINICAL USE" in report.model_label
     assert min(report.dsc.values()) > BUNDLED_MIN_DSC, report.format()
