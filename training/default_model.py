@@ -52,7 +52,7 @@ class DefaultModelRecipe:
     preset: str = "demo"  # the demo's phantoms: life-size heads, which the bundled localiser finds
     crop: str = CropMode.ORACLE.value  # the phantoms' landmark crop (training.data.collect)
     nerve_slices_only: bool = False  # every slice of the crop, as the node predicts
-    epochs: int = 5
+    epochs: int = 12
     batch_size: int = 16
     lr: float = 2e-3
 
