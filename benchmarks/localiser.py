@@ -13,9 +13,11 @@ DICOM files and read back by the node's loader, as a received series would be.
 1. Localiser accuracy per side (`training.localiser.score_samples`, with the safety margin the node
    applies): the fraction of ground-truth nerve voxels inside the box (target >= 99.5% on every
    patient), the IoU with the landmark crop and the signed error of each face in mm.
-2. End-to-end per-nerve 3D DSC of the node's pipeline (`segment_series`, post-processing included)
-   with the `auto`, `oracle` (the landmark crop) and `half` crops, side by side on the same patients,
-   with the checkpoint given (default: the bundled one).
+2. End-to-end per-nerve 3D DSC of the node's pipeline (`segment_series`) with the `auto`, `oracle`
+   (the landmark crop) and `half` crops, side by side on the same patients, with the checkpoint given
+   (default: the bundled one): after the node's 3D clean-up (`clean_up`, what is sent) and before it
+   (the network's masks put back in the source voxels), so that the crop's effect is told apart from
+   the clean-up's choice of component.
 3. CPU time of one job, split by stage (load, localise, preprocess, inference, inverse and
    post-processing, SEG build), median over the patients, and the peak resident memory of a process
    that runs one whole job.
@@ -41,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ian_node.phantom.study import generate_phantom, phantom_datasets, phantom_preset  # noqa: E402
 from ian_node.segment.crop import CropMode, CropRequest, NoRegionError  # noqa: E402
-from ian_node.segment.pipeline import PipelineOptions, segment_series  # noqa: E402
+from ian_node.segment.pipeline import PipelineOptions, clean_up, segment_series  # noqa: E402
 from ian_node.segment.result import result_segmentation  # noqa: E402
 from ian_node.segment.volume import Side, load_series  # noqa: E402
 from model.checkpoint import BUNDLED_CHECKPOINT, load_checkpoint  # noqa: E402
@@ -117,13 +119,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 truth = _truth_in(series, phantom)
                 for mode in (CropMode.AUTO, CropMode.ORACLE, CropMode.HALF):
                     request = CropRequest(mode, boxes if mode is CropMode.ORACLE else None)
-                    try:
-                        labels = segment_series(series, predictor, PipelineOptions(crop=request), localiser).labels
+                    try:  # the network's masks before the 3D clean-up, then the node's clean-up on them
+                        raw = segment_series(series, predictor, PipelineOptions(crop=request, max_gap_mm=None),
+                                             localiser).labels
                     except NoRegionError:  # the node sends nothing: an empty result
-                        labels = np.zeros_like(truth)
+                        raw = np.zeros_like(truth)
+                    labels = clean_up(raw.copy(), series, PipelineOptions().max_gap_mm)
                     for side in Side:
                         e2e.append({"patient": index, "side": side.value, "crop": mode.value,
-                                    "dsc": dice(labels == side.label, truth == side.label)})
+                                    "dsc": dice(labels == side.label, truth == side.label),
+                                    "dsc_before_clean_up": dice(raw == side.label, truth == side.label)})
             if index < args.first + args.timed_patients:
                 queue = ctx.Queue()
                 proc = ctx.Process(target=_one_job, args=([str(p) for p in paths], str(args.checkpoint),
@@ -151,11 +156,19 @@ def summarise(scores: list[dict], e2e: list[dict], jobs: list[dict]) -> dict[str
         "face_error_mm_mean_signed": np.round(np.nanmean(errors, axis=0), 2).tolist(),
         "confidence_min": min(s["confidence"] for s in scores),
     }
-    for mode in ("auto", "oracle", "half"):
-        values = [r["dsc"] for r in e2e if r["crop"] == mode]
-        if values:
-            out[f"dsc_{mode}_mean"] = float(np.mean(values))
-            out[f"dsc_{mode}_median"] = float(np.median(values))
+    for key in ("dsc", "dsc_before_clean_up"):
+        for mode in ("auto", "oracle", "half"):
+            values = [r[key] for r in e2e if r["crop"] == mode]
+            if values:
+                out[f"{key}_{mode}_mean"] = float(np.mean(values))
+                out[f"{key}_{mode}_median"] = float(np.median(values))
+        pairs: dict[tuple, dict[str, float]] = {}
+        for r in e2e:
+            pairs.setdefault((r["patient"], r["side"]), {})[r["crop"]] = r[key]
+        diffs = [v["auto"] - v["oracle"] for v in pairs.values() if "auto" in v and "oracle" in v]
+        if diffs:
+            out[f"{key}_auto_minus_oracle_mean"] = float(np.mean(diffs))
+            out[f"{key}_auto_minus_oracle_median"] = float(np.median(diffs))
     if jobs:
         stages = jobs[0]["timings"].keys()
         out["job_seconds_median"] = {k: round(statistics.median(j["timings"][k] for j in jobs), 3) for k in stages}

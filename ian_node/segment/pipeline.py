@@ -128,13 +128,16 @@ def finish(prepared: PreparedSeries, probabilities: np.ndarray, options: Pipelin
         masks.append(np.stack(back) >= options.threshold)
         start += n
     labels = stack_to_volume([s.stack for s in prepared.sides], masks, prepared.series)
-    if options.max_gap_mm is None:
-        return labels
-    spacing = tuple(float(s) for s in prepared.series.volume.spacing)
+    return labels if options.max_gap_mm is None else clean_up(labels, prepared.series, options.max_gap_mm)
+
+
+def clean_up(labels: np.ndarray, series: SeriesVolume, max_gap_mm: float) -> np.ndarray:
+    """Each side's main tract only (`keep_main_tract`), in place; the 3D clean-up `finish` applies."""
+    spacing = tuple(float(s) for s in series.volume.spacing)
     for side in Side:
         nerve = labels == side.label
         if nerve.any():
-            kept = keep_main_tract(nerve, spacing, options.max_gap_mm)
+            kept = keep_main_tract(nerve, spacing, max_gap_mm)
             labels[nerve & ~kept] = 0
     return labels
 
