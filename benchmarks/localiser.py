@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import resource
 import statistics
 import sys
 import tempfile
@@ -94,7 +93,16 @@ def _one_job(paths: list[str], checkpoint: str, threads: int, queue: Any) -> Non
     result_segmentation(result, 1, loaded)
     t2 = time.perf_counter()
     timings = {**result.timings, "seg_build": t2 - t1, "total": t2 - start}
-    queue.put({"timings": timings, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+    queue.put({"timings": timings, "peak_rss_mb": _vm_hwm_mb()})
+
+
+def _vm_hwm_mb() -> float:
+    """This process's peak resident memory. Not `getrusage`: Linux carries ru_maxrss across exec, so a
+    spawned child would report the parent's peak (here, the phantom generation's) as its own."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
