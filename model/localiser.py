@@ -45,7 +45,7 @@ class LocaliserNet(nn.Module):
     "inside the crop box" needs: a face sits where a distant landmark (chin, cranial base) is.
     """
 
-    def __init__(self, channels: tuple[int, ...] = (8, 16, 32, 48), in_channels: int = 2) -> None:
+    def __init__(self, channels: tuple[int, ...] = (6, 12, 24, 48), in_channels: int = 2) -> None:
         super().__init__()
         if len(channels) != 4:
             raise ValueError(f"LocaliserNet needs 4 channel counts, got {channels}")
@@ -72,7 +72,7 @@ class LocaliserMeta:
     """How to feed the localiser and read its answer."""
 
     spacing_mm: float = 3.0  # isotropic grid spacing of the input
-    channels: tuple[int, ...] = (8, 16, 32, 48)
+    channels: tuple[int, ...] = (6, 12, 24, 48)
     #: Which crop the boxes follow: "landmarks" (the paper's) or "nerve-margins" (see training.localiser).
     region: str = "landmarks"
     #: Millimetres added to every fitted face (never across the midline), so that the nerve stays inside.

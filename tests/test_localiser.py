@@ -168,3 +168,15 @@ def test_bundled_localiser_contains_every_nerve_voxel_of_held_out_demo_phantoms(
                    for s in scores), scores
     found = locate(load_series(phantom_datasets(phantom)), localiser)  # the node's path, from DICOM
     assert all(found.sides[s].box is not None and found.sides[s].confidence > 0.5 for s in Side)
+
+
+def test_node_warns_when_the_localiser_is_not_the_one_exported_with_the_checkpoint(tmp_path, caplog):
+    from ian_node.config import CropConfig, ModelConfig
+    from ian_node.segment.result import load_crop_localiser, load_predictor
+    from tests.crop_tools import LANDMARK_CROP, constant_localiser, crop_checkpoint
+
+    checkpoint = crop_checkpoint(tmp_path / "c.pt", {**LANDMARK_CROP, "localiser_sha256": "0" * 64})
+    crop = CropConfig(localiser=constant_localiser(tmp_path / "l.pt", 20.0))
+    with caplog.at_level("WARNING"):
+        load_predictor(ModelConfig(checkpoint=checkpoint), crop, load_crop_localiser(crop))
+    assert "not the pair train_benchmark made" in caplog.text

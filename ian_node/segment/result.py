@@ -101,6 +101,11 @@ def load_predictor(config: ModelConfig, crop: CropConfig | None = None,
     checkpoint = load_checkpoint(path)
     if crop is not None:
         check_crop_compatible(checkpoint.meta, crop.mode, localiser)
+        paired = checkpoint.meta.crop.get("localiser_sha256")
+        if localiser is not None and paired and paired != localiser.sha256:
+            logger.warning("the checkpoint was exported with localiser sha256 %s but the node uses %s (%s): same "
+                           "crop region, but not the pair train_benchmark made", paired[:12], localiser.sha256[:12],
+                           localiser.path.name)
     predictor = Predictor(checkpoint, PredictorOptions(device=config.device, batch_size=config.batch_size))
     logger.info(
         "model %s (%s, sha256 %s) on %s%s",
