@@ -69,14 +69,12 @@ class CheckpointError(ValueError):
     """A file that is not an ian-node checkpoint, or one whose weights do not fit its architecture."""
 
 
-def save_checkpoint(path: str | Path, model: SegmentationNetwork, meta: CheckpointMeta) -> str:
-    """Write weights and metadata atomically; return the file's SHA-256."""
+def write_weights(path: str | Path, fmt: str, model: torch.nn.Module, meta: dict[str, Any]) -> str:
+    """Write {format, meta, state_dict} atomically (temporary file, fsync, rename); return its SHA-256."""
     path = Path(path)
-    if meta.architecture not in registry.NETWORKS:
-        raise CheckpointError(f"{path}: unknown architecture {meta.architecture!r}")
     buffer = io.BytesIO()
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    torch.save({"format": FORMAT, "meta": asdict(meta), "state_dict": state}, buffer)
+    torch.save({"format": fmt, "meta": meta, "state_dict": state}, buffer)
     data = buffer.getvalue()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -88,19 +86,34 @@ def save_checkpoint(path: str | Path, model: SegmentationNetwork, meta: Checkpoi
     return hashlib.sha256(data).hexdigest()
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> LoadedCheckpoint:
-    """Rebuild the network named in the metadata and load its weights (strictly)."""
-    path = Path(path)
+def read_weights(path: Path, fmt: str, what: str, error: type[ValueError],
+                 map_location: str | torch.device = "cpu") -> tuple[dict[str, Any], str]:
+    """The {meta, state_dict} payload of a file written by `write_weights` in format `fmt`, and its SHA-256;
+    `error` (naming the file and `what` it should be) for an unreadable, corrupt or foreign file."""
     try:
         data = path.read_bytes()
     except OSError as exc:
-        raise CheckpointError(f"{path}: cannot read checkpoint: {exc.strerror or exc}") from exc
+        raise error(f"{path}: cannot read {what}: {exc.strerror or exc}") from exc
     try:
         payload = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises several types for a corrupt or foreign file
-        raise CheckpointError(f"{path}: not a readable torch checkpoint ({exc.__class__.__name__}: {exc})") from exc
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not an ian-node checkpoint (expected format {FORMAT!r})")
+        raise error(f"{path}: not a readable torch file ({exc.__class__.__name__}: {exc})") from exc
+    if not isinstance(payload, dict) or payload.get("format") != fmt:
+        raise error(f"{path}: not an ian-node {what} (expected format {fmt!r})")
+    return payload, hashlib.sha256(data).hexdigest()
+
+
+def save_checkpoint(path: str | Path, model: SegmentationNetwork, meta: CheckpointMeta) -> str:
+    """Write weights and metadata atomically; return the file's SHA-256."""
+    if meta.architecture not in registry.NETWORKS:
+        raise CheckpointError(f"{path}: unknown architecture {meta.architecture!r}")
+    return write_weights(path, FORMAT, model, asdict(meta))
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> LoadedCheckpoint:
+    """Rebuild the network named in the metadata and load its weights (strictly)."""
+    path = Path(path)
+    payload, sha256 = read_weights(path, FORMAT, "checkpoint", CheckpointError, map_location)
     meta = CheckpointMeta.from_dict(payload["meta"])
     model = registry.build(meta.architecture, in_channels=meta.input.in_channels, width=meta.width, **meta.options)
     try:
@@ -108,7 +121,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     except RuntimeError as exc:
         raise CheckpointError(f"{path}: weights do not fit {meta.architecture} (width {meta.width}): {exc}") from exc
     model.eval()
-    return LoadedCheckpoint(model=model, meta=meta, sha256=hashlib.sha256(data).hexdigest(), path=path)
+    return LoadedCheckpoint(model=model, meta=meta, sha256=sha256, path=path)
 
 
 #: The phantom-trained demonstration model shipped with the package (training/default_model.py).

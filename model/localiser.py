@@ -14,15 +14,14 @@ face and the confidence below which the node reports "no mandible region found".
 
 from __future__ import annotations
 
-import hashlib
-import io
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from model.checkpoint import read_weights, write_weights
 
 FORMAT = "ian-node-localiser/1"
 #: The two output channels, in order (patient right = lower LPS x).
@@ -103,34 +102,13 @@ class LocaliserCheckpointError(ValueError):
 
 def save_localiser(path: str | Path, model: LocaliserNet, meta: LocaliserMeta) -> str:
     """Write weights and metadata atomically; return the file's SHA-256."""
-    path = Path(path)
-    buffer = io.BytesIO()
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    torch.save({"format": FORMAT, "meta": asdict(meta), "state_dict": state}, buffer)
-    data = buffer.getvalue()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    tmp.replace(path)
-    return hashlib.sha256(data).hexdigest()
+    return write_weights(path, FORMAT, model, asdict(meta))
 
 
 def load_localiser(path: str | Path | None = None) -> LoadedLocaliser:
     """The localiser at `path` (None: the bundled phantom-trained one), in eval mode on the CPU."""
     path = Path(path) if path is not None else BUNDLED_LOCALISER
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise LocaliserCheckpointError(f"{path}: cannot read localiser: {exc.strerror or exc}") from exc
-    try:
-        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for a corrupt or foreign file
-        raise LocaliserCheckpointError(f"{path}: not a readable torch file ({exc.__class__.__name__}: {exc})") from exc
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise LocaliserCheckpointError(f"{path}: not an ian-node localiser (expected format {FORMAT!r})")
+    payload, sha256 = read_weights(path, FORMAT, "localiser", LocaliserCheckpointError)
     meta = LocaliserMeta.from_dict(payload["meta"])
     model = LocaliserNet(meta.channels)
     try:
@@ -138,7 +116,7 @@ def load_localiser(path: str | Path | None = None) -> LoadedLocaliser:
     except RuntimeError as exc:
         raise LocaliserCheckpointError(f"{path}: weights do not fit LocaliserNet{meta.channels}: {exc}") from exc
     model.eval()
-    return LoadedLocaliser(model=model, meta=meta, sha256=hashlib.sha256(data).hexdigest(), path=path)
+    return LoadedLocaliser(model=model, meta=meta, sha256=sha256, path=path)
 
 
 #: The phantom-trained localiser shipped with the package (`python -m training.localiser`).
