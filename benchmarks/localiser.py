@@ -40,7 +40,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ian_node.phantom.study import generate_phantom, phantom_datasets, phantom_preset  # noqa: E402
+from ian_node.app.demo import dice  # noqa: E402
+from ian_node.phantom.study import generate_phantom, phantom_preset, write_phantom  # noqa: E402
 from ian_node.segment.crop import CropMode, CropRequest, NoRegionError  # noqa: E402
 from ian_node.segment.pipeline import PipelineOptions, clean_up, segment_series  # noqa: E402
 from ian_node.segment.result import result_segmentation  # noqa: E402
@@ -48,22 +49,8 @@ from ian_node.segment.volume import Side, load_series  # noqa: E402
 from model.checkpoint import BUNDLED_CHECKPOINT, load_checkpoint  # noqa: E402
 from model.localiser import load_localiser  # noqa: E402
 from model.predictor import Predictor, PredictorOptions  # noqa: E402
-from training.localiser import nerve_points, sample_from_volume, score_samples  # noqa: E402
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    total = int(a.sum()) + int(b.sum())
-    return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
-
-
-def _write(phantom: Any, folder: Path) -> list[Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for k, ds in enumerate(phantom_datasets(phantom)):
-        path = folder / f"{k:04d}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        paths.append(path)
-    return paths
+from training.data.collect import nerve_points  # noqa: E402
+from training.localiser import sample_from_volume, score_samples  # noqa: E402
 
 
 def _truth_in(series: Any, phantom: Any) -> np.ndarray:
@@ -116,7 +103,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         for index in range(args.first, args.first + args.patients):
             phantom = generate_phantom(index, args.seed, config)
-            paths = _write(phantom, Path(tmp) / f"p{index}")
+            paths = list(write_phantom(phantom, Path(tmp) / f"p{index}").instances)
             series = load_series(paths)
             boxes = {Side(k): v for k, v in phantom.crop_boxes.items()}
             sample = sample_from_volume(phantom.study.patient_id, series.volume, boxes, localiser.meta.spacing_mm)

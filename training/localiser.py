@@ -35,6 +35,7 @@ from ian_node.segment.localise import LocaliserGrid, fit_box, grow, localiser_gr
 from ian_node.segment.reformat import PatientBox
 from ian_node.segment.volume import Side
 from model.localiser import LoadedLocaliser, LocaliserMeta, LocaliserNet, save_localiser
+from training.data.collect import nerve_points
 
 logger = logging.getLogger(__name__)
 
@@ -59,19 +60,10 @@ class LocaliserSample:
         return np.stack([self.grid.occupancy(self.boxes[s]) for s in SIDES]).astype(np.float32)
 
 
-def nerve_points(labels: np.ndarray, affine: np.ndarray) -> dict[Side, np.ndarray]:
-    """LPS mm of every labelled voxel centre per side (labels 1 right, 2 left; index order of `affine`)."""
-    out = {}
-    for side in SIDES:
-        idx = np.argwhere(labels == side.label).astype(np.float64)
-        out[side] = (idx @ affine[:3, :3].T + affine[:3, 3]).astype(np.float32)
-    return out
-
-
 def sample_from_volume(name: str, volume: hd.Volume, boxes: dict[Side, PatientBox] | None, spacing: float,
                        labels: np.ndarray | None = None) -> LocaliserSample:
     """A sample from any series volume (DICOM-loaded or phantom) and its boxes."""
-    points = nerve_points(labels, np.asarray(volume.affine)) if labels is not None else {}
+    points = nerve_points(labels, volume.affine) if labels is not None else {}
     return LocaliserSample(name, localiser_grid(volume, spacing), boxes, points)
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from ian_node.segment.reformat import PatientBox, extent_corners
+from ian_node.segment.reformat import PatientBox, extent_corners, split_at_overlap
 from ian_node.segment.volume import SeriesVolume, Side
 from model.localiser import GRID_MULTIPLE, LoadedLocaliser
 
@@ -148,13 +148,8 @@ def grow(boxes: dict[Side, PatientBox | None], margin_mm: float) -> dict[Side, P
     grown = {side: None if b is None else PatientBox(*(b.bounds + np.array([-margin_mm, margin_mm])).reshape(-1))
              for side, b in boxes.items()}
     right, left = grown.get(Side.RIGHT), grown.get(Side.LEFT)
-    if right is not None and left is not None and right.x_max > left.x_min:
-        orig_r, orig_l = boxes[Side.RIGHT], boxes[Side.LEFT]
-        cut = (orig_r.x_max + orig_l.x_min) / 2 if orig_r.x_max <= orig_l.x_min else (right.x_max + left.x_min) / 2
-        r, lf = right.bounds, left.bounds
-        r[0, 1] = min(r[0, 1], cut)
-        lf[0, 0] = max(lf[0, 0], cut)
-        grown[Side.RIGHT], grown[Side.LEFT] = PatientBox(*r.reshape(-1)), PatientBox(*lf.reshape(-1))
+    if right is not None and left is not None:
+        grown[Side.RIGHT], grown[Side.LEFT] = split_at_overlap(right, left)
     return grown
 
 

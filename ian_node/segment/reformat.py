@@ -99,6 +99,17 @@ def default_rois(series: SeriesVolume) -> dict[Side, PatientBox]:
             Side.LEFT: PatientBox(x_min=mid, x_max=float(hi[0]), **yz)}
 
 
+def split_at_overlap(right: PatientBox, left: PatientBox) -> tuple[PatientBox, PatientBox]:
+    """The two sides' boxes cut at the middle of their x overlap (unchanged if they do not overlap), so
+    that no voxel belongs to both stacks (`stack_to_volume` refuses an overlap)."""
+    if right.x_max <= left.x_min:
+        return right, left
+    cut = (right.x_max + left.x_min) / 2
+    r, lf = right.bounds, left.bounds
+    r[0, 1], lf[0, 0] = cut, cut
+    return PatientBox(*r.reshape(-1)), PatientBox(*lf.reshape(-1))
+
+
 def _inside_roi(affine: np.ndarray, axes: Sequence[np.ndarray], roi: PatientBox) -> np.ndarray:
     """Which voxels of the index box `axes` have their centre in `roi` (PatientBox.contains rules).
 

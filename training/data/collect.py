@@ -48,7 +48,7 @@ import numpy as np
 
 from ian_node.segment.crop import CropMode, CropRequest, resolve_crop
 from ian_node.segment.pipeline import PreparedSeries, PreparedSide, prepare, to_model_space
-from ian_node.segment.reformat import PatientBox, default_rois
+from ian_node.segment.reformat import PatientBox, default_rois, split_at_overlap
 from ian_node.segment.volume import SeriesError, SeriesVolume, Side
 from model.localiser import LoadedLocaliser, load_localiser
 from training.data.samples import LoadReport, SampleMeta, SliceSet, SourceReport
@@ -178,22 +178,28 @@ def nerve_margin_boxes(labels: np.ndarray, affine: np.ndarray) -> dict[Side, Pat
     in x, both are cut at the midpoint of the overlap, so that no voxel belongs to both sides. Sides
     without a voxel are left out.
     """
-    affine = np.asarray(affine, dtype=np.float64)
     m = NERVE_MARGINS_MM
-    out: dict[Side, list[float]] = {}
-    for side in Side:
-        index = np.argwhere(labels == side.label).astype(np.float64)
-        if not len(index):
+    out: dict[Side, PatientBox] = {}
+    for side, points in nerve_points(labels, affine).items():
+        if not len(points):
             continue
-        points = index @ affine[:3, :3].T + affine[:3, 3]
         (x0, y0, z0), (x1, y1, z1) = points.min(axis=0), points.max(axis=0)
         lower_x, upper_x = (m["lateral"], m["medial"]) if side is Side.RIGHT else (m["medial"], m["lateral"])
-        out[side] = [x0 - lower_x, x1 + upper_x, y0 - m["anterior"], y1 + m["posterior"],
-                     z0 - m["inferior"], z1 + m["superior"]]
-    if len(out) == 2 and out[Side.RIGHT][1] > out[Side.LEFT][0]:
-        middle = (out[Side.RIGHT][1] + out[Side.LEFT][0]) / 2
-        out[Side.RIGHT][1] = out[Side.LEFT][0] = middle
-    return {side: PatientBox(*(float(v) for v in bounds)) for side, bounds in out.items()}
+        out[side] = PatientBox(*(float(v) for v in (x0 - lower_x, x1 + upper_x, y0 - m["anterior"],
+                                                    y1 + m["posterior"], z0 - m["inferior"], z1 + m["superior"])))
+    if len(out) == 2:
+        out[Side.RIGHT], out[Side.LEFT] = split_at_overlap(out[Side.RIGHT], out[Side.LEFT])
+    return out
+
+
+def nerve_points(labels: np.ndarray, affine: np.ndarray) -> dict[Side, np.ndarray]:
+    """LPS mm (n, 3) of every labelled voxel centre per side (labels 1 right, 2 left; index order of `affine`)."""
+    affine = np.asarray(affine, dtype=np.float64)
+    out = {}
+    for side in Side:
+        index = np.argwhere(labels == side.label).astype(np.float64)
+        out[side] = index @ affine[:3, :3].T + affine[:3, 3]
+    return out
 
 
 def sided_labels(series: SeriesVolume, labels: np.ndarray) -> np.ndarray:
