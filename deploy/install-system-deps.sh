@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the real DICOM peers the tests use (dcmtk, dicom3tools, Orthanc with its Python and
-# DICOMweb plugins) from Debian's packages, only when one is missing.
+# DICOMweb plugins) and, for the status page's browser tests, Chromium and its driver, from
+# Debian's packages, only when one is missing.
 set -euo pipefail
 
 need=()
@@ -9,6 +10,9 @@ command -v dciodvfy >/dev/null 2>&1 || need+=(dicom3tools)
 command -v Orthanc >/dev/null 2>&1 || [ -x /usr/sbin/Orthanc ] || need+=(orthanc)
 [ -e /usr/share/orthanc/plugins/libOrthancPython.so ] || need+=(orthanc-python)
 [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need+=(orthanc-dicomweb)
+# The status page's browser tests drive Debian's Chromium through its chromedriver (Selenium).
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || need+=(chromium-driver)
 
 if [ ${#need[@]} -eq 0 ]; then
     exit 0
