@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from ian_node.storage.records import JobOutcome, JobState, ReceivedInstance, StateError
+from ian_node.storage.schema import SCHEMA_VERSION
 from ian_node.storage.state import State
 
 SERIES = "1.2.826.0.1.3680043.8.498.20"
@@ -117,7 +118,7 @@ def test_a_version_2_state_migrates_keeping_its_jobs_which_gain_empty_crop_colum
         assert (job.crop_request, job.crop, job.outcome, job.flag, job.voxels, job.timings) == (None,) * 6
         assert state.retry_job(job.id, API_REQUEST).crop_request == API_REQUEST
     with sqlite3.connect(path) as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 3
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         with pytest.raises(sqlite3.IntegrityError, match="CHECK"):
             db.execute("UPDATE jobs SET outcome = 'maybe'")
 

@@ -54,17 +54,25 @@ class JobQueries(Database):
             counts[JobOutcome(row[0])] = int(row[1])
         return counts
 
+    def qa_counts(self) -> dict[tuple[str, str], int]:
+        """Sides judged, by (side, verdict), over every job that recorded QA (the metrics' gauge)."""
+        rows = self._rows(
+            "SELECT json_extract(q.value, '$.side'), json_extract(q.value, '$.verdict'), COUNT(*)"
+            " FROM jobs, json_each(jobs.qa) AS q WHERE jobs.qa IS NOT NULL GROUP BY 1, 2"
+        )
+        return {(str(r[0]), str(r[1])): int(r[2]) for r in rows}
+
     def claim_next_job(self) -> Job | None:
         """Atomically move the oldest queued job to running and return it (None: queue empty).
 
-        What a previous run recorded (crop used, outcome, flag, counts) is cleared; the job's own crop
+        What a previous run recorded (crop used, outcome, flag, counts, QA) is cleared; the job's own crop
         request stays.
         """
         now = self._clock()
         with self._tx() as db:
             row = db.execute(
                 "UPDATE jobs SET state = 'running', attempts = attempts + 1, started_at = ?, updated_at = ?,"
-                " error = NULL, crop = NULL, outcome = NULL, flag = NULL, voxels = NULL, timings = NULL"
+                " error = NULL, crop = NULL, outcome = NULL, flag = NULL, voxels = NULL, timings = NULL, qa = NULL"
                 " WHERE id = (SELECT id FROM jobs WHERE state = 'queued' ORDER BY id LIMIT 1)"
                 " RETURNING *",
                 (now, now),
@@ -74,31 +82,42 @@ class JobQueries(Database):
     def record_segmentation(
         self, job_id: int, *, crop_request: Mapping[str, Any], crop: Mapping[str, Any] | None,
         outcome: JobOutcome, flag: str | None = None, voxels: Mapping[str, int] | None = None,
-        timings: Mapping[str, float] | None = None,
+        timings: Mapping[str, float] | None = None, qa: Sequence[Mapping[str, Any]] | None = None,
     ) -> Job:
-        """Record a running job's crop (requested and used), outcome and flag, before it exports or fails."""
+        """Record a running job's crop (requested and used), outcome, flag and per-side QA, before it
+        exports or fails."""
         now = self._clock()
 
-        def text(value: Mapping[str, Any] | None) -> str | None:
+        def text(value: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None) -> str | None:
             return None if value is None else json.dumps(value, sort_keys=True)
 
         with self._tx() as db:
             self._require(db, job_id, JobState.RUNNING)
             db.execute(
                 "UPDATE jobs SET crop_request = ?, crop = ?, outcome = ?, flag = ?, voxels = ?, timings = ?,"
-                " updated_at = ? WHERE id = ?",
-                (text(crop_request), text(crop), str(outcome), flag, text(voxels), text(timings), now, job_id),
+                " qa = ?, updated_at = ? WHERE id = ?",
+                (text(crop_request), text(crop), str(outcome), flag, text(voxels), text(timings),
+                 None if qa is None else text(list(qa)), now, job_id),
             )
         return self._job_or_fail(job_id)
 
-    def mark_job_exporting(self, job_id: int, result_path: str, targets: Sequence[str]) -> Job:
-        """Record a running job's result file and create one pending delivery per target."""
+    def mark_job_exporting(self, job_id: int, result_paths: str | Sequence[str], targets: Sequence[str],
+                           hold: bool = False) -> Job:
+        """Record a running job's result files and create one pending delivery per target.
+
+        ``result_paths``: the SEG first (also the job's ``result_path``), then any other result of the
+        job (the SR, the probability SEG); each delivery sends them all. With ``hold`` the job is
+        ``held``: its deliveries wait until an operator releases it (:meth:`retry_job`).
+        """
+        paths = [result_paths] if isinstance(result_paths, str) else list(result_paths)
+        if not paths:
+            raise ValueError(f"job {job_id}: a result needs at least one file")
         now = self._clock()
         with self._tx() as db:
             self._require(db, job_id, JobState.RUNNING)
             db.execute(
-                "UPDATE jobs SET state = 'exporting', result_path = ?, updated_at = ? WHERE id = ?",
-                (result_path, now, job_id),
+                "UPDATE jobs SET state = ?, result_path = ?, results = ?, updated_at = ? WHERE id = ?",
+                (str(JobState.HELD if hold else JobState.EXPORTING), paths[0], json.dumps(paths), now, job_id),
             )
             db.executemany(
                 "INSERT OR IGNORE INTO deliveries (job_id, target, state, next_attempt_at) VALUES (?, ?, 'pending', ?)",
@@ -119,13 +138,14 @@ class JobQueries(Database):
         return self._job_or_fail(job_id)
 
     def retry_job(self, job_id: int, crop_request: Mapping[str, Any] | None = None) -> Job:
-        """Re-deliver a failed job's result, or re-run it when it never produced one.
+        """Re-deliver a failed job's result, re-run it when it never produced one, or release a held one
+        (its result goes out as if it had never been held).
 
         ``crop_request`` (a re-run only) replaces the job's crop, e.g. a box after "no mandible region found".
         """
         now = self._clock()
         with self._tx() as db:
-            row = self._require(db, job_id, JobState.FAILED)
+            row = self._require(db, job_id, JobState.FAILED, JobState.HELD)
             if crop_request is not None:
                 if row["result_path"] is not None:
                     raise StateError(f"job {job_id} has a result, which a retry re-delivers: a new crop needs a "
@@ -135,7 +155,7 @@ class JobQueries(Database):
             if row["result_path"] is not None:
                 db.execute(
                     "UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = ?, last_error = NULL"
-                    " WHERE job_id = ? AND state = 'failed'",
+                    " WHERE job_id = ? AND state != 'delivered'",
                     (now, job_id),
                 )
                 db.execute(

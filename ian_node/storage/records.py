@@ -21,6 +21,10 @@ class JobState(StrEnum):
     QUEUED = "queued"
     RUNNING = "running"
     EXPORTING = "exporting"
+    #: The result is stored with its deliveries, but a QA FAIL keeps it from going out (``qa.on_fail =
+    #: "hold"``) until an operator releases it (``ian-node jobs retry``, ``POST /jobs/{id}/retry``).
+    #: Start-up recovery leaves it alone.
+    HELD = "held"
     DONE = "done"
     FAILED = "failed"
 
@@ -153,6 +157,17 @@ class Job:
     flag: str | None = None
     voxels: dict[str, int] | None = None
     timings: dict[str, float] | None = None
+    #: Per-side QA, each `ian_node.segment.qa.SideQA.as_json` ({"side", "verdict", "reasons", ...}).
+    qa: list[dict[str, Any]] | None = None
+    #: Every result file (spool paths): the SEG (also `result_path`), then the SR and the probability SEG.
+    results: list[str] | None = None
+
+    @property
+    def result_paths(self) -> tuple[str, ...]:
+        """The result files that each delivery sends, in order."""
+        if self.results:
+            return tuple(self.results)
+        return () if self.result_path is None else (self.result_path,)
 
     @property
     def api_crop_request(self) -> dict[str, Any] | None:
@@ -202,7 +217,7 @@ def series_from_row(row: sqlite3.Row) -> Series:
 
 
 #: Job columns that hold JSON text.
-JOB_JSON_COLUMNS = ("crop_request", "crop", "voxels", "timings")
+JOB_JSON_COLUMNS = ("crop_request", "crop", "voxels", "timings", "qa", "results")
 
 
 def job_from_row(row: sqlite3.Row) -> Job:

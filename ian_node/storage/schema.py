@@ -16,7 +16,7 @@ from typing import Self
 
 from ian_node.storage.records import StateError, StateFullError
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 SCHEMA = """
 CREATE TABLE series (
@@ -54,7 +54,7 @@ CREATE TABLE jobs (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     series_uid TEXT NOT NULL REFERENCES series (series_uid),
     series_version INTEGER NOT NULL,
-    state TEXT NOT NULL CHECK (state IN ('queued', 'running', 'exporting', 'done', 'failed')),
+    state TEXT NOT NULL CHECK (state IN ('queued', 'running', 'exporting', 'held', 'done', 'failed')),
     attempts INTEGER NOT NULL DEFAULT 0,
     error TEXT,
     result_path TEXT,
@@ -68,6 +68,8 @@ CREATE TABLE jobs (
     flag TEXT,
     voxels TEXT,
     timings TEXT,
+    qa TEXT,
+    results TEXT,
     UNIQUE (series_uid, series_version)
 );
 CREATE INDEX jobs_by_state ON jobs (state, id);
@@ -106,6 +108,43 @@ ALTER TABLE jobs ADD COLUMN flag TEXT;
 ALTER TABLE jobs ADD COLUMN voxels TEXT;
 ALTER TABLE jobs ADD COLUMN timings TEXT;
 """,
+    # Issue 18: per-side QA (JSON list of `ian_node.segment.qa.SideQA.as_json`), every result file of a
+    # job (JSON list of spool paths: the SEG first, then the SR and the probability SEG), and the
+    # state 'held' (a result a QA FAIL keeps from delivery until an operator releases it). SQLite
+    # cannot change a CHECK constraint in place, so the jobs table is rebuilt (its 12-step procedure,
+    # with foreign keys off: `Database` turns them on after migrating).
+    4: """
+CREATE TABLE jobs_v4 (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    series_uid TEXT NOT NULL REFERENCES series (series_uid),
+    series_version INTEGER NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('queued', 'running', 'exporting', 'held', 'done', 'failed')),
+    attempts INTEGER NOT NULL DEFAULT 0,
+    error TEXT,
+    result_path TEXT,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    updated_at REAL NOT NULL,
+    crop_request TEXT,
+    crop TEXT,
+    outcome TEXT CHECK (outcome IN ('segmented', 'no_region', 'segmented_no_region')),
+    flag TEXT,
+    voxels TEXT,
+    timings TEXT,
+    qa TEXT,
+    results TEXT,
+    UNIQUE (series_uid, series_version)
+);
+INSERT INTO jobs_v4 (id, series_uid, series_version, state, attempts, error, result_path, created_at, started_at,
+                     finished_at, updated_at, crop_request, crop, outcome, flag, voxels, timings, results)
+    SELECT id, series_uid, series_version, state, attempts, error, result_path, created_at, started_at,
+           finished_at, updated_at, crop_request, crop, outcome, flag, voxels, timings,
+           CASE WHEN result_path IS NULL THEN NULL ELSE json_array(result_path) END FROM jobs;
+DROP TABLE jobs;
+ALTER TABLE jobs_v4 RENAME TO jobs;
+CREATE INDEX jobs_by_state ON jobs (state, id);
+""",
 }
 
 INSTANCE_COLUMNS = (
@@ -134,15 +173,17 @@ class Database:
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA foreign_keys=ON")
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
         if version == 0:
             self._db.executescript(f"BEGIN IMMEDIATE; {SCHEMA}; PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
         elif not 1 <= version <= SCHEMA_VERSION:
             raise StateError(f"{path}: schema version {version}, this node reads {SCHEMA_VERSION}")
         else:
+            # foreign keys stay off while migrating: a table rebuild drops the table others reference
+            # (rows keep their ids), and the pragma cannot change inside a transaction
             for target in range(version + 1, SCHEMA_VERSION + 1):
                 self._db.executescript(f"BEGIN IMMEDIATE; {MIGRATIONS[target]} PRAGMA user_version = {target}; COMMIT;")
+        self._db.execute("PRAGMA foreign_keys=ON")
         # Tokens of unconfirmed rows: unique across restarts of this process, never 0.
         self._tokens = itertools.count(time.time_ns())
 
