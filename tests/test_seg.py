@@ -12,14 +12,22 @@ from pydicom.uid import generate_uid
 from scipy.spatial import cKDTree
 
 from ian_node.phantom.study import Phantom, PhantomConfig, generate_phantom, phantom_datasets, write_phantom
-from ian_node.segment.seg import AlgorithmInfo, SegmentationSourceError, build_segmentation, read_segmentation_labels
+from ian_node.segment.pipeline import PipelineResult
+from ian_node.segment.result import result_segmentation
+from ian_node.segment.seg import (
+    AlgorithmInfo,
+    EmptySegments,
+    NoSegmentsError,
+    SegmentationSourceError,
+    build_segmentation,
+    read_segmentation_labels,
+)
+from ian_node.segment.volume import Side, load_series
+from model.checkpoint import BUNDLED_CHECKPOINT, load_checkpoint
+from tests.tools import dciodvfy_errors
 
 CONFIG = PhantomConfig(shape=(24, 96, 96), oblique_probability=1.0, max_oblique_deg=10.0)
 AI = AlgorithmInfo(name="IANNet", version="0.1.0", checkpoint_hash="sha256:" + "ab" * 32)
-from ian_node.segment.pipeline import PipelineResult
-from ian_node.segment.result import result_segmentation
-from ian_node.segment.volume import load_series
-from model.checkpoint import BUNDLED_CHECKPOINT, load_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -195,3 +203,99 @@ def test_the_result_seg_of_a_series_version_has_the_same_uids_every_time_it_is_r
     assert other_version.SOPInstanceUID != first.SOPInstanceUID
     assert other_version.SeriesInstanceUID != first.SeriesInstanceUID
     assert str(first.SOPInstanceUID).startswith("2.25.")
+
+
+# ------------------------------------------------------------ viewer compatibility (issue 18)
+def _enhanced(source: list[pydicom.Dataset]) -> pydicom.Dataset:
+    return hd.legacy.LegacyConvertedEnhancedMRImage(
+        source, series_instance_uid=generate_uid(prefix=None), series_number=7,
+        sop_instance_uid=generate_uid(prefix=None), instance_number=1)
+
+
+def _frames_of(seg: pydicom.Dataset, number: int) -> list[int]:
+    return [i for i, item in enumerate(seg.PerFrameFunctionalGroupsSequence)
+            if int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber) == number]
+
+
+def _written(seg: pydicom.Dataset, folder) -> pydicom.Dataset:
+    path = folder / "seg.dcm"
+    pydicom.dcmwrite(path, seg, enforce_file_format=True)
+    assert dciodvfy_errors(path) == []
+    return pydicom.dcmread(path)
+
+
+@pytest.mark.parametrize("form", ["single-frame", "enhanced"])
+def test_referenced_series_sequence_names_the_source_series_and_every_instance(phantom: Phantom, source, form):
+    images = source if form == "single-frame" else [_enhanced(source)]
+    seg = build_segmentation(images, phantom.labels, algorithm=AI, series_number=300, series_description="AI")
+    (series,) = seg.ReferencedSeriesSequence
+    assert series.SeriesInstanceUID == images[0].SeriesInstanceUID
+    assert {i.ReferencedSOPInstanceUID for i in series.ReferencedInstanceSequence} == {
+        ds.SOPInstanceUID for ds in images}
+
+
+def test_an_empty_side_keeps_its_segment_with_one_all_zero_frame(phantom: Phantom, source, tmp_path):
+    right_only = np.where(phantom.labels == 1, 1, 0).astype(np.uint8)
+    seg = build_segmentation(source, right_only, algorithm=AI, series_number=300, series_description="AI")
+    assert (seg.empty_sides, seg.omitted_sides) == ((Side.LEFT,), ())
+    assert seg.SegmentsOverlap == "NO"
+    back = _written(seg, tmp_path)
+    (frame,) = _frames_of(back, 2)
+    pixels = hd.seg.Segmentation.from_dataset(back).pixel_array
+    assert not pixels[frame].any()
+    assert len(_frames_of(back, 1)) == sum(int(k.any()) for k in right_only)
+    assert np.array_equal(read_segmentation_labels(back, source), right_only)
+
+
+def test_both_sides_empty_give_one_all_zero_frame_each(phantom: Phantom, source, tmp_path):
+    seg = build_segmentation(source, np.zeros_like(phantom.labels), algorithm=AI, series_number=300,
+                             series_description="AI")
+    assert seg.empty_sides == (Side.RIGHT, Side.LEFT)
+    back = _written(seg, tmp_path)
+    assert (len(_frames_of(back, 1)), len(_frames_of(back, 2))) == (1, 1)
+    assert not read_segmentation_labels(back, source).any()
+
+
+def test_an_omitted_empty_side_is_reported_and_the_other_side_reads_back_as_itself(phantom: Phantom, source,
+                                                                                   tmp_path):
+    left_only = np.where(phantom.labels == 2, 2, 0).astype(np.uint8)
+    seg = build_segmentation(source, left_only, algorithm=AI, series_number=300, series_description="AI",
+                             empty_segments="omit")
+    assert (seg.empty_sides, seg.omitted_sides) == ((Side.RIGHT,), (Side.RIGHT,))
+    back = _written(seg, tmp_path)
+    (segment,) = back.SegmentSequence
+    assert (int(segment.SegmentNumber), segment.SegmentLabel) == (1, "Inferior alveolar nerve, left")
+    assert np.array_equal(read_segmentation_labels(back, source), left_only)
+
+
+def test_omitting_both_empty_sides_leaves_no_seg_to_make(phantom: Phantom, source):
+    with pytest.raises(NoSegmentsError, match="every segment is empty"):
+        build_segmentation(source, np.zeros_like(phantom.labels), algorithm=AI, series_number=300,
+                           series_description="AI", empty_segments=EmptySegments.OMIT)
+
+
+def test_an_unknown_empty_segment_policy_is_refused(phantom: Phantom, source):
+    with pytest.raises(ValueError, match="drop"):
+        build_segmentation(source, phantom.labels, algorithm=AI, series_number=300, series_description="AI",
+                           empty_segments="drop")
+
+
+@pytest.mark.parametrize("form", ["single-frame", "enhanced"])
+def test_empty_frames_can_be_kept_for_every_segment(phantom: Phantom, source, tmp_path, form):
+    images = source if form == "single-frame" else [_enhanced(source)]
+    right_only = np.where(phantom.labels == 1, 1, 0).astype(np.uint8)
+    seg = build_segmentation(images, right_only, algorithm=AI, series_number=300, series_description="AI",
+                             omit_empty_frames=False)
+    back = _written(seg, tmp_path)
+    assert int(back.NumberOfFrames) == 2 * phantom.labels.shape[0]
+    assert len(_frames_of(back, 2)) == phantom.labels.shape[0]
+    assert np.array_equal(read_segmentation_labels(back, images), right_only)
+
+
+def test_an_enhanced_source_with_an_empty_side_passes_dciodvfy_and_reads_back(phantom: Phantom, source, tmp_path):
+    enhanced = _enhanced(source)
+    left_only = np.where(phantom.labels == 2, 2, 0).astype(np.uint8)
+    seg = build_segmentation([enhanced], left_only, algorithm=AI, series_number=300, series_description="AI")
+    back = _written(seg, tmp_path)
+    assert len(_frames_of(back, 1)) == 1
+    assert np.array_equal(read_segmentation_labels(back, [enhanced]), left_only)
