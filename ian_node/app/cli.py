@@ -205,7 +205,7 @@ def _add_jobs(sub: argparse._SubParsersAction) -> None:
     ls.add_argument("--state", default=None, help="only jobs in this state")
     show = actions.add_parser("show", help="one job with its deliveries")
     show.add_argument("id", type=_positive)
-    retry = actions.add_parser("retry", help="re-deliver a failed job's result, or re-run it")
+    retry = actions.add_parser("retry", help="re-deliver a failed job's result, re-run it, or release a held one")
     retry.add_argument("id", type=_positive)
     skipped = actions.add_parser("skipped", help="series the selection rules skipped, with their reasons")
     for action in (ls, show, retry, skipped):
@@ -232,7 +232,7 @@ def _run_jobs(args: argparse.Namespace) -> int:
         if args.action == "list":
             for job in state.list_jobs(JobState(args.state) if args.state else None):
                 print(f"{job.id:6d} {job.state:9s} series {job.series_uid} v{job.series_version}"
-                      + _job_flag(job) + (f"  error: {job.error}" if job.error else ""))
+                      + _job_flag(job) + _qa_marker(job) + (f"  error: {job.error}" if job.error else ""))
             return 0
         job = state.job(args.id)
         if job is None:
@@ -254,6 +254,12 @@ def _run_jobs(args: argparse.Namespace) -> int:
             confidence = f", confidence {crop['confidence']:.2f}" if crop.get("confidence") is not None else ""
             voxels = f", {job.voxels[side]} voxels" if job.voxels and side in job.voxels else ""
             print(f"  {side:5s} crop {crop.get('mode')}: {ranges}{confidence}{voxels}")
+        for qa in job.qa or ():
+            print(f"  {qa['side']:5s} QA {qa['verdict']}: length {qa['length_mm']:.1f} mm, {qa['gaps']} gaps (longest "
+                  f"{qa['longest_gap_mm']:.1f} mm), mean probability {qa['mean_probability']:.2f}"
+                  + "".join(f"; {r}" for r in qa["reasons"]))
+        if job.state is JobState.HELD:
+            print(f"  held by QA (qa.on_fail = \"hold\"): `ian-node jobs retry {job.id}` delivers it")
         for d in state.deliveries(job.id):
             print(f"  -> {d.target}: {d.state}, attempts {d.attempts}" + (f", last error: {d.last_error}" if d.last_error else ""))
     return 0
@@ -264,6 +270,13 @@ def _job_flag(job: Job) -> str:
     if job.outcome is None or job.outcome == "segmented":
         return ""
     return "  [no region: not segmented]" if job.outcome == "no_region" else "  [no region: segmented anyway]"
+
+
+def _qa_marker(job: Job) -> str:
+    """The list's marker for a job whose QA was not a clean pass: "  [QA right PASS, left FAIL]"."""
+    if not job.qa or all(q["verdict"] == "PASS" for q in job.qa):
+        return ""
+    return "  [QA " + ", ".join(f"{q['side']} {q['verdict']}" for q in job.qa) + "]"
 
 
 #: (name, add-parser function) of every subcommand, in help order.
