@@ -7,14 +7,16 @@ selection rules decide, and a selected series becomes a job for its current vers
 series pulled again gets no second job (one job per series version, enforced by the state).
 
 Sources are the node's own export targets, so a pull never reaches a server the operator did not
-configure, and the result goes back to where it came from:
+configure, and the result always goes back to where it came from (the state records the source
+target with the series version; :mod:`ian_node.export.routing` sends there whatever that target's
+match rules say, and to the other targets whose rules match):
 
 - ``{"source": "orthanc", "series": "<Orthanc series ID>"}`` reads through the ``kind = "orthanc"``
   export target (``"target": "<name>"`` picks one when there are several) and the SEG is uploaded
-  to it (``POST /instances``) with every other target;
+  to it (``POST /instances``);
 - ``{"source": "dicomweb", "url": ..., "study_uid": ..., "series_uid": ...}`` is accepted only when
   ``url`` is the URL of a ``kind = "stowrs"`` export target, whose credentials it uses; the SEG goes
-  back by STOW-RS to that URL with every other target.
+  back by STOW-RS to that URL.
 
 Either may add ``"roi": {"right": [[x_min, x_max], [y_min, y_max], [z_min, z_max]], "left": ...}``
 (LPS mm): the job then crops each side to that box (crop mode ``box``) instead of the node's
@@ -297,7 +299,8 @@ class Puller:
         with self._slots, ExitStack() as held:  # held: the series' turn and its instance locks
             received = self._fetch_all(files, what, origin_host, expected_series, held)
             for instance in received:
-                self._state.record_instance(instance)
+                # the source is recorded with the series version, so that its result goes back there
+                self._state.record_instance(replace(instance, pulled_from=target.name))
         crop_request = None if request.roi is None else roi_crop_request(request.roi)
         return self._conclude(request.source, received[0].series_uid, len(received), crop_request)
 

@@ -70,6 +70,8 @@ class ReceivedInstance:
     description: str = ""
     calling_ae: str = ""
     peer_host: str = ""
+    #: The export target a pull fetched the instance through (None: received by C-STORE).
+    pulled_from: str | None = None
     #: False when the file's fsync may still be in flight: the row is then recorded as unconfirmed
     #: (checked on recovery) until :meth:`~ian_node.storage.state.State.confirm_instances` is given its token.
     file_durable: bool = True
@@ -132,6 +134,8 @@ class Series:
     last_received_at: float
     instance_count: int
     slice_count: int
+    #: Instances recorded into the current version (a re-send opens a version that fills up again).
+    version_instance_count: int = 0
 
 
 @dataclass(frozen=True)

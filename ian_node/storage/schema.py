@@ -16,7 +16,7 @@ from typing import Self
 
 from ian_node.storage.records import StateError, StateFullError
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 SCHEMA = """
 CREATE TABLE series (
@@ -83,6 +83,12 @@ CREATE TABLE deliveries (
     delivered_at REAL,
     PRIMARY KEY (job_id, target)
 );
+CREATE TABLE pull_sources (
+    series_uid TEXT NOT NULL REFERENCES series (series_uid),
+    series_version INTEGER NOT NULL,
+    target TEXT NOT NULL,
+    PRIMARY KEY (series_uid, series_version)
+);
 CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 INSERT INTO counters VALUES ('instances_received', 0);
 """
@@ -145,6 +151,16 @@ DROP TABLE jobs;
 ALTER TABLE jobs_v4 RENAME TO jobs;
 CREATE INDEX jobs_by_state ON jobs (state, id);
 """,
+    # Issue 18, routing: the export target a series version was pulled through (POST /jobs), so that
+    # its result goes back there. A table rather than a column: a version is pulled, not a series.
+    5: """
+CREATE TABLE IF NOT EXISTS pull_sources (
+    series_uid TEXT NOT NULL REFERENCES series (series_uid),
+    series_version INTEGER NOT NULL,
+    target TEXT NOT NULL,
+    PRIMARY KEY (series_uid, series_version)
+);
+""",
 }
 
 INSTANCE_COLUMNS = (
@@ -154,7 +170,8 @@ INSTANCE_COLUMNS = (
 
 
 SERIES_SELECT = """
-SELECT s.*, COUNT(i.sop_instance_uid) AS instance_count, COALESCE(SUM(i.frames), 0) AS slice_count
+SELECT s.*, COUNT(i.sop_instance_uid) AS instance_count, COALESCE(SUM(i.frames), 0) AS slice_count,
+    COALESCE(SUM(i.series_version = s.version), 0) AS version_instance_count
 FROM series s LEFT JOIN instances i ON i.series_uid = s.series_uid
 """
 

@@ -90,6 +90,9 @@ class SeriesQueries(Database):
                 (version, now, inst.modality, inst.description, inst.calling_ae, inst.peer_host,
                  inst.series_uid),
             )
+        if inst.pulled_from is not None:
+            db.execute("INSERT OR REPLACE INTO pull_sources (series_uid, series_version, target) VALUES (?, ?, ?)",
+                       (inst.series_uid, version, inst.pulled_from))
         token = None if inst.file_durable else next(self._tokens)
         db.execute(
             "INSERT INTO instances (sop_instance_uid, series_uid, sop_class_uid, transfer_syntax_uid,"
@@ -144,6 +147,7 @@ class SeriesQueries(Database):
             db.execute("UPDATE counters SET value = value - 1 WHERE name = 'instances_received'")
             jobs = {r[0] for r in db.execute("SELECT series_version FROM jobs WHERE series_uid = ?", (series_uid,))}
             if not jobs and db.execute("SELECT 1 FROM instances WHERE series_uid = ?", (series_uid,)).fetchone() is None:
+                db.execute("DELETE FROM pull_sources WHERE series_uid = ?", (series_uid,))
                 db.execute("DELETE FROM series WHERE series_uid = ?", (series_uid,))
             elif version is not None and version not in jobs and version - 1 in jobs:
                 others = db.execute(
@@ -228,6 +232,12 @@ class SeriesQueries(Database):
                 return Settlement(applied=True)  # this version already has its job
             job = job_from_row(db.execute("SELECT * FROM jobs WHERE id = ?", (cur.lastrowid,)).fetchone())
             return Settlement(applied=True, job=job)
+
+    def pull_source(self, series_uid: str, version: int) -> str | None:
+        """The export target this series version was pulled from (None: received by C-STORE)."""
+        rows = self._rows("SELECT target FROM pull_sources WHERE series_uid = ? AND series_version = ?",
+                          (series_uid, version))
+        return str(rows[0][0]) if rows else None
 
     def instance_path(self, sop_instance_uid: str) -> str | None:
         """The spool path the instance's row names (None: no row)."""
