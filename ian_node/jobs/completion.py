@@ -1,8 +1,20 @@
-"""Series completion: a quiet-period timer per series, then the selection rules.
+"""Series completion: a quiet-period timer per series, or the series' stated size; then the selection rules.
 
 DICOM has no "end of series" message, so a series counts as complete once no instance of it has
-arrived for ``series.quiet_period_s``. Each stored instance restarts its series' timer. When a timer
-fires, the selection rules decide: a selected series becomes a job for its current version (one job
+arrived for ``series.quiet_period_s``. Each stored instance restarts its series' timer.
+
+A series that states its own size is concluded as soon as its last instance is in, without waiting
+(:class:`SizeRules`): a single multi-frame instance (an enhanced MR volume) at once; a series whose
+description matches a configured ``series.expected_counts`` rule at that count; otherwise a series
+whose first instance states ``ImagesInAcquisition`` (0020,1002) when that many instances are in and
+*every* one of them states the same count and the same ``AcquisitionNumber`` (the count is per
+acquisition, and some scanners write it wrong). Never below ``series.stated_size_min_slices``
+slices, and only when every instance of the series belongs to its current version (so a re-sent
+series is concluded once, when the whole of it is in again). A series that never reaches its stated
+size, or exceeds it, is concluded by its quiet period as before, and an instance that arrives after
+the conclusion makes a new version, as before.
+
+When a series is concluded, the selection rules decide: a selected series becomes a job for its current version (one job
 per version, enforced by the state); a series that is not selected is recorded as skipped with the
 reason, and its files are kept or purged according to ``series.retention``.
 
@@ -14,9 +26,11 @@ after a restart. A timer that fires while instances are still arriving re-arms a
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -33,16 +47,18 @@ logger = logging.getLogger(__name__)
 
 
 def settle(state: State, spool: Spool, rules: SeriesConfig, series: Series,
-           on_job: Callable[[Job], None] | None = None, crop_request: Mapping[str, Any] | None = None) -> Settlement:
+           on_job: Callable[[Job], None] | None = None, crop_request: Mapping[str, Any] | None = None,
+           headers: Sequence[Dataset] | None = None) -> Settlement:
     """Conclude a complete series: select it and queue its job, or skip it (purging per retention).
 
-    The one settlement for the quiet-period timer and the pull. It does nothing when an instance
-    arrived after ``series`` was read (that instance's own quiet period decides). ``crop_request``:
-    a pull's own crop, stored with the job it creates.
+    The one settlement for the quiet-period timer, the stated size and the pull. It does nothing when
+    an instance arrived after ``series`` was read (that instance's own quiet period decides).
+    ``crop_request``: a pull's own crop, stored with the job it creates. ``headers``: the series'
+    headers when the caller has read them already.
     """
     reason = skip_reason(series, rules)
     if reason is None:
-        headers = _headers(state, spool, series)
+        headers = _headers(state, spool, series) if headers is None else headers
         reason = None if headers is None else volume_skip_reason(headers, rules)
     purge = reason is not None and rules.retention == "purge"
     settled = state.settle_series(series.series_uid, series.last_received_at, reason, purge=purge,
@@ -108,8 +124,62 @@ def _headers(state: State, spool: Spool, series: Series) -> list[Dataset] | None
         return None
 
 
+@dataclass(frozen=True)
+class StatedSize:
+    """How many instances a series says it has, and what says so."""
+
+    instances: int
+    #: "rule" (series.expected_counts), "frames" (one multi-frame instance) or "ImagesInAcquisition".
+    source: str
+
+
+@dataclass(frozen=True)
+class SizeRules:
+    """When a series is concluded as soon as its stated size is in (the quiet period stays the fallback)."""
+
+    enabled: bool = True
+    #: Never concluded early with fewer slices (frames) than this.
+    min_slices: int = 10
+    #: (regular expression searched case-insensitively in Series Description, instance count).
+    expected_counts: tuple[tuple[str, int], ...] = ()
+
+    @classmethod
+    def from_config(cls, rules: SeriesConfig) -> SizeRules:
+        if not hasattr(rules, "settle_on_stated_size"):  # until the config has the keys
+            return cls(enabled=False)
+        return cls(enabled=rules.settle_on_stated_size, min_slices=rules.stated_size_min_slices,
+                   expected_counts=tuple((e.series_description, e.count) for e in rules.expected_counts))
+
+    def expected_count(self, description: str) -> int | None:
+        """The configured count of the first ``expected_counts`` rule the description matches."""
+        for pattern, count in self.expected_counts:
+            if re.search(pattern, description, re.IGNORECASE):
+                return count
+        return None
+
+
+def stated_images_in_acquisition(ds: Dataset) -> int | None:
+    """ImagesInAcquisition (0020,1002) when it is a positive integer, else None."""
+    try:
+        value = int(ds.get("ImagesInAcquisition"))
+    except (TypeError, ValueError):
+        return None
+    return value if value > 0 else None
+
+
+def headers_agree(headers: Sequence[Dataset], count: int) -> bool:
+    """Whether ``count`` headers all state ImagesInAcquisition ``count`` in one acquisition.
+
+    Instances of two acquisitions (AcquisitionNumber differs) each state their own acquisition's size,
+    not the series'; a count any instance contradicts is not trusted.
+    """
+    if len(headers) != count or any(stated_images_in_acquisition(ds) != count for ds in headers):
+        return False
+    return len({str(ds.get("AcquisitionNumber", "")).strip() for ds in headers}) == 1
+
+
 class SeriesTracker:
-    """Owns the quiet-period timers; calls ``on_job`` for every job it queues (to wake the worker)."""
+    """Owns the quiet-period timers and the stated-size checks; calls ``on_job`` for every job it queues."""
 
     def __init__(
         self,
@@ -117,13 +187,18 @@ class SeriesTracker:
         spool: Spool,
         rules: SeriesConfig,
         on_job: Callable[[Job], None] | None = None,
+        sizes: SizeRules | None = None,
     ) -> None:
+        """``sizes``: when to conclude a series on its stated size (unset: from ``rules``)."""
         self._state = state
         self._spool = spool
         self._rules = rules
+        self._sizes = SizeRules.from_config(rules) if sizes is None else sizes
         self._on_job = on_job
         self._lock = threading.Lock()
         self._armed: set[str] = set()  # series with a pending timer
+        #: The ImagesInAcquisition each open series' first instance stated (None: none), read once.
+        self._stated: dict[str, int | None] = {}
         self._scheduler = BackgroundScheduler(
             timezone=UTC,
             job_defaults={"misfire_grace_time": None, "coalesce": True, "max_instances": 1},
@@ -154,6 +229,75 @@ class SeriesTracker:
         re-arms itself at it, so a series of N instances costs a few timer events, not N.
         """
         self._arm(outcome.series_uid, outcome.received_at + self._rules.quiet_period_s, only_if_idle=True)
+        if self._sizes.enabled and outcome.changed:
+            self._check_stated_size(outcome)
+
+    def _check_stated_size(self, outcome: RecordOutcome) -> None:
+        """Conclude the series now (in the timer thread) when this instance completes its stated size.
+
+        Costs one state query per instance, and one header read per series (its first instance).
+        """
+        series = self._state.series(outcome.series_uid)
+        if series is None or not series.awaiting_completion or series.version != outcome.series_version:
+            return
+        stated = self._stated_size(series, outcome)
+        if stated is not None and self._complete(series, stated):
+            self._scheduler.add_job(self._on_stated_size, args=(series.series_uid, stated),
+                                    id=f"{series.series_uid}/size", replace_existing=True)
+
+    def _stated_size(self, series: Series, outcome: RecordOutcome) -> StatedSize | None:
+        rule = self._sizes.expected_count(series.description)
+        if rule is not None:
+            return StatedSize(rule, "rule")
+        if series.instance_count == 1 and series.slice_count > 1:
+            return StatedSize(1, "frames")
+        with self._lock:
+            known = series.series_uid in self._stated
+            images = self._stated.get(series.series_uid)
+        if not known:
+            images = self._read_images_in_acquisition(outcome.sop_instance_uid)
+            with self._lock:
+                images = self._stated.setdefault(series.series_uid, images)
+        return None if images is None else StatedSize(images, "ImagesInAcquisition")
+
+    def _read_images_in_acquisition(self, sop_instance_uid: str) -> int | None:
+        path = self._state.instance_path(sop_instance_uid)
+        if path is None:
+            return None
+        try:
+            ds = dcmread(self._spool.path(path), stop_before_pixels=True, specific_tags=["ImagesInAcquisition"])
+        except Exception:  # an unreadable file: its job says why; the quiet period concludes the series
+            return None
+        return stated_images_in_acquisition(ds)
+
+    def _complete(self, series: Series, stated: StatedSize) -> bool:
+        """All of the stated instances are in, all in the current version, and enough slices."""
+        return (series.instance_count == stated.instances == series.version_instance_count
+                and series.slice_count >= self._sizes.min_slices)
+
+    def _on_stated_size(self, series_uid: str, stated: StatedSize) -> Job | None:
+        try:
+            series = self._state.series(series_uid)
+            if series is None or not series.awaiting_completion or not self._complete(series, stated):
+                return None
+            headers = _headers(self._state, self._spool, series)
+            if stated.source == "ImagesInAcquisition" and (headers is None or not headers_agree(headers, stated.instances)):
+                logger.info("series %s: its instances do not agree on ImagesInAcquisition %d; the quiet period "
+                            "concludes it", series_uid, stated.instances)
+                return None
+            settled = settle(self._state, self._spool, self._rules, series, self._on_job, headers=headers)
+            if settled.applied:
+                self._forget(series_uid)
+                logger.info("series %s: concluded on its stated size (%d instance(s), %s), without waiting",
+                            series_uid, stated.instances, stated.source)
+            return settled.job
+        except Exception:  # a timer thread must not die silently
+            logger.exception("series %s: concluding on its stated size failed", series_uid)
+            raise
+
+    def _forget(self, series_uid: str) -> None:
+        with self._lock:
+            self._stated.pop(series_uid, None)
 
     def _arm(self, series_uid: str, deadline: float, only_if_idle: bool = False) -> None:
         with self._lock:
@@ -186,7 +330,10 @@ class SeriesTracker:
         if time.time() < deadline:  # instances arrived since this timer was armed
             self._arm(series_uid, deadline, only_if_idle=True)
             return None
-        return self.settle_now(series).job
+        settled = self.settle_now(series)
+        if settled.applied:
+            self._forget(series_uid)
+        return settled.job
 
     def settle_now(self, series: Series, crop_request: Mapping[str, Any] | None = None) -> Settlement:
         """Settle ``series`` without waiting for its quiet period (the pull knows it is complete)."""
