@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -136,8 +137,8 @@ def test_empty_environment_value_clears_an_optional_key(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "env", "key", "reason"),
     [
-        ("[dicom]\nport = 70000\n", {}, "dicom.port", "between 0 and 65535"),
-        ('[dicom]\nport = "104"\n', {}, "dicom.port", "must be int"),
+        ("[dicom]\nport = 70000\n", {}, "dicom.port", "less than or equal to 65535"),
+        ('[dicom]\nport = "104"\n', {}, "dicom.port", "must be a valid integer"),
         ("[dicom]\nprot = 104\n", {}, "dicom.prot", "unknown key"),
         ("[dicomm]\nport = 104\n", {}, "dicomm", "unknown key"),
         ('[dicom]\nae_title = "THIS-TITLE-IS-TOO-LONG"\n', {}, "dicom.ae_title", "1 to 16"),
@@ -145,12 +146,12 @@ def test_empty_environment_value_clears_an_optional_key(tmp_path: Path) -> None:
          "dicom.allowed_calling_aes[0].host", "IP address"),
         ('[dicom]\nextra_sop_classes = ["1.2.840.10008.1.1"]\n', {}, "dicom.extra_sop_classes", "not a storage"),
         ('[series]\ndescription_pattern = "("\n', {}, "series.description_pattern", "regular expression"),
-        ('[series]\nretention = "archive"\n', {}, "series.retention", "one of 'keep', 'purge'"),
+        ('[series]\nretention = "archive"\n', {}, "series.retention", "must be 'keep' or 'purge'"),
         ("[series]\nquiet_period_s = 0\n", {}, "series.quiet_period_s", "greater than 0"),
-        ("[series]\nmin_slices = 1\n", {}, "series.min_slices", "at least 2"),
+        ("[series]\nmin_slices = 1\n", {}, "series.min_slices", "greater than or equal to 2"),
         ('[tls]\ncert = "/nonexistent/cert.pem"\nkey = "/nonexistent/key.pem"\n', {}, "tls.cert", "does not exist"),
         ('[tls]\nca = "/nonexistent/ca.pem"\n', {}, "tls.ca", "needs cert and key"),
-        ('[model]\ndevice = "tpu"\n', {}, "model.device", "auto, cpu"),
+        ('[model]\ndevice = "tpu"\n', {}, "model.device", "must match pattern '^(auto|cpu|mps|cuda"),
         ('[[export.targets]]\nkind = "ftp"\nname = "x"\n', {}, "export.targets[0].kind", "one of"),
         ('[[export.targets]]\nkind = "dicom"\nae_title = "PACS"\nhost = "1.2.3.4"\n', {},
          "export.targets[0].name", "required"),
@@ -161,11 +162,11 @@ def test_empty_environment_value_clears_an_optional_key(tmp_path: Path) -> None:
          '[[export.targets]]\nkind = "orthanc"\nname = "o"\nurl = "http://y"\n', {}, "export.targets[1].name",
          "used by another"),
         ('[api]\ntoken = "short"\n', {}, "api.token", "16 characters"),
-        ("[storage]\nmin_free_bytes = -1\n", {}, "storage.min_free_bytes", "0 or more"),
-        ('[storage]\nmin_free_bytes = "1G"\n', {}, "storage.min_free_bytes", "must be int"),
-        ("[storage]\nmin_free_percent = 100\n", {}, "storage.min_free_percent", "below 100"),
-        ("[storage]\nmin_free_percent = -0.5\n", {}, "storage.min_free_percent", "from 0"),
-        ("[storage]\nmin_free_percent = nan\n", {}, "storage.min_free_percent", "from 0"),
+        ("[storage]\nmin_free_bytes = -1\n", {}, "storage.min_free_bytes", "greater than or equal to 0"),
+        ('[storage]\nmin_free_bytes = "1G"\n', {}, "storage.min_free_bytes", "must be a valid integer"),
+        ("[storage]\nmin_free_percent = 100\n", {}, "storage.min_free_percent", "less than 100"),
+        ("[storage]\nmin_free_percent = -0.5\n", {}, "storage.min_free_percent", "greater than or equal to 0"),
+        ("[storage]\nmin_free_percent = nan\n", {}, "storage.min_free_percent", "less than 100, got nan"),
         ("", {"IAN_NODE_STORAGE_MIN_FREE_BYTES": "1.5e9"}, "IAN_NODE_STORAGE_MIN_FREE_BYTES", "integer"),
         ("", {"IAN_NODE_DICOM_PORT": "eleven"}, "IAN_NODE_DICOM_PORT", "integer"),
         ("", {"IAN_NODE_DICOM_PROT": "104"}, "IAN_NODE_DICOM_PROT", "names no configuration key"),
@@ -204,3 +205,27 @@ def test_the_example_config_documents_the_spool_minimum_with_its_defaults() -> N
     example = load_config(Path(__file__).parents[1] / "deploy" / "ian-node.toml", environ={}).storage
     default = StorageConfig()
     assert (example.min_free_bytes, example.min_free_percent) == (default.min_free_bytes, default.min_free_percent)
+
+
+def test_the_status_page_hides_patient_identity_unless_the_file_or_environment_shows_it(tmp_path: Path) -> None:
+    assert load_config(None, environ={}).api.show_patient_identity is False
+    path = _write(tmp_path, "[api]\nshow_patient_identity = true\n")
+    assert load_config(path, environ={}).api.show_patient_identity is True
+    assert load_config(path, environ={"IAN_NODE_API_SHOW_PATIENT_IDENTITY": "false"}).api.show_patient_identity is False
+    assert load_config(None, environ={"IAN_NODE_API_SHOW_PATIENT_IDENTITY": "yes"}).api.show_patient_identity is True
+    error = _error(tmp_path, '[api]\nshow_patient_identity = "true"\n')
+    assert (error.key, error.reason) == ("api.show_patient_identity", "must be a valid boolean, got 'true'")
+    assert _error(tmp_path, env={"IAN_NODE_API_SHOW_PATIENT_IDENTITY": "shown"}).key == "IAN_NODE_API_SHOW_PATIENT_IDENTITY"
+
+
+def test_sections_built_in_code_or_from_the_environment_are_checked_and_stay_frozen() -> None:
+    with pytest.raises(ConfigError) as info:
+        ExportConfig(targets=(DicomTarget(name="p", ae_title="PACS", host="10.0.0.2"),), backoff_s=0)
+    assert (info.value.key, info.value.reason) == ("backoff_s", "must be greater than 0, got 0")
+    error = _error(Path(), env={"IAN_NODE_DICOM_ALLOWED_CALLING_AES": "PACS, A-TITLE-OF-SEVENTEEN"})
+    assert error.key == "IAN_NODE_DICOM_ALLOWED_CALLING_AES[1].ae_title" and "1 to 16 characters" in error.reason
+    policy = ExportConfig(max_attempts=3)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        policy.max_attempts = 4  # type: ignore[misc]
+    with pytest.raises(ConfigError, match="max_backoff_s: must be at least backoff_s"):
+        dataclasses.replace(policy, max_backoff_s=1.0)

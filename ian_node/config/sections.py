@@ -1,8 +1,9 @@
-"""The node's configuration sections: typed, validated dataclasses, one per TOML table.
+"""The node's configuration sections: frozen pydantic dataclasses, one per TOML table.
 
-Every default lives in exactly one place: the field defaults of the dataclasses below. An invalid
-value raises :class:`ConfigError` naming the key and the reason; no value is ever silently replaced
-by a default.
+Every default lives in exactly one place: the field defaults below. pydantic converts and checks the
+types, ranges and unknown keys; the validators here hold only the rules it cannot express (AE titles,
+crop boxes, keys that go together). An invalid value raises :class:`ConfigError` naming the dotted key
+and the reason, also when a section is built in code; no value is ever silently replaced by a default.
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ import dataclasses
 import ipaddress
 import math
 import re
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal, TypeVar, dataclass_transform
 
+import pydantic
+from pydantic import AfterValidator, ConfigDict, Field, ValidationError, model_validator
 from pydicom.uid import EnhancedMRImageStorage, MRImageStorage
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
@@ -35,8 +38,6 @@ DEFAULT_MIN_FREE_PERCENT = 5.0
 #: The storage SOP classes the SCP always accepts; ``dicom.extra_sop_classes`` adds to these.
 BASE_SOP_CLASSES: tuple[str, ...] = (str(MRImageStorage), str(EnhancedMRImageStorage))
 
-_DEVICE_RE = re.compile(r"auto|cpu|mps|cuda(:[0-9]+)?")
-
 
 class ConfigError(ValueError):
     """An invalid configuration value; ``key`` is the dotted key (``dicom.port``)."""
@@ -50,86 +51,141 @@ class ConfigError(ValueError):
         """The same error with its key placed under ``prefix``."""
         return ConfigError(f"{prefix}.{self.key}" if self.key else prefix, self.reason)
 
+    @classmethod
+    def from_validation(cls, exc: ValidationError, name: Callable[[tuple[Any, ...]], str] | None = None) -> ConfigError:
+        """The first of pydantic's errors as a ConfigError; ``name`` may rename a location (an environment variable)."""
+        err = exc.errors(include_url=False)[0]
+        loc = tuple(p for i, p in enumerate(err["loc"]) if not (i and isinstance(err["loc"][i - 1], int)
+                                                               and p in TARGET_CONFIG_TYPES))  # the union's tag
+        ctx, kind = err.get("ctx", {}), err["type"]
+        if isinstance(ctx.get("error"), ConfigError):  # a section's validator: its key is relative to the section
+            return cls(_dotted(loc + (ctx["error"].key,), name), ctx["error"].reason)
+        if kind in ("union_tag_invalid", "union_tag_not_found"):
+            tags = ctx.get("expected_tags", ", ".join(map(repr, TARGET_CONFIG_TYPES)))
+            return cls(_dotted(loc + ("kind",), name), f"must be one of {tags}, got {ctx.get('tag')!r}")
+        reason = {"missing": "is required", "unexpected_keyword_argument": "unknown key",
+                  "extra_forbidden": "unknown key"}.get(kind)
+        if reason is None:
+            reason = re.sub(r"^\w+ should", "must", err["msg"].removeprefix("Value error, "))
+            if kind != "value_error" and not isinstance(err["input"], dict | list | tuple):
+                reason += f", got {err['input']!r}"
+        return cls(_dotted(loc, name), reason)
+
+
+def _dotted(loc: tuple[Any, ...], name: Callable[[tuple[Any, ...]], str] | None) -> str:
+    key = (name and name(loc)) or ""
+    for part in loc[2 if key else 0:]:
+        key += f"[{part}]" if isinstance(part, int) else f".{part}" if key else str(part)
+    return key
+
+
+T = TypeVar("T")
+
+
+@dataclass_transform(kw_only_default=True, frozen_default=True, field_specifiers=(Field, dataclasses.field))
+def _section(cls: type[T]) -> type[T]:
+    """A frozen, keyword-only pydantic dataclass that forbids unknown keys and raises ConfigError when built in code."""
+    cls = pydantic.dataclasses.dataclass(frozen=True, kw_only=True, config=ConfigDict(extra="forbid"))(cls)
+    validate = cls.__init__
+
+    def __init__(self: T, *args: Any, **kwargs: Any) -> None:
+        try:
+            validate(self, *args, **kwargs)
+        except ValidationError as exc:
+            raise ConfigError.from_validation(exc) from None
+
+    cls.__init__ = __init__  # type: ignore[method-assign]
+    return cls
+
 
 # ---------------------------------------------------------------------------------------------
-# Field checks (each raises ConfigError naming the key relative to its section)
+# Domain checks pydantic has no words for (a ValueError names the reason; pydantic adds the key)
 
 
-def _check_ae_title(key: str, value: str) -> None:
+def _ae_title(value: str) -> str:
     if not 1 <= len(value.strip()) <= 16 or len(value) > 16:
-        raise ConfigError(key, f"an AE title has 1 to 16 characters, got {value!r}")
+        raise ValueError(f"an AE title has 1 to 16 characters, got {value!r}")
     if not value.isascii() or "\\" in value or any(ord(c) < 32 for c in value):
-        raise ConfigError(key, f"an AE title has printable ASCII without backslash, got {value!r}")
+        raise ValueError(f"an AE title has printable ASCII without backslash, got {value!r}")
+    return value
 
 
-def _check_port(key: str, value: int, allow_zero: bool) -> None:
-    low = 0 if allow_zero else 1
-    if not low <= value <= 65535:
-        raise ConfigError(key, f"must be a TCP port between {low} and 65535, got {value}")
-
-
-def _check_positive(key: str, value: float) -> None:
-    if not value > 0:
-        raise ConfigError(key, f"must be greater than 0, got {value}")
-
-
-def _check_ip(key: str, value: str) -> None:
+def _ip(value: str) -> str:
     try:
         ipaddress.ip_address(value)
     except ValueError:
-        raise ConfigError(key, f"must be an IP address (no host names), got {value!r}") from None
+        raise ValueError(f"must be an IP address (no host names), got {value!r}") from None
+    return value
 
 
-def _check_file(key: str, value: Path | None) -> None:
+def _existing_file(value: Path | None) -> Path | None:
     if value is not None and not value.is_file():
-        raise ConfigError(key, f"file {str(value)!r} does not exist")
+        raise ValueError(f"file {str(value)!r} does not exist")
+    return value
+
+
+def _storage_sop_classes(value: tuple[str, ...]) -> tuple[str, ...]:
+    for uid in value:
+        if not is_dicom_uid(uid):
+            raise ValueError(f"{uid!r} is not a DICOM UID")
+        if not issubclass(uid_to_service_class(uid), StorageServiceClass):
+            raise ValueError(f"{uid} is not a storage SOP class")
+    return value
+
+
+def _regex(value: str) -> str:
+    try:
+        re.compile(value)
+    except re.error as exc:
+        raise ValueError(f"is not a regular expression: {exc}") from None
+    return value
+
+
+def _unit_interval(value: float | None) -> float | None:
+    if value is not None and not 0.0 <= value <= 1.0:
+        raise ValueError(f"must be from 0 to 1, got {value}")
+    return value
+
+
+AeTitle = Annotated[str, AfterValidator(_ae_title)]
+IpAddress = Annotated[str, AfterValidator(_ip)]
+ExistingFile = Annotated[Path | None, AfterValidator(_existing_file)]
+ListenPort = Annotated[int, Field(ge=0, le=65535)]  # 0: any free port
+Seconds = Annotated[float, Field(gt=0)]
+AtLeastOne = Annotated[int, Field(ge=1)]
 
 
 # ---------------------------------------------------------------------------------------------
 # Sections
 
 
-@dataclass(frozen=True, kw_only=True)
+@_section
 class CallingAE:
     """One allowed peer: its AE title and, optionally, the only IP address it may connect from."""
 
-    ae_title: str
-    host: str | None = None
+    ae_title: AeTitle
+    host: IpAddress | None = None
 
-    def __post_init__(self) -> None:
-        _check_ae_title("ae_title", self.ae_title)
-        if self.host is not None:
-            _check_ip("host", self.host)
+    @model_validator(mode="before")
+    @classmethod
+    def _from_title(cls, data: Any) -> Any:
+        return {"ae_title": data} if isinstance(data, str) else data  # "PACS" is short for {ae_title = "PACS"}
 
 
-@dataclass(frozen=True, kw_only=True)
+@_section
 class DicomConfig:
     """The SCP: who we are, where we listen, whom we accept and for how long we wait."""
 
-    ae_title: str = "IANNODE"
-    bind: str = "127.0.0.1"
-    port: int = 11112
-    max_associations: int = 10
+    ae_title: AeTitle = "IANNODE"
+    bind: IpAddress = "127.0.0.1"
+    port: ListenPort = 11112
+    max_associations: AtLeastOne = 10
     #: Empty: any calling AE title is accepted.
     allowed_calling_aes: tuple[CallingAE, ...] = ()
-    extra_sop_classes: tuple[str, ...] = ()
-    acse_timeout_s: float = 30.0
-    dimse_timeout_s: float = 60.0
-    network_timeout_s: float = 60.0
-
-    def __post_init__(self) -> None:
-        _check_ae_title("ae_title", self.ae_title)
-        _check_ip("bind", self.bind)
-        _check_port("port", self.port, allow_zero=True)
-        if self.max_associations < 1:
-            raise ConfigError("max_associations", f"must be at least 1, got {self.max_associations}")
-        for uid in self.extra_sop_classes:
-            if not is_dicom_uid(uid):
-                raise ConfigError("extra_sop_classes", f"{uid!r} is not a DICOM UID")
-            if not issubclass(uid_to_service_class(uid), StorageServiceClass):
-                raise ConfigError("extra_sop_classes", f"{uid} is not a storage SOP class")
-        for name in ("acse_timeout_s", "dimse_timeout_s", "network_timeout_s"):
-            _check_positive(name, getattr(self, name))
+    extra_sop_classes: Annotated[tuple[str, ...], AfterValidator(_storage_sop_classes)] = ()
+    acse_timeout_s: Seconds = 30.0
+    dimse_timeout_s: Seconds = 60.0
+    network_timeout_s: Seconds = 60.0
 
     @property
     def sop_classes(self) -> tuple[str, ...]:
@@ -137,7 +193,7 @@ class DicomConfig:
         return BASE_SOP_CLASSES + tuple(u for u in self.extra_sop_classes if u not in BASE_SOP_CLASSES)
 
 
-@dataclass(frozen=True, kw_only=True)
+@_section
 class TlsConfig:
     """TLS for the SCP: on when ``cert`` is set; mutual (client certificates required) when ``ca`` is."""
 
@@ -145,13 +201,18 @@ class TlsConfig:
     key: Path | None = None
     ca: Path | None = None
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _check(self) -> TlsConfig:
         if (self.cert is None) != (self.key is None):
             raise ConfigError("cert" if self.cert is None else "key", "cert and key must be set together")
         if self.ca is not None and self.cert is None:
             raise ConfigError("ca", "a CA (mutual TLS) needs cert and key as well")
-        for name in ("cert", "key", "ca"):
-            _check_file(name, getattr(self, name))
+        for name in ("cert", "key", "ca"):  # after the pairing: a lone CA is a pairing mistake first
+            try:
+                _existing_file(getattr(self, name))
+            except ValueError as exc:
+                raise ConfigError(name, str(exc)) from None
+        return self
 
     @property
     def enabled(self) -> bool:
@@ -162,7 +223,7 @@ class TlsConfig:
         return self.ca is not None
 
 
-@dataclass(frozen=True, kw_only=True)
+@_section
 class StorageConfig:
     """Where received files and the SQLite state live, and the free space the spool keeps.
 
@@ -174,35 +235,20 @@ class StorageConfig:
 
     spool_dir: Path = DEFAULT_DATA_DIR / "spool"
     state_path: Path = DEFAULT_DATA_DIR / "state.sqlite3"
-    min_free_bytes: int = DEFAULT_MIN_FREE_BYTES
-    min_free_percent: float = DEFAULT_MIN_FREE_PERCENT
-
-    def __post_init__(self) -> None:
-        if self.min_free_bytes < 0:
-            raise ConfigError("min_free_bytes", f"must be 0 or more, got {self.min_free_bytes}")
-        if not 0 <= self.min_free_percent < 100:
-            raise ConfigError("min_free_percent", f"must be from 0 to below 100, got {self.min_free_percent}")
+    min_free_bytes: Annotated[int, Field(ge=0)] = DEFAULT_MIN_FREE_BYTES
+    min_free_percent: Annotated[float, Field(ge=0, lt=100)] = DEFAULT_MIN_FREE_PERCENT
 
 
-@dataclass(frozen=True, kw_only=True)
+@_section
 class ModelConfig:
     """The model the worker runs. ``checkpoint`` unset: the bundled phantom-trained model."""
 
-    checkpoint: Path | None = None
-    device: str = "auto"
-    batch_size: int = 8
+    checkpoint: ExistingFile = None
+    device: Annotated[str, Field(pattern=r"^(auto|cpu|mps|cuda(:[0-9]+)?)$")] = "auto"
+    batch_size: AtLeastOne = 8
     #: CPU threads for inference; unset: torch's default (all cores). On a host shared with a PACS
     #: or Orthanc, 1–2 threads give far steadier times than oversubscribed cores.
-    threads: int | None = None
-
-    def __post_init__(self) -> None:
-        _check_file("checkpoint", self.checkpoint)
-        if self.threads is not None and self.threads < 1:
-            raise ConfigError("threads", f"must be at least 1, got {self.threads}")
-        if _DEVICE_RE.fullmatch(self.device) is None:
-            raise ConfigError("device", f"must be auto, cpu, mps, cuda or cuda:N, got {self.device!r}")
-        if self.batch_size < 1:
-            raise ConfigError("batch_size", f"must be at least 1, got {self.batch_size}")
+    threads: AtLeastOne | None = None
 
 
 #: The crop modes the node serves (``ian_node.segment.crop.CropMode``); "oracle" is a box recorded as such.
@@ -241,7 +287,7 @@ def check_box_pair(key: str, right: BoxMm, left: BoxMm) -> None:
         raise ConfigError(key, "the right box must lie at lower x than the left one (LPS x grows to patient left)")
 
 
-@dataclass(frozen=True, kw_only=True)
+@_section
 class CropConfig:
     """Each side's crop before segmentation (issue 14; ``ian_node.segment.crop``).
 
@@ -256,29 +302,25 @@ class CropConfig:
     right: tuple[tuple[float, ...], ...] | None = None
     left: tuple[tuple[float, ...], ...] | None = None
     #: The localiser checkpoint; unset: the bundled phantom-trained one.
-    localiser: Path | None = None
+    localiser: ExistingFile = None
     #: Per-side confidence below which no region is found; unset: the localiser's own threshold.
-    min_confidence: float | None = None
+    min_confidence: Annotated[float | None, AfterValidator(_unit_interval)] = None
     segment_when_not_found: bool = False
 
-    def __post_init__(self) -> None:
-        if self.mode not in CROP_MODES:
-            raise ConfigError("mode", f"must be one of {', '.join(map(repr, CROP_MODES))}, got {self.mode!r}")
+    @model_validator(mode="after")
+    def _check_boxes(self) -> CropConfig:
         boxed = self.mode in ("box", "oracle")
         for side in ("right", "left"):
             value = getattr(self, side)
-            if value is None:
-                if boxed:
-                    raise ConfigError(side, f"is required with mode {self.mode!r} (a box for each side)")
-                continue
-            if not boxed:
+            if value is None and boxed:
+                raise ConfigError(side, f"is required with mode {self.mode!r} (a box for each side)")
+            if value is not None and not boxed:
                 raise ConfigError(side, f"is used only with mode 'box' or 'oracle', not {self.mode!r}")
-            object.__setattr__(self, side, check_box(side, list(value)))
+            if value is not None:
+                check_box(side, value)
         if boxed:
-            check_box_pair("left", self.right, self.left)  # type: ignore[arg-type]
-        _check_file("localiser", self.localiser)
-        if self.min_confidence is not None and not 0.0 <= self.min_confidence <= 1.0:
-            raise ConfigError("min_confidence", f"must be from 0 to 1, got {self.min_confidence}")
+            check_box_pair("left", self.right, self.left)  # type: ignore[arg-type] (checked: BoxMm)
+        return self
 
     @property
     def boxes(self) -> dict[str, BoxMm] | None:
@@ -288,38 +330,27 @@ class CropConfig:
         return {"right": self.right, "left": self.left}  # type: ignore[dict-item] (checked: BoxMm)
 
 
-@dataclass(frozen=True, kw_only=True)
+@_section
 class SeriesConfig:
     """When a series is complete, and which complete series become jobs."""
 
-    quiet_period_s: float = 10.0
-    modalities: tuple[str, ...] = ("MR",)
+    quiet_period_s: Seconds = 10.0
+    modalities: Annotated[tuple[str, ...], Field(min_length=1)] = ("MR",)
     #: A regular expression searched (case-insensitively) in Series Description; empty matches all.
-    description_pattern: str = ""
+    description_pattern: Annotated[str, AfterValidator(_regex)] = ""
     #: Slices are frames: one per single-frame instance, NumberOfFrames per multi-frame instance.
-    min_slices: int = 5
+    min_slices: Annotated[int, Field(ge=2)] = 5  # a volume has two slices
     #: Series with any of these ImageType values are skipped (localizers and scouts are not volumes).
     skip_image_types: tuple[str, ...] = ("LOCALIZER", "SCOUT")
     #: What happens to the files of a series that is not selected.
     retention: Literal["keep", "purge"] = "keep"
-
-    def __post_init__(self) -> None:
-        _check_positive("quiet_period_s", self.quiet_period_s)
-        if not self.modalities:
-            raise ConfigError("modalities", "must name at least one modality")
-        try:
-            re.compile(self.description_pattern)
-        except re.error as exc:
-            raise ConfigError("description_pattern", f"is not a regular expression: {exc}") from None
-        if self.min_slices < 2:
-            raise ConfigError("min_slices", f"must be at least 2 (a volume has two slices), got {self.min_slices}")
 
     @property
     def description_regex(self) -> re.Pattern[str]:
         return re.compile(self.description_pattern, re.IGNORECASE)
 
 
-@dataclass(frozen=True, kw_only=True)
+@_section
 class DicomTarget:
     """C-STORE to a fixed AE, or (``back_to_sender``) to the AE that sent the series, on ``port``."""
 
@@ -327,47 +358,49 @@ class DicomTarget:
     name: str
     ae_title: str = ""
     host: str = ""
-    port: int = 104
+    port: Annotated[int, Field(ge=1, le=65535)] = 104
     back_to_sender: bool = False
-    timeout_s: float = 30.0
+    timeout_s: Seconds = 30.0
 
-    def __post_init__(self) -> None:
-        _check_port("port", self.port, allow_zero=False)
-        _check_positive("timeout_s", self.timeout_s)
+    @model_validator(mode="after")
+    def _check_peer(self) -> DicomTarget:
         if not self.back_to_sender:
             for name in ("ae_title", "host"):
                 if not getattr(self, name):
                     raise ConfigError(name, "is required unless back_to_sender is true")
-            _check_ae_title("ae_title", self.ae_title)
+            try:
+                _ae_title(self.ae_title)
+            except ValueError as exc:
+                raise ConfigError("ae_title", str(exc)) from None
+        return self
 
 
-@dataclass(frozen=True, kw_only=True)
+@_section
 class _HttpTarget:
     name: str
-    url: str
+    url: Annotated[str, Field(pattern=r"^https?://[^/\s]+")]
     username: str | None = None
     password: str | None = None
     token: str | None = None
-    timeout_s: float = 30.0
+    timeout_s: Seconds = 30.0
 
-    def __post_init__(self) -> None:
-        if not re.match(r"https?://[^/\s]+", self.url):
-            raise ConfigError("url", f"must be an http:// or https:// URL, got {self.url!r}")
+    @model_validator(mode="after")
+    def _check_credentials(self) -> Any:
         if (self.username is None) != (self.password is None):
             raise ConfigError("password", "username and password must be set together")
         if self.token is not None and self.username is not None:
             raise ConfigError("token", "use either a bearer token or username/password, not both")
-        _check_positive("timeout_s", self.timeout_s)
+        return self
 
 
-@dataclass(frozen=True, kw_only=True)
+@_section
 class StowRsTarget(_HttpTarget):
     """STOW-RS to a DICOMweb base URL (``url`` is the service root, e.g. ``.../dicom-web``)."""
 
     kind: Literal["stowrs"] = "stowrs"
 
 
-@dataclass(frozen=True, kw_only=True)
+@_section
 class OrthancTarget(_HttpTarget):
     """Orthanc REST upload: ``POST {url}/instances``."""
 
@@ -383,59 +416,54 @@ TARGET_CONFIG_TYPES: dict[str, type[DicomTarget] | type[StowRsTarget] | type[Ort
 }
 
 
-@dataclass(frozen=True, kw_only=True)
+@_section
 class ExportConfig:
     """Where results go, and how failed deliveries are retried (exponential backoff)."""
 
-    targets: tuple[TargetConfig, ...] = ()
+    targets: tuple[Annotated[TargetConfig, Field(discriminator="kind")], ...] = ()
     #: With backoff_s 10 doubling to max_backoff_s 600 (jittered into [b/2, b]): 70-140 minutes of retries.
-    max_attempts: int = 20
-    backoff_s: float = 10.0
+    max_attempts: AtLeastOne = 20
+    backoff_s: Seconds = 10.0
     max_backoff_s: float = 600.0
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _check(self) -> ExportConfig:
         names = [t.name for t in self.targets]
         for i, name in enumerate(names):
             if not name or not name.isprintable():
                 raise ConfigError(f"targets[{i}].name", f"must be non-empty printable text, got {name!r}")
             if name in names[:i]:
                 raise ConfigError(f"targets[{i}].name", f"{name!r} is used by another target")
-        if self.max_attempts < 1:
-            raise ConfigError("max_attempts", f"must be at least 1, got {self.max_attempts}")
-        _check_positive("backoff_s", self.backoff_s)
         if self.max_backoff_s < self.backoff_s:
             raise ConfigError("max_backoff_s", f"must be at least backoff_s ({self.backoff_s})")
+        return self
 
     def backoff(self, attempts: int) -> float:
         """Seconds to wait after the ``attempts``-th failed attempt."""
         return min(self.backoff_s * 2.0 ** max(attempts - 1, 0), self.max_backoff_s)
 
 
-@dataclass(frozen=True, kw_only=True)
+@_section
 class ApiConfig:
     """The HTTP API; with ``token`` set, every request needs ``Authorization: Bearer <token>``."""
 
-    bind: str = "127.0.0.1"
-    port: int = 8765
-    token: str | None = None
-
-    def __post_init__(self) -> None:
-        _check_ip("bind", self.bind)
-        _check_port("port", self.port, allow_zero=True)
-        if self.token is not None and len(self.token) < 16:
-            raise ConfigError("token", "must have at least 16 characters")
+    bind: IpAddress = "127.0.0.1"
+    port: ListenPort = 8765
+    token: Annotated[str, Field(min_length=16)] | None = None
+    #: Show patient names and IDs on the status page to an authenticated user (never in logs or metrics).
+    show_patient_identity: bool = False
 
 
-@dataclass(frozen=True, kw_only=True)
+@_section
 class NodeConfig:
-    dicom: DicomConfig = field(default_factory=DicomConfig)
-    tls: TlsConfig = field(default_factory=TlsConfig)
-    storage: StorageConfig = field(default_factory=StorageConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    crop: CropConfig = field(default_factory=CropConfig)
-    series: SeriesConfig = field(default_factory=SeriesConfig)
-    export: ExportConfig = field(default_factory=ExportConfig)
-    api: ApiConfig = field(default_factory=ApiConfig)
+    dicom: DicomConfig = dataclasses.field(default_factory=DicomConfig)
+    tls: TlsConfig = dataclasses.field(default_factory=TlsConfig)
+    storage: StorageConfig = dataclasses.field(default_factory=StorageConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    crop: CropConfig = dataclasses.field(default_factory=CropConfig)
+    series: SeriesConfig = dataclasses.field(default_factory=SeriesConfig)
+    export: ExportConfig = dataclasses.field(default_factory=ExportConfig)
+    api: ApiConfig = dataclasses.field(default_factory=ApiConfig)
 
 
 SECTIONS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(NodeConfig))
