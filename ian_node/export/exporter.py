@@ -1,7 +1,8 @@
-"""The delivery loop: a result goes out to every target with retries, and counts only when confirmed.
+"""The delivery loop: a result goes out to its targets with retries, and counts only when confirmed.
 
-The :class:`Exporter` stores a job's result in the spool, creates one delivery per target in the
-state, and a background thread works through the due deliveries:
+The :class:`Exporter` stores a job's result in the spool, creates one delivery per target that its
+series is routed to (:mod:`ian_node.export.routing`: every target, unless a target's match rules
+say otherwise), and a background thread works through the due deliveries:
 
 - a confirmed delivery is recorded as delivered;
 - a refusal (:class:`~ian_node.export.targets.DeliveryRefused`: the destination answered "no", e.g.
@@ -29,6 +30,7 @@ from io import BytesIO
 from pydicom import Dataset, dcmwrite
 
 from ian_node.config import ExportConfig
+from ian_node.export.routing import Route, routed_targets, routes_for
 from ian_node.export.targets import DeliveryError, DeliveryRefused, ExportTarget, Origin
 from ian_node.polling import PollingThread
 from ian_node.storage.records import Delivery, Job
@@ -66,26 +68,40 @@ class Exporter:
         policy: ExportConfig,
         clock: Callable[[], float] = time.time,
         draw: Callable[[], float] = random.random,
+        routes: Mapping[str, Route] | None = None,
     ) -> None:
         """``clock`` (epoch seconds, as the state stores them) and ``draw`` (the backoff's jitter,
-        in [0, 1)) are the exporter's only sources of time and chance, for tests to replace."""
+        in [0, 1)) are the exporter's only sources of time and chance, for tests to replace.
+        ``routes``: each target's match rules (unset: those of ``policy.targets``)."""
         self._state = state
         self._spool = spool
         self._targets = dict(targets)
         self._policy = policy
+        self._routes = dict(routes_for(policy.targets) if routes is None else routes)
         self._clock = clock
         self._draw = draw
         self._loop = PollingThread("ian-node-exporter", self._pass, error_wait_s=POLL_S)
 
     def submit(self, job_id: int, result: Dataset) -> Job:
-        """Store a running job's result durably and queue one delivery per target."""
+        """Store a running job's result durably and queue one delivery per target it is routed to."""
         buffer = BytesIO()
         dcmwrite(buffer, result, enforce_file_format=True)
         relpath = self._spool.write_result(job_id, buffer.getvalue())
-        job = self._state.mark_job_exporting(job_id, relpath, list(self._targets))
-        logger.info("job %d: result %s stored, %d deliveries queued", job_id, result.SOPInstanceUID, len(self._targets))
+        names = self.targets_for(job_id)
+        job = self._state.mark_job_exporting(job_id, relpath, names)
+        logger.info("job %d: result %s stored, %d deliveries queued%s", job_id, result.SOPInstanceUID, len(names),
+                    "" if names or not self._targets else " (no target's rules match its series: job done)")
         self.wake()
         return job
+
+    def targets_for(self, job_id: int) -> list[str]:
+        """The names of the targets a job's result goes to (its series' route)."""
+        job = self._state.job(job_id)
+        series = self._state.series(job.series_uid) if job is not None else None
+        if job is None or series is None:
+            return list(self._targets)  # the attempt fails each delivery with the reason
+        pulled_from = self._state.pull_source(job.series_uid, job.series_version)
+        return routed_targets(self._targets, self._routes, series, pulled_from)
 
     def wake(self) -> None:
         """Look for due deliveries now (after a submit or an operator's retry)."""

@@ -23,7 +23,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import requests
 from dicomweb_client.api import DICOMwebClient
@@ -81,7 +81,7 @@ class ExportTarget(Protocol):
 
 
 class CStoreExport:
-    """C-STORE SCU to a configured AE, or back to the AE that sent the series."""
+    """C-STORE SCU to a configured AE, or (``back_to_sender``) to the calling AE at its connection's address."""
 
     def __init__(self, config: DicomTarget, calling_ae_title: str) -> None:
         self.name = config.name
@@ -93,38 +93,67 @@ class CStoreExport:
         called, host = (origin.calling_ae, origin.peer_host) if cfg.back_to_sender else (cfg.ae_title, cfg.host)
         if not called or not host:
             raise DeliveryError("the sending AE of the source series is unknown")
-        ds = dcmread(path)
-        syntax = UID(ds.file_meta.TransferSyntaxUID)
-        syntaxes = [syntax] + ([s for s in (ExplicitVRLittleEndian, ImplicitVRLittleEndian) if s != syntax]
-                               if not syntax.is_compressed else [])
-        ae = AE(ae_title=self._calling)
-        # every wait has a limit, in seconds: TCP connect, association negotiation, each DIMSE
-        # message, and silence on an open connection
-        ae.connection_timeout = ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = cfg.timeout_s
-        ae.add_requested_context(ds.SOPClassUID, syntaxes)
-        where = f"{called}@{host}:{cfg.port}"
-        assoc = ae.associate(host, cfg.port, ae_title=called, evt_handlers=_QUIET_WAIT_HANDLERS)
-        if not assoc.is_established:
-            raise _not_established(assoc, where, ds.SOPClassUID)
-        try:
-            status = assoc.send_c_store(ds)
-        finally:
-            assoc.release()
-        if "Status" not in status:
-            raise DeliveryError(f"no C-STORE response from {where} (timeout or abort)")
-        code = int(status.Status)
-        if code in _STORED_WARNINGS:
-            logger.warning("%s stored %s with warning 0x%04X", where, ds.SOPInstanceUID, code)
-            return
-        if code == 0x0000:
-            return
-        meaning = STORAGE_SERVICE_CLASS_STATUS.get(code, ("", ""))[1]
-        comment = str(status.get("ErrorComment", "") or "").strip()
-        answer = f"C-STORE status 0x{code:04X}" + (f" ({meaning})" if meaning else "") + (
-            f": {comment[:200]}" if comment else "")
-        if _is_refusal(code):
-            raise DeliveryRefused(f"{where} refused the result: {answer}")
-        raise DeliveryError(f"{where} answered {answer}")
+        c_store(path, called, host, cfg.port, self._calling, cfg.timeout_s)
+
+
+class SenderExport:
+    """C-STORE back to the AE that sent the series, at the address its ``senders`` table gives it.
+
+    A modality's storage SCP rarely listens where its SCU connects from, so the address is configured
+    per calling AE title. A series from an AE title that is not listed cannot be sent back: its
+    delivery is refused at once, naming the AE title and the table to add it to.
+    """
+
+    def __init__(self, config: Any, calling_ae_title: str) -> None:  # SenderTarget once the config has it
+        self.name = config.name
+        self._config = config
+        self._calling = calling_ae_title
+        self._senders = {s.ae_title.strip(): s for s in config.senders}
+
+    def send(self, path: Path, origin: Origin) -> None:
+        sender = self._senders.get(origin.calling_ae.strip())
+        if sender is None:
+            raise DeliveryRefused(
+                f"the sending AE {origin.calling_ae.strip()!r} is not in the senders of target {self.name!r}"
+                if origin.calling_ae.strip() else "the source series has no sending AE (it was not received by C-STORE)"
+            )
+        c_store(path, sender.ae_title, sender.host, sender.port, self._calling, self._config.timeout_s)
+
+
+def c_store(path: Path, called: str, host: str, port: int, calling: str, timeout_s: float) -> None:
+    """Send one file by C-STORE and return once the peer confirmed it; DeliveryError otherwise."""
+    ds = dcmread(path)
+    syntax = UID(ds.file_meta.TransferSyntaxUID)
+    syntaxes = [syntax] + ([s for s in (ExplicitVRLittleEndian, ImplicitVRLittleEndian) if s != syntax]
+                           if not syntax.is_compressed else [])
+    ae = AE(ae_title=calling)
+    # every wait has a limit, in seconds: TCP connect, association negotiation, each DIMSE
+    # message, and silence on an open connection
+    ae.connection_timeout = ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
+    ae.add_requested_context(ds.SOPClassUID, syntaxes)
+    where = f"{called}@{host}:{port}"
+    assoc = ae.associate(host, port, ae_title=called, evt_handlers=_QUIET_WAIT_HANDLERS)
+    if not assoc.is_established:
+        raise _not_established(assoc, where, ds.SOPClassUID)
+    try:
+        status = assoc.send_c_store(ds)
+    finally:
+        assoc.release()
+    if "Status" not in status:
+        raise DeliveryError(f"no C-STORE response from {where} (timeout or abort)")
+    code = int(status.Status)
+    if code in _STORED_WARNINGS:
+        logger.warning("%s stored %s with warning 0x%04X", where, ds.SOPInstanceUID, code)
+        return
+    if code == 0x0000:
+        return
+    meaning = STORAGE_SERVICE_CLASS_STATUS.get(code, ("", ""))[1]
+    comment = str(status.get("ErrorComment", "") or "").strip()
+    answer = f"C-STORE status 0x{code:04X}" + (f" ({meaning})" if meaning else "") + (
+        f": {comment[:200]}" if comment else "")
+    if _is_refusal(code):
+        raise DeliveryRefused(f"{where} refused the result: {answer}")
+    raise DeliveryError(f"{where} answered {answer}")
 
 
 def _slow_idle_polling(event: evt.Event) -> None:
@@ -263,6 +292,7 @@ TARGET_KINDS: dict[str, Callable[..., ExportTarget]] = {
     "dicom": CStoreExport,
     "stowrs": StowRsExport,
     "orthanc": OrthancExport,
+    "sender": SenderExport,
 }
 
 
