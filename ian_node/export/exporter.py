@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from io import BytesIO
 
 from pydicom import Dataset, dcmwrite
@@ -34,7 +34,7 @@ from ian_node.export.routing import Route, routed_targets, routes_for
 from ian_node.export.targets import DeliveryError, DeliveryRefused, ExportTarget, Origin
 from ian_node.polling import PollingThread
 from ian_node.storage.records import Delivery, Job
-from ian_node.storage.spool import Spool
+from ian_node.storage.spool import RESULTS_DIR, Spool, atomic_write
 from ian_node.storage.state import State
 
 logger = logging.getLogger(__name__)
@@ -82,14 +82,28 @@ class Exporter:
         self._draw = draw
         self._loop = PollingThread("ian-node-exporter", self._pass, error_wait_s=POLL_S)
 
-    def submit(self, job_id: int, result: Dataset) -> Job:
-        """Store a running job's result durably and queue one delivery per target it is routed to."""
-        buffer = BytesIO()
-        dcmwrite(buffer, result, enforce_file_format=True)
-        relpath = self._spool.write_result(job_id, buffer.getvalue())
+    def submit(self, job_id: int, results: Dataset | Sequence[Dataset], hold: bool = False) -> Job:
+        """Store a running job's results durably and queue one delivery per target it is routed to.
+
+        ``results``: the SEG first, then the job's other results (the SR, a probability SEG); each
+        delivery sends them all, and is confirmed only when every one is. Every file is durable before
+        the deliveries exist, so a crash in between re-runs the job (same UIDs), never loses a result.
+        ``hold``: the job is held (a QA FAIL) until an operator releases it (`State.retry_job`).
+        """
+        datasets = [results] if isinstance(results, Dataset) else list(results)
+        relpaths = []
+        for n, dataset in enumerate(datasets):
+            buffer = BytesIO()
+            dcmwrite(buffer, dataset, enforce_file_format=True)
+            if n == 0:
+                relpaths.append(self._spool.write_result(job_id, buffer.getvalue()))
+            else:  # beside the SEG, in the folder write_result made durable
+                relpaths.append(f"{RESULTS_DIR}/job-{job_id}-{n}.dcm")
+                atomic_write(self._spool.path(relpaths[-1]), buffer.getvalue())
         names = self.targets_for(job_id)
-        job = self._state.mark_job_exporting(job_id, relpath, names)
-        logger.info("job %d: result %s stored, %d deliveries queued%s", job_id, result.SOPInstanceUID, len(names),
+        job = self._state.mark_job_exporting(job_id, relpaths, names, hold=hold)
+        logger.info("job %d: result %s stored (%d files), %d deliveries queued%s", job_id, datasets[0].SOPInstanceUID,
+                    len(relpaths), len(names), " and held (QA FAIL)" if hold else
                     "" if names or not self._targets else " (no target's rules match its series: job done)")
         self.wake()
         return job
@@ -127,7 +141,8 @@ class Exporter:
             logger.error("job %d: target %r is no longer configured", job_id, name)
             return
         try:
-            target.send(self._spool.path(job.result_path), Origin(series.calling_ae, series.peer_host))
+            for relpath in job.result_paths:  # the SEG first: a target that refuses it gets nothing else
+                target.send(self._spool.path(relpath), Origin(series.calling_ae, series.peer_host))
         except Exception as exc:  # any failure of a target is a failed attempt, never a dead thread
             self._failed(delivery, exc)
             return
