@@ -3,7 +3,9 @@
 Reports cover the repeats that every model of the protocol finished (so that the paired tests compare
 the same images); runs of other repeats are listed in the summary as left out. With two or more such
 repeats the reports also give each repeat's ranking of the models by mean DSC and Kendall's tau
-between every pair of repeats (`reports/ranking.md`, `summary.json` `ranking_stability`).
+between every pair of repeats (`reports/ranking.md`, `summary.json` `ranking_stability`). Every run's
+test nerves are also scored per region, ramus, body and anterior loop / mental foramen
+(`training.regions`: `reports/regions.md`, `fig_regions.png`, `summary.json` `regions`).
 
 The exported checkpoint is our network's run with the highest validation DSC (the mean per-slice DSC
 of its validation patients at its best epoch, the weights exported), never a test score: the test
@@ -38,6 +40,7 @@ from training.localiser_run import checkpoint_record
 from training.loop import TrainResult, load_weights
 from training.metrics import METRICS, ImageScore, failure_rates, image_metrics
 from training.presets import Protocol
+from training.regions import RegionScore, SideStack, region_table, score_regions, side_stacks, write_region_reports
 from training.report import (
     GridRow,
     OverlayCase,
@@ -77,6 +80,24 @@ def score_runs(records: list[RunRecord], paths: BenchmarkPaths, slices: SliceSet
             scores.append(ImageScore.of(r.model, r.repeat, m.patient, m.side, m.slice,
                                         image_metrics(pred, slices.masks[k])))
     return scores
+
+
+def score_regions_of_runs(records: list[RunRecord], paths: BenchmarkPaths, slices: SliceSet) -> list[RegionScore]:
+    """Per-region DSC and recall (`training.regions`) of every run's test nerves, with nominal geometry.
+
+    The regions of a repeat's test nerves come from their ground truth alone, so they are computed
+    once per set of test samples and shared by every model.
+    """
+    stacks: dict[bytes, list[SideStack]] = {}
+    rows = []
+    for r in records:
+        indices, masks = load_predictions(paths.run_dir(r.model, r.repeat))
+        key = np.asarray(indices, dtype=np.int64).tobytes()
+        if key not in stacks:
+            stacks[key] = side_stacks(slices.metas, slices.masks, indices)
+        rows += score_regions(r.model, r.repeat, stacks[key], slices.masks,
+                              {int(k): m for k, m in zip(indices, masks, strict=True)})
+    return rows
 
 
 def _prediction_lookup(paths: BenchmarkPaths, slices: SliceSet, model: str, keys: list[tuple]) -> dict[tuple, np.ndarray]:
@@ -123,6 +144,13 @@ def write_reports(records: list[RunRecord], ledger: Ledger, paths: BenchmarkPath
     pvalues = compare_to_reference(scores, PAPER_NETWORK) if PAPER_NETWORK in models and len(models) > 1 else []
     files = write_metric_reports(scores, paths.reports, pvalues)
     files.update(write_figures(scores, paths, slices, models))
+    region_rows = score_regions_of_runs(used, paths, slices)
+    regions = None
+    if region_rows:
+        files.update(write_region_reports(region_rows, paths.reports, nominal=True))
+        regions = {"geometry": "nominal", "table": [
+            {"model": m, "region": g, "n": v[0], "dsc_mean": v[1], "dsc_sd": v[2], "recall_mean": v[3],
+             "recall_sd": v[4]} for (m, g), v in region_table(region_rows).items()]}
     files["timing_csv"], files["timing_md"] = write_timing(
         [RunTiming(r.model, r.repeat, r.train_seconds, r.seconds_per_slice) for r in used], paths.reports)
     table1 = {s.model: {"n": s.n, **{m: asdict(s.metrics[m]) for m in METRICS}} for s in summarize(scores)}
@@ -136,6 +164,7 @@ def write_reports(records: list[RunRecord], ledger: Ledger, paths: BenchmarkPath
                              for p in stability.pairs]}
         logger.info("ranking stability over %d repeats: mean Kendall tau %.3f", len(repeats), stability.mean_tau)
     return {"repeats_reported": repeats, "runs_left_out": left_out, "scores": scores, "table1": table1,
+            "regions": regions,
             "pvalues": [asdict(p) for p in pvalues], "ranking_stability": ranking,
             "files": {k: str(v) for k, v in files.items()}}
 
@@ -284,6 +313,7 @@ def write_summary(paths: BenchmarkPaths, ledger: Ledger, records: list[RunRecord
         "table2": {m: asdict(failure_rates(v)) for m, v in by_model.items()},
         "pvalues": reports["pvalues"],
         "ranking_stability": reports["ranking_stability"],
+        "regions": reports["regions"],
         "timing": {r.key: {"train_hours": r.train_seconds / 3600, "seconds_per_slice": r.seconds_per_slice}
                    for r in records},
         "files": reports["files"],

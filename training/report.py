@@ -109,8 +109,7 @@ def summarize(scores: Iterable[ImageScore], metrics: Sequence[str] = METRICS) ->
         summaries = {}
         for metric in metrics:
             v = np.array([getattr(s, metric) for s in items], dtype=np.float64)
-            sd = float(np.std(v, ddof=1)) if v.size > 1 else 0.0
-            summaries[metric] = MetricSummary(float(np.mean(v)), sd, float(np.median(v)))
+            summaries[metric] = MetricSummary(float(np.mean(v)), sample_sd(v), float(np.median(v)))
         rows.append(ModelSummary(model, len(items), summaries))
     return rows
 
@@ -142,9 +141,9 @@ def read_per_image_csv(path: str | Path) -> list[ImageScore]:
 def write_table1(scores: Iterable[ImageScore], out_dir: str | Path) -> tuple[Path, Path]:
     """table1.csv (numbers) and table1.md (the paper's layout, best mean per metric in bold)."""
     rows = summarize(scores)
-    out = _dir(out_dir)
+    out = report_dir(out_dir)
     header = ["model", "display_name", "n"] + [f"{m}_{s}" for m in METRICS for s in ("mean", "sd", "median")]
-    _write_csv(out / "table1.csv", header, [
+    write_csv(out / "table1.csv", header, [
         [r.model, display_name(r.model), r.n]
         + [getattr(r.metrics[m], s) for m in METRICS for s in ("mean", "sd", "median")] for r in rows
     ])
@@ -173,9 +172,9 @@ def write_table1(scores: Iterable[ImageScore], out_dir: str | Path) -> tuple[Pat
 def write_table2(scores: Iterable[ImageScore], out_dir: str | Path) -> tuple[Path, Path]:
     """table2.csv and table2.md: failure rates in percent, lowest per column in bold."""
     grouped = _by_model(scores)
-    out = _dir(out_dir)
+    out = report_dir(out_dir)
     rates = {m: failure_rates(s.dsc for s in grouped[m]) for m in model_order(grouped)}
-    _write_csv(out / "table2.csv", ["model", "display_name", "n", "complete_pct", "tracking_pct", "boundary_pct"], [
+    write_csv(out / "table2.csv", ["model", "display_name", "n", "complete_pct", "tracking_pct", "boundary_pct"], [
         [m, display_name(m), r.n, 100 * r.complete, 100 * r.tracking, 100 * r.boundary] for m, r in rates.items()
     ])
     kinds = ("complete", "tracking", "boundary")
@@ -200,9 +199,9 @@ def write_pvalues(rows: Sequence[PValueRow], out_dir: str | Path) -> tuple[Path,
     """pvalues.csv (every field) and pvalues.md (Bonferroni-adjusted p per comparator and metric)."""
     if not rows:
         raise ValueError("no p-value rows to write")
-    out = _dir(out_dir)
+    out = report_dir(out_dir)
     fields = list(PValueRow.__dataclass_fields__)
-    _write_csv(out / "pvalues.csv", fields, [[getattr(r, f) for f in fields] for r in rows])
+    write_csv(out / "pvalues.csv", fields, [[getattr(r, f) for f in fields] for r in rows])
     metrics = list(dict.fromkeys(r.metric for r in rows))
     table = {(r.comparator, r.metric): r for r in rows}
     reference = rows[0].reference
@@ -230,14 +229,14 @@ def write_timing(timings: Iterable[RunTiming], out_dir: str | Path) -> tuple[Pat
         grouped[t.model].append(t)
     if not grouped:
         raise ValueError("no run timings to write")
-    out = _dir(out_dir)
+    out = report_dir(out_dir)
     rows = []
     for m in model_order(grouped):
         ts = grouped[m]
         hours = [t.train_seconds / 3600 for t in ts]
         rows.append([m, display_name(m), len(ts), float(np.mean([t.seconds_per_slice for t in ts])),
                      float(np.mean(hours)), float(np.sum(hours))])
-    _write_csv(out / "timing.csv", ["model", "display_name", "runs", "seconds_per_slice",
+    write_csv(out / "timing.csv", ["model", "display_name", "runs", "seconds_per_slice",
                                     "training_hours_per_run", "training_hours_total"], rows)
     lines = ["**Timing.** Inference time per slice and training time (mean per run, and summed over runs).", "",
              "| Model | Runs | Inference (s/slice) | Training (h/run) | Training total (h) |", "|---|---|---|---|---|"]
@@ -249,13 +248,13 @@ def write_timing(timings: Iterable[RunTiming], out_dir: str | Path) -> tuple[Pat
 def write_ranking(stability: RankingStability, out_dir: str | Path) -> tuple[Path, Path, Path]:
     """ranking.csv (mean score and rank per model and repeat), ranking_tau.csv (Kendall's tau per pair of
     repeats) and ranking.md (both, and the mean tau): whether the repeats agree on the order of the models."""
-    out = _dir(out_dir)
+    out = report_dir(out_dir)
     repeats = sorted(stability.means)
     models = model_order(stability.means[repeats[0]])
     ranks = {r: _ranks(stability.means[r]) for r in repeats}
-    _write_csv(out / "ranking.csv", ["model", "display_name", "repeat", f"mean_{stability.metric}", "rank"], [
+    write_csv(out / "ranking.csv", ["model", "display_name", "repeat", f"mean_{stability.metric}", "rank"], [
         [m, display_name(m), r, stability.means[r][m], ranks[r][m]] for r in repeats for m in models])
-    _write_csv(out / "ranking_tau.csv", ["repeat_a", "repeat_b", "kendall_tau", "p_value"],
+    write_csv(out / "ranking_tau.csv", ["repeat_a", "repeat_b", "kendall_tau", "p_value"],
                [[p.repeat_a, p.repeat_b, p.tau, p.p_value] for p in stability.pairs])
     label = METRIC_LABELS.get(stability.metric, stability.metric)
     lines = [f"**Ranking stability.** Mean test {label} of each model per repeat (rank, 1 = best), and "
@@ -286,7 +285,7 @@ def plot_fig4(scores: Iterable[ImageScore], path: str | Path) -> Path:
         ax.set_title(METRIC_LABELS[metric])
         ax.set_ylim(-0.03, 1.03)
         ax.grid(axis="y", alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def select_fig5_cases(scores: Iterable[ImageScore], model: str = PAPER_NETWORK) -> list[tuple[str, ImageScore]]:
@@ -325,7 +324,7 @@ def plot_fig5(cases: Sequence[OverlayCase], path: str | Path) -> Path:
             if row == 0:
                 ax.set_title(label)
         axes[row, 0].set_ylabel(f"({letter}) {case.title}", fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def select_fig6_keys(scores: Iterable[ImageScore], reference: str = PAPER_NETWORK, n: int = 4) -> list[tuple]:
@@ -365,7 +364,7 @@ def plot_fig6(rows: Sequence[GridRow], path: str | Path, models: Sequence[str] |
             ax.set_xticks([]), ax.set_yticks([])
             if r == 0:
                 ax.set_title(titles[c], fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def overlay(gray: np.ndarray, layers: Sequence[tuple[np.ndarray, tuple[float, float, float]]],
@@ -383,7 +382,7 @@ def overlay(gray: np.ndarray, layers: Sequence[tuple[np.ndarray, tuple[float, fl
 def write_metric_reports(scores: Sequence[ImageScore], out_dir: str | Path,
                          pvalues: Sequence[PValueRow] = ()) -> dict[str, Path]:
     """Everything that needs only the per-image scores (and p-values): CSV, Tables 1 and 2, Fig 4."""
-    out = _dir(out_dir)
+    out = report_dir(out_dir)
     paths = {"per_image_csv": write_per_image_csv(scores, out / "per_image_metrics.csv")}
     paths["table1_csv"], paths["table1_md"] = write_table1(scores, out)
     paths["table2_csv"], paths["table2_md"] = write_table2(scores, out)
@@ -401,6 +400,11 @@ def _by_model(scores: Iterable[ImageScore]) -> dict[str, list[ImageScore]]:
     if not grouped:
         raise ValueError("no per-image scores")
     return dict(grouped)
+
+
+def sample_sd(values: np.ndarray) -> float:
+    """Sample standard deviation (ddof = 1); 0 for a single value, as in Table 1."""
+    return float(np.std(values, ddof=1)) if values.size > 1 else 0.0
 
 
 def _ranks(means: Mapping[str, float]) -> dict[str, float]:
@@ -428,20 +432,20 @@ def _format_p(p: float) -> str:
     return f"{p:.2e}" if p < 0.001 else f"{p:.3f}"
 
 
-def _write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[object]]) -> None:
+def write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[object]]) -> None:
     with path.open("w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(header)
         writer.writerows(rows)
 
 
-def _dir(out_dir: str | Path) -> Path:
+def report_dir(out_dir: str | Path) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     return out
 
 
-def _save(fig: Figure, path: str | Path) -> Path:
+def save_figure(fig: Figure, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png")

@@ -31,7 +31,8 @@ from training.runner import BenchmarkPaths, Ledger, load_predictions
 
 SMOKE = ["--preset", "smoke", "--threads", "1", "--no-progress"]
 REPORTS = ("per_image_metrics.csv", "table1.csv", "table1.md", "table2.csv", "table2.md", "pvalues.csv",
-           "pvalues.md", "timing.csv", "timing.md", "fig4_boxplots.png", "fig5_overlays.png", "fig6_grid.png")
+           "pvalues.md", "timing.csv", "timing.md", "fig4_boxplots.png", "fig5_overlays.png", "fig6_grid.png",
+           "region_scores.csv", "regions.csv", "regions.md", "fig_regions.png")
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -54,7 +55,7 @@ def _rows(path: Path) -> list[dict[str, str]]:
 def test_smoke_run_writes_every_artefact(smoke):
     for name in REPORTS:
         assert (smoke / "reports" / name).stat().st_size > 0, name
-    for name in ("fig4_boxplots.png", "fig5_overlays.png", "fig6_grid.png"):
+    for name in ("fig4_boxplots.png", "fig5_overlays.png", "fig6_grid.png", "fig_regions.png"):
         assert (smoke / "reports" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for model in NETWORKS:
         run = smoke / "runs" / model / "repeat_0"
@@ -87,6 +88,18 @@ def test_table2_rates_follow_the_dsc_thresholds_of_the_per_image_csv(smoke):
         assert float(row["complete_pct"]) == pytest.approx(100 * np.mean(v == 0))
         assert float(row["tracking_pct"]) == pytest.approx(100 * np.mean(v < 0.2))
         assert float(row["boundary_pct"]) == pytest.approx(100 * np.mean(v < 0.3))
+
+
+def test_region_table_means_the_nerves_of_the_region_scores(smoke):
+    rows = [r for r in _rows(smoke / "reports" / "region_scores.csv") if int(r["tp"]) + int(r["fn"]) > 0]
+    assert {r["model"] for r in rows} == set(NETWORKS) and {r["region"] for r in rows} == {"ramus", "body", "mental"}
+    table = {(r["model"], r["region"]): r for r in _rows(smoke / "reports" / "regions.csv")}
+    for (model, region), row in table.items():
+        mine = [r for r in rows if (r["model"], r["region"]) == (model, region)]
+        assert int(row["n"]) == len(mine) > 0
+        assert float(row["recall_mean"]) == pytest.approx(np.mean([float(r["recall"]) for r in mine]), abs=1e-12)
+    summary = json.loads((smoke / "summary.json").read_text())
+    assert summary["regions"]["geometry"] == "nominal" and len(summary["regions"]["table"]) == len(table)
 
 
 def test_pvalue_table_compares_our_network_with_six_comparators_on_four_metrics(smoke):
