@@ -27,6 +27,7 @@ from typing import Any
 from urllib.parse import quote
 
 from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
@@ -223,7 +224,7 @@ class StatusPage:
         if refusal is not None:
             return refusal
         try:
-            job = self.sources.state.retry_job(job_id)
+            job = await run_in_threadpool(self.sources.state.retry_job, job_id)
         except StateError as exc:
             return self._html("missing.html", 409, **self._context(visit, job_id=job_id, problem=str(exc)))
         logger.info("job %d: retry requested on the status page (now %s)", job.id, job.state)
