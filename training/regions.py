@@ -232,7 +232,7 @@ def plot_regions(rows: Sequence[RegionScore], path: str | Path) -> Path:
             ax.bar(x, [np.mean(v) if v else 0.0 for v in values], width * 0.9, label=display_name(m))
             for xi, v in zip(x, values, strict=True):
                 ax.plot(np.full(len(v), xi), v, ".", color="black", markersize=3, alpha=0.6)
-        ax.set_xticks(range(len(names)), [REGION_TITLES[g] for g in names])
+        ax.set_xticks(range(len(names)), [REGION_TITLES[g].replace(" / ", " /\n") for g in names])
         ax.set_title(METRIC_LABELS[metric])
         ax.set_ylim(0, 1.03)
         ax.grid(axis="y", alpha=0.3)
