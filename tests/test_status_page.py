@@ -41,6 +41,9 @@ from tests.integration.node_harness import untrained_checkpoint, wait_for
 TOKEN = "status-page-test-token-0123456789"
 #: Small, but with nerves on both sides (the phantom's ground truth).
 PHANTOM = PhantomConfig(shape=(24, 96, 96))
+#: The job's per-side QA, as the worker records it (``SideQA.as_json``, abridged).
+QA = [{"side": "left", "verdict": "WARN", "reasons": ["a gap of 6.1 mm along the tract"]},
+      {"side": "right", "verdict": "PASS", "reasons": []}]
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +117,7 @@ def served(root: Path, phantom: PhantomFiles, checkpoint: Path, api: ApiConfig) 
     job = _store_series(state, spool, phantom)
     state.record_segmentation(job.id, crop_request={"mode": "half", "source": "config"}, crop=None,
                               outcome=JobOutcome.SEGMENTED, voxels={"right": 10, "left": 12},
-                              timings={"inference": 0.5})
+                              timings={"inference": 0.5}, qa=QA)
     exporter.submit(job.id, pydicom.dcmread(phantom.seg))
     assert exporter.deliver_due() == 1
     app = FastAPI()
@@ -171,6 +174,13 @@ def test_page_and_its_assets_reference_no_external_url(open_page: Served) -> Non
         pages.append(response.text)
     for text in pages:
         assert not re.search(r"https?://", text, re.IGNORECASE), re.search(r".{40}https?://.{40}", text)
+
+
+def test_each_sides_qa_verdict_is_shown_with_its_reasons(open_page: Served) -> None:
+    row = _get(f"{open_page.url}/").text
+    assert re.search(r'qa-pass"[^>]*>R PASS<.*qa-warn"[^>]*>L WARN<', row, re.DOTALL), row
+    job = _get(f"{open_page.url}/ui/jobs/{open_page.job.id}").text
+    assert "a gap of 6.1 mm along the tract" in job
 
 
 def test_job_page_lists_the_failed_delivery_with_its_error_and_a_retry_button(open_page: Served) -> None:

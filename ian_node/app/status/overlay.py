@@ -28,6 +28,7 @@ import pydicom
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from ian_node.logs import exception_text
 from ian_node.segment.seg import read_segmentation_labels
 from ian_node.segment.volume import Side, load_series
 from ian_node.storage.records import Job
@@ -180,7 +181,11 @@ class OverlayCache:
         missing = [p for p in sources if not p.is_file()]
         if not sources or missing or not result.is_file():
             raise OverlayUnavailable(f"job {job.id}: the source instances or the result are no longer in the spool")
-        pictures = render_overlays(sources, result)
+        try:
+            pictures = render_overlays(sources, result)
+        except Exception as exc:  # a series or SEG the node accepted but cannot picture: say so, keep serving
+            logger.warning("job %d: overlay pictures cannot be drawn: %s", job.id, exception_text(exc))
+            raise OverlayUnavailable(f"job {job.id}: the pictures cannot be drawn ({type(exc).__name__})") from exc
         for (side, plane), png in pictures.items():
             atomic_write(self._spool.root / overlay_relpath(job.id, side, plane), png)
         logger.info("job %d: %d overlay pictures drawn", job.id, len(pictures))

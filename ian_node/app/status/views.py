@@ -98,13 +98,11 @@ class HeaderCache:
 
 
 def _qa(job: Job) -> list[dict[str, Any]]:
-    """The job's per-side QA (``qa``: {side: {"verdict", "reasons"}} or a list of such with ``side``), if it has one."""
-    qa = getattr(job, "qa", None)
-    if not qa:
-        return []
-    items = [{"side": side, **value} for side, value in qa.items()] if isinstance(qa, dict) else list(qa)
+    """The job's per-side QA verdicts and reasons (``SideQA.as_json`` records), right first; empty without QA."""
+    order = {side: n for n, side in enumerate(SIDES)}
+    items = sorted(job.qa or (), key=lambda i: order.get(str(i.get("side")), len(order)))
     return [{"side": str(i.get("side", "")), "verdict": str(i.get("verdict", "")).upper(),
-             "reasons": [str(r) for r in i.get("reasons", ())]} for i in items if isinstance(i, dict)]
+             "reasons": [str(r) for r in i.get("reasons", ())]} for i in items]
 
 
 def _duration(job: Job) -> float | None:
@@ -182,8 +180,9 @@ class PageView:
 
     @staticmethod
     def retryable(job: Job) -> bool:
-        """A failed job can be retried: its failed deliveries re-sent, or (without a result) the job re-run."""
-        return job.state is JobState.FAILED
+        """A failed job can be retried (its failed deliveries re-sent, or without a result the job re-run),
+        and a held one released: both through ``State.retry_job``, as the API's retry."""
+        return job.state in (JobState.FAILED, JobState.HELD)
 
     @staticmethod
     def pictures() -> list[tuple[str, list[str]]]:
