@@ -1,7 +1,8 @@
 """The node's typed configuration: TOML file, then environment overrides, validated at start-up.
 
-A node runs with no file at all. The sections and their defaults: :mod:`ian_node.config.sections`;
-the file and the ``IAN_NODE_<SECTION>_<KEY>`` overrides: :mod:`ian_node.config.loading`.
+A node runs with no file at all. The sections and their defaults (frozen pydantic dataclasses):
+:mod:`ian_node.config.sections`; the file and the ``IAN_NODE_<SECTION>_<KEY>`` overrides (read by
+pydantic-settings): :mod:`ian_node.config.loading`.
 """
 
 from ian_node.config.loading import load_config

@@ -70,7 +70,6 @@ def load_config(path: Path | None = None, environ: Mapping[str, str] | None = No
     except SettingsError:
         if not source.errors:
             raise
-        overrides = {}
     if source.errors:  # pydantic-settings lets an optional key's undecodable text through: ours says why
         raise source.errors[0]
     for section, values in overrides.items():
@@ -106,7 +105,7 @@ class _EnvironmentSource(EnvSettingsSource):
                 raise ConfigError(name, "names no configuration key (see ian_node/config/sections.py)")
         super().__init__(_Environment)
 
-    def _load_env_vars(self) -> Mapping[str, str | None]:
+    def _load_env_vars(self) -> Mapping[str, str | None]:  # the hook pydantic-settings' dotenv source overrides too
         return parse_env_vars(self.given, self.case_sensitive, self.env_ignore_empty, self.env_parse_none_str)
 
     def variable(self, loc: tuple[Any, ...]) -> str:
@@ -115,7 +114,8 @@ class _EnvironmentSource(EnvSettingsSource):
         return name if name in self.given else ""
 
     def decode_complex_value(self, field_name: str, field: FieldInfo | None, value: Any) -> Any:
-        name = next(n for n, v in self.given.items() if v == value and n.lower().endswith(f"_{field_name}"))
+        # the source passes the text and the key, not the variable: find it to name it in an error
+        name = next((n for n, v in self.given.items() if v == value and n.lower().endswith(f"_{field_name}")), "")
         if value.lstrip().startswith("["):
             try:
                 return tomllib.loads(f"v = {value}")["v"]

@@ -55,16 +55,16 @@ class ConfigError(ValueError):
     def from_validation(cls, exc: ValidationError, name: Callable[[tuple[Any, ...]], str] | None = None) -> ConfigError:
         """The first of pydantic's errors as a ConfigError; ``name`` may rename a location (an environment variable)."""
         err = exc.errors(include_url=False)[0]
-        loc = tuple(p for i, p in enumerate(err["loc"]) if not (i and isinstance(err["loc"][i - 1], int)
-                                                               and p in TARGET_CONFIG_TYPES))  # the union's tag
-        ctx, kind = err.get("ctx", {}), err["type"]
+        at, ctx, kind = err["loc"], err.get("ctx", {}), err["type"]
+        # an export target's location holds its kind after the index (export.targets.0.dicom.host): drop it
+        loc = tuple(p for i, p in enumerate(at) if not (i and isinstance(at[i - 1], int) and p in TARGET_CONFIG_TYPES))
         if isinstance(ctx.get("error"), ConfigError):  # a section's validator: its key is relative to the section
             return cls(_dotted(loc + (ctx["error"].key,), name), ctx["error"].reason)
-        if kind in ("union_tag_invalid", "union_tag_not_found"):
-            tags = ctx.get("expected_tags", ", ".join(map(repr, TARGET_CONFIG_TYPES)))
-            return cls(_dotted(loc + ("kind",), name), f"must be one of {tags}, got {ctx.get('tag')!r}")
-        reason = {"missing": "is required", "unexpected_keyword_argument": "unknown key",
-                  "extra_forbidden": "unknown key"}.get(kind)
+        if kind == "union_tag_invalid":
+            return cls(_dotted(loc + ("kind",), name), f"must be one of {ctx['expected_tags']}, got {ctx['tag']!r}")
+        reason = {"missing": "is required", "union_tag_not_found": "is required",
+                  "unexpected_keyword_argument": "unknown key", "extra_forbidden": "unknown key"}.get(kind)
+        loc += ("kind",) if kind == "union_tag_not_found" else ()
         if reason is None:
             reason = re.sub(r"^\w+ should", "must", err["msg"].removeprefix("Value error, "))
             if kind != "value_error" and not isinstance(err["input"], dict | list | tuple):
