@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import hmac
 import re
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
 import pytest
 import requests
+from fastapi.routing import APIRoute
 
+from ian_node.app.api import MAX_BODY_BYTES
 from ian_node.app.node import Node
+from ian_node.app.server import ApiStartError
 from ian_node.config import ApiConfig, DicomTarget, ExportConfig
 from ian_node.net import free_port
 from ian_node.storage.records import JobState, ReceivedInstance
@@ -84,12 +88,13 @@ def _samples(text: str) -> dict[str, float]:
         match = _SAMPLE_RE.match(line)
         assert match, f"not a Prometheus sample line: {line!r}"
         name = match.group(1)
-        assert any(name == t or name in (f"{t}_sum", f"{t}_count") for t in typed), f"{name} has no TYPE line"
+        assert any(name == t or name in (f"{t}_sum", f"{t}_count", f"{t}_bucket") for t in typed), \
+            f"{name} has no TYPE line"
         samples[line.rsplit(" ", 1)[0]] = float(match.group(4))
     return samples
 
 
-def test_metrics_count_instances_jobs_deliveries_and_stage_timings(url: str) -> None:
+def test_metrics_count_instances_jobs_deliveries_the_backlog_and_stage_timings(url: str) -> None:
     response = requests.get(f"{url}/metrics", timeout=10)
     assert response.status_code == 200
     assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
@@ -101,6 +106,11 @@ def test_metrics_count_instances_jobs_deliveries_and_stage_timings(url: str) -> 
     assert samples['ian_node_stage_seconds_count{stage="total"}'] == 1
     assert samples['ian_node_stage_seconds_sum{stage="total"}'] > 0
     assert samples['ian_node_stage_seconds_sum{stage="inference"}'] > 0
+    assert "# TYPE ian_node_stage_seconds histogram" in response.text
+    assert samples['ian_node_stage_seconds_bucket{le="+Inf",stage="total"}'] == 1
+    assert samples['ian_node_stage_seconds_bucket{le="0.01",stage="total"}'] == 0
+    assert samples['ian_node_delivery_backlog{state="failed",target="pacs"}'] == 1
+    assert not [name for name in samples if name.endswith("_created") or "_created{" in name]
 
 
 def test_jobs_list_and_detail_show_the_job_its_deliveries_and_series(url: str, node: Node) -> None:
@@ -219,11 +229,13 @@ def token_node(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path) -> It
 
 #: One request per route of the API (a path parameter filled in), /health aside.
 _PROTECTED = [("GET", "/metrics"), ("GET", "/jobs"), ("POST", "/jobs"), ("GET", "/jobs/1"),
-              ("POST", "/jobs/1/retry"), ("GET", "/series")]
+              ("POST", "/jobs/1/retry"), ("GET", "/series"), ("GET", "/openapi.json"), ("GET", "/docs"),
+              ("GET", "/docs/swagger-ui-bundle.js")]
 
 
 def test_every_route_but_health_answers_401_without_the_token(token_node: Node) -> None:
-    routes = [(method, pattern) for method, pattern, _, _ in token_node.api.api._routes if pattern.pattern != "/health"]
+    routes = [(method, route.path_regex) for route in token_node.api.app.routes if isinstance(route, APIRoute)
+              and route.path != "/health" for method in route.methods]
     assert len(routes) == len(_PROTECTED) and all(  # a new route must be added to _PROTECTED
         any(m == method and pattern.fullmatch(path) for m, path in _PROTECTED) for method, pattern in routes)
     url = api_url(token_node)
@@ -234,6 +246,43 @@ def test_every_route_but_health_answers_401_without_the_token(token_node: Node) 
             assert answer.status_code == 401, (method, path, headers, answer.text)
             assert answer.json() == {"error": "a valid bearer token is required"}
     assert requests.get(f"{url}/health", timeout=10).status_code == 200
+
+
+def test_docs_page_loads_only_the_nodes_own_files_and_the_schema_lists_every_route(token_node: Node) -> None:
+    url, auth = api_url(token_node), {"Authorization": f"Bearer {TOKEN}"}
+    page = requests.get(f"{url}/docs", headers=auth, timeout=10)
+    assert page.status_code == 200 and page.headers["Content-Type"].startswith("text/html")
+    references = re.findall(r"""(?:src|href|url)\s*[=:]\s*["']([^"']+)["']""", page.text)
+    assert len(references) == 4 and all(r.startswith("/") for r in references), references  # no CDN
+    for reference in references:
+        assert requests.get(f"{url}{reference}", headers=auth, timeout=10).status_code == 200, reference
+    assert "SwaggerUIBundle" in requests.get(f"{url}/docs/swagger-ui-bundle.js", headers=auth, timeout=10).text
+    schema = requests.get(f"{url}/openapi.json", headers=auth, timeout=10).json()
+    assert set(schema["paths"]) == {"/health", "/metrics", "/jobs", "/jobs/{job_id}", "/jobs/{job_id}/retry",
+                                    "/series"}
+    assert set(schema["paths"]["/jobs"]) == {"get", "post"}
+    assert schema["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+    assert "security" not in schema["paths"]["/health"]["get"] and schema["paths"]["/jobs"]["get"]["security"]
+    assert requests.get(f"{url}/docs/index.html", headers=auth, timeout=10).status_code == 404
+
+
+def test_a_body_larger_than_the_limit_is_413(url: str) -> None:
+    response = requests.post(f"{url}/jobs", data=b" " * (MAX_BODY_BYTES + 1), timeout=10)
+    assert response.status_code == 413 and str(MAX_BODY_BYTES) in response.json()["error"]
+
+
+def test_a_port_in_use_stops_the_start_with_an_error_naming_it(tmp_path: Path, checkpoint: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        node = Node(node_config(tmp_path, checkpoint, api=ApiConfig(port=port)))
+        try:
+            with pytest.raises(ApiStartError, match=rf"127\.0\.0\.1 port {port} \(api\.bind, api\.port\): .*in use"):
+                node.start()
+            assert node.worker.totals.jobs == 0 and node.state.list_jobs() == []
+        finally:
+            node.stop()
 
 
 def test_the_token_is_compared_with_hmac_compare_digest(token_node: Node, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ian_node.app.metrics import render_metrics
-from ian_node.jobs.worker import StageTotals
+from ian_node.app.metrics import NodeMetrics
 from ian_node.receive.counters import ReceiveCounters, Refusal
 from ian_node.storage.state import State
 
@@ -21,13 +20,13 @@ def state(tmp_path: Path) -> Iterator[State]:
     s.close()
 
 
-def _samples(text: str, family: str) -> dict[str, int]:
-    return {line.split(" ")[0]: int(line.split(" ")[1]) for line in text.splitlines()
+def _samples(text: str, family: str) -> dict[str, float]:
+    return {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
             if line.startswith(family + "{")}
 
 
 def test_every_reason_and_failure_status_is_rendered_from_zero(state: State) -> None:
-    text = render_metrics(state, StageTotals(seconds={}), receive=ReceiveCounters())
+    text = NodeMetrics(state, receive=ReceiveCounters()).text()
     refusals = _samples(text, "ian_node_refusals_total")
     assert refusals == {f'ian_node_refusals_total{{reason="{r}"}}': 0 for r in Refusal}
     assert _samples(text, "ian_node_store_failures_total") == {
@@ -50,14 +49,14 @@ def test_counts_from_many_threads_add_up(state: State) -> None:
     for t in threads:
         t.join()
     counters.store_failed(0xC211)  # a status the SCP does not list is rendered once answered
-    text = render_metrics(state, StageTotals(seconds={}), receive=counters)
-    assert 'ian_node_refusals_total{reason="sop_class_not_configured"} 8000' in text.splitlines()
-    assert 'ian_node_store_failures_total{status="0xC210"} 8000' in text.splitlines()
-    assert 'ian_node_store_failures_total{status="0xC211"} 1' in text.splitlines()
+    text = NodeMetrics(state, receive=counters).text()
+    assert 'ian_node_refusals_total{reason="sop_class_not_configured"} 8000.0' in text.splitlines()
+    assert 'ian_node_store_failures_total{status="0xC210"} 8000.0' in text.splitlines()
+    assert 'ian_node_store_failures_total{status="0xC211"} 1.0' in text.splitlines()
 
 
 def test_without_the_scp_the_families_are_declared_with_no_samples(state: State) -> None:
-    text = render_metrics(state, StageTotals(seconds={}))
+    text = NodeMetrics(state).text()
     assert "# TYPE ian_node_refusals_total counter" in text
     assert _samples(text, "ian_node_refusals_total") == {} and _samples(text, "ian_node_store_failures_total") == {}
-    assert "ian_node_instances_received_total 0" in text.splitlines()
+    assert "ian_node_instances_received_total 0.0" in text.splitlines()

@@ -1,4 +1,4 @@
-"""The node's HTTP API: health, metrics, jobs, retry and the pull trigger (stdlib http.server).
+"""The node's HTTP API (FastAPI): health, metrics, jobs, retry and the pull trigger.
 
 Routes (JSON unless stated; errors are ``{"error": "..."}`` with a 4xx/5xx status):
 
@@ -12,6 +12,7 @@ Routes (JSON unless stated; errors are ``{"error": "..."}`` with a 4xx/5xx statu
   ``flag`` (what an operator must know about the result, else null), ``roi`` (the crop used per side:
   mode, box_mm, confidence), ``roi_request`` (the crop asked for and by whom: ``"source": "api"`` or
   ``"config"``), and per-side ``voxels`` and stage ``timings``.
+- ``GET /series?status=&limit=``: recent series, e.g. those the selection rules skipped, with reasons.
 - ``POST /jobs/{id}/retry``: re-deliver a failed job's result, or re-run it (409 unless failed). A
   body ``{"roi": {"right": [[x_min, x_max], [y_min, y_max], [z_min, z_max]], "left": ...}}`` re-runs it
   with those boxes (LPS mm), e.g. after "no mandible region found" (409 when it has a result).
@@ -20,34 +21,40 @@ Routes (JSON unless stated; errors are ``{"error": "..."}`` with a 4xx/5xx statu
   the series or its data cannot be taken, 404 when the source has no such series, 502 when the
   source fails. An optional ``"roi"`` (as for a retry) crops this job to those boxes; 400 when it is
   malformed, 409 when the series' version already has its job (retry that one with the ``roi``).
+- ``GET /docs`` (Swagger UI, its assets served by the node itself: no CDN) and ``GET /openapi.json``.
 
 With ``api.token`` set, every route but ``/health`` needs ``Authorization: Bearer <token>``
-(compared in constant time; 401 otherwise). The API listens on ``api.bind`` (127.0.0.1 by default).
+(compared in constant time; 401 otherwise). :func:`create_app` builds the application; ``/`` is left
+free for a router that an embedding module adds with ``app.include_router(router,
+dependencies=token_dependencies(config))``. :mod:`ian_node.app.server` runs it.
 """
 
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import json
 import logging
-import re
-import socket
-import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from enum import StrEnum
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, TypeVar
-from urllib.parse import parse_qs, urlsplit
+from pathlib import Path as FilePath
+from typing import Annotated, Any
+
+import fastapi_offline
+from fastapi import Depends, FastAPI, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException
+from starlette.routing import Match
 
 from ian_node import __version__
-from ian_node.app.metrics import CONTENT_TYPE, PullCounter, render_metrics
+from ian_node.app.metrics import CONTENT_TYPE, NodeMetrics
 from ian_node.config import ApiConfig
 from ian_node.export.exporter import Exporter
 from ian_node.jobs.worker import Worker
-from ian_node.receive.counters import ReceiveCounters
 from ian_node.receive.pull import (
     Puller,
     PullError,
@@ -65,8 +72,24 @@ logger = logging.getLogger(__name__)
 #: The largest request body accepted (a pull request is a few hundred bytes).
 MAX_BODY_BYTES = 64 * 1024
 MAX_LIST_LIMIT = 1000
+#: Job ids are SQLite integers; anything longer is not one.
+MAX_JOB_ID = 10**18 - 1
 #: The ``outcome`` label of ``ian_node_pulls_total`` for each failed pull's status.
 _PULL_OUTCOMES = {400: "bad_request", 404: "not_found", 422: "refused", 502: "source_error", 503: "cancelled"}
+#: Swagger UI's script, style sheet and icon, as the fastapi-offline package ships them.
+_SWAGGER_FILES = FilePath(fastapi_offline.__file__).parent / "static"
+_SWAGGER_ASSETS = {"swagger-ui-bundle.js": "text/javascript", "swagger-ui.css": "text/css", "favicon.png": "image/png"}
+
+
+@dataclass(frozen=True)
+class NodeApi:
+    """The parts of the node that the routes read and drive."""
+
+    state: State
+    worker: Worker
+    exporter: Exporter
+    puller: Puller
+    metrics: NodeMetrics
 
 
 class ApiError(Exception):
@@ -78,15 +101,15 @@ class ApiError(Exception):
         self.headers = headers or {}
 
 
-@dataclass(frozen=True)
-class Response:
-    status: HTTPStatus
-    body: bytes
-    content_type: str = "application/json"
+class JsonAnswer(JSONResponse):
+    """JSON as the API has always written it: indented by one space, ending with a newline."""
+
+    def render(self, content: Any) -> bytes:
+        return (json.dumps(content, indent=1) + "\n").encode()
 
 
-def _json(status: HTTPStatus, payload: Any) -> Response:
-    return Response(status, (json.dumps(payload, indent=1) + "\n").encode())
+def _json(status: HTTPStatus, payload: Any, headers: dict[str, str] | None = None) -> JsonAnswer:
+    return JsonAnswer(payload, status_code=status, headers=headers)
 
 
 def job_json(job: Job) -> dict[str, Any]:
@@ -119,147 +142,172 @@ def series_json(series: Series) -> dict[str, Any]:
     }
 
 
-E = TypeVar("E", bound=StrEnum)
+# -- the token, the query and the body ---------------------------------------------------------------
 
-Handler = Callable[["NodeApi", dict[str, str], "_Request"], Response]
-
-
-@dataclass(frozen=True)
-class _Request:
-    method: str
-    path: str
-    query: dict[str, list[str]]
-    body: bytes
+_BEARER = HTTPBearer(auto_error=False, description="api.token")
 
 
-class NodeApi:
-    """The routes, independent of the HTTP server that carries them."""
+class _TokenCheck:
+    """A dependency that answers 401 unless the request presents the token (compared in constant time)."""
 
-    def __init__(self, config: ApiConfig, state: State, worker: Worker, exporter: Exporter, puller: Puller,
-                 receive: ReceiveCounters | None = None) -> None:
-        """``receive``: the SCP's refusal and store-failure counters, rendered in ``/metrics`` when given."""
-        self.config = config
-        self.state = state
-        self.worker = worker
-        self.exporter = exporter
-        self.puller = puller
-        self.receive = receive
-        self.pulls = PullCounter()
-        self._token = config.token.encode() if config.token is not None else None
-        self._routes: list[tuple[str, re.Pattern[str], Handler, bool]] = [
-            # (method, path, handler, needs the token)
-            ("GET", re.compile(r"/health"), NodeApi.health, False),
-            ("GET", re.compile(r"/metrics"), NodeApi.metrics, True),
-            ("GET", re.compile(r"/jobs"), NodeApi.list_jobs, True),
-            ("POST", re.compile(r"/jobs"), NodeApi.pull, True),
-            ("GET", re.compile(r"/jobs/(?P<id>[^/]+)"), NodeApi.show_job, True),
-            ("POST", re.compile(r"/jobs/(?P<id>[^/]+)/retry"), NodeApi.retry_job, True),
-            ("GET", re.compile(r"/series"), NodeApi.list_series, True),
-        ]
+    def __init__(self, token: str) -> None:
+        self._token = token.encode()
 
-    def handle(self, request: _Request, authorization: str | None) -> Response:
-        """Route one request; every failure becomes an ApiError with its status."""
-        matches = [(m, route) for route in self._routes if (m := route[1].fullmatch(request.path))]
-        if not matches:
-            raise ApiError(HTTPStatus.NOT_FOUND, f"no route {request.path}")
-        for match, (method, _, handler, needs_token) in matches:
-            if method == request.method:
-                if needs_token:
-                    self._authorize(authorization)
-                return handler(self, match.groupdict(), request)
-        allowed = ", ".join(sorted({route[0] for _, route in matches}))
-        raise ApiError(HTTPStatus.METHOD_NOT_ALLOWED, f"{request.method} is not allowed on {request.path}",
-                       {"Allow": allowed})
-
-    def _authorize(self, authorization: str | None) -> None:
-        if self._token is None:
-            return
-        scheme, _, presented = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(presented.strip().encode(), self._token):
+    def __call__(self, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)]) -> None:
+        presented = (credentials.credentials.strip() if credentials is not None else "").encode()
+        if credentials is None or not hmac.compare_digest(presented, self._token):
             raise ApiError(HTTPStatus.UNAUTHORIZED, "a valid bearer token is required",
                            {"WWW-Authenticate": 'Bearer realm="ian-node"'})
 
-    # -- routes ----------------------------------------------------------------------------------
 
-    def health(self, _params: dict[str, str], _request: _Request) -> Response:
-        try:
-            self.state.job_counts()
-        except Exception as exc:  # the state is the node: if it cannot be read, the node is not healthy
-            logger.error("health check: the state cannot be read: %s", exc)
-            return _json(HTTPStatus.SERVICE_UNAVAILABLE, {"status": "error", "reason": "the state cannot be read"})
-        return _json(HTTPStatus.OK, {"status": "ok", "version": __version__})
+def token_dependencies(config: ApiConfig) -> list[Any]:
+    """The dependencies that make a route need the bearer token (none when no token is configured)."""
+    return [] if config.token is None else [Depends(_TokenCheck(config.token))]
 
-    def metrics(self, _params: dict[str, str], _request: _Request) -> Response:
-        text = render_metrics(self.state, self.worker.totals, self.pulls, self.receive)
-        return Response(HTTPStatus.OK, text.encode(), CONTENT_TYPE)
 
-    def list_jobs(self, _params: dict[str, str], request: _Request) -> Response:
-        query = _single_values(request.query, {"state", "series", "limit"})
-        limit = _int_param(query, "limit", 100, 1, MAX_LIST_LIMIT)
-        state = _enum_param(query, "state", JobState)
-        if "series" in query:
-            jobs = [j for j in reversed(self.state.jobs_of_series(query["series"])) if state in (None, j.state)]
-            jobs = jobs[:limit]
+def _single_query_values(request: Request) -> None:
+    """A query parameter given twice is an error, not a silent choice of one."""
+    keys = request.query_params.keys()
+    repeated = sorted({k for k in keys if len(request.query_params.getlist(k)) > 1})
+    if repeated:
+        raise ApiError(HTTPStatus.BAD_REQUEST, f"query parameter {repeated[0]} is given more than once")
+
+
+class JobsQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    state: JobState | None = None
+    series: str | None = Field(None, description="only the jobs of this SeriesInstanceUID")
+    limit: int = Field(100, ge=1, le=MAX_LIST_LIMIT)
+
+
+class SeriesQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    status: SeriesState | None = None
+    limit: int = Field(100, ge=1, le=MAX_LIST_LIMIT)
+
+
+JobId = Annotated[int, Path(ge=0, le=MAX_JOB_ID, description="the job's id")]
+
+
+async def _body(request: Request) -> bytes:
+    """The request body, refused once it grows past :data:`MAX_BODY_BYTES`."""
+    length = request.headers.get("Content-Length")
+    if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+        raise ApiError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE if length.isdigit() else HTTPStatus.BAD_REQUEST,
+                       f"the body is larger than {MAX_BODY_BYTES} bytes" if length.isdigit()
+                       else "Content-Length is not a number")
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            raise ApiError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"the body is larger than {MAX_BODY_BYTES} bytes")
+    return body
+
+
+def _parse_json(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ApiError(HTTPStatus.BAD_REQUEST, f"the body is not valid JSON: {exc}") from None
+
+
+_ROI_SCHEMA = {"type": "object", "description": "per side (right, left): [[x_min, x_max], [y_min, y_max], "
+               "[z_min, z_max]] in LPS mm", "additionalProperties": {"type": "array"}}
+_PULL_BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
+    "type": "object", "required": ["source"], "properties": {
+        "source": {"type": "string", "enum": ["orthanc", "dicomweb"]},
+        "series": {"type": "string", "description": "Orthanc series ID (source orthanc)"},
+        "url": {"type": "string", "description": "the DICOMweb service (source dicomweb)"},
+        "study_uid": {"type": "string"}, "series_uid": {"type": "string"}, "roi": _ROI_SCHEMA}}}}}}
+_RETRY_BODY = {"requestBody": {"required": False, "content": {"application/json": {"schema": {
+    "type": "object", "properties": {"roi": _ROI_SCHEMA}}}}}}
+
+
+# -- the routes --------------------------------------------------------------------------------------
+
+def _add_routes(app: FastAPI, api: NodeApi, dependencies: list[Any]) -> None:
+    """The API's routes, straight on the app: its route list is then the one that 405's Allow reads."""
+
+    def existing_job(job_id: int) -> Job:
+        job = api.state.job(job_id)
+        if job is None:
+            raise ApiError(HTTPStatus.NOT_FOUND, f"job {job_id} does not exist")
+        return job
+
+    @app.get("/metrics", dependencies=dependencies, response_class=Response,
+             summary="Prometheus metrics (text format 0.0.4)")
+    def metrics() -> Response:
+        return Response(api.metrics.text(), media_type=CONTENT_TYPE)
+
+    @app.get("/jobs", dependencies=dependencies, summary="Jobs, newest first")
+    def list_jobs(query: Annotated[JobsQuery, Query()]) -> JsonAnswer:
+        if query.series is not None:
+            jobs = [j for j in reversed(api.state.jobs_of_series(query.series)) if query.state in (None, j.state)]
+            jobs = jobs[:query.limit]
         else:
-            jobs = self.state.list_jobs(state, limit)
+            jobs = api.state.list_jobs(query.state, query.limit)
         return _json(HTTPStatus.OK, {"jobs": [job_json(j) for j in jobs]})
 
-    def show_job(self, params: dict[str, str], _request: _Request) -> Response:
-        job = self._job(params["id"])
+    @app.get("/jobs/{job_id}", dependencies=dependencies, summary="One job, its deliveries and its series")
+    def show_job(job_id: JobId) -> JsonAnswer:
+        job = existing_job(job_id)
         answer = job_json(job)
-        answer["deliveries"] = [delivery_json(d) for d in self.state.deliveries(job.id)]
-        series = self.state.series(job.series_uid)
+        answer["deliveries"] = [delivery_json(d) for d in api.state.deliveries(job.id)]
+        series = api.state.series(job.series_uid)
         if series is not None:
             answer["series"] = {k: v for k, v in series_json(series).items()
                                 if k not in ("series_uid", "last_received_at")}
         return _json(HTTPStatus.OK, answer)
 
-    def list_series(self, _params: dict[str, str], request: _Request) -> Response:
-        """Recent series, e.g. ``?status=skipped`` for those the selection rules skipped, with reasons."""
-        query = _single_values(request.query, {"status", "limit"})
-        limit = _int_param(query, "limit", 100, 1, MAX_LIST_LIMIT)
-        status = _enum_param(query, "status", SeriesState)
-        return _json(HTTPStatus.OK, {"series": [series_json(s) for s in self.state.list_series(status, limit)]})
+    @app.get("/series", dependencies=dependencies,
+             summary="Recent series, e.g. ?status=skipped with the reasons")
+    def list_series(query: Annotated[SeriesQuery, Query()]) -> JsonAnswer:
+        series = api.state.list_series(query.status, query.limit)
+        return _json(HTTPStatus.OK, {"series": [series_json(s) for s in series]})
 
-    def retry_job(self, params: dict[str, str], request: _Request) -> Response:
-        job = self._job(params["id"])
+    @app.post("/jobs/{job_id}/retry", dependencies=dependencies, summary="Re-deliver or re-run a failed job",
+              openapi_extra=_RETRY_BODY)
+    def retry_job(job_id: JobId, body: Annotated[bytes, Depends(_body)]) -> JsonAnswer:
+        job = existing_job(job_id)
         crop_request = None
-        if request.body.strip():
-            body = _json_body(request)
-            if not isinstance(body, dict) or set(body) - {"roi"}:
+        if body.strip():
+            request = _parse_json(body)
+            if not isinstance(request, dict) or set(request) - {"roi"}:
                 raise ApiError(HTTPStatus.BAD_REQUEST, 'a retry body may hold only "roi"')
-            if "roi" in body:
+            if "roi" in request:
                 try:
-                    crop_request = roi_crop_request(parse_roi(body["roi"]))
+                    crop_request = roi_crop_request(parse_roi(request["roi"]))
                 except PullRequestError as exc:
                     raise ApiError(HTTPStatus.BAD_REQUEST, str(exc)) from None
         try:
-            job = self.state.retry_job(job.id, crop_request)
+            job = api.state.retry_job(job.id, crop_request)
         except StateError as exc:
             raise ApiError(HTTPStatus.CONFLICT, str(exc)) from None
         logger.info("job %d: retry requested through the API (now %s)", job.id, job.state)
-        self.worker.wake()
-        self.exporter.wake()
+        api.worker.wake()
+        api.exporter.wake()
         return _json(HTTPStatus.OK, job_json(job))
 
-    def pull(self, _params: dict[str, str], request: _Request) -> Response:
-        body = _json_body(request)
-        source = body.get("source") if isinstance(body, dict) else None
+    @app.post("/jobs", dependencies=dependencies, summary="Pull a series from Orthanc or DICOMweb and queue its job",
+              status_code=HTTPStatus.CREATED, openapi_extra=_PULL_BODY)
+    def pull(body: Annotated[bytes, Depends(_body)]) -> JsonAnswer:
+        request = _parse_json(body)
+        source = request.get("source") if isinstance(request, dict) else None
         label = source if source in ("orthanc", "dicomweb") else "invalid"
         try:
-            pull = parse_pull_request(body)
-            outcome = self.puller.pull(pull)
+            pull = parse_pull_request(request)
+            outcome = api.puller.pull(pull)
         except PullError as exc:
-            self.pulls.add(label, _PULL_OUTCOMES.get(exc.status, "error"))
+            api.metrics.pulls.labels(source=label, outcome=_PULL_OUTCOMES.get(exc.status, "error")).inc()
             if exc.status >= 500:
                 logger.warning("pull failed: %s", exc)
             raise ApiError(HTTPStatus(exc.status), str(exc)) from None
         answer = pull_answer(outcome, job_json)
         if outcome.skip_reason is not None:
-            self.pulls.add(label, "skipped")
+            api.metrics.pulls.labels(source=label, outcome="skipped").inc()
             answer["error"] = f"the series is not selected: {outcome.skip_reason}"
             return _json(HTTPStatus.UNPROCESSABLE_ENTITY, answer)
-        self.pulls.add(label, "queued" if outcome.created else "unchanged")
+        api.metrics.pulls.labels(source=label, outcome="queued" if outcome.created else "unchanged").inc()
         if pull.roi is not None and not outcome.created:
             answer["error"] = ("the roi was not applied: " + (
                 f"series {outcome.series_uid} v{outcome.series_version} already has job {outcome.job.id} "
@@ -268,150 +316,83 @@ class NodeApi:
             return _json(HTTPStatus.CONFLICT, answer)
         return _json(HTTPStatus.CREATED if outcome.created else HTTPStatus.OK, answer)
 
-    def _job(self, text: str) -> Job:
-        if not text.isdigit() or len(text) > 18:
-            raise ApiError(HTTPStatus.BAD_REQUEST, "a job id is a positive integer")
-        job = self.state.job(int(text))
-        if job is None:
-            raise ApiError(HTTPStatus.NOT_FOUND, f"job {int(text)} does not exist")
-        return job
+
+def _add_docs(app: FastAPI, guarded: list[Any]) -> None:
+    """The OpenAPI schema and Swagger UI, with Swagger's files served from the fastapi-offline package."""
+
+    @app.get("/openapi.json", include_in_schema=False, dependencies=guarded)
+    def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False, dependencies=guarded)
+    def docs() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json", title=f"{app.title} - API", swagger_js_url="/docs/swagger-ui-bundle.js",
+            swagger_css_url="/docs/swagger-ui.css", swagger_favicon_url="/docs/favicon.png",
+            swagger_ui_parameters={"validatorUrl": None})  # the default validator is an outside server
+
+    @app.get("/docs/{name}", include_in_schema=False, dependencies=guarded)
+    def asset(name: str) -> FileResponse:
+        if name not in _SWAGGER_ASSETS:
+            raise ApiError(HTTPStatus.NOT_FOUND, f"no route /docs/{name}")
+        return FileResponse(_SWAGGER_FILES / name, media_type=_SWAGGER_ASSETS[name])
 
 
-def _json_body(request: _Request) -> Any:
-    try:
-        return json.loads(request.body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ApiError(HTTPStatus.BAD_REQUEST, f"the body is not valid JSON: {exc}") from None
+# -- the application ---------------------------------------------------------------------------------
 
+def create_app(node_api: NodeApi, config: ApiConfig) -> FastAPI:
+    """The API as an ASGI application; ``/`` is free for a router added with ``include_router``."""
+    app = FastAPI(title="ian-node", version=__version__, docs_url=None, redoc_url=None, openapi_url=None,
+                  default_response_class=JsonAnswer, description=(__doc__ or "").split("\n\n", 1)[0])
+    guarded = token_dependencies(config)
 
-def _single_values(query: dict[str, list[str]], known: set[str]) -> dict[str, str]:
-    unknown = sorted(set(query) - known)
-    if unknown:
-        raise ApiError(HTTPStatus.BAD_REQUEST, f"unknown query parameter(s) {', '.join(unknown)} "
-                                               f"(known: {', '.join(sorted(known))})")
-    repeated = sorted(k for k, v in query.items() if len(v) > 1)
-    if repeated:
-        raise ApiError(HTTPStatus.BAD_REQUEST, f"query parameter {repeated[0]} is given more than once")
-    return {k: v[0] for k, v in query.items()}
-
-
-def _enum_param(query: dict[str, str], name: str, enum: type[E]) -> E | None:
-    """The query's ``name`` as one of ``enum``'s values (None when absent); 400 naming the valid ones."""
-    if name not in query:
-        return None
-    try:
-        return enum(query[name])
-    except ValueError:
-        raise ApiError(HTTPStatus.BAD_REQUEST, f"{name} must be one of {', '.join(e.value for e in enum)}") from None
-
-
-def _int_param(query: dict[str, str], name: str, default: int, low: int, high: int) -> int:
-    if name not in query:
-        return default
-    text = query[name]
-    if not text.isdigit() or not low <= int(text) <= high:
-        raise ApiError(HTTPStatus.BAD_REQUEST, f"{name} must be an integer from {low} to {high}")
-    return int(text)
-
-
-class _HttpHandler(BaseHTTPRequestHandler):
-    api: NodeApi  # set on the subclass the server makes
-    server_version = f"ian-node/{__version__}"
-    # Only for requests too malformed to reach a route (the stdlib answers those itself).
-    error_content_type = "text/plain; charset=utf-8"
-    error_message_format = "%(code)d %(message)s\n"
-
-    def do_GET(self) -> None:
-        self._serve("GET")
-
-    def do_POST(self) -> None:
-        self._serve("POST")
-
-    def do_PUT(self) -> None:
-        self._serve("PUT")
-
-    def do_DELETE(self) -> None:
-        self._serve("DELETE")
-
-    def _serve(self, method: str) -> None:
-        headers: dict[str, str] = {}
+    @app.get("/health", summary="Whether the node's state answers (never needs the token)")
+    def health() -> JsonAnswer:
         try:
-            url = urlsplit(self.path)
-            body = self._body() if method in ("POST", "PUT") else b""
-            request = _Request(method, url.path.rstrip("/") or "/", parse_qs(url.query, keep_blank_values=True), body)
-            response = self.api.handle(request, self.headers.get("Authorization"))
-        except ApiError as exc:
-            headers = exc.headers
-            response = _json(exc.status, {"error": str(exc)})
+            node_api.state.job_counts()
+        except Exception as exc:  # the state is the node: if it cannot be read, the node is not healthy
+            logger.error("health check: the state cannot be read: %s", exc)
+            return _json(HTTPStatus.SERVICE_UNAVAILABLE, {"status": "error", "reason": "the state cannot be read"})
+        return _json(HTTPStatus.OK, {"status": "ok", "version": __version__})
+
+    _add_routes(app, node_api, [*guarded, Depends(_single_query_values)])
+    _add_docs(app, guarded)
+    _add_error_answers(app)
+    return app
+
+
+def _add_error_answers(app: FastAPI) -> None:
+    """Every failure as ``{"error": ...}``: ours, the router's (404, 405), validation (400) and bugs (500)."""
+
+    @app.exception_handler(ApiError)
+    def api_error(_request: Request, exc: ApiError) -> JsonAnswer:
+        return _json(exc.status, {"error": str(exc)}, exc.headers)
+
+    @app.exception_handler(HTTPException)
+    def http_error(request: Request, exc: HTTPException) -> JsonAnswer:
+        if exc.status_code == HTTPStatus.NOT_FOUND:
+            return _json(HTTPStatus.NOT_FOUND, {"error": f"no route {request.url.path}"})
+        headers = dict(exc.headers or {})
+        if exc.status_code == HTTPStatus.METHOD_NOT_ALLOWED:
+            allowed = {m for r in app.router.routes if r.matches(request.scope)[0] is not Match.NONE
+                       for m in getattr(r, "methods", None) or ()}
+            headers["Allow"] = ", ".join(sorted(allowed))
+            return _json(HTTPStatus.METHOD_NOT_ALLOWED,
+                         {"error": f"{request.method} is not allowed on {request.url.path}"}, headers)
+        return _json(HTTPStatus(exc.status_code), {"error": str(exc.detail)}, headers)
+
+    @app.exception_handler(RequestValidationError)
+    def invalid_request(_request: Request, exc: RequestValidationError) -> JsonAnswer:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or e['loc'][0]}: {e['msg']}"
+                             for e in exc.errors())
+        return _json(HTTPStatus.BAD_REQUEST, {"error": problems})
+
+    @app.middleware("http")
+    async def every_answer(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        try:
+            response = await call_next(request)
         except Exception:  # a bug or a broken state: say so without details, log them
-            logger.exception("%s %s failed", method, self.path)
+            logger.exception("%s %s failed", request.method, request.url.path)
             response = _json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": "internal error (see the node's log)"})
-        self.send_response(response.status)
-        self.send_header("Content-Type", response.content_type)
-        self.send_header("Content-Length", str(len(response.body)))
-        self.send_header("Cache-Control", "no-store")
-        for name, value in headers.items():
-            self.send_header(name, value)
-        self.end_headers()
-        self.wfile.write(response.body)
-
-    def _body(self) -> bytes:
-        length_text = self.headers.get("Content-Length")
-        if length_text is None:
-            return b""
-        if not length_text.isdigit():
-            raise ApiError(HTTPStatus.BAD_REQUEST, "Content-Length is not a number")
-        length = int(length_text)
-        if length > MAX_BODY_BYTES:
-            raise ApiError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"the body is larger than {MAX_BODY_BYTES} bytes")
-        return self.rfile.read(length)
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the stdlib's name)
-        logger.debug("%s %s", self.address_string(), format % args)
-
-
-class ApiServer:
-    """The API on its own threads: ``start`` listens, ``stop`` waits for requests in flight."""
-
-    def __init__(self, api: NodeApi) -> None:
-        self.api = api
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
-
-    @property
-    def address(self) -> tuple[str, int]:
-        """The (IP, port) the API listens on; the real port when configured as 0."""
-        if self._server is None:
-            raise RuntimeError("the API is not running")
-        host, port = self._server.server_address[:2]
-        return str(host), int(port)
-
-    @property
-    def port(self) -> int:
-        return self.address[1]
-
-    def start(self) -> None:
-        handler = type("NodeApiHandler", (_HttpHandler,), {"api": self.api})
-        family = socket.AF_INET6 if ":" in self.api.config.bind else socket.AF_INET
-        server_class = type("NodeApiServer", (ThreadingHTTPServer,), {"address_family": family})
-        server = server_class((self.api.config.bind, self.api.config.port), handler)
-        server.daemon_threads = False  # stop() waits for requests in flight (a pull writes the state)
-        self._server = server
-        self._thread = threading.Thread(target=server.serve_forever, name="ian-node-api", daemon=True)
-        self._thread.start()
-        logger.info("HTTP API on http://%s:%d%s", self.api.config.bind, self.port,
-                    " (bearer token required)" if self.api.config.token else "")
-        if self.api.config.token is None and not ipaddress.ip_address(self.api.config.bind).is_loopback:
-            logger.warning("the HTTP API listens on %s without a token: anyone who reaches it can trigger "
-                           "pulls and retries (set api.token)", self.api.config.bind)
-
-    def stop(self) -> None:
-        if self._server is None:
-            return
-        self.api.puller.cancel()
-        self._server.shutdown()
-        self._server.server_close()
-        if self._thread is not None:
-            self._thread.join(10.0)
-        self._server = None
-        self._thread = None
+        response.headers["Cache-Control"] = "no-store"
+        return response

@@ -22,7 +22,9 @@ import time
 from types import FrameType
 
 from ian_node import __version__
-from ian_node.app.api import ApiServer, NodeApi
+from ian_node.app.api import NodeApi, create_app
+from ian_node.app.metrics import NodeMetrics
+from ian_node.app.server import ApiServer
 from ian_node.config import NodeConfig
 from ian_node.export.exporter import Exporter
 from ian_node.export.targets import build_targets
@@ -56,15 +58,20 @@ class Node:
         self.tracker = SeriesTracker(self.state, self.spool, config.series, on_job=self.worker.wake)
         self.scp = StorageSCP(config.dicom, config.tls, self.state, self.spool, on_stored=self.tracker.instance_stored)
         self.puller = Puller(config, self.state, self.spool, settle=self.tracker.settle_now)
-        self.api = ApiServer(NodeApi(config.api, self.state, self.worker, self.exporter, self.puller,
-                                      receive=self.scp.counters))
+        self.metrics = NodeMetrics(self.state, receive=self.scp.counters)
+        self.worker.totals = self.metrics.stage_totals  # each job's stage seconds feed the histogram
+        self.api = ApiServer(create_app(NodeApi(self.state, self.worker, self.exporter, self.puller, self.metrics),
+                                        config.api), config.api)
         self._stopped = threading.Event()
         self._started_at: float | None = None
 
     def start(self) -> None:
-        """Load the model, recover from the state, then start every part; the API and then the SCP listen last."""
+        """Load the model, recover from the state, then start every part; the API and then the SCP listen last.
+
+        The API's port is taken before anything starts: a port in use stops the start (ApiStartError)."""
         self._started_at = time.monotonic()
         predictor = self.worker.predictor  # a checkpoint that cannot be loaded stops the start, not every job
+        self.api.bind()
         removed = self.spool.remove_stale_temporaries()
         recovery = self.state.recover()
         recovered = (len(recovery.requeued_jobs), len(recovery.failed_jobs), len(recovery.exporting_jobs),
@@ -133,6 +140,7 @@ class Node:
         """Stop listening first (SCP, then the API once its requests finish), then the timers, the worker
         and the exporter; close the state."""
         self.scp.stop()
+        self.puller.cancel()  # a pull in flight ends now rather than holding up the API's stop
         self.api.stop()
         self.tracker.stop()
         self.worker.stop()

@@ -95,7 +95,7 @@ def test_no_region_found_fails_the_job_with_the_reason_sends_nothing_and_the_api
     listed = requests.get(f"{api_url(node)}/jobs?state=failed", timeout=10).json()["jobs"]
     assert [(j["id"], j["outcome"]) for j in listed] == [(job.id, "no_region")]
     metrics = requests.get(f"{api_url(node)}/metrics", timeout=10).text
-    assert 'ian_node_job_outcomes{outcome="no_region"} 1' in metrics.splitlines()
+    assert 'ian_node_job_outcomes{outcome="no_region"} 1.0' in metrics.splitlines()
 
 
 def test_jobs_list_and_show_mark_a_job_with_no_region(

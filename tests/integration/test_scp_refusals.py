@@ -19,9 +19,8 @@ from pydicom.filewriter import write_dataset, write_file_meta_info
 from pynetdicom import AE
 from pynetdicom.sop_class import MRImageStorage, Verification
 
-from ian_node.app.metrics import render_metrics
+from ian_node.app.metrics import NodeMetrics
 from ian_node.config import CallingAE, DicomConfig, TlsConfig
-from ian_node.jobs.worker import StageTotals
 from ian_node.receive.scp import StorageSCP
 from ian_node.storage.spool import Spool
 from ian_node.storage.state import State
@@ -60,10 +59,10 @@ class Listener:
         return line
 
     def metric(self, family: str, label: str, value: str) -> int:
-        text = render_metrics(self.state, StageTotals(seconds={}), receive=self.scp.counters)
+        text = NodeMetrics(self.state, receive=self.scp.counters).text()
         prefix = f'{family}{{{label}="{value}"}} '
         (sample,) = [line for line in text.splitlines() if line.startswith(prefix)]
-        return int(sample.removeprefix(prefix))
+        return int(float(sample.removeprefix(prefix)))
 
     def close(self) -> None:
         self.scp.stop()
