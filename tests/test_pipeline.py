@@ -6,7 +6,14 @@ import pytest
 from ian_node.phantom.mr_series import build_mr_series
 from ian_node.phantom.study import PhantomConfig, generate_phantom
 from ian_node.segment.crop import CropMode, CropRequest
-from ian_node.segment.pipeline import PipelineOptions, finish, prepare, segment_series, to_model_space
+from ian_node.segment.pipeline import (
+    PipelineOptions,
+    finish,
+    finish_series,
+    prepare,
+    segment_series,
+    to_model_space,
+)
 from ian_node.segment.volume import load_series
 
 SMALL = PhantomConfig(shape=(24, 96, 96))
@@ -30,11 +37,33 @@ def test_ground_truth_through_model_space_comes_back_identical(phantom_series, s
     np.testing.assert_array_equal(labels, phantom.labels)
 
 
-def test_postprocessing_keeps_a_continuous_ground_truth_tract(phantom_series):
+def test_the_tract_step_keeps_a_continuous_ground_truth_tract(phantom_series):
     phantom, series = phantom_series
     prepared = prepare(series, 128)
     labels = finish(prepared, to_model_space(prepared, phantom.labels), PipelineOptions())
     np.testing.assert_array_equal(labels, phantom.labels)
+
+
+def test_the_tract_step_drops_an_island_and_fills_a_short_gap(phantom_series):
+    phantom, series = phantom_series
+    prepared = prepare(series, 128)
+    broken = phantom.labels.copy()
+    right = np.argwhere(broken == 1)
+    along = int(np.argmax(np.ptp(right, axis=0)))  # the array axis the right nerve runs along most
+    middle = int(np.median(right[:, along]))
+    cut = [slice(None)] * 3
+    cut[along] = slice(middle, middle + 1)
+    broken[tuple(cut)][broken[tuple(cut)] == 1] = 0  # one slice of the right nerve missing
+    island = tuple(int(i) for i in np.argwhere(phantom.labels == 0)[0])
+    broken[island] = 1
+    labels, qa = finish_series(prepared, to_model_space(prepared, broken), PipelineOptions())
+    assert labels[island] == 0
+    assert qa[0].gaps >= 1 and qa[0].components >= 3 and 0 < qa[0].longest_gap_mm < 5  # pieces + island
+    assert (labels[tuple(cut)] == 1).any()  # the gap is bridged
+    right, truth = labels == 1, phantom.labels == 1
+    assert 2 * (right & truth).sum() / (right.sum() + truth.sum()) > 0.8
+    off, _ = finish_series(prepared, to_model_space(prepared, broken), PipelineOptions(max_gap_mm=None))
+    np.testing.assert_array_equal(off, broken)  # the clean-up turned off: the network's masks as they are
 
 
 class _Oracle:
@@ -57,6 +86,10 @@ def test_segment_series_times_every_stage(phantom_series):
     assert set(result.timings) == {"load", "localise", "preprocess", "inference", "inverse_postprocess"}
     assert result.crop is not None and {c.mode for c in result.crop.sides.values()} == {CropMode.HALF}
     assert result.voxels["right"] == int((phantom.labels == 1).sum()) > 0
+    assert [q.side for q in result.qa] == ["right", "left"]
+    for qa in result.qa:  # the ground truth: one tract each, no gap, and no localiser in half mode
+        assert (qa.components, qa.gaps, qa.localiser_confidence) == (1, 0, None)
+        assert qa.length_mm > 0 and qa.mean_probability == 1.0
 
 
 def test_probabilities_for_the_wrong_number_of_slices_are_refused(phantom_series):

@@ -2,7 +2,8 @@
 
 Pure: no I/O beyond reading its inputs. Split in two around the network so that the exact geometry
 can be checked without one: `prepare` takes the series to model-space slices, `finish` takes
-model-space probabilities back to source voxels and cleans them up in 3D. `segment_series` is
+model-space probabilities back to source voxels, links each side's detections into one tract and
+judges it (`ian_node.segment.tract`, `ian_node.segment.qa`). `segment_series` is
 load → crop (`ian_node.segment.crop`: the localiser, halves or given boxes) → prepare → predictor →
 finish, timed per stage. When the localiser finds no plausible mandible the network does not run:
 `NoRegionError` says why and carries the crop, unless the options say to segment anyway.
@@ -22,8 +23,9 @@ from pydicom.dataset import Dataset
 from ian_node.logs import raised_by_us, redact
 from ian_node.segment.crop import CropMode, CropRequest, CropResult, NoRegionError, SideCrop, resolve_crop
 from ian_node.segment.metadata import check_source_metadata
-from ian_node.segment.postprocess import DEFAULT_MAX_GAP_MM, keep_main_tract
+from ian_node.segment.qa import SideQA, judge
 from ian_node.segment.reformat import CoronalStack, PatientBox, RoiError, default_rois, side_stacks, stack_to_volume
+from ian_node.segment.tract import DEFAULT_MAX_GAP_MM, Tract, trace_tract
 from ian_node.segment.volume import MalformedDatasetError, SeriesError, SeriesVolume, Side, load_series
 from model.localiser import LoadedLocaliser
 from model.preprocess import (
@@ -53,12 +55,16 @@ class PipelineOptions:
     #: localiser's boxes (the halves where a side has none) and mark the result's crop with the problem.
     segment_when_not_found: bool = False
     threshold: float = 0.5
-    #: 3D clean-up per side (ian_node.segment.postprocess); None turns it off.
+    #: The tract step per side (`ian_node.segment.tract`): gaps up to this long (mm, along the tract)
+    #: are filled and islands off the tract dropped. None turns the clean-up off: the labels are the
+    #: network's thresholded masks, and QA still judges the tract traced at the default.
     max_gap_mm: float | None = DEFAULT_MAX_GAP_MM
 
     def __post_init__(self) -> None:
         if not 0.0 < self.threshold < 1.0:
             raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
+        if self.max_gap_mm is not None and self.max_gap_mm < 0:
+            raise ValueError(f"max_gap_mm must be >= 0 or None, got {self.max_gap_mm}")
 
 
 @dataclass(frozen=True)
@@ -87,6 +93,9 @@ class PipelineResult:
     #: The crop used per side; `crop.problem` is set when the series was segmented without a found
     #: region (``segment_when_not_found``). None only for results built outside `segment_series`.
     crop: CropResult | None = None
+    #: Per-side QA of the tract (`ian_node.segment.qa`), right then left; empty only for results
+    #: built outside `segment_series`.
+    qa: tuple[SideQA, ...] = ()
 
     @property
     def voxels(self) -> dict[str, int]:
@@ -116,30 +125,68 @@ def to_model_space(prepared: PreparedSeries, labels: np.ndarray) -> np.ndarray:
     return np.concatenate(out, axis=0)
 
 
-def finish(prepared: PreparedSeries, probabilities: np.ndarray, options: PipelineOptions) -> np.ndarray:
-    """Model-space probabilities (in `prepared.images` order) → uint8 labels in source voxels."""
+def side_probabilities(prepared: PreparedSeries, probabilities: np.ndarray) -> dict[Side, np.ndarray]:
+    """Model-space probabilities (in `prepared.images` order) → one float32 volume per side in source
+    voxels, 0 outside that side's region: what the tract step follows between the detections."""
     expected = sum(len(s.images) for s in prepared.sides)
     if probabilities.shape[0] != expected:
         raise ValueError(f"expected probabilities for {expected} slices, got {probabilities.shape[0]}")
-    masks, start = [], 0
+    out, start = {}, 0
     for side in prepared.sides:
         n = len(side.images)
-        back = [probabilities_from_model(p, side.transform) for p in probabilities[start : start + n]]
-        masks.append(np.stack(back) >= options.threshold)
+        back = np.stack([probabilities_from_model(p, side.transform) for p in probabilities[start : start + n]])
+        volume = np.zeros(prepared.series.shape, dtype=np.float32)
+        volume.reshape(-1)[side.stack.source_index[side.stack.inside]] = back[side.stack.inside]
+        out[side.stack.side] = volume
         start += n
-    labels = stack_to_volume([s.stack for s in prepared.sides], masks, prepared.series)
-    return labels if options.max_gap_mm is None else clean_up(labels, prepared.series, options.max_gap_mm)
+    return out
 
 
-def clean_up(labels: np.ndarray, series: SeriesVolume, max_gap_mm: float) -> np.ndarray:
-    """Each side's main tract only (`keep_main_tract`), in place; the 3D clean-up `finish` applies."""
-    spacing = tuple(float(s) for s in series.volume.spacing)
-    for side in Side:
-        nerve = labels == side.label
-        if nerve.any():
-            kept = keep_main_tract(nerve, spacing, max_gap_mm)
-            labels[nerve & ~kept] = 0
+def finish_series(prepared: PreparedSeries, probabilities: np.ndarray, options: PipelineOptions,
+                  crop: CropResult | None = None) -> tuple[np.ndarray, tuple[SideQA, ...]]:
+    """Model-space probabilities → uint8 labels in source voxels (thresholded, then the tract step
+    unless `options.max_gap_mm` is None) and each side's QA (with `crop`'s localiser confidence)."""
+    volumes = side_probabilities(prepared, probabilities)
+    stacks = [s.stack for s in prepared.sides]
+    masks = [volumes[s.side].reshape(-1)[s.source_index] >= options.threshold for s in stacks]
+    labels = stack_to_volume(stacks, masks, prepared.series)  # refuses overlapping regions
+    gap = DEFAULT_MAX_GAP_MM if options.max_gap_mm is None else options.max_gap_mm
+    tracts = trace_sides(labels, prepared.series, gap, volumes, options.threshold)
+    if options.max_gap_mm is not None:
+        apply_tracts(labels, tracts)
+    confidence = {side: None if crop is None or side not in crop.sides else crop.sides[side].confidence
+                  for side in Side}
+    return labels, tuple(judge(side.value, tracts[side], confidence[side], gap) for side in Side)
+
+
+def finish(prepared: PreparedSeries, probabilities: np.ndarray, options: PipelineOptions) -> np.ndarray:
+    """The labels of `finish_series` alone (no QA): model-space probabilities → labels in source voxels."""
+    return finish_series(prepared, probabilities, options)[0]
+
+
+def trace_sides(labels: np.ndarray, series: SeriesVolume, max_gap_mm: float,
+                probabilities: Mapping[Side, np.ndarray] | None = None, threshold: float = 0.5) -> dict[Side, Tract]:
+    """Each side's tract (`trace_tract`) through its probability volume, or through its labels as a
+    0/1 map where no probabilities are given (a label volume read back from a SEG, say)."""
+    affine = np.asarray(series.volume.affine)
+    return {side: trace_tract(probabilities[side] if probabilities is not None
+                              else (labels == side.label).astype(np.float32), affine, threshold, max_gap_mm)
+            for side in Side}
+
+
+def apply_tracts(labels: np.ndarray, tracts: Mapping[Side, Tract]) -> np.ndarray:
+    """Each side's labels replaced by its tract, in place: islands off it dropped, filled gaps added
+    (never over the other side's voxels)."""
+    for side, tract in tracts.items():
+        labels[(labels == side.label) & ~tract.mask] = 0
+        labels[tract.mask & (labels == 0)] = side.label
     return labels
+
+
+def clean_up(labels: np.ndarray, series: SeriesVolume, max_gap_mm: float,
+             probabilities: Mapping[Side, np.ndarray] | None = None) -> np.ndarray:
+    """The tract step `finish` applies, on a label volume, in place (`trace_sides` then `apply_tracts`)."""
+    return apply_tracts(labels, trace_sides(labels, series, max_gap_mm, probabilities))
 
 
 def fallback_crop(series: SeriesVolume, crop: CropResult) -> CropResult:
@@ -159,7 +206,7 @@ def segment_series(
     options: PipelineOptions | None = None,
     localiser: LoadedLocaliser | None = None,
 ) -> PipelineResult:
-    """The whole job: load → crop → prepare → predict → back to source voxels → 3D clean-up.
+    """The whole job: load → crop → prepare → predict → back to source voxels → tract and QA.
 
     `localiser` is needed for crop mode ``auto``. Raises `NoRegionError` when no region is
     found and `options.segment_when_not_found` is false.
@@ -181,10 +228,10 @@ def segment_series(
     t3 = time.perf_counter()
     probabilities = predictor.predict(prepared.images)
     t4 = time.perf_counter()
-    labels = finish(prepared, probabilities, options)
+    labels, qa = finish_series(prepared, probabilities, options, crop)
     t5 = time.perf_counter()
     timings.update(preprocess=t3 - t2, inference=t4 - t3, inverse_postprocess=t5 - t4)
-    return PipelineResult(series, labels, timings, crop)
+    return PipelineResult(series, labels, timings, crop, qa)
 
 
 def failure_message(exc: BaseException) -> str:
