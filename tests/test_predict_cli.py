@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -139,3 +140,35 @@ def test_predict_with_the_bundled_model_prints_the_not_for_clinical_use_notice(
 ) -> None:
     assert main(_predict(str(study.series_dir), "--out", str(tmp_path / "seg.dcm"))) == 0
     assert "NOT FOR CLINICAL USE" in capsys.readouterr().err
+
+
+def test_predict_with_sr_writes_a_valid_measurement_report_of_the_seg_it_wrote(
+    study: PhantomFiles, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pydicom.sr.codedict import codes
+
+    from ian_node.segment.measure import measure_labels
+    from ian_node.segment.seg import read_segmentation_labels
+    from ian_node.segment.volume import load_series
+
+    seg_path, sr_path, report = tmp_path / "seg.dcm", tmp_path / "sr" / "sr.dcm", tmp_path / "report.json"
+    assert main(_predict(str(study.series_dir), "--out", str(seg_path), "--sr", str(sr_path),
+                         "--report", str(report))) == 0
+    out = capsys.readouterr().out
+    assert f"measurements -> {sr_path}" in out and "mm long" in out
+    assert dciodvfy_errors(sr_path) == []
+    seg = pydicom.dcmread(seg_path)
+    sr = hd.sr.srread(sr_path)
+    assert sr.StudyInstanceUID == seg.StudyInstanceUID and sr.SeriesInstanceUID != seg.SeriesInstanceUID
+    # The figures are those of the SEG as written, side by side.
+    series = load_series(study.instances)
+    measured = measure_labels(read_segmentation_labels(seg, series), series.volume.affine)
+    groups = {g.tracking_identifier.split(", ")[-1]: g for g in sr.content.get_volumetric_roi_measurement_groups()}
+    assert set(groups) == {side for side, m in measured.items() if m is not None} != set()
+    for side, group in groups.items():
+        assert group.referenced_segment.referenced_sop_instance_uid == seg.SOPInstanceUID
+        whole = [m.value for m in group.get_measurements(name=codes.SCT.Length) if not m.finding_sites]
+        assert whole == [pytest.approx(measured[side].length_mm, abs=0.006)]
+    recorded = json.loads(report.read_text())["measurements"]
+    assert {side: m and m["volume_mm3"] for side, m in recorded.items()} == {
+        side: m and round(m.volume_mm3, 2) for side, m in measured.items()}

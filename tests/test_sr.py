@@ -47,8 +47,12 @@ def study() -> Study:
     return Study(phantom, datasets, series, seg, measure_labels(phantom.labels, series.volume.affine))
 
 
-QA = (SideQA("right", Verdict.PASS, (), 0, 0.0, 1, 120.0, 0.91, 0.97),
-      SideQA("left", Verdict.WARN, ("gap of 6.2 mm in the body", "2 components"), 1, 6.2, 2, 98.0, 0.72, None))
+def _qa(side: str, verdict: Verdict, *reasons: str) -> SideQA:
+    return SideQA(side=side, verdict=verdict, reasons=reasons, gaps=0, longest_gap_mm=0.0, components=1,
+                  length_mm=60.0, mean_probability=0.8, localiser_confidence=None)
+
+
+QA = (_qa("right", Verdict.PASS), _qa("left", Verdict.WARN, "gap of 6.2 mm in the body", "2 components"))
 
 
 def _write(sr: pydicom.Dataset, tmp_path: Path) -> Path:
@@ -131,7 +135,7 @@ def test_a_side_without_voxels_gets_a_group_with_its_qa_and_no_measurements(stud
     labels = np.where(study.phantom.labels == 2, 0, study.phantom.labels).astype(np.uint8)
     seg = build_segmentation(study.datasets, labels, algorithm=None, series_number=700, series_description="right only")
     measured = measure_labels(labels, study.series.volume.affine)
-    qa = (QA[0], SideQA("left", Verdict.FAIL, ("no nerve found",), 0, 0.0, 0, 0.0, 0.0, None))
+    qa = (QA[0], _qa("left", Verdict.FAIL, "no nerve found"))
     path = _write(build_measurement_report(seg, study.datasets, measured, qa=qa), tmp_path)
     assert dciodvfy_errors(path) == []
     sr = hd.sr.srread(path)

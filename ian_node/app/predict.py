@@ -6,7 +6,7 @@ rule for research on other image types. It says what it found and what it ignore
 
 The crop is the node's (``[crop]``): ``--crop auto`` (the localiser, default), ``half``, or ``box`` /
 ``oracle`` with ``--roi`` boxes. ``--report`` writes the crop used per side, voxel counts, timings and
-the outcome as JSON. Exit status: 0 segmented, 1 the series cannot be segmented, 2 bad inputs or
+the outcome as JSON; ``--sr`` writes the nerves' measurements as a TID 1500 SR beside the SEG. Exit status: 0 segmented, 1 the series cannot be segmented, 2 bad inputs or
 options (or a checkpoint the crop cannot reproduce), 3 no mandible region found (report still written).
 """
 
@@ -19,11 +19,15 @@ import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
 
 from ian_node.config import CROP_MODES, ConfigError, CropConfig, SeriesConfig, check_box, check_box_pair
+
+if TYPE_CHECKING:
+    from ian_node.segment.pipeline import PipelineResult
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +55,9 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
                    help="when no region is found, segment anyway in the localiser's boxes (or halves)")
     p.add_argument("--report", type=Path, default=None,
                    help="write a JSON report: crop used per side (mode, box_mm, confidence), voxels, timings, outcome")
+    p.add_argument("--sr", type=Path, default=None,
+                   help="also write a TID 1500 measurement report (SR) of each nerve's length, volume and diameters, "
+                        "whole and per region, with the QA verdicts, referencing the SEG (docs/sr.md)")
     p.set_defaults(func=run_predict)
 
 
@@ -224,6 +231,9 @@ def run_predict(args: argparse.Namespace) -> int:
         return 1
     args.out.parent.mkdir(parents=True, exist_ok=True)
     seg.save_as(args.out, enforce_file_format=True)
+    measurements = None if args.sr is None else _write_sr(args.sr, seg, result)
+    if measurements is not None:
+        report["measurements"] = measurements
     used = result.crop.as_json() if result.crop is not None else None
     problem = result.crop.problem if result.crop is not None else ""
     report.update(outcome="segmented_no_region" if problem else "segmented", flag=problem or None, roi=used,
@@ -236,4 +246,22 @@ def run_predict(args: argparse.Namespace) -> int:
           + ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items()))
     if used is not None:
         print(f"crop: {_crop_text(used)}")
+    if measurements is not None:
+        print(f"measurements -> {args.sr}: " + "; ".join(
+            f"{side} no nerve" if m is None else f"{side} {m['length_mm']:.1f} mm long, {m['volume_mm3']:.0f} mm3"
+            for side, m in measurements.items()))
     return 0
+
+
+def _write_sr(path: Path, seg: Dataset, result: PipelineResult) -> dict[str, dict[str, float | None] | None]:
+    """Measure both nerves, write their SR to `path`, and return the whole-tract figures for the report."""
+    from ian_node.segment.measure import measure_labels
+    from ian_node.segment.sr import build_measurement_report
+
+    measured = measure_labels(result.labels, result.series.volume.affine)
+    sr = build_measurement_report(seg, result.series, measured, qa=result.qa or None)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sr.save_as(path, enforce_file_format=True)
+    return {side: None if m is None else {"length_mm": round(m.length_mm, 2), "volume_mm3": round(m.volume_mm3, 2),
+                                          "mean_diameter_mm": m.mean_diameter_mm, "min_diameter_mm": m.min_diameter_mm}
+            for side, m in measured.items()}
