@@ -24,6 +24,8 @@ from ian_node.config.sections import (
     ModelConfig,
     NodeConfig,
     OrthancTarget,
+    OutputConfig,
+    QaConfig,
     SeriesConfig,
     StorageConfig,
     StowRsTarget,
@@ -36,6 +38,6 @@ from ian_node.config.sections import (
 __all__ = [
     "BASE_SOP_CLASSES", "CROP_MODES", "DEFAULT_DATA_DIR", "ENV_CONFIG_FILE", "ENV_PREFIX", "SECTIONS", "TARGET_CONFIG_TYPES",
     "ApiConfig", "CallingAE", "ConfigError", "CropConfig", "DicomConfig", "DicomTarget", "ExportConfig", "ModelConfig",
-    "NodeConfig", "OrthancTarget", "SeriesConfig", "StorageConfig", "StowRsTarget", "TargetConfig", "TlsConfig",
+    "NodeConfig", "OrthancTarget", "OutputConfig", "QaConfig", "SeriesConfig", "StorageConfig", "StowRsTarget", "TargetConfig", "TlsConfig",
     "check_box", "check_box_pair", "load_config",
 ]

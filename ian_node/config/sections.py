@@ -455,6 +455,29 @@ class ApiConfig:
 
 
 @_section
+class QaConfig:
+    """What a QA FAIL on either side does to the result (`ian_node.segment.qa`).
+
+    ``send``: delivered anyway, the job flagged with the failed side and why. ``hold``: stored with its
+    deliveries but not sent (job state ``held``, kept across restarts) until an operator releases it
+    with ``ian-node jobs retry`` or ``POST /jobs/{id}/retry``.
+    """
+
+    on_fail: Literal["send", "hold"] = "send"
+
+
+@_section
+class OutputConfig:
+    """The SEG's viewer-compatibility choices (docs/seg.md); each job also sends its TID 1500 SR."""
+
+    #: A side with no voxels: ``empty_frame`` keeps its segment with one all-zero frame (some viewers
+    #: fail on a segment without frames); ``omit`` leaves the segment out.
+    empty_segments: Literal["empty_frame", "omit"] = "empty_frame"
+    #: Store only the frames where a segment has voxels (false: every source frame for every segment).
+    omit_empty_frames: bool = True
+
+
+@_section
 class NodeConfig:
     dicom: DicomConfig = dataclasses.field(default_factory=DicomConfig)
     tls: TlsConfig = dataclasses.field(default_factory=TlsConfig)
@@ -464,6 +487,8 @@ class NodeConfig:
     series: SeriesConfig = dataclasses.field(default_factory=SeriesConfig)
     export: ExportConfig = dataclasses.field(default_factory=ExportConfig)
     api: ApiConfig = dataclasses.field(default_factory=ApiConfig)
+    qa: QaConfig = dataclasses.field(default_factory=QaConfig)
+    output: OutputConfig = dataclasses.field(default_factory=OutputConfig)
 
 
 SECTIONS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(NodeConfig))
