@@ -299,3 +299,16 @@ def test_the_token_is_compared_with_hmac_compare_digest(token_node: Node, monkey
     right = requests.get(f"{url}/jobs", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10)
     assert (wrong.status_code, right.status_code) == (401, 200)
     assert calls == [(f"{TOKEN[:-1]}x".encode(), TOKEN.encode()), (TOKEN.encode(), TOKEN.encode())]
+
+
+def test_a_failing_route_is_500_without_details_and_health_is_503(tmp_path: Path, checkpoint: Path,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    with running_node(node_config(tmp_path, checkpoint)) as running:
+        url = api_url(running)
+        running.state.close()  # every query now raises
+        answer = requests.get(f"{url}/jobs", timeout=10)
+        assert answer.status_code == 500 and answer.json() == {"error": "internal error (see the node's log)"}
+        assert answer.headers["Cache-Control"] == "no-store"
+        assert requests.get(f"{url}/health", timeout=10).status_code == 503
+    assert any(r.name == "ian_node.app.api" and "GET /jobs failed" in r.getMessage() and r.exc_info
+               for r in caplog.records)
