@@ -1,8 +1,13 @@
-"""The worker: one job at a time per device, from the SQLite queue to a SEG handed to the exporter.
+"""The worker: one job at a time per device, from the SQLite queue to a SEG and its SR handed to the exporter.
 
-A job's work is pure apart from reading its instance files and writing its result through the
-exporter (which stores it durably before any delivery). A failing job is recorded with its error
-and never blocks the queue. The model and the SEG come from :mod:`ian_node.segment.result`.
+A job's work is pure apart from reading its instance files and writing its results through the
+exporter (which stores them durably before any delivery). A failing job is recorded with its error
+and never blocks the queue. The model, the SEG and the TID 1500 SR come from
+:mod:`ian_node.segment.result`.
+
+Each side's QA (`ian_node.segment.qa`) is recorded on the job and named in its "ended" log line. A
+side that FAILs flags the job (which side, and why); ``[qa] on_fail = "hold"`` also keeps the result
+from delivery (job state ``held``) until an operator releases it (``ian-node jobs retry``).
 
 Each job is cropped as the ``[crop]`` config says, unless it carries its own request (``POST /jobs``
 with a ``roi``). The crop requested and used, the outcome and per-side voxel counts and timings are
@@ -19,7 +24,7 @@ from collections import defaultdict
 from dataclasses import dataclass, replace
 from typing import Any
 
-from ian_node.config import CropConfig, ModelConfig
+from ian_node.config import CropConfig, ModelConfig, OutputConfig, QaConfig
 from ian_node.export.exporter import Exporter
 from ian_node.logs import NOTICE, exception_text
 from ian_node.polling import PollingThread
@@ -28,8 +33,12 @@ from ian_node.segment.pipeline import PipelineOptions, failure_message, segment_
 from ian_node.segment.result import (
     load_crop_localiser,
     load_predictor,
+    qa_failed,
+    qa_flag,
+    qa_summary,
     request_from_record,
     request_record,
+    result_report,
     result_segmentation,
 )
 from ian_node.storage.records import Job, JobOutcome
@@ -61,8 +70,10 @@ class Worker:
 
     def __init__(self, state: State, spool: Spool, exporter: Exporter, model: ModelConfig,
                  options: PipelineOptions | None = None, predictor: Predictor | None = None,
-                 crop: CropConfig | None = None, localiser: LoadedLocaliser | None = None) -> None:
+                 crop: CropConfig | None = None, localiser: LoadedLocaliser | None = None,
+                 qa: QaConfig | None = None, output: OutputConfig | None = None) -> None:
         """`options`: threshold and clean-up (its crop fields come from `crop` and each job's own request).
+        `qa`: what a QA FAIL does to the result; `output`: the SEG's viewer-compatibility choices.
 
         `predictor` and `localiser` replace the configured ones (tests, or an embedding application).
         """
@@ -72,6 +83,8 @@ class Worker:
         self._model_config = model
         self._crop = crop or CropConfig()
         self._options = options or PipelineOptions()
+        self._qa = qa or QaConfig()
+        self._output = output or OutputConfig()
         self._predictor = predictor  # None: load the configured checkpoint on first use
         self._localiser = localiser
         self._loaded = False
@@ -107,7 +120,7 @@ class Worker:
                                segment_when_not_found=self._crop.segment_when_not_found)
 
     def run_job(self, job: Job) -> None:
-        """Segment one claimed job and hand its SEG to the exporter; record a failure otherwise."""
+        """Segment one claimed job and hand its SEG and SR to the exporter; record a failure otherwise."""
         started = time.perf_counter()
         logger.log(NOTICE, "job %d started: series %s v%d", job.id, job.series_uid, job.series_version)
         try:
@@ -122,17 +135,24 @@ class Worker:
             t1 = time.perf_counter()
             crop = result.crop
             assert crop is not None  # segment_series always records its crop
+            flag = " | ".join(f for f in (crop.problem or None, qa_flag(result.qa)) if f) or None
             self._state.record_segmentation(
                 job.id, crop_request=request, crop=crop.as_json(),
                 outcome=JobOutcome.SEGMENTED if crop.found else JobOutcome.SEGMENTED_NO_REGION,
-                flag=crop.problem or None, voxels=result.voxels, timings=_rounded(result.timings))
+                flag=flag, voxels=result.voxels, timings=_rounded(result.timings),
+                qa=[q.as_json() for q in result.qa])
             if not crop.found:
                 logger.warning("job %d (series %s v%d): %s; segmented anyway in %s (crop.segment_when_not_found)",
                                job.id, job.series_uid, job.series_version, crop.problem,
                                ", ".join(f"{s.value} {c.mode.value}" for s, c in crop.sides.items()))
-            seg = result_segmentation(result, job.series_version, self.predictor.checkpoint)
+            seg = result_segmentation(result, job.series_version, self.predictor.checkpoint,
+                                      empty_segments=self._output.empty_segments,
+                                      omit_empty_frames=self._output.omit_empty_frames)
             t2 = time.perf_counter()
-            exported = self._exporter.submit(job.id, seg)
+            report = result_report(result, seg)
+            t3 = time.perf_counter()
+            hold = self._qa.on_fail == "hold" and qa_failed(result.qa)
+            exported = self._exporter.submit(job.id, [seg, report], hold=hold)
         except Exception as exc:  # any failure is the job's, never the worker's
             error = failure_message(exc)  # what the state, the API and `jobs list` show
             self._state.fail_job(job.id, error)
@@ -140,15 +160,15 @@ class Worker:
             logger.error("job %d ended: series %s v%d, %.1f s, failed: %s", job.id, job.series_uid,
                          job.series_version, time.perf_counter() - started, exception_text(exc))
             return
-        timings = {**result.timings, "seg_build": t2 - t1, "total": t2 - t0}
+        timings = {**result.timings, "seg_build": t2 - t1, "sr_build": t3 - t2, "total": t3 - t0}
         for stage, seconds in timings.items():
             self.totals.seconds[stage] += seconds
         self.totals.jobs += 1
         logger.info("job %d (series %s v%d): %s; %s", job.id, job.series_uid, job.series_version,
                     ", ".join(f"{k} {v:.2f}s" for k, v in timings.items()),
                     ", ".join(f"{k} {v} voxels" for k, v in result.voxels.items()))
-        logger.log(NOTICE, "job %d ended: series %s v%d, %.1f s, %s (%d instances)", job.id, job.series_uid,
-                   job.series_version, time.perf_counter() - started, exported.state, len(paths))
+        logger.log(NOTICE, "job %d ended: series %s v%d, %.1f s, %s (%d instances); %s", job.id, job.series_uid,
+                   job.series_version, time.perf_counter() - started, exported.state, len(paths), qa_summary(result.qa))
 
     def _not_segmented(self, job: Job, request: dict[str, Any], exc: NoRegionError, started: float) -> None:
         """No mandible region found: the job fails with that reason and outcome ``no_region``; nothing is sent."""

@@ -12,18 +12,22 @@ than segmenting every series in the wrong region.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from pydicom.dataset import Dataset
 
 from ian_node import __version__
 from ian_node.config import CropConfig, ModelConfig, check_box
 from ian_node.segment.crop import CropMode, CropRequest, check_crop_compatible
+from ian_node.segment.measure import measure_labels
 from ian_node.segment.pipeline import PipelineOptions, PipelineResult
+from ian_node.segment.qa import SideQA, Verdict
 from ian_node.segment.reformat import PatientBox
-from ian_node.segment.seg import AlgorithmInfo, build_segmentation
+from ian_node.segment.seg import AlgorithmInfo, EmptySegments, build_segmentation
+from ian_node.segment.sr import build_measurement_report
 from ian_node.segment.volume import Side
 from ian_node.uids import derived_uid
 from model.checkpoint import BUNDLED_CHECKPOINT, LoadedCheckpoint, load_checkpoint
@@ -124,8 +128,13 @@ def algorithm_info(checkpoint: LoadedCheckpoint) -> AlgorithmInfo:
                          checkpoint_hash=checkpoint.sha256, parameters=params)
 
 
-def result_segmentation(result: PipelineResult, version: int, checkpoint: LoadedCheckpoint) -> Dataset:
-    """The SEG of one series version, with UIDs that are the same every time it is rebuilt."""
+def result_segmentation(result: PipelineResult, version: int, checkpoint: LoadedCheckpoint, *,
+                        empty_segments: EmptySegments | str = EmptySegments.EMPTY_FRAME,
+                        omit_empty_frames: bool = True) -> Dataset:
+    """The SEG of one series version, with UIDs that are the same every time it is rebuilt.
+
+    `empty_segments`, `omit_empty_frames`: the viewer-compatibility choices of `build_segmentation`.
+    """
     entropy = [result.series.series_uid, str(version), checkpoint.sha256]
     return build_segmentation(
         result.series,
@@ -135,4 +144,28 @@ def result_segmentation(result: PipelineResult, version: int, checkpoint: Loaded
         series_description=f"IAN segmentation (AI) v{version}",
         series_instance_uid=derived_uid(None, "ian-node-result", *entropy, "series"),
         sop_instance_uid=derived_uid(None, "ian-node-result", *entropy, "instance"),
+        empty_segments=empty_segments,
+        omit_empty_frames=omit_empty_frames,
     )
+
+
+def result_report(result: PipelineResult, seg: Dataset) -> Dataset:
+    """The TID 1500 SR of a result: each side's length, volume and diameters (`measure_labels`) and QA,
+    referencing `seg`'s segments; its UIDs derive from the SEG's, so a rebuilt pair matches again."""
+    measurements = measure_labels(result.labels, np.asarray(result.series.volume.affine))
+    return build_measurement_report(seg, result.series, measurements, qa=result.qa)
+
+
+def qa_flag(qa: Sequence[SideQA]) -> str | None:
+    """What an operator must read about a result's QA: each failed side and why (None: no side failed)."""
+    failed = [f"QA FAIL {q.side}: {'; '.join(q.reasons)}" for q in qa if q.verdict is Verdict.FAIL]
+    return " | ".join(failed) or None
+
+
+def qa_summary(qa: Sequence[SideQA]) -> str:
+    """The verdicts in one phrase for a log line ("QA right PASS, left FAIL"); no patient data."""
+    return "QA " + ", ".join(f"{q.side} {q.verdict.value}" for q in qa) if qa else "no QA"
+
+
+def qa_failed(qa: Sequence[SideQA]) -> bool:
+    return any(q.verdict is Verdict.FAIL for q in qa)

@@ -45,7 +45,10 @@ def test_demo_command_reports_dsc_per_side_and_a_seg_without_dciodvfy_errors(tmp
     assert len(re.findall(r"IAN: DSC .*; crop half x \[.*\] y \[.*\] z \[.*\] mm$", proc.stdout, re.MULTILINE)) == 2
     assert "dciodvfy: 0 error(s)" in proc.stdout
     assert re.search(r"timings \(s\): .*inference [0-9.]+.*seg_build [0-9.]+", proc.stdout)
-    assert len(list((tmp_path / "demo" / "pacs").iterdir())) == 1  # the SEG, delivered once
+    assert len(list((tmp_path / "demo" / "pacs").iterdir())) == 2  # the SEG and the SR, each delivered once
+    # each side: its QA verdict, and the SR's figures (or none where the side has no voxels)
+    assert len(re.findall(r"^      QA (PASS|WARN|FAIL).*; SR (length [0-9.]+ mm, volume [0-9]+ mm3|no measurements)",
+                          proc.stdout, re.MULTILINE)) == 2, proc.stdout
 
 
 def test_bundled_model_segments_both_nerves_of_a_held_out_phantom(tmp_path: Path, one_torch_thread: None) -> None:

@@ -1,0 +1,180 @@
+"""The worker records each side's QA on the job, flags a failed side, logs the verdicts, sends the SEG
+with its SR, and holds a failed result when ``[qa] on_fail = "hold"``.
+
+The predictor is an oracle that answers with a phantom's ground truth on the right and nothing on the
+left (no nerve found: FAIL), or the truth on both sides, so the verdicts are known; everything else
+(state, spool, worker, pipeline, SEG, SR and exporter) is the node's own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from pydicom.sr.codedict import codes
+from pydicom.uid import Comprehensive3DSRStorage
+
+from ian_node.config import CropConfig, DicomTarget, ExportConfig, ModelConfig, QaConfig
+from ian_node.export.exporter import Exporter
+from ian_node.export.targets import build_targets
+from ian_node.jobs.worker import Worker
+from ian_node.net import free_port
+from ian_node.phantom.study import PhantomFiles, generate_phantom, write_phantom
+from ian_node.segment.pipeline import prepare, to_model_space
+from ian_node.segment.volume import Side, load_series
+from ian_node.storage.records import DeliveryState, Job, JobState, ReceivedInstance
+from ian_node.storage.spool import Spool
+from ian_node.storage.state import State
+from model.checkpoint import LoadedCheckpoint, load_checkpoint
+from tests.integration.node_harness import SMALL_PHANTOM, untrained_checkpoint
+
+SIZE = 64
+
+
+class OraclePredictor:
+    """Answers each slice with the given model-space probabilities (the phantom's truth, edited)."""
+
+    def __init__(self, answer: np.ndarray, checkpoint: LoadedCheckpoint) -> None:
+        self.answer, self.size, self.checkpoint = answer, SIZE, checkpoint
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        assert images.shape[0] == self.answer.shape[0]
+        return self.answer
+
+
+@dataclass
+class Setup:
+    state: State
+    spool: Spool
+    files: PhantomFiles
+    predictor: OraclePredictor
+    exporter: Exporter | None = None
+
+    def worker(self, on_fail: str = "send", export: ExportConfig | None = None) -> Worker:
+        export = export or ExportConfig()
+        self.exporter = Exporter(self.state, self.spool, build_targets(export.targets, "IANNODE"), export)
+        return Worker(self.state, self.spool, self.exporter, ModelConfig(device="cpu"), predictor=self.predictor,
+                      crop=CropConfig(mode="half"), qa=QaConfig(on_fail=on_fail))
+
+    def queue(self) -> Job:
+        for path in self.files.instances:
+            data = path.read_bytes()
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            relpath = self.spool.write_instance(ds.SeriesInstanceUID, ds.SOPInstanceUID, data)
+            self.state.record_instance(ReceivedInstance(
+                sop_instance_uid=ds.SOPInstanceUID, sop_class_uid=ds.SOPClassUID, series_uid=ds.SeriesInstanceUID,
+                study_uid=ds.StudyInstanceUID, transfer_syntax_uid=ds.file_meta.TransferSyntaxUID, path=relpath,
+                size=len(data), sha256=hashlib.sha256(data).hexdigest(), modality="MR", calling_ae="PACS",
+                peer_host="127.0.0.1"))
+        series = self.state.series(self.files.series_uid)
+        job = self.state.settle_series(series.series_uid, series.last_received_at, None).job
+        assert job is not None
+        return job
+
+
+def _oracle(folder: Path, both_sides: bool) -> tuple[PhantomFiles, OraclePredictor]:
+    phantom = generate_phantom(3, 7, SMALL_PHANTOM)
+    files = write_phantom(phantom, folder / "phantom")
+    labels = phantom.labels if both_sides else np.where(phantom.labels == Side.RIGHT.label, phantom.labels, 0)
+    prepared = prepare(load_series(list(files.instances)), SIZE)
+    answer = to_model_space(prepared, labels.astype(np.uint8))
+    checkpoint = load_checkpoint(untrained_checkpoint(folder / "model.pt", size=SIZE, attention=False))
+    return files, OraclePredictor(answer, checkpoint)
+
+
+@pytest.fixture(scope="module")
+def oracle(tmp_path_factory: pytest.TempPathFactory) -> tuple[PhantomFiles, OraclePredictor]:
+    """Right: the phantom's right nerve; left: nothing at all."""
+    return _oracle(tmp_path_factory.mktemp("oracle"), both_sides=False)
+
+
+@pytest.fixture()
+def setup(tmp_path: Path, oracle: tuple[PhantomFiles, OraclePredictor]) -> Iterator[Setup]:
+    with State(tmp_path / "state.sqlite3") as state:
+        yield Setup(state, Spool(tmp_path / "spool"), *oracle)
+
+
+def _unreachable() -> ExportConfig:
+    """One C-STORE target where nothing listens: an attempt would fail and be counted."""
+    return ExportConfig(targets=(DicomTarget(name="pacs", ae_title="DEST", host="127.0.0.1", port=free_port(),
+                                             timeout_s=2),))
+
+
+def test_each_sides_verdict_is_recorded_and_a_failed_side_flags_the_job(
+    setup: Setup, caplog: pytest.LogCaptureFixture
+) -> None:
+    job = setup.queue()
+    worker = setup.worker()
+    with caplog.at_level(logging.INFO, logger="ian_node.jobs.worker"):
+        assert worker.run_pending() == 1
+    done = setup.state.job(job.id)
+    assert done.state is JobState.DONE, done.error  # no target: sent anyway (qa.on_fail = "send")
+    right, left = done.qa
+    assert (right["side"], left["side"]) == ("right", "left")
+    assert right["verdict"] != "FAIL" and right["length_mm"] > 0, right
+    assert (left["verdict"], left["reasons"]) == ("FAIL", ["no nerve found"])
+    assert done.flag == "QA FAIL left: no nerve found"
+    (ended,) = [r.getMessage() for r in caplog.records if " ended: " in r.getMessage()]
+    assert ended.endswith(f"QA right {right['verdict']}, left FAIL")
+
+
+def test_the_job_stores_its_seg_then_an_sr_of_the_seg_with_each_sides_verdict(setup: Setup) -> None:
+    job = setup.queue()
+    setup.worker().run_pending()
+    seg_path, sr_path = setup.state.job(job.id).result_paths
+    seg, sr = (pydicom.dcmread(setup.spool.path(p)) for p in (seg_path, sr_path))
+    assert (seg.Modality, sr.Modality, sr.SOPClassUID) == ("SEG", "SR", Comprehensive3DSRStorage)
+    assert sr.StudyInstanceUID == seg.StudyInstanceUID and sr.SeriesInstanceUID != seg.SeriesInstanceUID
+    evidence = {str(i.ReferencedSOPInstanceUID) for s in sr.CurrentRequestedProcedureEvidenceSequence
+                for series in s.ReferencedSeriesSequence for i in series.ReferencedSOPSequence}
+    assert seg.SOPInstanceUID in evidence
+    (right,) = hd.sr.srread(setup.spool.path(sr_path)).content.get_volumetric_roi_measurement_groups()
+    assert str(right.tracking_identifier) == "Inferior alveolar nerve, right"
+    lengths = [m.value for m in right.get_measurements(name=codes.SCT.Length) if not m.finding_sites]
+    assert len(lengths) == 1 and lengths[0] > 0
+    # the left side has no voxels: no measurements, and its verdict FAIL (DCM 111235 "unusable")
+    assert _coded_values(sr).count("111235") == 1
+
+
+def _coded_values(item: pydicom.Dataset) -> list[str]:
+    """Every coded value (CODE content items) in an SR content tree."""
+    out = [str(c.CodeValue) for c in item.get("ConceptCodeSequence", [])]
+    for child in item.get("ContentSequence", []):
+        out += _coded_values(child)
+    return out
+
+
+def test_on_fail_hold_stores_a_failed_result_but_attempts_no_delivery_until_released(
+    setup: Setup, tmp_path: Path
+) -> None:
+    job = setup.queue()
+    setup.worker(on_fail="hold", export=_unreachable()).run_pending()
+    held = setup.state.job(job.id)
+    assert held.state is JobState.HELD and held.flag == "QA FAIL left: no nerve found"
+    assert len(held.result_paths) == 2 and all(setup.spool.path(p).is_file() for p in held.result_paths)
+    assert setup.exporter.deliver_due() == 0
+    setup.state.close()
+    with State(tmp_path / "state.sqlite3") as restarted:  # held across a restart: recovery delivers nothing
+        restarted.recover()
+        assert restarted.job(job.id).state is JobState.HELD and restarted.due_deliveries(1e12) == []
+        assert restarted.retry_job(job.id).state is JobState.EXPORTING
+        (delivery,) = restarted.due_deliveries()
+        assert (delivery.state, delivery.attempts) == (DeliveryState.PENDING, 0)
+
+
+def test_on_fail_hold_sends_a_result_without_a_failed_side(tmp_path: Path) -> None:
+    files, predictor = _oracle(tmp_path / "both", both_sides=True)
+    with State(tmp_path / "state.sqlite3") as state:
+        setup = Setup(state, Spool(tmp_path / "spool"), files, predictor)
+        job = setup.queue()
+        setup.worker(on_fail="hold").run_pending()
+        done = state.job(job.id)
+        assert [q["verdict"] for q in done.qa] != [] and all(q["verdict"] != "FAIL" for q in done.qa), done.qa
+        assert done.state is JobState.DONE and done.flag is None
