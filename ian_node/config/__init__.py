@@ -20,12 +20,15 @@ from ian_node.config.sections import (
     CropConfig,
     DicomConfig,
     DicomTarget,
+    ExpectedCount,
     ExportConfig,
     ModelConfig,
     NodeConfig,
     OrthancTarget,
     OutputConfig,
     QaConfig,
+    SenderAE,
+    SenderTarget,
     SeriesConfig,
     StorageConfig,
     StowRsTarget,
@@ -37,7 +40,7 @@ from ian_node.config.sections import (
 
 __all__ = [
     "BASE_SOP_CLASSES", "CROP_MODES", "DEFAULT_DATA_DIR", "ENV_CONFIG_FILE", "ENV_PREFIX", "SECTIONS", "TARGET_CONFIG_TYPES",
-    "ApiConfig", "CallingAE", "ConfigError", "CropConfig", "DicomConfig", "DicomTarget", "ExportConfig", "ModelConfig",
-    "NodeConfig", "OrthancTarget", "OutputConfig", "QaConfig", "SeriesConfig", "StorageConfig", "StowRsTarget", "TargetConfig", "TlsConfig",
+    "ApiConfig", "CallingAE", "ConfigError", "CropConfig", "DicomConfig", "DicomTarget", "ExpectedCount", "ExportConfig", "ModelConfig",
+    "NodeConfig", "OrthancTarget", "SenderAE", "SenderTarget", "OutputConfig", "QaConfig", "SeriesConfig", "StorageConfig", "StowRsTarget", "TargetConfig", "TlsConfig",
     "check_box", "check_box_pair", "load_config",
 ]

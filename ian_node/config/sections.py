@@ -331,6 +331,15 @@ class CropConfig:
 
 
 @_section
+class ExpectedCount:
+    """A series whose description matches ``series_description`` is complete with ``count`` instances."""
+
+    #: A regular expression searched (case-insensitively) in Series Description.
+    series_description: Annotated[str, AfterValidator(_regex)]
+    count: AtLeastOne
+
+
+@_section
 class SeriesConfig:
     """When a series is complete, and which complete series become jobs."""
 
@@ -344,6 +353,13 @@ class SeriesConfig:
     skip_image_types: tuple[str, ...] = ("LOCALIZER", "SCOUT")
     #: What happens to the files of a series that is not selected.
     retention: Literal["keep", "purge"] = "keep"
+    #: Conclude a series as soon as its stated size is in (ImagesInAcquisition agreed by every instance,
+    #: one multi-frame instance, or ``expected_counts``), before its quiet period (docs/routing.md).
+    settle_on_stated_size: bool = True
+    #: Never concluded on its stated size with fewer slices (frames) than this.
+    stated_size_min_slices: Annotated[int, Field(ge=2)] = 10
+    #: Instance counts by Series Description, for series that do not state their size (first match wins).
+    expected_counts: tuple[ExpectedCount, ...] = ()
 
     @property
     def description_regex(self) -> re.Pattern[str]:
@@ -351,7 +367,19 @@ class SeriesConfig:
 
 
 @_section
-class DicomTarget:
+class _Routed:
+    """Every target's match rules (ian_node.export.routing); an absent rule matches every series."""
+
+    #: Only series sent by C-STORE from one of these calling AE titles.
+    match_calling_ae: tuple[AeTitle, ...] = ()
+    #: Only series of one of these modalities (case-insensitive).
+    match_modality: tuple[str, ...] = ()
+    #: Only series whose description this regular expression finds (searched, case-insensitive).
+    match_series_description: Annotated[str, AfterValidator(_regex)] = ""
+
+
+@_section
+class DicomTarget(_Routed):
     """C-STORE to a fixed AE, or (``back_to_sender``) to the AE that sent the series, on ``port``."""
 
     kind: Literal["dicom"] = "dicom"
@@ -376,7 +404,34 @@ class DicomTarget:
 
 
 @_section
-class _HttpTarget:
+class SenderAE:
+    """Where a sending AE title's storage SCP listens, for results sent back to it."""
+
+    ae_title: AeTitle
+    host: IpAddress
+    port: Annotated[int, Field(ge=1, le=65535)] = 104
+
+
+@_section
+class SenderTarget(_Routed):
+    """C-STORE back to the AE that sent the series, at the address ``senders`` gives its AE title."""
+
+    kind: Literal["sender"] = "sender"
+    name: str
+    senders: Annotated[tuple[SenderAE, ...], Field(min_length=1)]
+    timeout_s: Seconds = 30.0
+
+    @model_validator(mode="after")
+    def _check_senders(self) -> SenderTarget:
+        titles = [s.ae_title.strip() for s in self.senders]
+        for i, title in enumerate(titles):
+            if title in titles[:i]:
+                raise ConfigError(f"senders[{i}].ae_title", f"{title!r} is listed twice")
+        return self
+
+
+@_section
+class _HttpTarget(_Routed):
     name: str
     url: Annotated[str, Field(pattern=r"^https?://[^/\s]+")]
     username: str | None = None
@@ -407,12 +462,13 @@ class OrthancTarget(_HttpTarget):
     kind: Literal["orthanc"] = "orthanc"
 
 
-TargetConfig = DicomTarget | StowRsTarget | OrthancTarget
+TargetConfig = DicomTarget | StowRsTarget | OrthancTarget | SenderTarget
 #: The literal ``kind`` of each export target table.
-TARGET_CONFIG_TYPES: dict[str, type[DicomTarget] | type[StowRsTarget] | type[OrthancTarget]] = {
+TARGET_CONFIG_TYPES: dict[str, type[DicomTarget] | type[StowRsTarget] | type[OrthancTarget] | type[SenderTarget]] = {
     "dicom": DicomTarget,
     "stowrs": StowRsTarget,
     "orthanc": OrthancTarget,
+    "sender": SenderTarget,
 }
 
 

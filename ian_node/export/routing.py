@@ -45,8 +45,6 @@ class Route:
     @classmethod
     def from_target(cls, config: TargetConfig) -> Route:
         """The rules of one configured export target."""
-        if not hasattr(config, "match_calling_ae"):  # until the config has the keys
-            return cls(needs_sender=config.kind == "sender")
         return cls(calling_aes=tuple(config.match_calling_ae), modalities=tuple(config.match_modality),
                    series_description=config.match_series_description, needs_sender=config.kind == "sender")
 

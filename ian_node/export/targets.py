@@ -23,7 +23,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import requests
 from dicomweb_client.api import DICOMwebClient
@@ -34,7 +34,7 @@ from pynetdicom.association import Association
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS, code_to_category
 
-from ian_node.config import DicomTarget, OrthancTarget, StowRsTarget, TargetConfig
+from ian_node.config import DicomTarget, OrthancTarget, SenderTarget, StowRsTarget, TargetConfig
 from ian_node.net import http_session
 
 logger = logging.getLogger(__name__)
@@ -104,7 +104,7 @@ class SenderExport:
     delivery is refused at once, naming the AE title and the table to add it to.
     """
 
-    def __init__(self, config: Any, calling_ae_title: str) -> None:  # SenderTarget once the config has it
+    def __init__(self, config: SenderTarget, calling_ae_title: str) -> None:
         self.name = config.name
         self._config = config
         self._calling = calling_ae_title

@@ -145,8 +145,6 @@ class SizeRules:
 
     @classmethod
     def from_config(cls, rules: SeriesConfig) -> SizeRules:
-        if not hasattr(rules, "settle_on_stated_size"):  # until the config has the keys
-            return cls(enabled=False)
         return cls(enabled=rules.settle_on_stated_size, min_slices=rules.stated_size_min_slices,
                    expected_counts=tuple((e.series_description, e.count) for e in rules.expected_counts))
 
