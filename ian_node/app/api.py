@@ -11,9 +11,12 @@ Routes (JSON unless stated; errors are ``{"error": "..."}`` with a 4xx/5xx statu
   ``segmented_no_region``: segmented and sent anyway, see ``crop.segment_when_not_found``), its
   ``flag`` (what an operator must know about the result, else null), ``roi`` (the crop used per side:
   mode, box_mm, confidence), ``roi_request`` (the crop asked for and by whom: ``"source": "api"`` or
-  ``"config"``), and per-side ``voxels`` and stage ``timings``.
+  ``"config"``), per-side ``voxels`` and stage ``timings``, and ``qa`` (per side: verdict PASS / WARN /
+  FAIL, reasons, gaps, longest_gap_mm, components, length_mm, mean_probability, localiser_confidence;
+  null before the job is segmented). A job ``held`` by ``[qa] on_fail = "hold"`` waits for a retry.
 - ``GET /series?status=&limit=``: recent series, e.g. those the selection rules skipped, with reasons.
-- ``POST /jobs/{id}/retry``: re-deliver a failed job's result, or re-run it (409 unless failed). A
+- ``POST /jobs/{id}/retry``: re-deliver a failed job's result, re-run it, or release a held one (its
+  SEG and SR then go out; 409 unless failed or held). A
   body ``{"roi": {"right": [[x_min, x_max], [y_min, y_max], [z_min, z_max]], "left": ...}}`` re-runs it
   with those boxes (LPS mm), e.g. after "no mandible region found" (409 when it has a result).
 - ``POST /jobs``: the pull trigger (``ian_node.receive.pull``), answering 201 with the new job, 200 with
@@ -121,6 +124,7 @@ def job_json(job: Job) -> dict[str, Any]:
         "started_at": job.started_at, "finished_at": job.finished_at, "updated_at": job.updated_at,
         "outcome": None if job.outcome is None else str(job.outcome), "flag": job.flag,
         "roi": job.crop, "roi_request": job.crop_request, "voxels": job.voxels, "timings": job.timings,
+        "qa": job.qa,
     }
 
 
@@ -265,7 +269,8 @@ def _add_routes(app: FastAPI, api: NodeApi, dependencies: list[Any]) -> None:
         series = api.state.list_series(query.status, query.limit)
         return _json(HTTPStatus.OK, {"series": [series_json(s) for s in series]})
 
-    @app.post("/jobs/{job_id}/retry", dependencies=dependencies, summary="Re-deliver or re-run a failed job",
+    @app.post("/jobs/{job_id}/retry", dependencies=dependencies,
+              summary="Re-deliver or re-run a failed job, or release a held one",
               openapi_extra=_RETRY_BODY)
     def retry_job(job_id: JobId, body: Annotated[bytes, Depends(_body)]) -> JsonAnswer:
         job = existing_job(job_id)
