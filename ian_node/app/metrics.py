@@ -1,7 +1,7 @@
 """The node's Prometheus metrics (prometheus-client), on a registry of its own per node.
 
 Everything but the pull counter and the stage histogram is read at scrape time by a custom
-collector: jobs, outcomes, deliveries and the delivery backlog from the SQLite state (so the
+collector: jobs, outcomes, QA verdicts, deliveries and the delivery backlog from the SQLite state (so the
 numbers agree with `GET /jobs` and `ian-node jobs list`), the refusal and store-failure counters
 from the SCP's own :class:`ian_node.receive.counters.ReceiveCounters` (one count per refusal, each
 logged once at WARNING, but those for lack of space, which are logged at most once a minute), and
@@ -102,6 +102,12 @@ class _StateCollector:
             "Jobs by what their segmentation came to: segmented; no_region (no mandible region found, nothing "
             "sent); segmented_no_region (sent anyway, flagged: crop.segment_when_not_found).", labels=["outcome"]),
             {(str(o),): n for o, n in state.outcome_counts().items()})
+        yield _labelled(GaugeMetricFamily(
+            "ian_node_qa_verdicts",
+            "Sides of segmented jobs by QA verdict (PASS, WARN, FAIL; segment.qa): a rising FAIL count "
+            "means results an operator must look at (flagged, or held with qa.on_fail = hold).",
+            labels=["side", "verdict"]),
+            state.qa_counts())
         yield _labelled(GaugeMetricFamily("ian_node_deliveries", "Result deliveries (job x target) by state.",
                                           labels=["state"]),
                         {(str(s),): n for s, n in state.delivery_counts().items()})
