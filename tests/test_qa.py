@@ -39,7 +39,7 @@ def test_a_gap_left_open_fails_the_side():
     ({"gaps_mm": (1.0,) * qa.GAPS_WARN}, "gaps along"),
     ({"components_before": qa.COMPONENTS_WARN + 1}, "components before"),
     ({"length_mm": qa.LENGTH_RANGE_MM[0] - 1}, "outside"),
-    ({"length_mm": qa.LENGTH_RANGE_MM[1] + 1}, "outside"),
+    ({"length_mm": qa.LENGTH_RANGE_MM[1] + qa.ABOVE_FORAMEN_MM + 1}, "outside"),
     ({"mean_probability": qa.PROBABILITY_WARN - 0.01}, "mean probability"),
 ])
 def test_each_warning_rule_warns_with_its_reason(changes, words):
@@ -65,3 +65,11 @@ def test_failures_come_before_warnings_in_the_reasons():
     result = judge("right", _tract(mean_probability=0.1, components_before=99), 0.55, 10.0)
     assert result.verdict is Verdict.FAIL
     assert "mean probability" in result.reasons[0] and len(result.reasons) == 3
+
+
+def test_the_docstring_table_states_the_constants():
+    low, high = qa.LENGTH_RANGE_MM
+    for text in (f"> {qa.GAP_WARN_MM:g} mm", f">= {qa.GAPS_WARN}", f"> {qa.COMPONENTS_WARN}",
+                 f"< {low:g} mm or > {high + qa.ABOVE_FORAMEN_MM:g} mm", f"< {qa.LENGTH_FAIL_MM:g} mm",
+                 f"< {qa.PROBABILITY_WARN:g}", f"< {qa.PROBABILITY_FAIL:g}", f"< {qa.CONFIDENCE_WARN:g}"):
+        assert text in qa.__doc__

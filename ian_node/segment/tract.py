@@ -13,8 +13,9 @@ mental foramen (anterior). `trace_tract` rebuilds that tube:
    nerve even when a single look-alike component is the largest (where the old "largest
    component" rule failed).
 2. **Path.** A minimal path through the chain's probability map (`skimage.graph.MCP_Geometric`,
-   cost per mm ``-log(p) + LENGTH_COST_PER_MM``, physical spacing) from its posterior-superior end
-   (largest y + z in LPS) to its anterior end (smallest y). A minimal path rather than a graph of
+   cost per mm ``-log(p) + LENGTH_COST_PER_MM``, physical spacing; p smoothed by
+   `PATH_SMOOTHING_MM` so that the path keeps to the middle of the tube) from the chain's
+   posterior-superior end (largest y + z in LPS) to its anterior end (smallest y). A minimal path rather than a graph of
    slice components because it also says *where* a gap runs (so it can be filled as a tube) and
    how long it is along the nerve, it follows the probability through the weak slices where a gap
    is, and it needs no per-slice matching rules; the cost of -log(p) is the path's negative log
@@ -24,8 +25,11 @@ mental foramen (anterior). `trace_tract` rebuilds that tube:
    radius (the detections' distance-to-surface at the path on either side of the gap). Everything
    else is an island and is dropped.
 
-The path is the tract's centreline: its length (smoothed, see `path_length_mm`) and the mean
-probability along it feed the per-side QA (`ian_node.segment.qa`).
+The tract's length (its centreline, `ian_node.segment.measure.centreline`, the one the report
+measures; for a tract left in pieces, that of its longest piece) and the mean probability along the
+path feed the per-side QA (`ian_node.segment.qa`). Chaining beyond `max_gap_mm`
+(so that a nerve broken by a longer gap stays one broken tract) and keeping every chained component
+were both tried on the held-out phantoms and scored worse (docs/tract.md).
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 from skimage.graph import MCP_Geometric
+
+from ian_node.segment.measure import centreline
 
 #: Gaps along the tract up to this long (mm, along the path) are filled; also the chaining distance.
 DEFAULT_MAX_GAP_MM = 10.0
@@ -50,8 +56,6 @@ RADIUS_SAMPLES = 5
 PATH_SMOOTHING_MM = 1.0
 #: An end of the chain is chosen among the voxels this close (mm) to its extreme.
 END_TOLERANCE_MM = 1.0
-#: Smoothing of the voxel path (voxels, Gaussian sigma) before its length is summed.
-LENGTH_SMOOTHING = 2.0
 
 _FULL = np.ones((3, 3, 3), dtype=bool)
 
@@ -66,7 +70,7 @@ class Tract:
     filled: int  # how many of those gaps were filled (the ones <= max_gap_mm)
     components_before: int  # 26-connected components of the detections
     components_after: int  # 26-connected components of `mask`
-    length_mm: float  # of the path (the centreline)
+    length_mm: float  # of the mask's centreline (`ian_node.segment.measure.centreline`)
     mean_probability: float  # along the path, gaps included
 
     @property
@@ -77,17 +81,6 @@ class Tract:
 def voxel_spacing(affine: np.ndarray) -> tuple[float, float, float]:
     """Voxel size (mm) along each array axis of an index → LPS affine."""
     return tuple(float(v) for v in np.linalg.norm(np.asarray(affine, dtype=float)[:3, :3], axis=0))
-
-
-def path_length_mm(path: np.ndarray, spacing_mm: tuple[float, float, float]) -> float:
-    """Length of a voxel path in mm, after smoothing its staircase (a 26-connected path overestimates
-    a straight line by up to a third; a Gaussian of `LENGTH_SMOOTHING` voxels takes most of that off)."""
-    if len(path) < 2:
-        return 0.0
-    points = path.astype(float) * np.asarray(spacing_mm)
-    if len(path) > 2:
-        points = ndimage.gaussian_filter1d(points, LENGTH_SMOOTHING, axis=0, mode="nearest")
-    return float(np.linalg.norm(np.diff(points, axis=0), axis=1).sum())
 
 
 def _box(mask: np.ndarray, margin: np.ndarray) -> tuple[slice, ...]:
@@ -197,5 +190,5 @@ def trace_tract(probability: np.ndarray, affine: np.ndarray, threshold: float = 
     path = path + origin
     return Tract(mask=mask, path=path, gaps_mm=tuple(gaps), filled=filled, components_before=count,
                  components_after=int(ndimage.label(tract, structure=_FULL)[1]),
-                 length_mm=path_length_mm(path, spacing),
+                 length_mm=centreline(mask, affine).length_mm,
                  mean_probability=float(probability[tuple(path.T)].mean()))
