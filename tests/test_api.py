@@ -169,8 +169,8 @@ def test_retry_redelivers_a_failed_result_and_refuses_a_job_that_is_not_failed(
         response = requests.post(f"{url}/jobs/{job.id}/retry", timeout=10)
         assert response.status_code == 200 and response.json()["state"] == "exporting"
         wait_for(lambda: node.state.job(job.id).state is JobState.DONE, 30, "the retried delivery")
-    (received,) = (tmp_path / "received").iterdir()
-    assert pydicom.dcmread(received).Modality == "SEG"
+    received = sorted(pydicom.dcmread(p).Modality for p in (tmp_path / "received").iterdir())
+    assert received == ["SEG", "SR"]  # the job's SEG and its TID 1500 SR, in one delivery
     again = requests.post(f"{url}/jobs/{job.id}/retry", timeout=10)
     assert again.status_code == 409 and "expected failed" in again.json()["error"]
 
