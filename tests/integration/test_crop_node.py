@@ -8,6 +8,7 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
+import pydicom
 import pytest
 import requests
 
@@ -69,7 +70,8 @@ def _send_and_wait(node: Node, phantom: PhantomFiles, *states: JobState) -> Job:
 
 
 def _segs(pacs: tuple[Path, int]) -> list[Path]:
-    return sorted(pacs[0].iterdir())
+    """The SEGs the destination received (each job also sends its SR)."""
+    return sorted(p for p in pacs[0].iterdir() if pydicom.dcmread(p, stop_before_pixels=True).Modality == "SEG")
 
 
 @pytest.fixture(scope="module")
