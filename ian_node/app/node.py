@@ -25,6 +25,7 @@ from ian_node import __version__
 from ian_node.app.api import NodeApi, create_app
 from ian_node.app.metrics import NodeMetrics
 from ian_node.app.server import ApiServer
+from ian_node.app.status import StatusSources, status_router
 from ian_node.config import NodeConfig
 from ian_node.export.exporter import Exporter
 from ian_node.export.targets import build_targets
@@ -62,6 +63,7 @@ class Node:
         self.worker.totals = self.metrics.stage_totals  # each job's stage seconds feed the histogram
         self.api = ApiServer(create_app(NodeApi(self.state, self.worker, self.exporter, self.puller, self.metrics),
                                         config.api), config.api)
+        self.api.app.include_router(status_router(StatusSources(config, self.state, self.spool, self.worker, self.exporter)))
         self._stopped = threading.Event()
         self._started_at: float | None = None
 

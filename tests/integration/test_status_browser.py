@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import pydicom
 import pytest
 
 from ian_node.app.node import Node
@@ -22,8 +23,9 @@ from ian_node.config import ApiConfig, DicomTarget, ExportConfig
 from ian_node.net import free_port
 from ian_node.phantom.study import PhantomFiles
 from ian_node.storage.records import Job, JobState
-from tests.integration.node_harness import (
+from tests.integration.node_harness import (  # noqa: F401 (dcmtk_nodelay: a fixture)
     api_url,
+    dcmtk_nodelay,
     node_config,
     running_node,
     small_phantom,
@@ -32,7 +34,7 @@ from tests.integration.node_harness import (
 )
 from tests.integration.peers import storescp, storescu
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("dcmtk_nodelay")]
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -70,7 +72,7 @@ def artefacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def site(tmp_path_factory: pytest.TempPathFactory, dcmtk_nodelay: None) -> Iterator[Site]:
+def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     root = tmp_path_factory.mktemp("status-node")
     checkpoint = untrained_checkpoint(root / "small.pt", size=32, attention=False)
     dest_port = free_port()
@@ -110,10 +112,14 @@ def _send(site: Site, phantom: PhantomFiles) -> Job:
 
 
 def _full_page(driver: WebDriver, path: Path) -> None:
-    height = driver.execute_script("return document.documentElement.scrollHeight")
-    driver.set_window_size(1280, max(800, int(height)))
-    driver.save_screenshot(str(path))
-    driver.set_window_size(1280, 1000)
+    """A screenshot of the whole page: the viewport stretched to the document's height (DevTools), then reset."""
+    height = int(driver.execute_script("return document.documentElement.scrollHeight"))
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                           {"width": 1280, "height": height, "deviceScaleFactor": 1, "mobile": False})
+    try:
+        driver.save_screenshot(str(path))
+    finally:
+        driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
 
 
 def test_without_the_token_the_page_asks_for_a_login_then_opens(site: Site, browser: WebDriver,
@@ -153,7 +159,9 @@ def test_a_failed_delivery_is_retried_from_the_job_page_once_the_destination_is_
         _wait(browser, 10, ".notice")
         _wait(browser, JOB_TIMEOUT, "tr[data-target='pacs'][data-state='delivered']")
         assert site.node.state.job(job.id).state is JobState.DONE
-    assert len(list((tmp_path / "pacs").iterdir())) == 1
+    received = [pydicom.dcmread(p, stop_before_pixels=True) for p in (tmp_path / "pacs").iterdir()]
+    segs = [ds for ds in received if ds.Modality == "SEG"]
+    assert len(segs) == 1 and segs[0].ReferencedSeriesSequence[0].SeriesInstanceUID == phantom.series_uid
 
 
 def test_a_series_sent_with_storescu_reaches_done_and_its_pictures_load(

@@ -126,7 +126,7 @@ class StatusPage:
         return _Visit(session, allowed=not self.auth.required or session is not None)
 
     def _view(self, visit: _Visit) -> PageView:
-        identity = bool(getattr(self.sources.config.api, "show_patient_identity", False))
+        identity = self.sources.config.api.show_patient_identity
         return PageView(self.sources, self.headers, identity=identity and self.auth.required and visit.session is not None)
 
     def _to_login(self, request: Request) -> RedirectResponse:
