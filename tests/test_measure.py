@@ -61,8 +61,9 @@ def test_straight_oblique_tube_gives_its_length_volume_and_diameter():
     assert m.volume_mm3 == pytest.approx(np.pi * 1.5**2 * 60 + 4 / 3 * np.pi * 1.5**3, rel=0.05)
     assert m.mean_diameter_mm == pytest.approx(3.0, rel=0.08)
     assert 2.6 < m.min_diameter_mm <= m.mean_diameter_mm
-    # Every centreline point lies near the true axis.
-    assert cKDTree(path).query(m.centreline.points)[0].max() < 0.5
+    # Every centreline point lies near the true axis: within half a slice at the caps, closer inside.
+    off_axis = cKDTree(path).query(m.centreline.points)[0]
+    assert off_axis.max() < SPACING.max() / 2 and off_axis[8:-8].max() < 0.4
 
 
 def test_a_thicker_stretch_shows_in_the_diameter_profile_and_the_minimum_is_the_thin_part():
@@ -133,12 +134,12 @@ def test_a_single_voxel_has_a_centreline_no_longer_than_the_voxel():
 
 
 @pytest.mark.parametrize("patient", [0, 1])
-def test_demo_phantom_truth_length_within_5_percent(patient: int):
+def test_demo_phantom_truth_length_within_3_percent(patient: int):
     phantom = generate_phantom(patient, 7, phantom_preset("demo"))
     measured = measure_labels(phantom.labels, phantom.volume.affine)
     for side, value in (("right", 1), ("left", 2)):
         truth = phantom.params["nerve_length_in_fov_mm"][side]
-        assert measured[side].length_mm == pytest.approx(truth, rel=0.05), side
+        assert measured[side].length_mm == pytest.approx(truth, rel=0.03), side
         voxels = int((phantom.labels == value).sum())
         assert measured[side].volume_mm3 == pytest.approx(voxels * phantom.volume.voxel_volume, rel=1e-9)
         brush = phantom.params[side]["annotation_inset"] * phantom.params[side]["nerve_radius_mm"]

@@ -19,15 +19,11 @@ import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
 
 from ian_node.config import CROP_MODES, ConfigError, CropConfig, SeriesConfig, check_box, check_box_pair
-
-if TYPE_CHECKING:
-    from ian_node.segment.pipeline import PipelineResult
 
 logger = logging.getLogger(__name__)
 
@@ -194,7 +190,13 @@ def run_predict(args: argparse.Namespace) -> int:
     from ian_node.config import ModelConfig
     from ian_node.segment.crop import CropError, NoRegionError
     from ian_node.segment.pipeline import failure_message, segment_series
-    from ian_node.segment.result import load_crop_localiser, load_predictor, pipeline_options, result_segmentation
+    from ian_node.segment.result import (
+        load_crop_localiser,
+        load_predictor,
+        pipeline_options,
+        result_report,
+        result_segmentation,
+    )
     from ian_node.segment.volume import SeriesError
     from model.localiser import LocaliserCheckpointError
 
@@ -231,9 +233,10 @@ def run_predict(args: argparse.Namespace) -> int:
         return 1
     args.out.parent.mkdir(parents=True, exist_ok=True)
     seg.save_as(args.out, enforce_file_format=True)
-    measurements = None if args.sr is None else _write_sr(args.sr, seg, result)
-    if measurements is not None:
-        report["measurements"] = measurements
+    if args.sr is not None:
+        args.sr.parent.mkdir(parents=True, exist_ok=True)
+        result_report(result, seg).save_as(args.sr, enforce_file_format=True)
+        report["sr"] = str(args.sr)
     used = result.crop.as_json() if result.crop is not None else None
     problem = result.crop.problem if result.crop is not None else ""
     report.update(outcome="segmented_no_region" if problem else "segmented", flag=problem or None, roi=used,
@@ -246,22 +249,7 @@ def run_predict(args: argparse.Namespace) -> int:
           + ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items()))
     if used is not None:
         print(f"crop: {_crop_text(used)}")
-    if measurements is not None:
-        print(f"measurements -> {args.sr}: " + "; ".join(
-            f"{side} no nerve" if m is None else f"{side} {m['length_mm']:.1f} mm long, {m['volume_mm3']:.0f} mm3"
-            for side, m in measurements.items()))
+    if args.sr is not None:
+        print(f"measurements (TID 1500 SR) -> {args.sr}")
     return 0
 
-
-def _write_sr(path: Path, seg: Dataset, result: PipelineResult) -> dict[str, dict[str, float | None] | None]:
-    """Measure both nerves, write their SR to `path`, and return the whole-tract figures for the report."""
-    from ian_node.segment.measure import measure_labels
-    from ian_node.segment.sr import build_measurement_report
-
-    measured = measure_labels(result.labels, result.series.volume.affine)
-    sr = build_measurement_report(seg, result.series, measured, qa=result.qa or None)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sr.save_as(path, enforce_file_format=True)
-    return {side: None if m is None else {"length_mm": round(m.length_mm, 2), "volume_mm3": round(m.volume_mm3, 2),
-                                          "mean_diameter_mm": m.mean_diameter_mm, "min_diameter_mm": m.min_diameter_mm}
-            for side, m in measured.items()}

@@ -7,11 +7,15 @@ series affine (``SeriesVolume.volume.affine``: (slice, row, column) index → pa
 
 - **Centreline.** The mask is resampled to an isotropic grid (the finest voxel spacing) by trilinear
   interpolation, so a nerve only one or two anisotropic voxels wide keeps its shape; the occupancy
-  above 0.25 (which keeps 26-connected voxels joined) is skeletonised in 3D
+  at or above 0.25 (which keeps 26-connected voxels joined) is skeletonised in 3D
   (`skimage.morphology.skeletonize`), and the longest geodesic path (mm) through the skeleton graph
-  (two Dijkstra sweeps per component) is smoothed (Gaussian, 1.5 mm) and resampled every 0.5 mm.
-  It runs from the posterior-superior end (the ramus: mandibular foramen) to the anterior end
-  (the mental foramen): the end with the larger P + S coordinate comes first.
+  (two Dijkstra sweeps per component) is taken. A skeleton stops short of the ends and can miss a
+  hook (the turn out through the mental foramen), so each end is carried on along the geodesic,
+  inside the mask, to the voxel farthest from the other end. The path is smoothed (Gaussian, 1.5 mm),
+  pulled back one radius from each tip (a tube's centreline ends at its cap's centre; not where the
+  mask meets the volume's edge) and resampled every 0.5 mm. It runs from the posterior-superior
+  end (the ramus: mandibular foramen) to the anterior end (the mental foramen): the end with the
+  larger P + S coordinate comes first.
 - **Length** is the smoothed centreline's arc length; **volume** is voxel count × voxel volume.
 - **Diameter** is the equivalent diameter 2·√(A/π) of the local cross-sectional area A: each
   (resampled, fractional) mask voxel belongs to its nearest centreline point, which approximates
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
@@ -174,12 +179,25 @@ _OFFSETS = np.array([(a, b, c) for a in (-1, 0, 1) for b in (-1, 0, 1) for c in 
                      if (a, b, c) > (0, 0, 0)])  # 13 of the 26 neighbours: each edge once
 
 
-def _longest_path(skeleton: np.ndarray, step: float) -> np.ndarray:
-    """Voxel indices (k, 3) of the longest geodesic path through the skeleton's 26-neighbour graph."""
-    nodes = np.argwhere(skeleton)
-    if len(nodes) == 1:
-        return nodes
-    ids = np.full(skeleton.shape, -1, dtype=np.int64)
+@dataclass(frozen=True)
+class _Graph:
+    """The 26-neighbour graph of a voxel set, edges weighted by their length in mm."""
+
+    nodes: np.ndarray  # (n, 3) voxel indices
+    ids: np.ndarray  # node id per voxel of the grid, -1 outside the set
+    matrix: Any  # scipy CSR, symmetric use (directed=False)
+
+    def path(self, predecessors: np.ndarray, start: int, end: int) -> list[int]:
+        """Node ids from `start` to `end` along the predecessors of a search from `start`."""
+        out = [end]
+        while out[-1] != start:
+            out.append(int(predecessors[out[-1]]))
+        return out[::-1]
+
+
+def _graph(voxels: np.ndarray, step: float) -> _Graph:
+    nodes = np.argwhere(voxels)
+    ids = np.full(voxels.shape, -1, dtype=np.int64)
     ids[tuple(nodes.T)] = np.arange(len(nodes))
     padded = np.pad(ids, 1, constant_values=-1)
     rows, cols, weights = [], [], []
@@ -190,21 +208,25 @@ def _longest_path(skeleton: np.ndarray, step: float) -> np.ndarray:
         cols.append(nb[keep])
         weights.append(np.full(int(keep.sum()), step * float(np.linalg.norm(off))))
     r, c, w = (np.concatenate(x) for x in (rows, cols, weights))
-    graph = coo_matrix((w, (r, c)), shape=(len(nodes), len(nodes))).tocsr()
-    _, component = connected_components(graph, directed=False)
+    return _Graph(nodes, ids, coo_matrix((w, (r, c)), shape=(len(nodes), len(nodes))).tocsr())
+
+
+def _longest_path(skeleton: np.ndarray, step: float) -> np.ndarray:
+    """Voxel indices (k, 3) of the longest geodesic path through the skeleton's 26-neighbour graph."""
+    graph = _graph(skeleton, step)
+    if len(graph.nodes) == 1:
+        return graph.nodes
+    _, component = connected_components(graph.matrix, directed=False)
     best: tuple[float, list[int]] = (-1.0, [0])
     for comp in np.unique(component):
         members = np.flatnonzero(component == comp)
-        dist = dijkstra(graph, directed=False, indices=int(members[0]))
+        dist = dijkstra(graph.matrix, directed=False, indices=int(members[0]))
         far = int(members[np.argmax(dist[members])])
-        dist, pred = dijkstra(graph, directed=False, indices=far, return_predecessors=True)
+        dist, pred = dijkstra(graph.matrix, directed=False, indices=far, return_predecessors=True)
         end = int(members[np.argmax(dist[members])])
         if dist[end] > best[0]:
-            path = [end]
-            while path[-1] != far:
-                path.append(int(pred[path[-1]]))
-            best = (float(dist[end]), path)
-    return nodes[best[1]]
+            best = (float(dist[end]), graph.path(pred, far, end))
+    return graph.nodes[best[1]]
 
 
 def _resample_curve(points: np.ndarray, step: float) -> np.ndarray:
@@ -226,62 +248,62 @@ def _smooth(points: np.ndarray, sigma_mm: float, step: float) -> np.ndarray:
     return smoothed[len(points) - 1: 2 * len(points) - 1]
 
 
-def _extend(points: np.ndarray, grid: _Resampled, radius: float) -> np.ndarray:
-    """The path carried on along its end tangent to where the end cap's centre lies.
+def _to_tips(path: np.ndarray, solid: np.ndarray, step: float) -> np.ndarray:
+    """The skeleton path carried on, inside the tract, to its two far tips.
 
-    A skeleton stops short of a tract's rounded end; the centreline of a tube ends at its cap's
-    centre, one radius inside the boundary (occupancy 0.5). Where the tract leaves the volume (a cut
-    end) the centreline runs to the edge itself.
+    A skeleton stops short of a tract's ends, and may miss a hook (the nerve's turn out through the
+    mental foramen) altogether. The tip beyond each end is the tract voxel geodesically farthest from
+    the other end; the geodesic from the end to it is appended.
     """
-    arc = np.concatenate([[0.0], np.cumsum(np.linalg.norm(np.diff(points, axis=0), axis=1))])
-    if arc[-1] < 2 * grid.step:
-        return points
-    to_grid, to_source = np.linalg.inv(grid.affine), np.linalg.inv(grid.source_affine)
-    limit = np.asarray(grid.source_shape) - 0.5
-    ends = []
-    for end, path, along in ((points[-1], points[::-1], arc[-1] - arc[::-1]), (points[0], points, arc)):
-        back = path[min(int(np.searchsorted(along, 2.0)), len(path) - 1)]
-        direction = (end - back) / max(float(np.linalg.norm(end - back)), 1e-9)
-        steps = end + np.arange(1, int(10.0 / 0.1) + 1)[:, None] * 0.1 * direction[None, :]
-        source = _to_lps(to_source, steps)
-        inside_volume = np.all((source >= -0.5) & (source <= limit), axis=1)
-        level = ndimage.map_coordinates(grid.occupancy, _to_lps(to_grid, steps).T, order=1, cval=0.0)
-        # The boundary: where the occupancy drops below 0.5 for a whole source voxel, so that the
-        # dips between diagonal neighbours of a tract one voxel wide do not stop the walk.
-        run = int(np.ceil(float(_spacing(grid.source_affine).max()) / 0.1))
-        below = np.concatenate([level < 0.5, np.ones(run, dtype=bool)])
-        gone = np.lib.stride_tricks.sliding_window_view(below, run).all(axis=1)[: len(steps)]
-        stop = np.flatnonzero(gone | ~inside_volume)
-        k = int(stop[0]) if stop.size else len(steps)
-        # Cut: the tract stops within a voxel of the volume's edge; it runs on to the edge itself.
-        near_edge = np.any((source[min(k, len(steps) - 1)] < 0.5) | (source[min(k, len(steps) - 1)] > limit - 1.0))
-        if stop.size and near_edge:
-            outside = np.flatnonzero(~inside_volume)
-            reach = (int(outside[0]) if outside.size else len(steps)) * 0.1
-        else:
-            reach = k * 0.1 - radius
-        ends.append(end + max(reach, 0.0) * direction if reach > 0 else None)
-    tail, head = ends
-    parts = [p for p in (None if head is None else head[None], points, None if tail is None else tail[None])
-             if p is not None]
-    return np.concatenate(parts)
+    graph = _graph(solid, step)
+    start, end = int(graph.ids[tuple(path[0])]), int(graph.ids[tuple(path[-1])])
+    from_start, pred_start = dijkstra(graph.matrix, directed=False, indices=start, return_predecessors=True)
+    from_end, pred_end = dijkstra(graph.matrix, directed=False, indices=end, return_predecessors=True)
+    reach = np.isfinite(from_start) & np.isfinite(from_end)
+    # Beyond the start: nearer the start than the end, and farthest from the end.
+    beyond_start = np.flatnonzero(reach & (from_start < from_end))
+    beyond_end = np.flatnonzero(reach & (from_end < from_start))
+    head: list[int] = []
+    tail: list[int] = []
+    if beyond_start.size:
+        tip = int(beyond_start[np.argmax(from_end[beyond_start])])
+        head = graph.path(pred_start, start, tip)[1:][::-1]
+    if beyond_end.size:
+        tip = int(beyond_end[np.argmax(from_start[beyond_end])])
+        tail = graph.path(pred_end, end, tip)[1:]
+    return np.concatenate([graph.nodes[head].reshape(-1, 3), path, graph.nodes[tail].reshape(-1, 3)])
+
+
+def _at_edge(point: np.ndarray, grid: _Resampled) -> bool:
+    """Whether an LPS point lies within one source voxel of the volume's edge (a tract cut by the field of view)."""
+    index = _to_lps(np.linalg.inv(grid.source_affine), point[None])[0]
+    return bool(np.any(index < 1.0) or np.any(index > np.asarray(grid.source_shape) - 2.0))
 
 
 def _centreline_of(grid: _Resampled, smoothing_mm: float, step_mm: float) -> Centreline:
-    skeleton = skeletonize(grid.occupancy >= _SKELETON_LEVEL)
+    solid = grid.occupancy >= _SKELETON_LEVEL
+    skeleton = skeletonize(solid)
     if not skeleton.any():  # a blob too small to keep a skeleton voxel: its densest point
         skeleton = np.zeros_like(skeleton)
         skeleton[np.unravel_index(int(np.argmax(grid.occupancy)), grid.occupancy.shape)] = True
-    path = _to_lps(grid.affine, _longest_path(skeleton, grid.step).astype(np.float64))
+        solid |= skeleton
+    voxels = _longest_path(skeleton, grid.step)
     fine = min(grid.step, step_mm) / 2
-    dense = _resample_curve(path, fine)
-    length = fine * (len(dense) - 1)
+    length = float(np.sum(np.linalg.norm(np.diff(voxels, axis=0), axis=1))) * grid.step
     radius = float(np.sqrt(grid.occupancy.sum() * grid.step ** 3 / max(length, grid.step) / np.pi))
-    # A skeleton's last radius bends off towards a corner of the end cap: cut it, then re-extend straight.
-    trim = int(round(radius / fine))
-    if len(dense) > 4 * trim + 2:
-        dense = dense[trim: len(dense) - trim]
-    points = _resample_curve(_extend(_smooth(dense, smoothing_mm, fine), grid, radius), step_mm)
+    # A skeleton's last radius may bend off towards a corner of the end cap: cut it before reaching the tips.
+    trim = int(round(radius / grid.step))
+    if len(voxels) > 4 * trim + 2 and trim:
+        voxels = voxels[trim:-trim]
+    voxels = _to_tips(voxels, solid, grid.step)
+    dense = _smooth(_resample_curve(_to_lps(grid.affine, voxels.astype(np.float64)), fine), smoothing_mm, fine)
+    # A tube's centreline ends at its end cap's centre, one radius inside the tip; at a cut end, at the edge.
+    cut = int(round(radius / fine))
+    lo = 0 if _at_edge(dense[0], grid) else cut
+    hi = len(dense) - (0 if _at_edge(dense[-1], grid) else cut)
+    if hi - lo >= 2:
+        dense = dense[lo:hi]
+    points = _resample_curve(dense, step_mm)
     # Ramus end first: the end further posterior + superior (LPS: +y, +z).
     if points[0, 1] + points[0, 2] < points[-1, 1] + points[-1, 2]:
         points = points[::-1].copy()
