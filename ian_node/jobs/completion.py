@@ -233,8 +233,13 @@ class SeriesTracker:
     def _check_stated_size(self, outcome: RecordOutcome) -> None:
         """Conclude the series now (in the timer thread) when this instance completes its stated size.
 
-        Costs one state query per instance, and one header read per series (its first instance).
+        Costs one state query per instance, and one header read per series (its first instance); nothing
+        once a series' first instance stated no size and no ``expected_counts`` rule is configured.
         """
+        with self._lock:
+            unstated = outcome.series_uid in self._stated and self._stated[outcome.series_uid] is None
+        if unstated and not self._sizes.expected_counts:
+            return
         series = self._state.series(outcome.series_uid)
         if series is None or not series.awaiting_completion or series.version != outcome.series_version:
             return
