@@ -36,7 +36,7 @@ from ian_node.phantom.study import PhantomConfig, PhantomFiles, generate_phantom
 from ian_node.storage.records import DeliveryState, Job, JobOutcome, JobState, ReceivedInstance
 from ian_node.storage.spool import Spool
 from ian_node.storage.state import State
-from tests.integration.node_harness import untrained_checkpoint, wait_for
+from tests.integration.node_harness import api_url, node_config, running_node, untrained_checkpoint, wait_for
 
 TOKEN = "status-page-test-token-0123456789"
 #: Small, but with nerves on both sides (the phantom's ground truth).
@@ -322,3 +322,22 @@ def test_patient_identity_is_shown_only_when_configured_and_logged_in(
     for path, text in texts.items():
         assert page.job.series_uid in text, path  # UIDs are always shown
         assert (name in text, patient_id in text) == (shown, shown), path
+
+
+def test_the_nodes_app_serves_the_page_and_its_cookie_does_not_open_the_bearer_api(
+    tmp_path: Path, checkpoint: Path
+) -> None:
+    with running_node(node_config(tmp_path, checkpoint, api=ApiConfig(port=0, token=TOKEN))) as node:
+        url = api_url(node)
+        browser = requests.Session()
+        login = browser.post(f"{url}/login", data={"token": TOKEN}, headers={"Origin": url}, timeout=30,
+                             allow_redirects=False)
+        assert login.status_code == 303 and SESSION_COOKIE in browser.cookies
+        assert _get(f"{url}/", browser).status_code == 200
+        for path in ("/jobs", "/series", "/metrics"):
+            assert _get(f"{url}{path}", browser).status_code == 401, path
+        pull = browser.post(f"{url}/jobs", json={"source": "orthanc"}, headers={"Origin": url}, timeout=30)
+        assert pull.status_code == 401
+        bearer = {"Authorization": f"Bearer {TOKEN}"}
+        assert _get(f"{url}/jobs", headers=bearer).status_code == 200
+        assert _get(f"{url}/", headers=bearer).status_code == 303  # the page wants its own login
