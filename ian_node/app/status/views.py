@@ -18,7 +18,7 @@ from typing import Any
 import pydicom
 
 from ian_node import __version__
-from ian_node.app.status.overlay import PLANES, SIDES
+from ian_node.app.status.overlay import SIDES
 from ian_node.config import NodeConfig
 from ian_node.export.exporter import Exporter
 from ian_node.jobs.worker import Worker
@@ -183,7 +183,3 @@ class PageView:
         """A failed job can be retried (its failed deliveries re-sent, or without a result the job re-run),
         and a held one released: both through ``State.retry_job``, as the API's retry."""
         return job.state in (JobState.FAILED, JobState.HELD)
-
-    @staticmethod
-    def pictures() -> list[tuple[str, list[str]]]:
-        return [(side, list(PLANES)) for side in SIDES]
