@@ -40,7 +40,16 @@ from training.localiser_run import checkpoint_record
 from training.loop import TrainResult, load_weights
 from training.metrics import METRICS, ImageScore, failure_rates, image_metrics
 from training.presets import Protocol
-from training.regions import RegionScore, SideStack, region_table, score_regions, side_stacks, write_region_reports
+from training.regions import (
+    RegionScore,
+    SideStack,
+    geometry_kind,
+    measured_geometry,
+    region_table,
+    score_regions,
+    side_stacks,
+    write_region_reports,
+)
 from training.report import (
     GridRow,
     OverlayCase,
@@ -83,18 +92,21 @@ def score_runs(records: list[RunRecord], paths: BenchmarkPaths, slices: SliceSet
 
 
 def score_regions_of_runs(records: list[RunRecord], paths: BenchmarkPaths, slices: SliceSet) -> list[RegionScore]:
-    """Per-region DSC and recall (`training.regions`) of every run's test nerves, with nominal geometry.
+    """Per-region DSC and recall (`training.regions`) of every run's test nerves.
 
-    The regions of a repeat's test nerves come from their ground truth alone, so they are computed
-    once per set of test samples and shared by every model.
+    Regions are placed in the millimetres each side recorded while loading (`LoadReport.geometry`),
+    nominal 1 mm where it recorded none (the paper's 2D folders). The regions of a repeat's test nerves
+    come from their ground truth alone, so they are computed once per set of test samples and shared by
+    every model.
     """
+    geometry = measured_geometry(slices.report)
     stacks: dict[bytes, list[SideStack]] = {}
     rows = []
     for r in records:
         indices, masks = load_predictions(paths.run_dir(r.model, r.repeat))
         key = np.asarray(indices, dtype=np.int64).tobytes()
         if key not in stacks:
-            stacks[key] = side_stacks(slices.metas, slices.masks, indices)
+            stacks[key] = side_stacks(slices.metas, slices.masks, indices, geometry)
         rows += score_regions(r.model, r.repeat, stacks[key], slices.masks,
                               {int(k): m for k, m in zip(indices, masks, strict=True)})
     return rows
@@ -147,8 +159,8 @@ def write_reports(records: list[RunRecord], ledger: Ledger, paths: BenchmarkPath
     region_rows = score_regions_of_runs(used, paths, slices)
     regions = None
     if region_rows:
-        files.update(write_region_reports(region_rows, paths.reports, nominal=True))
-        regions = {"geometry": "nominal", "table": [
+        files.update(write_region_reports(region_rows, paths.reports))
+        regions = {"geometry": geometry_kind(region_rows), "table": [
             {"model": m, "region": g, "n": v[0], "dsc_mean": v[1], "dsc_sd": v[2], "recall_mean": v[3],
              "recall_sd": v[4]} for (m, g), v in region_table(region_rows).items()]}
     files["timing_csv"], files["timing_md"] = write_timing(

@@ -9,11 +9,14 @@ A false positive far from the nerve thus counts against the region it is nearest
 
 The benchmark predicts 2D model-space slices: a side's test slices are stacked in coronal order
 (axis 0 A→P, rows S→I, column 0 lateral, as `ian_node.segment.reformat.CoronalStack`) into one
-volume whose axis-0 step is the slices' spacing (a `slice_step` apart). Model pixels are square in
-millimetres (the slice transform pads to a physically square canvas), so a `StackGeometry` (mm per
-slice step and per model pixel) makes that volume metric. The samples do not record it yet, so the
-benchmark uses `NOMINAL` (1 mm both ways) and marks its region tables as nominal: the order of the
-regions is right, their mm boundaries (15 mm mental stretch, 10 mm flat body) are then in pixels.
+volume whose axis-0 step is the slices' spacing times their sampling step (`training.data.sampling_step`
+of the stacked indices). A `StackGeometry` (mm per coronal slice, per model row and per model column)
+makes that volume metric. 3D inputs record it per patient and side while loading
+(`training.data.SideGeometry` in `LoadReport.geometry`: the series' coronal spacing, the slice
+transform's model pixel), so the regions' mm boundaries (15 mm mental stretch, 10 mm flat body) are
+real ("measured"). The paper's 2D folders record no millimetres: their sides use `NOMINAL` (1 mm
+everywhere) and every row and table says "nominal": the order of the regions is right, their
+boundaries are then in pixels.
 
 Per region the counts follow `training.metrics.ImageMetrics.from_counts`; a region with no ground
 truth in a nerve (a crop that cut the ramus off) is kept in the rows but left out of the means.
@@ -30,6 +33,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from ian_node.segment.measure import Region, RegionSplit, centreline, region_map
+from training.data import LoadReport, SampleMeta, SideGeometry, sampling_step
 from training.metrics import METRIC_LABELS, ImageMetrics
 from training.report import display_name, model_order, report_dir, sample_sd, save_figure, write_csv
 
@@ -42,25 +46,58 @@ REGION_TITLES: dict[str, str] = {REGION_NAMES[r]: r.title.capitalize() for r in 
 
 @dataclass(frozen=True)
 class StackGeometry:
-    """Millimetres per step between a side's stacked test slices and per model pixel."""
+    """Millimetres per step between a side's stacked slices and per model pixel (rows, columns)."""
 
     slice_mm: float
-    pixel_mm: float
+    row_mm: float
+    col_mm: float
     nominal: bool = False  # True: assumed, not read from the data
 
     def __post_init__(self) -> None:
-        if not (self.slice_mm > 0 and self.pixel_mm > 0):
-            raise ValueError(f"StackGeometry needs positive sizes, got {self.slice_mm!r} and {self.pixel_mm!r} mm")
+        if not (self.slice_mm > 0 and self.row_mm > 0 and self.col_mm > 0):
+            raise ValueError(f"StackGeometry needs positive sizes, got slice {self.slice_mm!r}, row "
+                             f"{self.row_mm!r} and column {self.col_mm!r} mm")
+
+    @classmethod
+    def from_side(cls, g: SideGeometry) -> StackGeometry:
+        """A loaded side's millimetres per coronal index (not yet times a sampling step) and per model pixel."""
+        return cls(g.slice_mm, g.row_mm, g.col_mm)
+
+    @property
+    def kind(self) -> str:
+        """How the sizes were obtained, as the reports write it: "nominal" or "measured"."""
+        return "nominal" if self.nominal else "measured"
+
+    def stepped(self, step: int) -> StackGeometry:
+        """This geometry for slices `step` coronal indices apart."""
+        return StackGeometry(self.slice_mm * step, self.row_mm, self.col_mm, self.nominal)
 
     def affine(self) -> np.ndarray:
         """(slice, row, column) → LPS-like mm: slices run posterior (+y), rows inferior (−z), columns along x."""
         out = np.eye(4)
-        out[:3, :3] = [[0.0, 0.0, self.pixel_mm], [self.slice_mm, 0.0, 0.0], [0.0, -self.pixel_mm, 0.0]]
+        out[:3, :3] = [[0.0, 0.0, self.col_mm], [self.slice_mm, 0.0, 0.0], [0.0, -self.row_mm, 0.0]]
         return out
 
 
-#: What the benchmark assumes while its samples record no geometry.
-NOMINAL = StackGeometry(1.0, 1.0, nominal=True)
+#: What the benchmark assumes for samples that record no geometry (the paper's 2D folders).
+NOMINAL = StackGeometry(1.0, 1.0, 1.0, nominal=True)
+
+
+def measured_geometry(report: LoadReport) -> dict[tuple[str, str], StackGeometry]:
+    """(patient, side) → the millimetres its samples recorded while loading (none for 2D folders)."""
+    return {key: StackGeometry.from_side(g) for key, g in report.geometry_of().items()}
+
+
+#: The line under the region table, per `geometry_kind`.
+GEOMETRY_NOTES: dict[str, str] = {
+    "measured": "Measured geometry: millimetres per model pixel from each side's slice transform, per slice from "
+                "its series' coronal spacing times the sampling step.",
+    "nominal": f"Nominal geometry: the samples record no millimetres (the paper's 2D folders hold none), so a model "
+               f"pixel was taken as {NOMINAL.row_mm:g} mm and a coronal slice as {NOMINAL.slice_mm:g} mm; the "
+               "regions' order is right, their boundaries approximate.",
+    "mixed": "Mixed geometry: some sides recorded their millimetres (measured), others none (nominal, 1 mm per "
+             "pixel and slice; their boundaries approximate); region_scores.csv says which.",
+}
 
 
 @dataclass(frozen=True)
@@ -77,6 +114,7 @@ class RegionScore:
     fn: int
     dsc: float
     recall: float
+    geometry: str = NOMINAL.kind  # "measured" or "nominal": how the region boundaries were placed
 
     @property
     def gt_present(self) -> bool:
@@ -97,12 +135,6 @@ def side_regions(masks: np.ndarray, geometry: StackGeometry = NOMINAL,
     if line is None:
         return None
     return region_map(np.ones(masks.shape, dtype=bool), affine, line, split)
-
-
-def slice_spacing(slices: Sequence[int]) -> int:
-    """The usual step between a side's sampled coronal indices (the samples' `slice_step`), at least 1."""
-    steps = np.diff(np.sort(np.asarray(slices, dtype=np.int64)))
-    return int(np.median(steps)) if steps.size else 1
 
 
 def count_regions(prediction: np.ndarray, target: np.ndarray, regions: np.ndarray) -> dict[Region, ImageMetrics]:
@@ -127,15 +159,17 @@ class SideStack:
     side: str
     indices: np.ndarray
     regions: np.ndarray
+    geometry: StackGeometry = NOMINAL  # of the stack: axis-0 mm are per sampled slice
 
 
-def side_stacks(metas: Sequence, masks: np.ndarray, indices: Sequence[int],
+def side_stacks(metas: Sequence[SampleMeta], masks: np.ndarray, indices: Sequence[int],
                 geometry: Mapping[tuple[str, str], StackGeometry] | None = None,
                 split: RegionSplit | None = None) -> list[SideStack]:
     """The test nerves among samples `indices` (of `metas`/`masks`), each with its region map.
 
-    `metas` are `training.data.SampleMeta`s; `geometry` per (patient, side) mm per model pixel and per
-    coronal slice, `NOMINAL` where missing. Sides without ground truth are left out.
+    `geometry` is per (patient, side) the mm per model pixel and per coronal index (`measured_geometry`),
+    `NOMINAL` where missing; the stack's slice step is that times the sampling step of its indices.
+    Sides without ground truth are left out.
     """
     by_side: dict[tuple[str, str], list[int]] = defaultdict(list)
     for k in indices:
@@ -143,11 +177,10 @@ def side_stacks(metas: Sequence, masks: np.ndarray, indices: Sequence[int],
     out = []
     for key in sorted(by_side):
         ks = np.array(sorted(by_side[key], key=lambda k: metas[k].slice), dtype=np.int64)
-        g = (geometry or {}).get(key, NOMINAL)
-        step = slice_spacing([metas[k].slice for k in ks])
-        regions = side_regions(masks[ks], StackGeometry(g.slice_mm * step, g.pixel_mm, g.nominal), split)
+        g = (geometry or {}).get(key, NOMINAL).stepped(sampling_step([metas[k].slice for k in ks]))
+        regions = side_regions(masks[ks], g, split)
         if regions is not None:
-            out.append(SideStack(key[0], key[1], ks, regions))
+            out.append(SideStack(key[0], key[1], ks, regions, g))
     return out
 
 
@@ -159,13 +192,19 @@ def score_regions(model: str, repeat: int, stacks: Sequence[SideStack], masks: n
         pred = np.stack([predictions[int(k)] for k in s.indices])
         for region, m in count_regions(pred, masks[s.indices], s.regions).items():
             rows.append(RegionScore(model, repeat, s.patient, s.side, REGION_NAMES[region], m.tp, m.fp, m.fn,
-                                    m.dsc, m.recall))
+                                    m.dsc, m.recall, s.geometry.kind))
     return rows
 
 
-def write_region_reports(rows: Sequence[RegionScore], out_dir: str | Path, nominal: bool) -> dict[str, Path]:
+def geometry_kind(rows: Iterable[RegionScore]) -> str:
+    """How the rows' region boundaries were placed: "measured", "nominal", or "mixed" when both occur."""
+    kinds = {r.geometry for r in rows}
+    return kinds.pop() if len(kinds) == 1 else "mixed"
+
+
+def write_region_reports(rows: Sequence[RegionScore], out_dir: str | Path) -> dict[str, Path]:
     """region_scores.csv (every nerve and region), regions.csv/.md (mean ± SD per model and region) and
-    fig_regions.png; `nominal`: the region boundaries were placed with `training.regions.NOMINAL` geometry."""
+    fig_regions.png; the table says whether the boundaries were placed in measured or nominal mm."""
     if not rows:
         raise ValueError("no region scores to write")
     out = report_dir(out_dir)
@@ -190,10 +229,7 @@ def write_region_reports(rows: Sequence[RegionScore], out_dir: str | Path, nomin
               f"to the axial plane for {split.body_min_mm:g} mm; anterior loop / mental foramen: the last "
               f"{split.mental_mm:g} mm; body: between (`ian_node.segment.measure`). Every pixel belongs to the "
               "region of its nearest ground-truth centreline point."]
-    if nominal:
-        lines += ["", f"Nominal geometry: the samples record no millimetres, so a model pixel was taken as "
-                  f"{NOMINAL.pixel_mm:g} mm and a coronal slice as {NOMINAL.slice_mm:g} mm; the regions' order is "
-                  "right, their boundaries approximate."]
+    lines += ["", GEOMETRY_NOTES[geometry_kind(rows)]]
     (out / "regions.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     paths = {"region_scores_csv": out / "region_scores.csv", "regions_csv": out / "regions.csv",
              "regions_md": out / "regions.md"}

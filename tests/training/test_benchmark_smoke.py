@@ -99,7 +99,7 @@ def test_region_table_means_the_nerves_of_the_region_scores(smoke):
         assert int(row["n"]) == len(mine) > 0
         assert float(row["recall_mean"]) == pytest.approx(np.mean([float(r["recall"]) for r in mine]), abs=1e-12)
     summary = json.loads((smoke / "summary.json").read_text())
-    assert summary["regions"]["geometry"] == "nominal" and len(summary["regions"]["table"]) == len(table)
+    assert summary["regions"]["geometry"] == "measured" and len(summary["regions"]["table"]) == len(table)
 
 
 def test_pvalue_table_compares_our_network_with_six_comparators_on_four_metrics(smoke):

@@ -29,6 +29,8 @@ from training.data import (
     UnmatchedSegmentError,
     export_2d,
     load_dataset,
+    load_slice_set,
+    save_slice_set,
 )
 
 SIZE = 64
@@ -129,6 +131,10 @@ def test_nifti_pairs_converted_from_the_series_give_identical_samples(studies, d
     assert nifti.metas == dicom_set.metas
     np.testing.assert_array_equal(nifti.images, dicom_set.images)
     np.testing.assert_array_equal(nifti.masks, dicom_set.masks)
+    assert len(nifti.report.geometry) == len(dicom_set.report.geometry) == 4
+    for a, b in zip(nifti.report.geometry, dicom_set.report.geometry, strict=True):
+        assert (a.patient, a.side, a.slice_step) == (b.patient, b.side, b.slice_step)
+        np.testing.assert_allclose([a.slice_mm, a.row_mm, a.col_mm], [b.slice_mm, b.row_mm, b.col_mm], rtol=1e-5)
 
 
 def test_export_2d_command_writes_the_paper_form_that_reads_back_identically(studies, dicom_set, tmp_path):
@@ -161,6 +167,32 @@ def test_2d_images_of_another_size_go_through_the_slice_transform(tmp_path):
 def test_slice_step_thins_the_nerve_slices(dicom_set, studies):
     thinned = load_dataset(studies, "dicom", replace(OPTIONS, slice_step=2))
     assert len(dicom_set) / 2 <= len(thinned) <= len(dicom_set) / 2 + 4
+    assert {g.slice_step for g in thinned.report.geometry} == {2}
+    assert [g.sample_mm for g in thinned.report.geometry] == [2 * g.slice_mm for g in dicom_set.report.geometry]
+
+
+def test_each_side_records_its_slice_spacing_and_model_pixel_in_mm(studies, dicom_set, tmp_path):
+    """The axial phantoms' coronal slices are one image row apart; a model pixel is the side crop's
+    physically square extent over the model size."""
+    geometry = dicom_set.report.geometry_of()
+    assert set(geometry) == {(m.patient, m.side) for m in dicom_set.metas}
+    for study in _patient_dirs(studies):
+        series = load_series(sorted((study / "series").glob("*.dcm")))
+        patient = str(series.frames[0].dataset.PatientID)
+        row_spacing = float(series.frames[0].dataset.PixelSpacing[0])  # axial rows run A→P
+        for side, stack in side_stacks(series).items():
+            g = geometry[(patient, side.value)]
+            (h, w), (r, c) = stack.slices.shape[1:], stack.pixel_spacing
+            assert g.slice_mm == pytest.approx(row_spacing) and g.slice_step == 1
+            assert g.row_mm == pytest.approx(max(h * r, w * c) / SIZE, rel=0.03)
+            assert g.col_mm == pytest.approx(g.row_mm, rel=0.03)
+    path = save_slice_set(dicom_set, tmp_path / "samples.npz")
+    assert load_slice_set(path)[0].report.geometry == dicom_set.report.geometry
+
+
+def test_the_paper_2d_form_records_no_geometry(dicom_set, tmp_path):
+    export_2d(dicom_set, tmp_path / "paper2d")
+    assert load_dataset(tmp_path / "paper2d", "2d", OPTIONS).report.geometry == ()
 
 
 def test_nifti_pairs_have_no_landmarks_so_the_oracle_crop_is_the_nerve_margins(studies, tmp_path):

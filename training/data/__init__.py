@@ -39,10 +39,12 @@ from training.data.paper2d import export_2d
 from training.data.samples import (
     LoadReport,
     SampleMeta,
+    SideGeometry,
     SliceDataset,
     SliceSet,
     SourceReport,
     load_slice_set,
+    sampling_step,
     save_slice_set,
     subset,
 )
@@ -60,9 +62,9 @@ FORMATS: tuple[str, ...] = tuple(READERS)
 __all__ = [
     "CROPS", "CROP_SUMMARY", "EITHER_SIDE", "FORMATS", "NERVE_MARGINS_MM", "SAMPLES_ALL", "SAMPLES_NERVE_ONLY",
     "Collector", "DatasetError", "DuplicateAnnotationError", "EmptyMaskError", "Format", "LoadOptions", "LoadReport",
-    "MissingSeriesError", "SampleMeta", "SliceDataset", "SliceSet", "SourceReport", "UnmatchedSegmentError",
-    "export_2d", "find_crop_boxes", "load_dataset", "load_slice_set", "nerve_margin_boxes", "save_slice_set",
-    "subset",
+    "MissingSeriesError", "SampleMeta", "SideGeometry", "SliceDataset", "SliceSet", "SourceReport",
+    "UnmatchedSegmentError", "export_2d", "find_crop_boxes", "load_dataset", "load_slice_set", "nerve_margin_boxes", "sampling_step",
+    "save_slice_set", "subset",
 ]
 
 

@@ -29,6 +29,11 @@ selection. `slice_step` keeps every k-th of those slices (a speed knob for smoke
 coronal slices are nearly identical). What was used is recorded in `LoadReport.crop` as the checkpoint
 stores it: ``{"region", "trained_with", "samples"}`` (`model.checkpoint.CheckpointMeta.crop`).
 
+**Millimetres.** Each 3D side's samples record their geometry in `LoadReport.geometry` (`SideGeometry`):
+the series' coronal slice spacing, the sampling step used, and the size of a model pixel from the side's
+slice transform (`model_pixel_mm`), so that region-wise scores (`training.regions`) measure in mm. The
+paper's 2D folders hold no geometry and record none.
+
 Bad inputs raise a `DatasetError` naming the file; `LoadOptions.skip_bad` skips the offending source
 instead and records why in `LoadReport.skipped`. The format readers (`training.data.dicom`, `.nifti`,
 `.paper2d`, `.phantoms`) feed one `Collector`, which refuses duplicate samples and builds the ordered
@@ -48,10 +53,11 @@ import numpy as np
 
 from ian_node.segment.crop import CropMode, CropRequest, resolve_crop
 from ian_node.segment.pipeline import PreparedSeries, PreparedSide, prepare, to_model_space
-from ian_node.segment.reformat import PatientBox, default_rois, split_at_overlap
+from ian_node.segment.reformat import CORONAL_ORIENTATION, PatientBox, default_rois, split_at_overlap
 from ian_node.segment.volume import SeriesError, SeriesVolume, Side
 from model.localiser import LoadedLocaliser, load_localiser
-from training.data.samples import LoadReport, SampleMeta, SliceSet, SourceReport
+from model.preprocess import SliceTransform
+from training.data.samples import LoadReport, SampleMeta, SideGeometry, SliceSet, SourceReport, sampling_step
 
 logger = logging.getLogger(__name__)
 
@@ -238,6 +244,20 @@ class SideSamples:
     slices: tuple[int, ...]
     nerve_slices: int  # slices of the side's crop whose mask is non-empty at the model size
     lost_slices: int  # nerve in the source slice but none left at the model size
+    slice_mm: float  # between neighbouring coronal slices of the side's stack
+    pixel_mm: tuple[float, float]  # (row_mm, col_mm) of a model pixel
+
+
+def coronal_spacing(series: SeriesVolume) -> float:
+    """Millimetres between neighbouring coronal slices (`ian_node.segment.reformat`'s stack axis 0, A→P)."""
+    canon = series.volume.get_geometry().to_patient_orientation(CORONAL_ORIENTATION)
+    return float(canon.spacing[0])
+
+
+def model_pixel_mm(t: SliceTransform) -> tuple[float, float]:
+    """(row_mm, col_mm) of one model pixel: the physically square canvas over the size it was resized to."""
+    return (t.padded_shape[0] * t.spacing[0] / t.resized_shape[0],
+            t.padded_shape[1] * t.spacing[1] / t.resized_shape[1])
 
 
 def side_samples(series: SeriesVolume, side: PreparedSide, nerve: np.ndarray, options: LoadOptions) -> SideSamples:
@@ -249,7 +269,7 @@ def side_samples(series: SeriesVolume, side: PreparedSide, nerve: np.ndarray, op
     candidates = np.flatnonzero(in_model) if options.nerve_slices_only else np.arange(len(in_model))
     chosen = [int(k) for k in candidates[:: options.slice_step]]
     return SideSamples(side.images[chosen], model_masks[chosen], tuple(chosen), int(in_model.sum()),
-                       int((in_source & ~in_model).sum()))
+                       int((in_source & ~in_model).sum()), coronal_spacing(series), model_pixel_mm(side.transform))
 
 
 def volume_samples(series: SeriesVolume, labels: np.ndarray, side_values: dict[Side, tuple[int, ...]],
@@ -285,6 +305,7 @@ class Collector:
     keys: set[tuple[str, str, int]] = field(default_factory=set)
     sources: list[SourceReport] = field(default_factory=list)
     regions: set[str] = field(default_factory=set)  # crop regions of the sources used
+    geometry: list[SideGeometry] = field(default_factory=list)  # per 3D side added; none for 2D samples
     _localiser: LoadedLocaliser | None = field(default=None, repr=False)
 
     @property
@@ -346,6 +367,7 @@ class Collector:
             self.masks.append(s.masks)
             self.metas += [SampleMeta(patient, side.value, k) for k in s.slices]
             self.keys.update((patient, side.value, k) for k in s.slices)
+            self.geometry.append(SideGeometry(patient, side.value, s.slice_mm, sampling_step(s.slices), *s.pixel_mm))
             lost = f", {s.lost_slices} lost at {self.options.size} px" if s.lost_slices else ""
             parts.append(f"{side.value}: {len(s.slices)} samples, {s.nerve_slices} nerve slices{lost}")
         self.regions.add(region)
@@ -377,7 +399,8 @@ class Collector:
         report = LoadReport(fmt, str(root), tuple(self.sources))
         if not self.metas:
             raise DatasetError(f"{root}: no usable samples ({len(report.skipped)} source(s) skipped)")
-        report = LoadReport(fmt, str(root), tuple(self.sources), self.crop_record(root))
+        report = LoadReport(fmt, str(root), tuple(self.sources), self.crop_record(root),
+                            tuple(sorted(self.geometry, key=lambda g: (g.patient, g.side))))
         images = np.concatenate(self.images)
         masks = np.concatenate(self.masks)
         order = sorted(range(len(self.metas)), key=lambda i: (self.metas[i].patient, self.metas[i].side,

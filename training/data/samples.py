@@ -1,7 +1,8 @@
 """Model-space training samples: the `SliceSet` every input form ends as, its torch view and its cache file.
 
 A `SliceSet` holds uint8 model-space images (N, S, S), boolean masks (N, S, S) and one `SampleMeta`
-(patient, side, slice) per sample, plus the `LoadReport` of how it was read. `SliceDataset` is the
+(patient, side, slice) per sample, plus the `LoadReport` of how it was read (and, for 3D inputs, each
+side's millimetres: `SideGeometry`). `SliceDataset` is the
 training loop's view of some of its samples (`SliceSet.torch_dataset`): images scaled to [0, 1] by
 `model.preprocess.model_input`, the same numbers the node's predictor feeds the network.
 """
@@ -35,6 +36,35 @@ class SampleMeta:
 
 
 @dataclass(frozen=True)
+class SideGeometry:
+    """Millimetres of one patient side's samples, so that `training.regions` can measure along them.
+
+    The samples are model-space coronal slices: `slice_mm` is the series' spacing between neighbouring
+    coronal slices of the side's stack (its A→P voxel spacing), `slice_step` the step in coronal indices
+    between consecutive samples actually kept (`sampling_step`), and `row_mm` / `col_mm` the size of a
+    model pixel (the slice transform's canvas over its resized size; square up to rounding).
+    """
+
+    patient: str
+    side: str
+    slice_mm: float
+    slice_step: int
+    row_mm: float
+    col_mm: float
+
+    @property
+    def sample_mm(self) -> float:
+        """Millimetres between consecutive samples of the side."""
+        return self.slice_mm * self.slice_step
+
+
+def sampling_step(slices: Sequence[int]) -> int:
+    """The usual step between sampled coronal indices (median; `slice_step` when no slice is missing), >= 1."""
+    steps = np.diff(np.sort(np.asarray(slices, dtype=np.int64)))
+    return max(1, int(np.median(steps))) if steps.size else 1
+
+
+@dataclass(frozen=True)
 class SourceReport:
     """What one input unit (a SEG file, a NIfTI pair, a CSV row) gave, or why it was skipped."""
 
@@ -57,6 +87,9 @@ class LoadReport:
     #: {"region", "trained_with", "samples"} (plus "localiser_sha256" for crop "auto"); empty for
     #: sets built before crops were recorded.
     crop: dict[str, Any] = field(default_factory=dict)
+    #: Per patient and side, the millimetres of its samples; empty where the input records none (the
+    #: paper's 2D folders, sets cached before geometry was recorded).
+    geometry: tuple[SideGeometry, ...] = ()
 
     @property
     def skipped(self) -> tuple[SourceReport, ...]:
@@ -71,12 +104,17 @@ class LoadReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": self.format, "root": self.root, "crop": dict(self.crop), "n_sources": len(self.sources),
-                "n_skipped": len(self.skipped), "sources": [asdict(s) for s in self.sources]}
+                "n_skipped": len(self.skipped), "sources": [asdict(s) for s in self.sources],
+                "geometry": [asdict(g) for g in self.geometry]}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LoadReport:
         return cls(data["format"], data["root"], tuple(SourceReport(**s) for s in data["sources"]),
-                   dict(data.get("crop", {})))
+                   dict(data.get("crop", {})), tuple(SideGeometry(**g) for g in data.get("geometry", ())))
+
+    def geometry_of(self) -> dict[tuple[str, str], SideGeometry]:
+        """(patient, side) → its recorded millimetres."""
+        return {(g.patient, g.side): g for g in self.geometry}
 
 
 @dataclass(frozen=True)
