@@ -55,7 +55,8 @@ class Node:
                            min_free_percent=config.storage.min_free_percent)
         targets = build_targets(config.export.targets, config.dicom.ae_title)
         self.exporter = Exporter(self.state, self.spool, targets, config.export)
-        self.worker = Worker(self.state, self.spool, self.exporter, config.model, options, predictor, crop=config.crop)
+        self.worker = Worker(self.state, self.spool, self.exporter, config.model, options, predictor, crop=config.crop,
+                             qa=config.qa, output=config.output)
         self.tracker = SeriesTracker(self.state, self.spool, config.series, on_job=self.worker.wake)
         self.scp = StorageSCP(config.dicom, config.tls, self.state, self.spool, on_stored=self.tracker.instance_stored)
         self.puller = Puller(config, self.state, self.spool, settle=self.tracker.settle_now)
@@ -111,6 +112,9 @@ class Node:
             logger.log(NOTICE, "model: %s %s, sha256 %s, on %s%s", meta.architecture, meta.variant,
                        checkpoint.sha256[:12], device, f" [{meta.label}]" if meta.label else "")
         logger.log(NOTICE, "crop: %s", self._crop_text())
+        logger.log(NOTICE, "results: SEG (empty sides: %s, empty frames %s) and TID 1500 SR; a QA FAIL is %s",
+                   c.output.empty_segments, "omitted" if c.output.omit_empty_frames else "stored",
+                   "held until `ian-node jobs retry`" if c.qa.on_fail == "hold" else "sent, flagged")
         s = c.series
         logger.log(NOTICE, "selection: modalities %s, series description %s, at least %d slices, quiet period %g s, "
                    "unselected series: %s", ",".join(s.modalities),
