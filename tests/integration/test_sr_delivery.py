@@ -3,24 +3,37 @@
 Exporter level: a delivery sends all of a job's result files and is confirmed only when every one
 is (real dcmtk storescp; a pynetdicom SCP that refuses one instance). Node level: a phantom series
 sent by dcmtk storescu to `ian-node serve` comes back to a dcmtk storescp as a SEG and an SR that
-references it.
+references it; with ``[qa] on_fail = "hold"`` a model that finds no nerve gets its result held (across
+a SIGKILL and restart) until `ian-node jobs retry` releases it.
 """
 
 from __future__ import annotations
 
+import subprocess
+import time
 from pathlib import Path
 
 import pydicom
 import pytest
+import torch
+from pydicom import Dataset
+from pydicom.uid import Comprehensive3DSRStorage, SegmentationStorage
 from pynetdicom import AE, StoragePresentationContexts, evt
 
 from ian_node.config import DicomTarget
 from ian_node.net import free_port
-from ian_node.storage.records import DeliveryState, JobState
-from tests.integration.peers import make_mr_series, storescp
+from ian_node.storage.records import DeliveryState, Job, JobState
+from model import registry
+from model.checkpoint import CheckpointMeta, InputContract, save_checkpoint
+from tests.integration.node_harness import small_phantom, untrained_checkpoint, wait_for
+from tests.integration.peers import make_mr_series, storescp, storescu
+from tests.integration.serve_process import Destination, NodeSetup, ServeProcess, ian_node_command
 from tests.integration.test_export import Exporting, _result_for
 
 pytestmark = pytest.mark.integration
+
+#: Seconds a small job may take on a loaded 2-core machine, model loading included.
+JOB_TIMEOUT = 120.0
 
 
 @pytest.fixture()
@@ -93,3 +106,94 @@ def test_a_held_result_is_stored_but_not_sent_until_released(tmp_path: Path, sou
         assert exporter.deliver_due() == 1
     assert ex.job_state() is JobState.DONE
     assert len(list((tmp_path / "received").iterdir())) == 2
+
+
+# -- the node over the network --------------------------------------------------------------------
+
+class HoldingSetup(NodeSetup):
+    """`NodeSetup` with ``[qa] on_fail = "hold"`` in its ian-node.toml."""
+
+    def write_config(self) -> Path:
+        path = super().write_config()
+        path.write_text(path.read_text() + '\n[qa]\non_fail = "hold"\n')
+        return path
+
+
+def blind_checkpoint(path: Path) -> Path:
+    """A real checkpoint whose head answers "no nerve" everywhere (zero weights, bias -20): both sides FAIL."""
+    torch.manual_seed(0)
+    net = registry.build("ian_net", width=0.125, attention=False)
+    with torch.no_grad():
+        net.head.weight.zero_()
+        net.head.bias.fill_(-20.0)
+    meta = CheckpointMeta(architecture="ian_net", width=0.125, options={"attention": False}, variant=net.variant,
+                          input=InputContract(size=32, in_channels=1), label="blind test model", training={"epochs": 0})
+    save_checkpoint(path, net, meta)
+    return path
+
+
+def _results(dest: Destination, series_uid: str) -> tuple[Dataset, Dataset] | None:
+    """The SEG of `series_uid` at the destination and the SR that references it, once both are in."""
+    segs = dest.segs_for(series_uid)
+    if len(segs) != 1:
+        return None
+    for path in dest.files():
+        try:
+            ds = pydicom.dcmread(path)
+        except Exception:  # storescp may still be writing it
+            continue
+        evidence = {str(i.ReferencedSOPInstanceUID) for s in ds.get("CurrentRequestedProcedureEvidenceSequence", [])
+                    for series in s.ReferencedSeriesSequence for i in series.ReferencedSOPSequence}
+        if ds.SOPClassUID == Comprehensive3DSRStorage and segs[0].SOPInstanceUID in evidence:
+            return segs[0], ds
+    return None
+
+
+def _job(setup: NodeSetup, series_uid: str, *states: JobState) -> Job | None:
+    job = setup.job_for(series_uid)
+    return job if job is not None and job.state in states else None
+
+
+def test_a_series_from_storescu_comes_back_to_storescp_as_a_seg_and_its_sr(tmp_path: Path) -> None:
+    setup = NodeSetup(tmp_path, untrained_checkpoint(tmp_path / "small.pt", size=32, attention=False))
+    phantom = small_phantom(tmp_path / "phantom", 4)
+    with Destination(tmp_path / "pacs", setup.dest_port) as dest, ServeProcess(setup) as serve:
+        _, statuses = storescu(setup.port, list(phantom.instances))
+        assert statuses == [0] * len(phantom.instances)
+        seg, sr = wait_for(lambda: _results(dest, phantom.series_uid), JOB_TIMEOUT,
+                           lambda: f"{setup.describe()}\n{serve.log_tail()}")
+        job = wait_for(lambda: _job(setup, phantom.series_uid, JobState.DONE), 15, setup.describe)
+    assert seg.SOPClassUID == SegmentationStorage and sr.StudyInstanceUID == seg.StudyInstanceUID
+    assert len(dest.files()) == 2  # one delivery: the SEG and the SR, each once
+    assert [q["side"] for q in job.qa] == ["right", "left"]
+    verdicts = ", ".join(f"{q['side']} {q['verdict']}" for q in job.qa)
+    assert f"QA {verdicts}" in serve.log_path.read_text()
+
+
+def test_a_failed_result_is_held_across_a_restart_until_jobs_retry_releases_it(tmp_path: Path) -> None:
+    setup = HoldingSetup(tmp_path, blind_checkpoint(tmp_path / "blind.pt"))
+    phantom = small_phantom(tmp_path / "phantom", 5)
+    with Destination(tmp_path / "pacs", setup.dest_port) as dest:
+        serve = ServeProcess(setup).start()
+        try:
+            _, statuses = storescu(setup.port, list(phantom.instances))
+            assert statuses == [0] * len(phantom.instances)
+            held = wait_for(lambda: _job(setup, phantom.series_uid, JobState.HELD, JobState.DONE, JobState.FAILED),
+                            JOB_TIMEOUT, lambda: f"{setup.describe()}\n{serve.log_tail()}")
+            assert held.state is JobState.HELD, setup.describe()
+            assert [q["verdict"] for q in held.qa] == ["FAIL", "FAIL"]
+            assert held.flag == "QA FAIL right: no nerve found | QA FAIL left: no nerve found"
+            serve.kill()
+            serve.restart()
+            time.sleep(3.0)  # more than the exporter's poll: a recovered node would have delivered by now
+            assert setup.job_for(phantom.series_uid).state is JobState.HELD and dest.files() == []
+            retry = subprocess.run([*ian_node_command(), "jobs", "retry", str(held.id), "--config",
+                                    str(setup.config_path)], capture_output=True, text=True, timeout=60)
+            assert retry.returncode == 0, retry.stderr
+            seg, sr = wait_for(lambda: _results(dest, phantom.series_uid), 30,
+                               lambda: f"{setup.describe()}\n{serve.log_tail()}")
+            wait_for(lambda: _job(setup, phantom.series_uid, JobState.DONE), 15, setup.describe)
+        finally:
+            serve.stop()
+    assert len(dest.files()) == 2 and sr.Modality == "SR" and seg.Modality == "SEG"
+    assert setup.job_for(phantom.series_uid).attempts == 1  # released, never re-computed
