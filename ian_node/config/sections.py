@@ -524,11 +524,12 @@ class QaConfig:
 
 @_section
 class OutputConfig:
-    """The SEG's viewer-compatibility choices (docs/seg.md); each job also sends its TID 1500 SR."""
+    """The SEG's viewer-compatibility choice (docs/seg.md); each job also sends its TID 1500 SR.
 
-    #: A side with no voxels: ``empty_frame`` keeps its segment with one all-zero frame (some viewers
-    #: fail on a segment without frames); ``omit`` leaves the segment out.
-    empty_segments: Literal["empty_frame", "omit"] = "empty_frame"
+    A side with no voxels keeps its segment with one all-zero frame (``EmptySegments.EMPTY_FRAME``):
+    the SR references each side's segment by its label, which leaving a segment out would renumber.
+    """
+
     #: Store only the frames where a segment has voxels (false: every source frame for every segment).
     omit_empty_frames: bool = True
 
