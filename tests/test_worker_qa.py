@@ -21,7 +21,7 @@ import pytest
 from pydicom.sr.codedict import codes
 from pydicom.uid import Comprehensive3DSRStorage
 
-from ian_node.config import CropConfig, DicomTarget, ExportConfig, ModelConfig, QaConfig
+from ian_node.config import CropConfig, DicomTarget, ExportConfig, ModelConfig, OutputConfig, QaConfig
 from ian_node.export.exporter import Exporter
 from ian_node.export.targets import build_targets
 from ian_node.jobs.worker import Worker
@@ -57,11 +57,12 @@ class Setup:
     predictor: OraclePredictor
     exporter: Exporter | None = None
 
-    def worker(self, on_fail: str = "send", export: ExportConfig | None = None) -> Worker:
+    def worker(self, on_fail: str = "send", export: ExportConfig | None = None,
+               output: OutputConfig | None = None) -> Worker:
         export = export or ExportConfig()
         self.exporter = Exporter(self.state, self.spool, build_targets(export.targets, "IANNODE"), export)
         return Worker(self.state, self.spool, self.exporter, ModelConfig(device="cpu"), predictor=self.predictor,
-                      crop=CropConfig(mode="half"), qa=QaConfig(on_fail=on_fail))
+                      crop=CropConfig(mode="half"), qa=QaConfig(on_fail=on_fail), output=output)
 
     def queue(self) -> Job:
         for path in self.files.instances:
@@ -178,3 +179,12 @@ def test_on_fail_hold_sends_a_result_without_a_failed_side(tmp_path: Path) -> No
         done = state.job(job.id)
         assert [q["verdict"] for q in done.qa] != [] and all(q["verdict"] != "FAIL" for q in done.qa), done.qa
         assert done.state is JobState.DONE and done.flag is None
+
+
+def test_output_omit_empty_frames_false_stores_every_frame_of_both_segments_and_still_an_sr(setup: Setup) -> None:
+    job = setup.queue()
+    setup.worker(output=OutputConfig(omit_empty_frames=False)).run_pending()
+    seg_path, sr_path = setup.state.job(job.id).result_paths
+    seg = pydicom.dcmread(setup.spool.path(seg_path))
+    assert int(seg.NumberOfFrames) == 2 * SMALL_PHANTOM.shape[0]  # both sides, every source slice
+    assert pydicom.dcmread(setup.spool.path(sr_path)).Modality == "SR"

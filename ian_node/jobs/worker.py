@@ -146,7 +146,6 @@ class Worker:
                                job.id, job.series_uid, job.series_version, crop.problem,
                                ", ".join(f"{s.value} {c.mode.value}" for s, c in crop.sides.items()))
             seg = result_segmentation(result, job.series_version, self.predictor.checkpoint,
-                                      empty_segments=self._output.empty_segments,
                                       omit_empty_frames=self._output.omit_empty_frames)
             t2 = time.perf_counter()
             report = result_report(result, seg)

@@ -26,7 +26,7 @@ from ian_node.segment.measure import measure_labels
 from ian_node.segment.pipeline import PipelineOptions, PipelineResult
 from ian_node.segment.qa import SideQA, Verdict
 from ian_node.segment.reformat import PatientBox
-from ian_node.segment.seg import AlgorithmInfo, EmptySegments, build_segmentation
+from ian_node.segment.seg import AlgorithmInfo, build_segmentation
 from ian_node.segment.sr import build_measurement_report
 from ian_node.segment.volume import Side
 from ian_node.uids import derived_uid
@@ -129,11 +129,11 @@ def algorithm_info(checkpoint: LoadedCheckpoint) -> AlgorithmInfo:
 
 
 def result_segmentation(result: PipelineResult, version: int, checkpoint: LoadedCheckpoint, *,
-                        empty_segments: EmptySegments | str = EmptySegments.EMPTY_FRAME,
                         omit_empty_frames: bool = True) -> Dataset:
     """The SEG of one series version, with UIDs that are the same every time it is rebuilt.
 
-    `empty_segments`, `omit_empty_frames`: the viewer-compatibility choices of `build_segmentation`.
+    An empty side keeps its segment with one zero frame (`build_segmentation`'s default), so segment
+    numbers stay the labels that `result_report` references; `omit_empty_frames` as there.
     """
     entropy = [result.series.series_uid, str(version), checkpoint.sha256]
     return build_segmentation(
@@ -144,7 +144,6 @@ def result_segmentation(result: PipelineResult, version: int, checkpoint: Loaded
         series_description=f"IAN segmentation (AI) v{version}",
         series_instance_uid=derived_uid(None, "ian-node-result", *entropy, "series"),
         sop_instance_uid=derived_uid(None, "ian-node-result", *entropy, "instance"),
-        empty_segments=empty_segments,
         omit_empty_frames=omit_empty_frames,
     )
 
