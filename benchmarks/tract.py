@@ -145,10 +145,12 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
             "median": round(float(np.median(diffs)), 4), "mean": round(float(np.mean(diffs)), 4),
             "better": int((diffs > 0).sum() if metric != "components" else (diffs < 0).sum()),
             "worse": int((diffs < 0).sum() if metric != "components" else (diffs > 0).sum()),
-            "wilcoxon_p": round(float(stats.wilcoxon(nonzero).pvalue), 4) if len(nonzero) >= 2 else None}
+            "wilcoxon_p": float(f"{stats.wilcoxon(nonzero).pvalue:.2g}") if len(nonzero) >= 2 else None}
     out["one_component"] = {m: sum(r[f"{m}_components"] == 1 for r in rows) for m in METHODS}
     verdicts = [r["qa"]["verdict"] for r in rows if "qa" in r]
     out["qa_verdicts"] = {v: verdicts.count(v) for v in ("PASS", "WARN", "FAIL")}
+    out["qa_tract_dsc_mean"] = {v: round(float(np.mean([r["tract_dsc"] for r in rows if r["qa"]["verdict"] == v])), 4)
+                                for v in ("PASS", "WARN", "FAIL") if v in verdicts}
     lengths = [r["truth_length_mm"] for r in rows]
     out["truth_length_mm"] = {"min": min(lengths), "median": statistics.median(lengths), "max": max(lengths)}
     out["finish_seconds_median"] = statistics.median(r["finish_seconds"] for r in rows)

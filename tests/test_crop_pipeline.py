@@ -95,7 +95,8 @@ def test_auto_mode_segments_in_the_localiser_boxes_with_their_confidence(
     # no nerve in the answer: each side's QA fails, and carries its localiser's confidence
     assert [(q.side, q.verdict.value, q.reasons) for q in result.qa] == [
         ("right", "FAIL", ("no nerve found",)), ("left", "FAIL", ("no nerve found",))]
-    assert [q.localiser_confidence for q in result.qa] == [result.crop.sides[s].confidence for s in Side]
+    assert [q.localiser_confidence for q in result.qa] == pytest.approx([result.crop.sides[s].confidence for s in Side],
+                                                                        abs=1e-4)
 
 
 def test_no_region_found_stops_before_the_network_with_the_crop_and_a_clear_message(

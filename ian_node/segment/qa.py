@@ -94,7 +94,8 @@ def judge(side: str, tract: Tract, localiser_confidence: float | None, max_gap_m
     longest = max(gaps, default=0.0)
     figures = dict(side=side, gaps=len(gaps), longest_gap_mm=round(longest, 2),
                    components=tract.components_before, length_mm=round(tract.length_mm, 2),
-                   mean_probability=round(tract.mean_probability, 4), localiser_confidence=localiser_confidence)
+                   mean_probability=round(tract.mean_probability, 4),
+                   localiser_confidence=None if localiser_confidence is None else round(float(localiser_confidence), 4))
     if tract.empty:
         return SideQA(verdict=Verdict.FAIL, reasons=("no nerve found",), **figures)
     fail, warn = [], []
