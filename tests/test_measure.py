@@ -120,6 +120,17 @@ def test_region_split_refuses_an_inclination_outside_0_to_90():
         RegionSplit(body_inclination_deg=95.0)
 
 
+@pytest.mark.parametrize("width", [4, 6])
+def test_a_blocky_prism_of_even_width_keeps_its_centreline(width: int):
+    """Thinning erases a straight prism of even width whole; the length must not collapse to zero."""
+    mask = np.zeros((40, 20, 20), dtype=bool)
+    mask[5:35, 7:7 + width, 7:7 + width] = True  # 30 voxels of 1 mm along the first axis
+    tract = measure_tract(mask, np.eye(4))
+    # a tube's centreline runs between its end caps' centres: 30 mm less about one width
+    assert 30 - 1.5 * width <= tract.length_mm <= 30
+    assert tract.mean_diameter_mm is not None and width <= tract.mean_diameter_mm <= 1.3 * width
+
+
 def test_empty_mask_has_no_measurements():
     empty = np.zeros((5, 6, 7), dtype=bool)
     assert measure_tract(empty, _affine()) is None

@@ -283,6 +283,15 @@ def _at_edge(point: np.ndarray, grid: _Resampled) -> bool:
 def _centreline_of(grid: _Resampled, smoothing_mm: float, step_mm: float) -> Centreline:
     solid = grid.occupancy >= _SKELETON_LEVEL
     skeleton = skeletonize(solid)
+    if not skeleton.any():
+        # Thinning can erase a straight tube of even width (a blocky prediction) whole: one more
+        # layer on one face of each axis breaks the tie; the ends are carried on inside the mask anyway.
+        grown = solid.copy()
+        grown[1:] |= solid[:-1]
+        grown[:, 1:] |= solid[:, :-1]
+        grown[:, :, 1:] |= solid[:, :, :-1]
+        skeleton = skeletonize(grown)
+        solid |= skeleton
     if not skeleton.any():  # a blob too small to keep a skeleton voxel: its densest point
         skeleton = np.zeros_like(skeleton)
         skeleton[np.unravel_index(int(np.argmax(grid.occupancy)), grid.occupancy.shape)] = True
