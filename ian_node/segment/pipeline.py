@@ -125,19 +125,38 @@ def to_model_space(prepared: PreparedSeries, labels: np.ndarray) -> np.ndarray:
     return np.concatenate(out, axis=0)
 
 
-def side_probabilities(prepared: PreparedSeries, probabilities: np.ndarray) -> dict[Side, np.ndarray]:
-    """Model-space probabilities (in `prepared.images` order) → one float32 volume per side in source
-    voxels, 0 outside that side's region: what the tract step follows between the detections."""
+@dataclass(frozen=True)
+class SideMap:
+    """One side's probabilities in source voxels, over the index box its region covers (0 elsewhere
+    in the box): the crop's size, not the series'."""
+
+    box: tuple[slice, slice, slice]
+    values: np.ndarray  # float32, the box's shape
+
+
+@dataclass(frozen=True)
+class SideTract:
+    """One side's tract (`trace_tract`), traced in `box` of the source voxels."""
+
+    box: tuple[slice, slice, slice]
+    tract: Tract
+
+
+def side_probabilities(prepared: PreparedSeries, probabilities: np.ndarray) -> dict[Side, SideMap]:
+    """Model-space probabilities (in `prepared.images` order) → each side's probabilities in source
+    voxels: what the tract step follows between the detections."""
     expected = sum(len(s.images) for s in prepared.sides)
     if probabilities.shape[0] != expected:
         raise ValueError(f"expected probabilities for {expected} slices, got {probabilities.shape[0]}")
     out, start = {}, 0
     for side in prepared.sides:
-        n = len(side.images)
+        n, stack = len(side.images), side.stack
         back = np.stack([probabilities_from_model(p, side.transform) for p in probabilities[start : start + n]])
-        volume = np.zeros(prepared.series.shape, dtype=np.float32)
-        volume.reshape(-1)[side.stack.source_index[side.stack.inside]] = back[side.stack.inside]
-        out[side.stack.side] = volume
+        index = np.stack(np.unravel_index(stack.source_index[stack.inside], prepared.series.shape), axis=1)
+        lo, hi = index.min(axis=0), index.max(axis=0) + 1
+        values = np.zeros(tuple(hi - lo), dtype=np.float32)
+        values[tuple((index - lo).T)] = back[stack.inside]
+        out[stack.side] = SideMap(tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True)), values)
         start += n
     return out
 
@@ -146,17 +165,22 @@ def finish_series(prepared: PreparedSeries, probabilities: np.ndarray, options: 
                   crop: CropResult | None = None) -> tuple[np.ndarray, tuple[SideQA, ...]]:
     """Model-space probabilities → uint8 labels in source voxels (thresholded, then the tract step
     unless `options.max_gap_mm` is None) and each side's QA (with `crop`'s localiser confidence)."""
-    volumes = side_probabilities(prepared, probabilities)
-    stacks = [s.stack for s in prepared.sides]
-    masks = [volumes[s.side].reshape(-1)[s.source_index] >= options.threshold for s in stacks]
-    labels = stack_to_volume(stacks, masks, prepared.series)  # refuses overlapping regions
+    maps = side_probabilities(prepared, probabilities)
+    masks = []
+    for side in prepared.sides:  # each stack pixel's probability, read back from its side's map
+        stack, box = side.stack, maps[side.stack.side].box
+        index = np.stack(np.unravel_index(stack.source_index[stack.inside], prepared.series.shape), axis=1)
+        mask = np.zeros(stack.source_index.shape, dtype=bool)
+        mask[stack.inside] = maps[stack.side].values[tuple((index - [b.start for b in box]).T)] >= options.threshold
+        masks.append(mask)
+    labels = stack_to_volume([s.stack for s in prepared.sides], masks, prepared.series)  # refuses overlaps
     gap = DEFAULT_MAX_GAP_MM if options.max_gap_mm is None else options.max_gap_mm
-    tracts = trace_sides(labels, prepared.series, gap, volumes, options.threshold)
+    tracts = trace_sides(labels, prepared.series, gap, maps, options.threshold)
     if options.max_gap_mm is not None:
         apply_tracts(labels, tracts)
     confidence = {side: None if crop is None or side not in crop.sides else crop.sides[side].confidence
                   for side in Side}
-    return labels, tuple(judge(side.value, tracts[side], confidence[side], gap) for side in Side)
+    return labels, tuple(judge(side.value, tracts[side].tract, confidence[side], gap) for side in Side)
 
 
 def finish(prepared: PreparedSeries, probabilities: np.ndarray, options: PipelineOptions) -> np.ndarray:
@@ -165,28 +189,40 @@ def finish(prepared: PreparedSeries, probabilities: np.ndarray, options: Pipelin
 
 
 def trace_sides(labels: np.ndarray, series: SeriesVolume, max_gap_mm: float,
-                probabilities: Mapping[Side, np.ndarray] | None = None, threshold: float = 0.5) -> dict[Side, Tract]:
-    """Each side's tract (`trace_tract`) through its probability volume, or through its labels as a
-    0/1 map where no probabilities are given (a label volume read back from a SEG, say)."""
-    affine = np.asarray(series.volume.affine)
-    return {side: trace_tract(probabilities[side] if probabilities is not None
-                              else (labels == side.label).astype(np.float32), affine, threshold, max_gap_mm)
-            for side in Side}
+                maps: Mapping[Side, SideMap] | None = None, threshold: float = 0.5) -> dict[Side, SideTract]:
+    """Each side's tract (`trace_tract`) through its probabilities, or through its labels as a 0/1
+    map over the whole volume where none are given (a label volume read back from a SEG, say)."""
+    affine = np.asarray(series.volume.affine, dtype=np.float64)
+    out = {}
+    for side in Side:
+        if maps is None:
+            box = tuple(slice(0, n) for n in labels.shape)
+            values = (labels == side.label).astype(np.float32)
+        else:
+            box, values = maps[side].box, maps[side].values
+        shift = np.eye(4)
+        shift[:3, 3] = [b.start for b in box]
+        out[side] = SideTract(box, trace_tract(values, affine @ shift, threshold, max_gap_mm))
+    return out
 
 
-def apply_tracts(labels: np.ndarray, tracts: Mapping[Side, Tract]) -> np.ndarray:
+def apply_tracts(labels: np.ndarray, tracts: Mapping[Side, SideTract]) -> np.ndarray:
     """Each side's labels replaced by its tract, in place: islands off it dropped, filled gaps added
     (never over the other side's voxels)."""
-    for side, tract in tracts.items():
-        labels[(labels == side.label) & ~tract.mask] = 0
-        labels[tract.mask & (labels == 0)] = side.label
+    for side, traced in tracts.items():
+        outside = labels == side.label
+        outside[traced.box] = False
+        labels[outside] = 0  # a side's labels lie in its box; none outside it belong to the tract
+        region, mask = labels[traced.box], traced.tract.mask
+        region[(region == side.label) & ~mask] = 0
+        region[mask & (region == 0)] = side.label
     return labels
 
 
 def clean_up(labels: np.ndarray, series: SeriesVolume, max_gap_mm: float,
-             probabilities: Mapping[Side, np.ndarray] | None = None) -> np.ndarray:
+             maps: Mapping[Side, SideMap] | None = None) -> np.ndarray:
     """The tract step `finish` applies, on a label volume, in place (`trace_sides` then `apply_tracts`)."""
-    return apply_tracts(labels, trace_sides(labels, series, max_gap_mm, probabilities))
+    return apply_tracts(labels, trace_sides(labels, series, max_gap_mm, maps))
 
 
 def fallback_crop(series: SeriesVolume, crop: CropResult) -> CropResult:
