@@ -8,6 +8,7 @@ from ian_node.phantom.study import PhantomConfig, generate_phantom
 from ian_node.segment.crop import CropMode, CropRequest
 from ian_node.segment.pipeline import (
     PipelineOptions,
+    clean_up,
     finish,
     finish_series,
     prepare,
@@ -64,6 +65,15 @@ def test_the_tract_step_drops_an_island_and_fills_a_short_gap(phantom_series):
     assert 2 * (right & truth).sum() / (right.sum() + truth.sum()) > 0.8
     off, _ = finish_series(prepared, to_model_space(prepared, broken), PipelineOptions(max_gap_mm=None))
     np.testing.assert_array_equal(off, broken)  # the clean-up turned off: the network's masks as they are
+
+
+def test_clean_up_on_labels_alone_drops_an_island_and_keeps_the_tract(phantom_series):
+    """The label-only form (no probabilities: a SEG read back, say) that benchmarks use."""
+    phantom, series = phantom_series
+    labels = phantom.labels.copy()
+    island = tuple(int(i) for i in np.argwhere(phantom.labels == 0)[0])
+    labels[island] = 2
+    np.testing.assert_array_equal(clean_up(labels, series, 10.0), phantom.labels)
 
 
 class _Oracle:
