@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -191,23 +192,26 @@ def test_serve_at_the_default_level_logs_startup_jobs_and_shutdown_only(tmp_path
     assert stdout.read_text() == ""
     lines = [line.split(" ", 2)[2] for line in stderr.read_text().splitlines()]  # without the time stamp
     notices = [line for line in lines if line.startswith("NOTICE ")]
-    assert notices[:6] == [
+    assert notices[:7] == [
         f"NOTICE ian_node.app.node: ian-node 0.1.0 listening: DICOM AE IANNODE on 127.0.0.1:{setup.port}, "
         "TLS off, calling-AE allow-list: empty (any calling AE)",
         f"NOTICE ian_node.app.node: HTTP API: {_api_url(setup)} (no token)",
         f"NOTICE ian_node.app.node: model: ian_net released-no-attention, sha256 {_sha256(checkpoint)[:12]}, "
         "on cpu [untrained test model]",
         "NOTICE ian_node.app.node: crop: half (each left-right half of the volume)",
+        "NOTICE ian_node.app.node: results: SEG (empty frames omitted) and TID 1500 SR; a QA FAIL is sent, flagged",
         "NOTICE ian_node.app.node: selection: modalities MR, series description any, at least 5 slices, "
         "quiet period 1 s, unselected series: keep",
         f"NOTICE ian_node.app.node: storage: state {setup.state_path}, spool {setup.spool_dir} (keeps 64.0 MiB "
         "free: min_free_bytes 67108864, min_free_percent 0); export targets: pacs (dicom)",
     ], "\n".join(lines)
-    assert notices[6] == f"NOTICE ian_node.jobs.worker: job {job.id} started: series {files.series_uid} v1"
-    assert notices[7].startswith(f"NOTICE ian_node.jobs.worker: job {job.id} ended: series {files.series_uid} v1, ")
-    assert notices[7].endswith(f" s, exporting ({len(files.instances)} instances)")
-    assert notices[8].startswith("NOTICE ian_node.app.node: stopped on SIGTERM after ")
-    assert len(notices) == 9, "\n".join(lines)
+    assert notices[7] == f"NOTICE ian_node.jobs.worker: job {job.id} started: series {files.series_uid} v1"
+    assert notices[8].startswith(f"NOTICE ian_node.jobs.worker: job {job.id} ended: series {files.series_uid} v1, ")
+    # the verdicts, never a patient's data (the QA reasons are in the state, not the log)
+    assert re.search(rf" s, exporting \({len(files.instances)} instances\); QA right (PASS|WARN|FAIL), "
+                     r"left (PASS|WARN|FAIL)$", notices[8]), notices[8]
+    assert notices[9].startswith("NOTICE ian_node.app.node: stopped on SIGTERM after ")
+    assert len(notices) == 10, "\n".join(lines)
     # otherwise only warnings (none per instance), and no INFO or DEBUG line
     others = [line for line in lines if not line.startswith("NOTICE ")]
     assert all(line.startswith(("WARNING ", "ERROR ")) for line in others), "\n".join(others)
