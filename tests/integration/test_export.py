@@ -421,6 +421,6 @@ def test_a_refused_delivery_shows_its_reason_in_jobs_list_show_and_the_api_and_j
             pacs.status = 0x0000  # the PACS was fixed; the operator retries from another process
             assert "exporting" in _jobs_cli(cli_config, "retry", str(job.id))
             wait_for(lambda: node.state.job(job.id).state is JobState.DONE, 30, "the retried delivery")
-            result_path = config.storage.spool_dir / node.state.job(job.id).result_path
-        result_uid = pydicom.dcmread(result_path).SOPInstanceUID
-    assert pacs.stored == [result_uid]
+            result_paths = [config.storage.spool_dir / p for p in node.state.job(job.id).result_paths]
+        result_uids = [pydicom.dcmread(p).SOPInstanceUID for p in result_paths]
+    assert pacs.stored == result_uids  # the SEG, then its SR, each stored once
