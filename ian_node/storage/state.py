@@ -18,7 +18,10 @@ Life cycles:
   (with a reason). Its ``version`` goes up when the series changes (a new instance, or an instance
   re-sent with different content) after a job was created for the current version, so each version
   yields one job and one result (``UNIQUE(series_uid, series_version)``).
-- **job** ``queued`` → ``running`` → ``exporting`` → ``done`` | ``failed``.
+- **job** ``queued`` → ``running`` → ``exporting`` → ``done`` | ``failed``; with ``qa.on_fail = "hold"``
+  a result whose QA failed goes ``running`` → ``held`` (stored, deliveries not due) until an operator's
+  retry releases it to ``exporting``. A job's results are its SEG first, then its SR (and the
+  optional probability SEG); a delivery sends them all.
 - **delivery** (job × target) ``pending`` → ``delivered`` | ``failed``; a job is ``done`` when every
   delivery is delivered and ``failed`` when one has failed for good.
 """
