@@ -34,7 +34,7 @@ from ian_node.export.routing import Route, routed_targets, routes_for
 from ian_node.export.targets import DeliveryError, DeliveryRefused, ExportTarget, Origin
 from ian_node.polling import PollingThread
 from ian_node.storage.records import Delivery, Job
-from ian_node.storage.spool import RESULTS_DIR, Spool, atomic_write
+from ian_node.storage.spool import Spool
 from ian_node.storage.state import State
 
 logger = logging.getLogger(__name__)
@@ -92,14 +92,10 @@ class Exporter:
         """
         datasets = [results] if isinstance(results, Dataset) else list(results)
         relpaths = []
-        for n, dataset in enumerate(datasets):
+        for part, dataset in enumerate(datasets):
             buffer = BytesIO()
             dcmwrite(buffer, dataset, enforce_file_format=True)
-            if n == 0:
-                relpaths.append(self._spool.write_result(job_id, buffer.getvalue()))
-            else:  # beside the SEG, in the folder write_result made durable
-                relpaths.append(f"{RESULTS_DIR}/job-{job_id}-{n}.dcm")
-                atomic_write(self._spool.path(relpaths[-1]), buffer.getvalue())
+            relpaths.append(self._spool.write_result(job_id, buffer.getvalue(), part))
         names = self.targets_for(job_id)
         job = self._state.mark_job_exporting(job_id, relpaths, names, hold=hold)
         logger.info("job %d: result %s stored (%d files), %d deliveries queued%s", job_id, datasets[0].SOPInstanceUID,

@@ -361,11 +361,13 @@ class Spool:
             fsync_dir(path.parent)
         return intact
 
-    def write_result(self, job_id: int, data: bytes) -> str:
-        """Store the result file of job ``job_id``; returns its relative path."""
+    def write_result(self, job_id: int, data: bytes, part: int = 0) -> str:
+        """Store result file ``part`` of job ``job_id`` (0: the SEG; then the SR, ...); returns its relative path."""
         if not isinstance(job_id, int) or job_id < 0:
             raise ValueError(f"job_id must be a non-negative integer, got {job_id!r}")
-        relpath = f"{RESULTS_DIR}/job-{job_id}.dcm"
+        if not isinstance(part, int) or part < 0:
+            raise ValueError(f"part must be a non-negative integer, got {part!r}")
+        relpath = f"{RESULTS_DIR}/job-{job_id}.dcm" if part == 0 else f"{RESULTS_DIR}/job-{job_id}-{part}.dcm"
         _atomic_write(self.root / relpath, data, self._temporary)
         return relpath
 
