@@ -524,14 +524,17 @@ class QaConfig:
 
 @_section
 class OutputConfig:
-    """The SEG's viewer-compatibility choice (docs/seg.md); each job also sends its TID 1500 SR.
-
-    A side with no voxels keeps its segment with one all-zero frame (``EmptySegments.EMPTY_FRAME``):
-    the SR references each side's segment by its label, which leaving a segment out would renumber.
-    """
+    """What each job sends (docs/seg.md): the SEG with its viewer-compatibility choices, its TID 1500 SR,
+    and optionally the network's probabilities as a FRACTIONAL SEG."""
 
     #: Store only the frames where a segment has voxels (false: every source frame for every segment).
     omit_empty_frames: bool = True
+    #: A side with no voxels (values of ``ian_node.segment.seg.EmptySegments``): ``empty_frame`` keeps
+    #: its segment with one all-zero frame; ``omit`` leaves it out (the other side becomes segment 1,
+    #: the job is flagged, and with both sides empty the job fails and nothing is sent).
+    empty_segments: Literal["empty_frame", "omit"] = "empty_frame"
+    #: Also send the per-side nerve probability as a FRACTIONAL (PROBABILITY) SEG, after the SEG and SR.
+    probability_seg: bool = False
 
 
 @_section
