@@ -18,7 +18,7 @@ def _load(tmp_path: Path, text: str, env: dict[str, str] | None = None) -> NodeC
 def test_by_default_a_failed_result_is_sent_and_the_seg_stores_only_frames_with_voxels() -> None:
     config = load_config(None, environ={})
     assert config.qa == QaConfig(on_fail="send")
-    assert config.output == OutputConfig(omit_empty_frames=True)
+    assert config.output == OutputConfig(omit_empty_frames=True, empty_segments="empty_frame", probability_seg=False)
 
 
 def test_hold_and_the_seg_choices_are_read_from_the_file_and_the_environment(tmp_path: Path) -> None:
@@ -30,7 +30,8 @@ def test_hold_and_the_seg_choices_are_read_from_the_file_and_the_environment(tmp
 @pytest.mark.parametrize(("text", "key"), [
     ('[qa]\non_fail = "drop"\n', "qa.on_fail"),
     ('[qa]\non_fail = "send"\nthreshold = 1\n', "qa.threshold"),
-    ('[output]\nempty_segments = "omit"\n', "output.empty_segments"),  # an empty side always keeps its segment
+    ('[output]\nempty_segments = "drop"\n', "output.empty_segments"),
+    ('[output]\nprobability_seg = "yes"\n', "output.probability_seg"),
 ])
 def test_an_unknown_policy_or_key_is_refused_naming_it(tmp_path: Path, text: str, key: str) -> None:
     with pytest.raises(ConfigError) as info:

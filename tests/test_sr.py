@@ -177,3 +177,36 @@ def test_a_one_component_patient_name_reaches_the_report_but_no_log_or_warning(s
     assert not any("Zebediah" in str(w.message) for w in caught)
     assert "Zebediah" not in caplog.text
     assert dciodvfy_errors(_write(sr, tmp_path)) == []
+
+
+@pytest.mark.parametrize("empty", ["right", "left"])
+def test_a_seg_that_left_out_an_empty_side_is_referenced_by_laterality_and_passes_dciodvfy(
+        study: Study, tmp_path: Path, empty: str):
+    kept = {"right": "left", "left": "right"}[empty]
+    labels = np.where(study.phantom.labels == {"right": 1, "left": 2}[empty], 0, study.phantom.labels).astype(np.uint8)
+    seg = build_segmentation(study.datasets, labels, algorithm=None, series_number=700, series_description="one side",
+                             empty_segments="omit")
+    assert [s.value for s in seg.omitted_sides] == [empty] and len(seg.SegmentSequence) == 1
+    qa = {"right": QA[0], "left": _qa("left", Verdict.PASS)}
+    qa[empty] = _qa(empty, Verdict.FAIL, "no nerve found")
+    path = _write(build_measurement_report(seg, study.datasets, measure_labels(labels, study.series.volume.affine),
+                                           qa=(qa["right"], qa["left"])), tmp_path)
+    assert dciodvfy_errors(path) == []
+    sr = hd.sr.srread(path)
+    group, = sr.content.get_volumetric_roi_measurement_groups()
+    assert group.tracking_identifier == f"Inferior alveolar nerve, {kept}"
+    assert group.referenced_segment.referenced_segment_numbers == [1]  # the only segment, whichever side it is
+    assert group.referenced_segment.referenced_sop_instance_uid == seg.SOPInstanceUID
+    missing, = sr.content.get_image_measurement_groups()  # the left-out side: its QA, no segment reference
+    assert missing.tracking_identifier == f"Inferior alveolar nerve, {empty}" and missing.get_measurements() == []
+    assert _segment_numbers(missing[0]) == [] and _segment_numbers(group[0]) == [1]
+    assert [q.value.value for q in missing.get_qualitative_evaluations()] == ["111235"]
+
+
+def _segment_numbers(item: pydicom.Dataset) -> list[int]:
+    """Every segment number an SR content tree references."""
+    out = [int(ref.ReferencedSegmentNumber) for ref in item.get("ReferencedSOPSequence", [])
+           if "ReferencedSegmentNumber" in ref]
+    for child in item.get("ContentSequence", []):
+        out += _segment_numbers(child)
+    return out

@@ -17,7 +17,10 @@ Content, per side with voxels, one TID 1411 volumetric group that references the
   loop / mental foramen); a region without a full diameter window has no diameters;
 - QA: qualitative evaluation DCM 111050 "Quality Assessment" = DCM 111237 (PASS), 111236 (WARN) or
   111235 (FAIL), and one TEXT DCM 113010 "Quality Issue" per reason.
-A side without voxels gets a TID 1501 group (finding site and QA, no ROI, no measurements).
+A side without voxels gets a TID 1501 group (finding site and QA, no ROI, no measurements), also
+when the SEG left its segment out (``empty_segments = "omit"``). Segments are found by their
+laterality (`ian_node.segment.seg.segment_labels`), never by number: a left-only SEG's segment 1 is
+the left nerve.
 """
 
 from __future__ import annotations
@@ -34,7 +37,14 @@ from ian_node import __version__
 from ian_node.segment.measure import Region, RegionMeasurements, TractMeasurements
 from ian_node.segment.metadata import sanitised_source
 from ian_node.segment.qa import SideQA, Verdict
-from ian_node.segment.seg import LEFT_LABEL, PROPERTY_TYPE, RIGHT_LABEL, SEGMENT_LABELS
+from ian_node.segment.seg import (
+    LEFT_LABEL,
+    PROPERTY_TYPE,
+    RIGHT_LABEL,
+    SEGMENT_LABELS,
+    SegmentationSourceError,
+    segment_labels,
+)
 from ian_node.segment.volume import SeriesVolume
 from ian_node.uids import derived_uid
 
@@ -125,10 +135,33 @@ def _check_pairing(seg: Dataset, datasets: Sequence[Dataset]) -> None:
                                      f"{datasets[0].StudyInstanceUID}")
 
 
-def _side_group(seg: Dataset, side: str, measured: TractMeasurements | None, qa: SideQA | None,
-                algorithm: hd.sr.AlgorithmIdentification, uid_prefix: str | None
+def _referenced_segment(seg: Dataset, number: int) -> hd.sr.ReferencedSegment:
+    """The SEG's segment `number` with the source images its frames derive from.
+
+    `hd.sr.ReferencedSegment.from_segmentation` reads each frame's segment from the per-frame groups
+    only; highdicom writes it in the shared groups when a SEG has one segment (a side left out).
+    """
+    shared = seg.SharedFunctionalGroupsSequence[0].get("SegmentIdentificationSequence")
+    sources: dict[str, hd.sr.SourceImageForSegmentation] = {}
+    for item in seg.PerFrameFunctionalGroupsSequence:
+        if int((item.get("SegmentIdentificationSequence") or shared)[0].ReferencedSegmentNumber) != number:
+            continue
+        for derivation in item.get("DerivationImageSequence", []):
+            for image in derivation.get("SourceImageSequence", []):
+                uid = str(image.ReferencedSOPInstanceUID)
+                frames = image["ReferencedFrameNumber"] if "ReferencedFrameNumber" in image else None
+                numbers = None if frames is None else [int(f) for f in (frames.value if frames.VM > 1 else [frames.value])]
+                sources.setdefault(uid, hd.sr.SourceImageForSegmentation(str(image.ReferencedSOPClassUID), uid, numbers))
+    if not sources:
+        raise MeasurementReportError(f"SEG {seg.SOPInstanceUID}: no frame of segment {number} names its source")
+    return hd.sr.ReferencedSegment(seg.SOPClassUID, seg.SOPInstanceUID, number, source_images=list(sources.values()))
+
+
+def _side_group(seg: Dataset, side: str, segment: int | None, measured: TractMeasurements | None,
+                qa: SideQA | None, algorithm: hd.sr.AlgorithmIdentification, uid_prefix: str | None
                 ) -> (hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
                       | hd.sr.MeasurementsAndQualitativeEvaluations):
+    """One side's group: TID 1411 referencing segment number `segment` when measured, else TID 1501."""
     label = SIDES[side]
     tracking = hd.sr.TrackingIdentifier(uid=derived_uid(uid_prefix, "ian-node-sr", seg.SOPInstanceUID, side),
                                         identifier=SEGMENT_LABELS[label])
@@ -144,7 +177,7 @@ def _side_group(seg: Dataset, side: str, measured: TractMeasurements | None, qa:
             items.extend(_region_measurements(region, side))
         group = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
             tracking_identifier=tracking,
-            referenced_segment=hd.sr.ReferencedSegment.from_segmentation(seg, label),
+            referenced_segment=_referenced_segment(seg, segment),
             finding_sites=[_finding_site(side)], algorithm_id=algorithm, measurements=items,
             qualitative_evaluations=evaluations or None)
     # TID 1411/1501 hold free-text evaluations too; highdicom's constructors take coded ones only.
@@ -172,8 +205,8 @@ def build_measurement_report(
 ) -> hd.sr.Comprehensive3DSR:
     """The TID 1500 report of `measurements` ({"right", "left"}: `measure_labels`' output) over `seg`.
 
-    `seg` is the SEG the measurements were taken from (its segment 1 is the right nerve, 2 the left),
-    `source` its source images. The patient and study come from the SEG, through the same
+    `seg` is the SEG the measurements were taken from (each side's segment found by its laterality;
+    a side it left out gets its QA group without a segment reference), `source` its source images. The patient and study come from the SEG, through the same
     sanitised view the SEG builder uses. UIDs not given derive from the SEG's SOP Instance UID, so a
     rebuilt SEG and its report pair up again; the series number defaults to the SEG's + 500.
     """
@@ -185,13 +218,17 @@ def build_measurement_report(
         raise ValueError(f"qa has sides {sorted(set(by_side) - set(SIDES))}; expected 'right' and/or 'left'")
     datasets = _source_datasets(source)
     _check_pairing(seg, datasets)
-    segments = {int(item.SegmentNumber) for item in seg.get("SegmentSequence", [])}
+    try:
+        numbers = {label: number for number, label in segment_labels(seg).items()}
+    except SegmentationSourceError as exc:
+        raise MeasurementReportError(f"SEG {seg.SOPInstanceUID}: its segments cannot be told apart: {exc}") from exc
     for side, measured in measurements.items():
-        if measured is not None and SIDES[side] not in segments:
+        if measured is not None and SIDES[side] not in numbers:
             raise MeasurementReportError(f"the {side} side has measurements but SEG {seg.SOPInstanceUID} has no "
-                                         f"segment {SIDES[side]}")
+                                         f"{side} segment")
     algorithm = measurement_algorithm()
-    groups = [_side_group(seg, side, measurements.get(side), by_side.get(side), algorithm, uid_prefix)
+    groups = [_side_group(seg, side, numbers.get(SIDES[side]), measurements.get(side), by_side.get(side), algorithm,
+                          uid_prefix)
               for side in SIDES if side in measurements or side in by_side]
     device = hd.sr.DeviceObserverIdentifyingAttributes(
         uid=derived_uid(uid_prefix, "ian-node-device", manufacturer, manufacturer_model_name, device_serial_number),
