@@ -69,6 +69,9 @@ class Protocol:
     focal_gamma: float = 2.0
     threshold: float = 0.5
     amp: bool = True  # used on CUDA only
+    # deterministic torch algorithms (training.environment.Determinism); in the protocol so that every run of a
+    # benchmark is trained the same way; the ops torch cannot make deterministic are recorded per run
+    deterministic: bool = True
     width: float = 1.0
     size: int = 256
     in_channels: int = 3
