@@ -80,10 +80,13 @@ class Setup:
         return job
 
 
-def _oracle(folder: Path, both_sides: bool) -> tuple[PhantomFiles, OraclePredictor]:
+def _oracle(folder: Path, both_sides: bool, found: tuple[Side, ...] = (Side.RIGHT,)
+            ) -> tuple[PhantomFiles, OraclePredictor]:
+    """The phantom's truth on both sides, or on the `found` sides only (none: nothing anywhere)."""
     phantom = generate_phantom(3, 7, SMALL_PHANTOM)
     files = write_phantom(phantom, folder / "phantom")
-    labels = phantom.labels if both_sides else np.where(phantom.labels == Side.RIGHT.label, phantom.labels, 0)
+    kept = tuple(Side) if both_sides else found
+    labels = np.where(np.isin(phantom.labels, [s.label for s in kept]), phantom.labels, 0)
     prepared = prepare(load_series(list(files.instances)), SIZE)
     answer = to_model_space(prepared, labels.astype(np.uint8))
     checkpoint = load_checkpoint(untrained_checkpoint(folder / "model.pt", size=SIZE, attention=False))
@@ -188,3 +191,69 @@ def test_output_omit_empty_frames_false_stores_every_frame_of_both_segments_and_
     seg = pydicom.dcmread(setup.spool.path(seg_path))
     assert int(seg.NumberOfFrames) == 2 * SMALL_PHANTOM.shape[0]  # both sides, every source slice
     assert pydicom.dcmread(setup.spool.path(sr_path)).Modality == "SR"
+
+
+def test_empty_segments_omit_leaves_the_empty_right_side_out_the_left_is_segment_1_and_the_job_says_so(
+    tmp_path: Path,
+) -> None:
+    files, predictor = _oracle(tmp_path / "left", both_sides=False, found=(Side.LEFT,))
+    with State(tmp_path / "state.sqlite3") as state:
+        setup = Setup(state, Spool(tmp_path / "spool"), files, predictor)
+        job = setup.queue()
+        setup.worker(output=OutputConfig(empty_segments="omit")).run_pending()
+        done = state.job(job.id)
+        assert done.state is JobState.DONE, done.error
+        assert done.flag == "QA FAIL right: no nerve found | right segment left out: empty"
+        seg_path, sr_path = done.result_paths
+        seg = hd.seg.segread(setup.spool.path(seg_path))
+        assert [(int(s.SegmentNumber), str(s.SegmentLabel)) for s in seg.SegmentSequence] == [
+            (1, "Inferior alveolar nerve, left")]
+        sr = hd.sr.srread(setup.spool.path(sr_path))
+        (left,) = sr.content.get_volumetric_roi_measurement_groups()
+        assert str(left.tracking_identifier) == "Inferior alveolar nerve, left"
+        assert left.referenced_segment.referenced_segment_numbers == [1]
+        (right,) = sr.content.get_image_measurement_groups()  # the left-out side: its QA without a segment
+        assert str(right.tracking_identifier) == "Inferior alveolar nerve, right"
+        assert [q.value.value for q in right.get_qualitative_evaluations()] == ["111235"]
+
+
+def test_empty_segments_omit_with_no_nerve_on_either_side_fails_the_job_and_sends_nothing(tmp_path: Path) -> None:
+    files, predictor = _oracle(tmp_path / "none", both_sides=False, found=())
+    with State(tmp_path / "state.sqlite3") as state:
+        setup = Setup(state, Spool(tmp_path / "spool"), files, predictor)
+        job = setup.queue()
+        setup.worker(export=_unreachable(), output=OutputConfig(empty_segments="omit")).run_pending()
+        failed = state.job(job.id)
+        assert failed.state is JobState.FAILED
+        assert failed.error.startswith("no SEG sent: series ") and "every segment is empty" in failed.error
+        assert 'output.empty_segments = "omit"' in failed.error
+        assert failed.flag.endswith("right and left segments left out: empty")
+        assert [q["verdict"] for q in failed.qa] == ["FAIL", "FAIL"]
+        assert failed.result_paths == ()
+        assert state.deliveries(job.id) == [] and setup.exporter.deliver_due() == 0
+
+
+def test_probability_seg_is_the_third_result_fractional_over_the_same_source(setup: Setup) -> None:
+    job = setup.queue()
+    setup.worker(output=OutputConfig(probability_seg=True)).run_pending()
+    done = setup.state.job(job.id)
+    assert done.state is JobState.DONE, done.error
+    seg_path, sr_path, probability_path = done.result_paths
+    seg, probability = (hd.seg.segread(setup.spool.path(p)) for p in (seg_path, probability_path))
+    assert pydicom.dcmread(setup.spool.path(sr_path)).Modality == "SR"
+    assert (probability.SegmentationType, probability.SegmentationFractionalType) == ("FRACTIONAL", "PROBABILITY")
+    assert probability.SOPInstanceUID != seg.SOPInstanceUID and probability.StudyInstanceUID == seg.StudyInstanceUID
+    assert int(probability.SeriesNumber) == int(seg.SeriesNumber) + 1000
+    # the right side (the oracle's truth) is certain where the SEG has the nerve; the left is all zero
+    source = [str(i.ReferencedSOPInstanceUID) for i in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence]
+    binary = seg.get_pixels_by_source_instance(source, segment_numbers=[1], dtype=np.uint8)[..., 0]
+    fraction = probability.get_pixels_by_source_instance(source, segment_numbers=[1, 2], rescale_fractional=True,
+                                                         dtype=np.float32)
+    assert binary.any() and np.all(fraction[..., 0][binary > 0] > 0.99)
+    assert not fraction[..., 1].any()
+
+
+def test_probability_seg_is_off_by_default_two_results(setup: Setup) -> None:
+    job = setup.queue()
+    setup.worker().run_pending()
+    assert len(setup.state.job(job.id).result_paths) == 2

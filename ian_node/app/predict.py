@@ -6,7 +6,9 @@ rule for research on other image types. It says what it found and what it ignore
 
 The crop is the node's (``[crop]``): ``--crop auto`` (the localiser, default), ``half``, or ``box`` /
 ``oracle`` with ``--roi`` boxes. ``--report`` writes the crop used per side, voxel counts, timings and
-the outcome as JSON; ``--sr`` writes the nerves' measurements as a TID 1500 SR beside the SEG. Exit status: 0 segmented, 1 the series cannot be segmented, 2 bad inputs or
+the outcome as JSON; ``--sr`` writes the nerves' measurements as a TID 1500 SR beside the SEG;
+``--probability-seg`` the network's probabilities as a FRACTIONAL SEG; ``--empty-segments`` is the
+node's ``[output] empty_segments``. Exit status: 0 segmented, 1 the series cannot be segmented, 2 bad inputs or
 options (or a checkpoint the crop cannot reproduce), 3 no mandible region found (report still written).
 """
 
@@ -17,7 +19,7 @@ import json
 import logging
 import sys
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from pydicom import Dataset, dcmread
@@ -54,6 +56,12 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sr", type=Path, default=None,
                    help="also write a TID 1500 measurement report (SR) of each nerve's length, volume and diameters, "
                         "whole and per region, with the QA verdicts, referencing the SEG (docs/sr.md)")
+    p.add_argument("--probability-seg", type=Path, default=None,
+                   help="also write the network's per-side nerve probability as a FRACTIONAL (PROBABILITY) SEG "
+                        "(the node's [output] probability_seg; docs/seg.md)")
+    p.add_argument("--empty-segments", choices=("empty_frame", "omit"), default="empty_frame",
+                   help="a side with no voxels: keep its segment with one empty frame (default), or leave it out "
+                        "(the node's [output] empty_segments; with both sides empty no SEG is written, exit 1)")
     p.set_defaults(func=run_predict)
 
 
@@ -193,10 +201,13 @@ def run_predict(args: argparse.Namespace) -> int:
     from ian_node.segment.result import (
         load_crop_localiser,
         load_predictor,
+        omitted_flag,
         pipeline_options,
+        result_probability_segmentation,
         result_report,
         result_segmentation,
     )
+    from ian_node.segment.seg import NoSegmentsError
     from ian_node.segment.volume import SeriesError
     from model.localiser import LocaliserCheckpointError
 
@@ -219,8 +230,9 @@ def run_predict(args: argparse.Namespace) -> int:
         print(f"model: {predictor.checkpoint.meta.label}", file=sys.stderr)
     report: dict[str, object] = {"series_uid": uid, "crop_mode": crop.mode, "out": None}
     try:
-        result = segment_series(paths, predictor, pipeline_options(crop), localiser)
-        seg = result_segmentation(result, 1, predictor.checkpoint)
+        options = replace(pipeline_options(crop), keep_probabilities=args.probability_seg is not None)
+        result = segment_series(paths, predictor, options, localiser)
+        seg = result_segmentation(result, 1, predictor.checkpoint, empty_segments=args.empty_segments)
     except NoRegionError as exc:
         report.update(outcome="no_region", flag=exc.crop.problem, roi=exc.crop.as_json(), voxels=None,
                       timings=exc.timings)
@@ -228,7 +240,7 @@ def run_predict(args: argparse.Namespace) -> int:
         print(f"ian-node predict: {failure_message(exc)}; not segmented ({_crop_text(exc.crop.as_json())}; "
               "--segment-when-not-found segments anyway, --crop box --roi FILE gives the boxes)", file=sys.stderr)
         return 3
-    except SeriesError as exc:
+    except (SeriesError, NoSegmentsError) as exc:
         print(f"ian-node predict: {failure_message(exc)}", file=sys.stderr)
         return 1
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -237,13 +249,23 @@ def run_predict(args: argparse.Namespace) -> int:
         args.sr.parent.mkdir(parents=True, exist_ok=True)
         result_report(result, seg).save_as(args.sr, enforce_file_format=True)
         report["sr"] = str(args.sr)
+    if args.probability_seg is not None:
+        args.probability_seg.parent.mkdir(parents=True, exist_ok=True)
+        probability = result_probability_segmentation(result, 1, predictor.checkpoint,
+                                                      empty_segments=args.empty_segments)
+        probability.save_as(args.probability_seg, enforce_file_format=True)
+        report["probability_seg"] = str(args.probability_seg)
     used = result.crop.as_json() if result.crop is not None else None
     problem = result.crop.problem if result.crop is not None else ""
-    report.update(outcome="segmented_no_region" if problem else "segmented", flag=problem or None, roi=used,
+    omitted = omitted_flag(seg)
+    report.update(outcome="segmented_no_region" if problem else "segmented",
+                  flag=" | ".join(f for f in (problem, omitted) if f) or None, roi=used,
                   voxels=result.voxels, timings=result.timings, out=str(args.out))
     _write_report(args.report, report)
     if problem:
         print(f"ian-node predict: {problem}; segmented anyway (--segment-when-not-found)", file=sys.stderr)
+    if omitted:
+        print(f"ian-node predict: {omitted} (--empty-segments omit)", file=sys.stderr)
     print(f"series {uid}: {len(paths)} files -> {args.out}; "
           + ", ".join(f"{k} IAN {v} voxels" for k, v in result.voxels.items()) + "; "
           + ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items()))
@@ -251,5 +273,7 @@ def run_predict(args: argparse.Namespace) -> int:
         print(f"crop: {_crop_text(used)}")
     if args.sr is not None:
         print(f"measurements (TID 1500 SR) -> {args.sr}")
+    if args.probability_seg is not None:
+        print(f"probabilities (FRACTIONAL SEG) -> {args.probability_seg}")
     return 0
 

@@ -14,6 +14,11 @@ with a ``roi``). The crop requested and used, the outcome and per-side voxel cou
 recorded on the job. When the localiser finds no mandible the job fails with "no mandible region
 found" and outcome ``no_region``, nothing is sent; with ``crop.segment_when_not_found`` it is
 segmented and sent anyway, with outcome ``segmented_no_region`` and the localiser's problem as its flag.
+
+``[output]`` decides the rest: ``empty_segments = "omit"`` leaves an empty side's segment out of the
+SEG and flags the job ("left segment left out: empty"); with both sides empty there is no SEG, the job
+fails with that reason and nothing is sent. ``probability_seg = true`` also sends the network's
+per-side probabilities as a FRACTIONAL SEG, the third result file after the SEG and the SR.
 """
 
 from __future__ import annotations
@@ -33,14 +38,17 @@ from ian_node.segment.pipeline import PipelineOptions, failure_message, segment_
 from ian_node.segment.result import (
     load_crop_localiser,
     load_predictor,
+    omitted_flag,
     qa_failed,
     qa_flag,
     qa_summary,
     request_from_record,
     request_record,
+    result_probability_segmentation,
     result_report,
     result_segmentation,
 )
+from ian_node.segment.seg import NoSegmentsError
 from ian_node.storage.records import Job, JobOutcome
 from ian_node.storage.spool import Spool
 from ian_node.storage.state import State
@@ -117,10 +125,12 @@ class Worker:
         record = job.api_crop_request or request_record(self._crop)
         return record, replace(self._options, crop=request_from_record(record),
                                min_confidence=self._crop.min_confidence,
-                               segment_when_not_found=self._crop.segment_when_not_found)
+                               segment_when_not_found=self._crop.segment_when_not_found,
+                               keep_probabilities=self._output.probability_seg)
 
     def run_job(self, job: Job) -> None:
-        """Segment one claimed job and hand its SEG and SR to the exporter; record a failure otherwise."""
+        """Segment one claimed job and hand its results (SEG, SR, [probability SEG]) to the exporter; record a
+        failure otherwise."""
         started = time.perf_counter()
         logger.log(NOTICE, "job %d started: series %s v%d", job.id, job.series_uid, job.series_version)
         try:
@@ -135,7 +145,16 @@ class Worker:
             t1 = time.perf_counter()
             crop = result.crop
             assert crop is not None  # segment_series always records its crop
-            flag = " | ".join(f for f in (crop.problem or None, qa_flag(result.qa)) if f) or None
+            output = self._output
+            try:
+                seg = result_segmentation(result, job.series_version, self.predictor.checkpoint,
+                                          empty_segments=output.empty_segments,
+                                          omit_empty_frames=output.omit_empty_frames)
+                no_seg, omitted = None, omitted_flag(seg)
+            except NoSegmentsError as exc:  # recorded with the segmentation below, then the job fails
+                no_seg, omitted = exc, "right and left segments left out: empty"
+            t2 = time.perf_counter()
+            flag = " | ".join(f for f in (crop.problem or None, qa_flag(result.qa), omitted) if f) or None
             self._state.record_segmentation(
                 job.id, crop_request=request, crop=crop.as_json(),
                 outcome=JobOutcome.SEGMENTED if crop.found else JobOutcome.SEGMENTED_NO_REGION,
@@ -145,13 +164,17 @@ class Worker:
                 logger.warning("job %d (series %s v%d): %s; segmented anyway in %s (crop.segment_when_not_found)",
                                job.id, job.series_uid, job.series_version, crop.problem,
                                ", ".join(f"{s.value} {c.mode.value}" for s, c in crop.sides.items()))
-            seg = result_segmentation(result, job.series_version, self.predictor.checkpoint,
-                                      omit_empty_frames=self._output.omit_empty_frames)
-            t2 = time.perf_counter()
-            report = result_report(result, seg)
+            if no_seg is not None:
+                raise no_seg  # nothing is sent
+            results = [seg, result_report(result, seg)]
             t3 = time.perf_counter()
+            if output.probability_seg:
+                results.append(result_probability_segmentation(
+                    result, job.series_version, self.predictor.checkpoint, empty_segments=output.empty_segments,
+                    omit_empty_frames=output.omit_empty_frames))
+            t4 = time.perf_counter()
             hold = self._qa.on_fail == "hold" and qa_failed(result.qa)
-            exported = self._exporter.submit(job.id, [seg, report], hold=hold)
+            exported = self._exporter.submit(job.id, results, hold=hold)
         except Exception as exc:  # any failure is the job's, never the worker's
             error = failure_message(exc)  # what the state, the API and `jobs list` show
             self._state.fail_job(job.id, error)
@@ -159,7 +182,8 @@ class Worker:
             logger.error("job %d ended: series %s v%d, %.1f s, failed: %s", job.id, job.series_uid,
                          job.series_version, time.perf_counter() - started, exception_text(exc))
             return
-        timings = {**result.timings, "seg_build": t2 - t1, "sr_build": t3 - t2, "total": t3 - t0}
+        timings = {**result.timings, "seg_build": t2 - t1, "sr_build": t3 - t2,
+                   **({"probability_seg_build": t4 - t3} if self._output.probability_seg else {}), "total": t4 - t0}
         for stage, seconds in timings.items():
             self.totals.seconds[stage] += seconds
         self.totals.jobs += 1

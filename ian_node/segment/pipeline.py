@@ -25,6 +25,7 @@ from ian_node.segment.crop import CropMode, CropRequest, CropResult, NoRegionErr
 from ian_node.segment.metadata import check_source_metadata
 from ian_node.segment.qa import SideQA, judge
 from ian_node.segment.reformat import CoronalStack, PatientBox, RoiError, default_rois, side_stacks, stack_to_volume
+from ian_node.segment.seg import NoSegmentsError
 from ian_node.segment.tract import DEFAULT_MAX_GAP_MM, Tract, trace_tract
 from ian_node.segment.volume import MalformedDatasetError, SeriesError, SeriesVolume, Side, load_series
 from model.localiser import LoadedLocaliser
@@ -59,6 +60,9 @@ class PipelineOptions:
     #: are filled and islands off the tract dropped. None turns the clean-up off: the labels are the
     #: network's thresholded masks, and QA still judges the tract traced at the default.
     max_gap_mm: float | None = DEFAULT_MAX_GAP_MM
+    #: Keep each side's probabilities in source voxels on the result (`PipelineResult.probabilities`),
+    #: for the probability SEG; off, no volume-sized copy is made.
+    keep_probabilities: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 < self.threshold < 1.0:
@@ -96,6 +100,9 @@ class PipelineResult:
     #: Per-side QA of the tract (`ian_node.segment.qa`), right then left; empty only for results
     #: built outside `segment_series`.
     qa: tuple[SideQA, ...] = ()
+    #: Each side's network probability in source voxels (float32, the series' shape, 0 outside the
+    #: side's crop), before thresholding and the tract step; None unless `options.keep_probabilities`.
+    probabilities: dict[Side, np.ndarray] | None = None
 
     @property
     def voxels(self) -> dict[str, int]:
@@ -161,11 +168,26 @@ def side_probabilities(prepared: PreparedSeries, probabilities: np.ndarray) -> d
     return out
 
 
+def volume_probabilities(maps: Mapping[Side, SideMap], shape: tuple[int, ...]) -> dict[Side, np.ndarray]:
+    """Each side's map spread over the whole series (float32, 0 outside its box): the probability SEG's input."""
+    out = {}
+    for side, side_map in maps.items():
+        values = np.zeros(shape, dtype=np.float32)
+        values[side_map.box] = side_map.values
+        out[side] = values
+    return out
+
+
 def finish_series(prepared: PreparedSeries, probabilities: np.ndarray, options: PipelineOptions,
                   crop: CropResult | None = None) -> tuple[np.ndarray, tuple[SideQA, ...]]:
     """Model-space probabilities → uint8 labels in source voxels (thresholded, then the tract step
     unless `options.max_gap_mm` is None) and each side's QA (with `crop`'s localiser confidence)."""
-    maps = side_probabilities(prepared, probabilities)
+    return _finish_maps(prepared, side_probabilities(prepared, probabilities), options, crop)
+
+
+def _finish_maps(prepared: PreparedSeries, maps: Mapping[Side, SideMap], options: PipelineOptions,
+                 crop: CropResult | None) -> tuple[np.ndarray, tuple[SideQA, ...]]:
+    """`finish_series` from each side's probabilities in source voxels."""
     masks = []
     for side in prepared.sides:  # each stack pixel's probability, read back from its side's map
         stack, box = side.stack, maps[side.stack.side].box
@@ -264,10 +286,12 @@ def segment_series(
     t3 = time.perf_counter()
     probabilities = predictor.predict(prepared.images)
     t4 = time.perf_counter()
-    labels, qa = finish_series(prepared, probabilities, options, crop)
+    maps = side_probabilities(prepared, probabilities)
+    labels, qa = _finish_maps(prepared, maps, options, crop)
+    kept = volume_probabilities(maps, series.shape) if options.keep_probabilities else None
     t5 = time.perf_counter()
     timings.update(preprocess=t3 - t2, inference=t4 - t3, inverse_postprocess=t5 - t4)
-    return PipelineResult(series, labels, timings, crop, qa)
+    return PipelineResult(series, labels, timings, crop, qa, kept)
 
 
 def failure_message(exc: BaseException) -> str:
@@ -278,5 +302,7 @@ def failure_message(exc: BaseException) -> str:
         return str(exc)
     if isinstance(exc, RoiError):  # a given crop box that misses the series
         return f"crop: {exc}"
+    if isinstance(exc, NoSegmentsError):  # [output] empty_segments = "omit" and no nerve on either side
+        return f"no SEG sent: {exc} (output.empty_segments = \"omit\")"
     text = str(exc) if raised_by_us(exc) else redact(str(exc))  # a library may quote header values
     return f"internal error: {text or 'unexpected failure'} (the node's log has the details)"

@@ -1,8 +1,9 @@
 """From a checkpoint to a result SEG: the node's model loading, its crop, and the SEG of one series version.
 
 Shared by the worker and ``ian-node predict``, so a file-in/SEG-out run builds exactly what the node
-would send. SEG UIDs are derived from (source series, series version, model hash), so a job re-run
-after a crash produces the same SEG instance and a PACS sees one result per version.
+would send: the SEG, its TID 1500 SR and, when asked, the probability SEG. UIDs are derived from
+(source series, series version, model hash), so a job re-run after a crash produces the same
+instances and a PACS sees one result per version.
 
 The crop is checked against the checkpoint when the model is loaded (`check_crop_compatible`), so a
 node whose configured crop cannot reproduce the checkpoint's training crop refuses to start rather
@@ -26,7 +27,12 @@ from ian_node.segment.measure import measure_labels
 from ian_node.segment.pipeline import PipelineOptions, PipelineResult
 from ian_node.segment.qa import SideQA, Verdict
 from ian_node.segment.reformat import PatientBox
-from ian_node.segment.seg import AlgorithmInfo, build_segmentation
+from ian_node.segment.seg import (
+    AlgorithmInfo,
+    EmptySegments,
+    build_probability_segmentation,
+    build_segmentation,
+)
 from ian_node.segment.sr import build_measurement_report
 from ian_node.segment.volume import Side
 from ian_node.uids import derived_uid
@@ -38,6 +44,8 @@ logger = logging.getLogger(__name__)
 
 #: Result series numbers are this plus the source series version, so each version is told apart.
 SEG_SERIES_NUMBER_BASE = 9000
+#: The probability SEG's series number sits this far above its SEG's (the SR's: `sr.SR_SERIES_OFFSET`).
+PROBABILITY_SERIES_OFFSET = 1000
 
 
 def crop_request(mode: str, right: Any = None, left: Any = None) -> CropRequest:
@@ -129,11 +137,13 @@ def algorithm_info(checkpoint: LoadedCheckpoint) -> AlgorithmInfo:
 
 
 def result_segmentation(result: PipelineResult, version: int, checkpoint: LoadedCheckpoint, *,
+                        empty_segments: EmptySegments | str = EmptySegments.EMPTY_FRAME,
                         omit_empty_frames: bool = True) -> Dataset:
     """The SEG of one series version, with UIDs that are the same every time it is rebuilt.
 
-    An empty side keeps its segment with one zero frame (`build_segmentation`'s default), so segment
-    numbers stay the labels that `result_report` references; `omit_empty_frames` as there.
+    `empty_segments` and `omit_empty_frames` as in `build_segmentation`: by default an empty side keeps
+    its segment with one zero frame; with ``omit`` it is left out (`seg.omitted_sides`, `omitted_flag`)
+    and both sides empty raise `NoSegmentsError`. `result_report` finds each side's segment by laterality.
     """
     entropy = [result.series.series_uid, str(version), checkpoint.sha256]
     return build_segmentation(
@@ -144,8 +154,36 @@ def result_segmentation(result: PipelineResult, version: int, checkpoint: Loaded
         series_description=f"IAN segmentation (AI) v{version}",
         series_instance_uid=derived_uid(None, "ian-node-result", *entropy, "series"),
         sop_instance_uid=derived_uid(None, "ian-node-result", *entropy, "instance"),
+        empty_segments=empty_segments,
         omit_empty_frames=omit_empty_frames,
     )
+
+
+def result_probability_segmentation(result: PipelineResult, version: int, checkpoint: LoadedCheckpoint, *,
+                                    empty_segments: EmptySegments | str = EmptySegments.EMPTY_FRAME,
+                                    omit_empty_frames: bool = True) -> Dataset:
+    """The FRACTIONAL (PROBABILITY) SEG of a result's per-side probabilities, with rebuild-stable UIDs
+    and a series number `PROBABILITY_SERIES_OFFSET` above the SEG's; needs ``keep_probabilities``."""
+    if result.probabilities is None:
+        raise ValueError("the result has no probabilities: segment with PipelineOptions(keep_probabilities=True)")
+    entropy = [result.series.series_uid, str(version), checkpoint.sha256]
+    return build_probability_segmentation(
+        result.series,
+        result.probabilities,
+        algorithm=algorithm_info(checkpoint),
+        series_number=SEG_SERIES_NUMBER_BASE + PROBABILITY_SERIES_OFFSET + version,
+        series_description=f"IAN probability (AI) v{version}",
+        series_instance_uid=derived_uid(None, "ian-node-probability", *entropy, "series"),
+        sop_instance_uid=derived_uid(None, "ian-node-probability", *entropy, "instance"),
+        empty_segments=empty_segments,
+        omit_empty_frames=omit_empty_frames,
+    )
+
+
+def omitted_flag(seg: Dataset) -> str | None:
+    """What an operator must read about sides a SEG left out (``empty_segments = "omit"``), or None."""
+    omitted = getattr(seg, "omitted_sides", ())
+    return " | ".join(f"{side.value} segment left out: empty" for side in omitted) or None
 
 
 def result_report(result: PipelineResult, seg: Dataset) -> Dataset:
