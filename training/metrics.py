@@ -24,6 +24,15 @@ such slices explicitly.
 
 Failure rates are cumulative, as in the paper's Table 2: complete failure DSC = 0, tracking failure
 DSC < 0.2 (which includes complete failures), boundary-delineation failure DSC < 0.3.
+
+DSC = 0 lumps three different events together, which `complete_failures` separates from the pixel
+counts (they partition DSC = 0 exactly):
+
+- **no prediction**: nerve present, nothing predicted (the paper's "absence of any predicted mask");
+- **misplaced**: nerve present, something predicted, no overlap (TP = 0, FP > 0);
+- **false positive on a nerve-free slice**: no nerve, something predicted. Only datasets that keep
+  nerve-free slices (the default `--all-slices`) have these; `false_positive_rate` measures them on
+  their own (fraction of nerve-free slices with any predicted pixel, mean FP pixels).
 """
 
 from __future__ import annotations
@@ -82,7 +91,11 @@ class ImageMetrics:
 
 @dataclass(frozen=True)
 class ImageScore:
-    """One row of the per-image metrics table: which image of which run, and its four metrics."""
+    """One row of the per-image metrics table: which image of which run, its four metrics and pixel counts.
+
+    The counts are None only for scores built from metrics alone (an old per-image CSV); the complete
+    failure split and the false-positive table need them.
+    """
 
     model: str
     repeat: int
@@ -93,10 +106,22 @@ class ImageScore:
     iou: float
     precision: float
     recall: float
+    tp: int | None = None
+    fp: int | None = None
+    fn: int | None = None
 
     @classmethod
     def of(cls, model: str, repeat: int, patient: str, side: str, slice: int, m: ImageMetrics) -> ImageScore:
-        return cls(model, repeat, patient, side, slice, m.dsc, m.iou, m.precision, m.recall)
+        return cls(model, repeat, patient, side, slice, m.dsc, m.iou, m.precision, m.recall, m.tp, m.fp, m.fn)
+
+    @property
+    def has_counts(self) -> bool:
+        return self.tp is not None and self.fp is not None and self.fn is not None
+
+    @property
+    def gt_empty(self) -> bool | None:
+        """True on a nerve-free slice; None without pixel counts."""
+        return None if self.tp is None or self.fn is None else self.tp + self.fn == 0
 
     @property
     def key(self) -> tuple[int, str, str, int]:
@@ -112,6 +137,31 @@ class FailureRates:
     complete: float
     tracking: float
     boundary: float
+
+
+@dataclass(frozen=True)
+class CompleteFailures:
+    """The DSC = 0 images split by cause, as fractions (0–1) of all `n` images; the three sum to the
+    complete-failure rate of `FailureRates`."""
+
+    n: int
+    no_prediction: float
+    misplaced: float
+    fp_nerve_free: float
+
+    @property
+    def total(self) -> float:
+        return self.no_prediction + self.misplaced + self.fp_nerve_free
+
+
+@dataclass(frozen=True)
+class FalsePositiveRate:
+    """False positives on the `n_nerve_free` nerve-free images: the fraction with any predicted pixel
+    (NaN when there is no nerve-free image) and the mean number of predicted pixels."""
+
+    n_nerve_free: int
+    any_prediction: float
+    mean_fp_pixels: float
 
 
 def image_metrics(prediction: np.ndarray, target: np.ndarray) -> ImageMetrics:
@@ -146,6 +196,43 @@ def failure_rates(dsc_values: Iterable[float]) -> FailureRates:
         tracking=float(np.mean(dsc < TRACKING_FAILURE_DSC)),
         boundary=float(np.mean(dsc < BOUNDARY_FAILURE_DSC)),
     )
+
+
+def complete_failures(scores: Iterable[ImageScore]) -> CompleteFailures:
+    """DSC = 0 split into no prediction, misplaced prediction and a prediction on a nerve-free slice."""
+    counts = _counts(scores)
+    if counts.size == 0:
+        raise ValueError("complete failures need at least one image")
+    tp, fp, fn = counts.T
+    nerve = tp + fn > 0
+    return CompleteFailures(
+        n=int(counts.shape[0]),
+        no_prediction=float(np.mean(nerve & (tp + fp == 0))),
+        misplaced=float(np.mean(nerve & (tp == 0) & (fp > 0))),
+        fp_nerve_free=float(np.mean(~nerve & (fp > 0))),
+    )
+
+
+def false_positive_rate(scores: Iterable[ImageScore]) -> FalsePositiveRate:
+    """How often and how much a model predicts on slices without nerve."""
+    counts = _counts(scores)
+    if counts.size == 0:
+        raise ValueError("false-positive rates need at least one image")
+    tp, fp, fn = counts.T
+    fp_free = fp[tp + fn == 0]
+    if fp_free.size == 0:
+        return FalsePositiveRate(0, float("nan"), float("nan"))
+    return FalsePositiveRate(int(fp_free.size), float(np.mean(fp_free > 0)), float(np.mean(fp_free)))
+
+
+def _counts(scores: Iterable[ImageScore]) -> np.ndarray:
+    """(n, 3) array of tp, fp, fn; an error when a score carries no counts."""
+    rows = []
+    for s in scores:
+        if not s.has_counts:
+            raise ValueError(f"model {s.model!r}, repeat {s.repeat}, side {s.side}, slice {s.slice}: no pixel counts")
+        rows.append((s.tp, s.fp, s.fn))
+    return np.asarray(rows, dtype=np.int64).reshape(-1, 3)
 
 
 def _as_binary(mask: np.ndarray, name: str) -> np.ndarray:

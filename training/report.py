@@ -6,6 +6,11 @@ matplotlib's object API (`Figure`, rendered by Agg), so no pyplot state or displ
 
 Summary statistics: mean, sample standard deviation (ddof = 1; 0 for a single image) and median
 over all test images of all repeats, per model and metric. Failure rates follow `training.metrics`.
+Beside the paper's tables, with their numbers unchanged: Table 2's complete failures split by cause
+(no prediction, misplaced, prediction on a nerve-free slice) and the false-positive table of the
+nerve-free slices (`fp_nerve_free.md`), both from the pixel counts the per-image CSV now keeps. The
+paper's pooled per-image test is labelled "as in the paper": its images are not independent samples
+(`training.field_report` tests per nerve).
 With two or more repeats, `write_ranking` adds each repeat's ranking of the models and Kendall's tau
 between the repeats (`training.stats.ranking_stability`): a pooled table can hide repeats that disagree.
 """
@@ -21,10 +26,16 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
-from scipy.stats import rankdata
 
 from model.registry import NETWORKS, PAPER_NETWORK
-from training.metrics import METRIC_LABELS, METRICS, ImageScore, failure_rates
+from training.metrics import (
+    METRIC_LABELS,
+    METRICS,
+    ImageScore,
+    complete_failures,
+    failure_rates,
+    false_positive_rate,
+)
 from training.stats import PValueRow, RankingStability
 
 logger = logging.getLogger(__name__)
@@ -39,7 +50,13 @@ DISPLAY_NAMES: dict[str, str] = {
     "hardnet_mseg": "HarDNet-MSEG",
     "meganet": "MEGANet",
 }
-PER_IMAGE_FIELDS: tuple[str, ...] = ("model", "repeat", "patient", "side", "slice", *METRICS)
+#: Pixel counts of each image, and whether its ground truth is empty (a nerve-free slice).
+COUNT_FIELDS: tuple[str, ...] = ("tp", "fp", "fn", "gt_empty")
+PER_IMAGE_FIELDS: tuple[str, ...] = ("model", "repeat", "patient", "side", "slice", *METRICS, *COUNT_FIELDS)
+#: Why the paper's pooled per-image p-values are kept but not to be read as evidence.
+POOLED_TEST_NOTE = ("Pseudo-replication: the slices of one nerve are strongly correlated and patients recur across "
+                    "repeats, so these images are not independent samples and the p-values overstate the evidence. "
+                    "The per-nerve tests (`field_tables.md`) are the ones to read.")
 #: RGB colours of the paper's figures.
 YELLOW, BLUE, RED = (1.0, 0.85, 0.0), (0.1, 0.35, 1.0), (1.0, 0.1, 0.1)
 
@@ -115,25 +132,34 @@ def summarize(scores: Iterable[ImageScore], metrics: Sequence[str] = METRICS) ->
 
 
 def write_per_image_csv(scores: Iterable[ImageScore], path: str | Path) -> Path:
-    """The per-image metrics table; floats at full precision so that summaries can be recomputed exactly."""
+    """The per-image metrics table; floats at full precision so that summaries can be recomputed exactly.
+
+    tp, fp, fn are pixel counts and gt_empty is 1 on a nerve-free slice; all four are blank for a score
+    without counts.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(PER_IMAGE_FIELDS)
         for s in scores:
-            writer.writerow([float(getattr(s, n)) if n in METRICS else getattr(s, n) for n in PER_IMAGE_FIELDS])
+            counts = [s.tp, s.fp, s.fn, int(s.gt_empty)] if s.has_counts else ["", "", "", ""]
+            writer.writerow([s.model, s.repeat, s.patient, s.side, s.slice,
+                             *(float(getattr(s, m)) for m in METRICS), *counts])
     return path
 
 
 def read_per_image_csv(path: str | Path) -> list[ImageScore]:
+    """Scores from `write_per_image_csv`'s table, or from the older one without pixel counts."""
+    legacy = PER_IMAGE_FIELDS[: -len(COUNT_FIELDS)]
     with Path(path).open(newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
-        if tuple(reader.fieldnames or ()) != PER_IMAGE_FIELDS:
+        if tuple(reader.fieldnames or ()) not in (PER_IMAGE_FIELDS, legacy):
             raise ValueError(f"{path}: expected columns {list(PER_IMAGE_FIELDS)}, got {reader.fieldnames}")
         return [
             ImageScore(r["model"], int(r["repeat"]), r["patient"], r["side"], int(r["slice"]),
-                       *(float(r[m]) for m in METRICS))
+                       *(float(r[m]) for m in METRICS),
+                       *(int(r[c]) if r.get(c) else None for c in ("tp", "fp", "fn")))
             for r in reader
         ]
 
@@ -170,12 +196,21 @@ def write_table1(scores: Iterable[ImageScore], out_dir: str | Path) -> tuple[Pat
 
 
 def write_table2(scores: Iterable[ImageScore], out_dir: str | Path) -> tuple[Path, Path]:
-    """table2.csv and table2.md: failure rates in percent, lowest per column in bold."""
+    """table2.csv and table2.md: failure rates in percent, lowest per column in bold.
+
+    With pixel counts, the complete failures are also split by cause: extra CSV columns after the
+    paper's, and a second table below it in the markdown (the paper's table itself is unchanged).
+    """
     grouped = _by_model(scores)
     out = report_dir(out_dir)
     rates = {m: failure_rates(s.dsc for s in grouped[m]) for m in model_order(grouped)}
-    write_csv(out / "table2.csv", ["model", "display_name", "n", "complete_pct", "tracking_pct", "boundary_pct"], [
-        [m, display_name(m), r.n, 100 * r.complete, 100 * r.tracking, 100 * r.boundary] for m, r in rates.items()
+    split = {m: complete_failures(grouped[m]) for m in rates} if all(s.has_counts for v in grouped.values()
+                                                                      for s in v) else {}
+    causes = ("no_prediction", "misplaced", "fp_nerve_free")
+    write_csv(out / "table2.csv", ["model", "display_name", "n", "complete_pct", "tracking_pct", "boundary_pct"]
+              + ([f"complete_{c}_pct" for c in causes] if split else []), [
+        [m, display_name(m), r.n, 100 * r.complete, 100 * r.tracking, 100 * r.boundary]
+        + ([100 * getattr(split[m], c) for c in causes] if split else []) for m, r in rates.items()
     ])
     kinds = ("complete", "tracking", "boundary")
     lowest = {k: min(round(100 * getattr(r, k), 1) for r in rates.values()) for k in kinds}
@@ -191,8 +226,40 @@ def write_table2(scores: Iterable[ImageScore], out_dir: str | Path) -> tuple[Pat
         lines.append(f"| {display_name(m)} | " + " | ".join(cells) + " |")
     lines += ["", "Complete failure: DSC = 0; tracking failure: DSC < 0.2; boundary delineation failure: "
               "DSC < 0.3 (cumulative)."]
+    if split:
+        lines += ["", "**Table 2b.** Complete failures (DSC = 0) by cause, in percent of all images (the three "
+                  "add up to Table 2's complete failure).", "",
+                  "| Model | No prediction (%) | Misplaced (%) | Prediction on a nerve-free slice (%) |",
+                  "|---|---|---|---|"]
+        lines += [f"| {display_name(m)} | " + " | ".join(f"{100 * getattr(c, k):.1f}" for k in causes) + " |"
+                  for m, c in split.items()]
+        lines += ["", "No prediction: nerve on the slice, nothing predicted (the paper's definition). Misplaced: "
+                  "nerve on the slice, a prediction without overlap. Nerve-free slices are only in the test sets "
+                  "when all slices are used (`--all-slices`); `fp_nerve_free.md` gives their false-positive rates."]
     (out / "table2.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return out / "table2.csv", out / "table2.md"
+
+
+def write_fp_table(scores: Iterable[ImageScore], out_dir: str | Path) -> tuple[Path, Path]:
+    """fp_nerve_free.csv and .md: per model, the fraction of nerve-free slices with any predicted pixel
+    and the mean number of false-positive pixels on them (the per-image DSC cannot show either)."""
+    grouped = _by_model(scores)
+    out = report_dir(out_dir)
+    rates = {m: false_positive_rate(grouped[m]) for m in model_order(grouped)}
+    write_csv(out / "fp_nerve_free.csv", ["model", "display_name", "n_nerve_free", "any_prediction_pct",
+                                           "mean_fp_pixels"],
+              [[m, display_name(m), r.n_nerve_free, 100 * r.any_prediction, r.mean_fp_pixels]
+               for m, r in rates.items()])
+    lines = ["**False positives on nerve-free slices.** Per model: the nerve-free test slices (all repeats), the "
+             "percentage of them with any predicted pixel, and the mean number of predicted pixels on them.", "",
+             "| Model | Nerve-free slices | With a prediction (%) | Mean FP pixels |", "|---|---|---|---|"]
+    for m, r in rates.items():
+        cells = ("–", "–") if r.n_nerve_free == 0 else (f"{100 * r.any_prediction:.1f}", f"{r.mean_fp_pixels:.1f}")
+        lines.append(f"| {display_name(m)} | {r.n_nerve_free} | {cells[0]} | {cells[1]} |")
+    if not any(r.n_nerve_free for r in rates.values()):
+        lines += ["", "The test sets hold no nerve-free slice (`--nerve-slices-only`, the paper's samples)."]
+    (out / "fp_nerve_free.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return out / "fp_nerve_free.csv", out / "fp_nerve_free.md"
 
 
 def write_pvalues(rows: Sequence[PValueRow], out_dir: str | Path) -> tuple[Path, Path]:
@@ -206,8 +273,8 @@ def write_pvalues(rows: Sequence[PValueRow], out_dir: str | Path) -> tuple[Path,
     table = {(r.comparator, r.metric): r for r in rows}
     reference = rows[0].reference
     lines = [
-        f"**p-values.** {display_name(reference)} against each comparator: two-sided Wilcoxon signed-rank "
-        "test on paired per-image scores, Bonferroni-adjusted (* p < 0.05).",
+        f"**p-values, as in the paper.** {display_name(reference)} against each comparator: two-sided Wilcoxon "
+        "signed-rank test on paired per-image scores pooled over all repeats, Bonferroni-adjusted (* p < 0.05).",
         "",
         "| Comparator | " + " | ".join(METRIC_LABELS.get(m, m) for m in metrics) + " |",
         "|---" * (len(metrics) + 1) + "|",
@@ -218,6 +285,7 @@ def write_pvalues(rows: Sequence[PValueRow], out_dir: str | Path) -> tuple[Path,
             r = table[(comparator, m)]
             cells.append(_format_p(r.p_adjusted) + (" *" if r.significant else ""))
         lines.append(f"| {display_name(comparator)} | " + " | ".join(cells) + " |")
+    lines += ["", POOLED_TEST_NOTE]
     (out / "pvalues.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return out / "pvalues.csv", out / "pvalues.md"
 
@@ -245,29 +313,33 @@ def write_timing(timings: Iterable[RunTiming], out_dir: str | Path) -> tuple[Pat
     return out / "timing.csv", out / "timing.md"
 
 
-def write_ranking(stability: RankingStability, out_dir: str | Path) -> tuple[Path, Path, Path]:
-    """ranking.csv (mean score and rank per model and repeat), ranking_tau.csv (Kendall's tau per pair of
-    repeats) and ranking.md (both, and the mean tau): whether the repeats agree on the order of the models."""
+def write_ranking(stability: RankingStability, out_dir: str | Path, stem: str = "ranking",
+                  unit: str = "test image") -> tuple[Path, Path, Path]:
+    """<stem>.csv (mean score and rank per model and repeat), <stem>_tau.csv (Kendall's tau per pair of
+    repeats) and <stem>.md (both, each model's mean rank and the mean tau): whether the repeats agree on the
+    order of the models. `unit` names what the means are over (test images, or nerves)."""
     out = report_dir(out_dir)
     repeats = sorted(stability.means)
     models = model_order(stability.means[repeats[0]])
-    ranks = {r: _ranks(stability.means[r]) for r in repeats}
-    write_csv(out / "ranking.csv", ["model", "display_name", "repeat", f"mean_{stability.metric}", "rank"], [
+    ranks = stability.ranks
+    mean_rank = stability.mean_ranks
+    write_csv(out / f"{stem}.csv", ["model", "display_name", "repeat", f"mean_{stability.metric}", "rank"], [
         [m, display_name(m), r, stability.means[r][m], ranks[r][m]] for r in repeats for m in models])
-    write_csv(out / "ranking_tau.csv", ["repeat_a", "repeat_b", "kendall_tau", "p_value"],
+    write_csv(out / f"{stem}_tau.csv", ["repeat_a", "repeat_b", "kendall_tau", "p_value"],
                [[p.repeat_a, p.repeat_b, p.tau, p.p_value] for p in stability.pairs])
     label = METRIC_LABELS.get(stability.metric, stability.metric)
-    lines = [f"**Ranking stability.** Mean test {label} of each model per repeat (rank, 1 = best), and "
-             f"Kendall's τ-b between the rankings of every pair of repeats.", "",
-             "| Model | " + " | ".join(f"Repeat {r}" for r in repeats) + " |", "|---" * (len(repeats) + 1) + "|"]
+    lines = [f"**Ranking stability.** Mean {label} per {unit} of each model per repeat (rank, 1 = best), the mean "
+             f"rank over the repeats, and Kendall's τ-b between the rankings of every pair of repeats.", "",
+             "| Model | " + " | ".join(f"Repeat {r}" for r in repeats) + " | Mean rank |",
+             "|---" * (len(repeats) + 2) + "|"]
     lines += [f"| {display_name(m)} | " + " | ".join(f"{stability.means[r][m]:.3f} ({ranks[r][m]:g})"
-                                                    for r in repeats) + " |" for m in models]
+                                                    for r in repeats) + f" | {mean_rank[m]:.2f} |" for m in models]
     lines += ["", "| Repeats | Kendall's τ | p |", "|---|---|---|"]
     lines += [f"| {p.repeat_a} vs {p.repeat_b} | {p.tau:.3f} | {_format_p(p.p_value)} |" for p in stability.pairs]
     lines += ["", f"Mean τ over {len(stability.pairs)} pair(s) of repeats: {stability.mean_tau:.3f} "
               "(1: the same order in every repeat, 0: unrelated orders)."]
-    (out / "ranking.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return out / "ranking.csv", out / "ranking_tau.csv", out / "ranking.md"
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return out / f"{stem}.csv", out / f"{stem}_tau.csv", out / f"{stem}.md"
 
 
 def plot_fig4(scores: Iterable[ImageScore], path: str | Path) -> Path:
@@ -386,6 +458,10 @@ def write_metric_reports(scores: Sequence[ImageScore], out_dir: str | Path,
     paths = {"per_image_csv": write_per_image_csv(scores, out / "per_image_metrics.csv")}
     paths["table1_csv"], paths["table1_md"] = write_table1(scores, out)
     paths["table2_csv"], paths["table2_md"] = write_table2(scores, out)
+    if all(s.has_counts for s in scores):
+        paths["fp_nerve_free_csv"], paths["fp_nerve_free_md"] = write_fp_table(scores, out)
+    else:
+        logger.info("scores without pixel counts: no complete-failure split and no false-positive table")
     if pvalues:
         paths["pvalues_csv"], paths["pvalues_md"] = write_pvalues(pvalues, out)
     paths["fig4"] = plot_fig4(scores, out / "fig4_boxplots.png")
@@ -405,13 +481,6 @@ def _by_model(scores: Iterable[ImageScore]) -> dict[str, list[ImageScore]]:
 def sample_sd(values: np.ndarray) -> float:
     """Sample standard deviation (ddof = 1); 0 for a single value, as in Table 1."""
     return float(np.std(values, ddof=1)) if values.size > 1 else 0.0
-
-
-def _ranks(means: Mapping[str, float]) -> dict[str, float]:
-    """1 = the highest mean; ties share their average rank."""
-    models = list(means)
-    ranks = rankdata([-means[m] for m in models], method="average")
-    return {m: float(r) for m, r in zip(models, ranks, strict=True)}
 
 
 def _at_median(items: Sequence[ImageScore]) -> ImageScore:

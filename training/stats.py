@@ -12,9 +12,19 @@ Bonferroni: p_adjusted = min(1, p · m). The family of m comparisons is by defau
 one metric (m = number of comparators, as "ours vs each comparator" is asked per metric); pass
 `family="all"` to correct over every metric as well (m = comparators × metrics).
 
+Holm (step-down): sort the m p-values ascending, p_(i)·(m − i + 1) for i = 1..m, made monotone by
+a running maximum and capped at 1. It controls the family-wise error as Bonferroni does and is never
+less powerful; the per-nerve tests (`training.field_report`) use it.
+
+Bootstrap confidence intervals resample *patients* (`patient_bootstrap_ci`): both nerves of a patient
+move together, since they share the scan, the anatomy and the split. The statistic is the mean over
+the resampled nerves; the interval is scipy's percentile bootstrap (BCa is unstable with a handful of
+patients and undefined for a constant).
+
 Ranking stability: whether the repeats agree on which network is better, independent of the pooled
-table. Each repeat ranks the models by their mean test score; scipy's Kendall tau-b (ties counted as
-ties) compares every pair of repeats' rankings, and the mean tau over the pairs sums it up.
+table. Each repeat ranks the models by their mean test score (1 = best, ties share their average
+rank); scipy's Kendall tau-b (ties counted as ties) compares every pair of repeats' rankings, and the
+mean tau over the pairs sums it up, beside each model's mean rank over the repeats.
 """
 
 from __future__ import annotations
@@ -23,12 +33,13 @@ import logging
 import math
 import warnings
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 from scipy import stats as scipy_stats
+from scipy.stats import rankdata
 
 from training.metrics import METRICS, ImageScore
 
@@ -97,6 +108,48 @@ def bonferroni(p_values: Sequence[float], m: int | None = None) -> list[float]:
         if not (0.0 <= p <= 1.0) or math.isnan(p):
             raise ValueError(f"p-values must lie in [0, 1], got {p}")
     return [min(1.0, p * m) for p in p_values]
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm–Bonferroni step-down adjusted p-values, in the order given."""
+    p = np.asarray(p_values, dtype=np.float64)
+    if p.ndim != 1 or p.size == 0:
+        raise ValueError("Holm's correction needs a non-empty sequence of p-values")
+    if np.any(np.isnan(p)) or np.any((p < 0) | (p > 1)):
+        raise ValueError(f"p-values must lie in [0, 1], got {list(p_values)}")
+    order = np.argsort(p, kind="stable")
+    m = p.size
+    stepped = np.maximum.accumulate(p[order] * (m - np.arange(m)))
+    adjusted = np.empty(m)
+    adjusted[order] = np.minimum(1.0, stepped)
+    return [float(v) for v in adjusted]
+
+
+def patient_bootstrap_ci(values: Sequence[float], patients: Sequence[str], confidence: float = 0.95,
+                         n_resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap CI of the mean of `values` (one per nerve), resampling patients with all their
+    nerves; NaN bounds with fewer than two patients, where resampling says nothing."""
+    v = np.asarray(values, dtype=np.float64)
+    if v.ndim != 1 or v.size != len(patients):
+        raise ValueError(f"one patient per value is needed, got {v.size} values and {len(patients)} patients")
+    if v.size == 0 or not np.all(np.isfinite(v)):
+        raise ValueError("the bootstrap needs at least one value, all finite")
+    keys = sorted(set(patients))
+    if len(keys) < 2:
+        return math.nan, math.nan
+    where = {k: i for i, k in enumerate(keys)}
+    idx = np.array([where[p] for p in patients])
+    sums = np.bincount(idx, weights=v, minlength=len(keys))
+    counts = np.bincount(idx, minlength=len(keys)).astype(np.float64)
+
+    def mean_of_nerves(s: np.ndarray, c: np.ndarray, axis: int = -1) -> np.ndarray:
+        return s.sum(axis=axis) / c.sum(axis=axis)
+
+    result = scipy_stats.bootstrap((sums, counts), mean_of_nerves, paired=True, vectorized=True,
+                                   n_resamples=n_resamples, confidence_level=confidence, method="percentile",
+                                   rng=np.random.default_rng(seed))
+    ci = result.confidence_interval
+    return float(ci.low), float(ci.high)
 
 
 def compare_to_reference(
@@ -184,6 +237,18 @@ class RankingStability:
     pairs: tuple[RankAgreement, ...]
 
     @property
+    def ranks(self) -> dict[int, dict[str, float]]:
+        """repeat → model → rank by mean score (1 = highest; ties share their average rank)."""
+        return {r: ranks_of(means) for r, means in self.means.items()}
+
+    @property
+    def mean_ranks(self) -> dict[str, float]:
+        """Each model's rank averaged over the repeats."""
+        ranks = self.ranks
+        models = next(iter(ranks.values())).keys()
+        return {m: float(np.mean([ranks[r][m] for r in ranks])) for m in models}
+
+    @property
     def mean_tau(self) -> float:
         """Mean tau over the pairs with a defined tau (NaN when there is none)."""
         taus = [p.tau for p in self.pairs if math.isfinite(p.tau)]
@@ -200,15 +265,27 @@ def repeat_means(scores: Iterable[ImageScore], metric: str = "dsc") -> dict[int,
     return {r: {m: float(np.mean(v)) for m, v in sorted(models.items())} for r, models in sorted(values.items())}
 
 
+def ranks_of(means: Mapping[str, float]) -> dict[str, float]:
+    """1 = the highest mean; ties share their average rank."""
+    models = list(means)
+    ranks = rankdata([-means[m] for m in models], method="average")
+    return {m: float(r) for m, r in zip(models, ranks, strict=True)}
+
+
 def ranking_stability(scores: Iterable[ImageScore], metric: str = "dsc") -> RankingStability:
-    """Kendall's tau between the repeats' model rankings by mean `metric`, for every pair of repeats.
+    """Kendall's tau between the repeats' model rankings by mean per-image `metric`, for every pair of repeats."""
+    return rank_agreement(repeat_means(scores, metric), metric)
+
+
+def rank_agreement(means: Mapping[int, Mapping[str, float]], metric: str) -> RankingStability:
+    """Kendall's tau between the model rankings of every pair of repeats, from each repeat's mean scores.
 
     Every repeat must have scored the same models (otherwise the rankings are not comparable); with
     one repeat there are no pairs.
     """
-    means = repeat_means(scores, metric)
+    means = {r: dict(sorted(v.items())) for r, v in sorted(means.items())}
     if not means:
-        raise ValueError("no per-image scores")
+        raise ValueError("no scores to rank")
     repeats = sorted(means)
     models = sorted(means[repeats[0]])
     if len(models) < 2:

@@ -1,7 +1,15 @@
 import numpy as np
 import pytest
 
-from training.metrics import ImageMetrics, ImageScore, binarize, failure_rates, image_metrics
+from training.metrics import (
+    ImageMetrics,
+    ImageScore,
+    binarize,
+    complete_failures,
+    failure_rates,
+    false_positive_rate,
+    image_metrics,
+)
 
 
 def _masks():
@@ -91,3 +99,35 @@ def test_image_score_of_copies_metrics_and_keys_by_image():
     s = ImageScore.of("ian_net", 2, "P1", "R", 14, ImageMetrics.from_counts(2, 1, 1))
     assert s.dsc == pytest.approx(2 / 3) and s.iou == pytest.approx(0.5)
     assert s.key == (2, "P1", "R", 14)
+
+
+def _counted(*counts):
+    return [ImageScore.of("ian_net", 0, "P0", "R", i, ImageMetrics.from_counts(*c)) for i, c in enumerate(counts)]
+
+
+def test_complete_failures_split_into_no_prediction_misplaced_and_nerve_free():
+    scores = _counted((0, 0, 5),   # nerve, nothing predicted: no prediction
+                      (0, 3, 5),   # nerve, prediction elsewhere: misplaced
+                      (0, 2, 0),   # nerve-free slice, prediction: false positive
+                      (0, 0, 0),   # nerve-free slice, nothing predicted: correct (DSC 1)
+                      (3, 1, 1))   # a hit
+    split = complete_failures(scores)
+    assert (split.n, split.no_prediction, split.misplaced, split.fp_nerve_free) == (5, 0.2, 0.2, 0.2)
+    assert split.total == pytest.approx(failure_rates(s.dsc for s in scores).complete)
+
+
+def test_false_positive_rate_counts_only_nerve_free_slices():
+    scores = _counted((0, 0, 0), (0, 4, 0), (0, 0, 0), (0, 2, 0), (0, 10, 3), (5, 0, 0))
+    rate = false_positive_rate(scores)
+    assert (rate.n_nerve_free, rate.any_prediction, rate.mean_fp_pixels) == (4, 0.5, 1.5)
+    none = false_positive_rate(_counted((1, 1, 1)))
+    assert none.n_nerve_free == 0 and np.isnan(none.any_prediction)
+
+
+def test_image_score_keeps_counts_and_gt_empty():
+    s, empty = _counted((2, 1, 1), (0, 3, 0))
+    assert (s.tp, s.fp, s.fn, s.gt_empty, empty.gt_empty) == (2, 1, 1, False, True)
+    bare = ImageScore("ian_net", 0, "P0", "R", 0, 0.0, 0.0, 0.0, 0.0)
+    assert bare.gt_empty is None and not bare.has_counts
+    with pytest.raises(ValueError, match="no pixel counts"):
+        complete_failures([bare])

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from training.metrics import METRICS, ImageScore
+from training.metrics import METRICS, ImageMetrics, ImageScore
 from training.report import (
     BLUE,
     RED,
@@ -89,6 +89,56 @@ def test_table2_reports_cumulative_failure_percentages(tmp_path):
     assert "| CaraNet | 40.0 | 60.0 | 80.0 |" in md
 
 
+def _counted(model, counts):
+    return [ImageScore.of(model, 0, f"P{i % 2}", "R", i, ImageMetrics.from_counts(*c)) for i, c in enumerate(counts)]
+
+
+def test_per_image_csv_keeps_pixel_counts_and_gt_empty(tmp_path):
+    scores = _counted("ian_net", [(3, 1, 1), (0, 2, 0), (0, 0, 0)])
+    path = write_per_image_csv(scores, tmp_path / "x.csv")
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["tp"], r["fp"], r["fn"], r["gt_empty"]) for r in rows] == [
+        ("3", "1", "1", "0"), ("0", "2", "0", "1"), ("0", "0", "0", "1")]
+    assert read_per_image_csv(path) == scores
+
+
+def test_per_image_csv_without_counts_still_reads(tmp_path):
+    legacy = tmp_path / "old.csv"
+    legacy.write_text("model,repeat,patient,side,slice,dsc,iou,precision,recall\nian_net,0,P0,R,3,0.5,0.4,0.6,0.5\n")
+    (score,) = read_per_image_csv(legacy)
+    assert score.dsc == 0.5 and not score.has_counts and score.gt_empty is None
+
+
+def test_table2_splits_complete_failures_beside_the_papers_numbers(tmp_path):
+    # ian_net: one no-prediction, one misplaced, one FP on a nerve-free slice, one hit, one true negative.
+    scores = _counted("ian_net", [(0, 0, 5), (0, 3, 5), (0, 2, 0), (4, 0, 0), (0, 0, 0)])
+    scores += _counted("caranet", [(0, 0, 5), (0, 0, 5), (5, 0, 0), (4, 0, 0), (0, 0, 0)])
+    paths = write_metric_reports(scores, tmp_path)
+    with open(paths["table2_csv"], newline="") as f:
+        table = {r["model"]: r for r in csv.DictReader(f)}
+    causes = ("complete_no_prediction_pct", "complete_misplaced_pct", "complete_fp_nerve_free_pct")
+    assert float(table["ian_net"]["complete_pct"]) == 60
+    assert [float(table["ian_net"][k]) for k in causes] == [20, 20, 20]
+    assert [float(table["caranet"][k]) for k in causes] == [40, 0, 0]
+    md = paths["table2_md"].read_text()
+    assert "| Our model | 60.0 | 60.0 | 60.0 |" in md  # the paper's table, unchanged
+    assert "| Our model | 20.0 | 20.0 | 20.0 |" in md and "| CaraNet | 40.0 | 0.0 | 0.0 |" in md
+
+
+def test_false_positive_table_gives_rate_and_mean_pixels_on_nerve_free_slices(tmp_path):
+    scores = _counted("ian_net", [(0, 4, 0), (0, 0, 0), (0, 0, 0), (0, 2, 0), (3, 9, 1)])
+    scores += _counted("caranet", [(0, 0, 0), (0, 0, 0), (0, 0, 0), (0, 0, 0), (3, 0, 1)])
+    paths = write_metric_reports(scores, tmp_path)
+    with open(paths["fp_nerve_free_csv"], newline="") as f:
+        table = {r["model"]: r for r in csv.DictReader(f)}
+    assert (int(table["ian_net"]["n_nerve_free"]), float(table["ian_net"]["any_prediction_pct"]),
+            float(table["ian_net"]["mean_fp_pixels"])) == (4, 50.0, 1.5)
+    assert float(table["caranet"]["any_prediction_pct"]) == 0.0
+    md = paths["fp_nerve_free_md"].read_text()
+    assert "| Our model | 4 | 50.0 | 1.5 |" in md and "| CaraNet | 4 | 0.0 | 0.0 |" in md
+
+
 def test_pvalue_table_lists_each_comparator_and_metric(tmp_path):
     scores = _scores()
     rows = compare_to_reference(scores, "ian_net")
@@ -99,6 +149,7 @@ def test_pvalue_table_lists_each_comparator_and_metric(tmp_path):
     md = paths["pvalues_md"].read_text().splitlines()
     assert md[2] == "| Comparator | DSC | IoU | Precision | Recall |"
     assert md[4].startswith("| CaraNet | ") and md[4].count("*") == 4  # clearly worse on every metric
+    assert md[0].startswith("**p-values, as in the paper.**") and "Pseudo-replication" in md[-1]
 
 
 def test_timing_table_averages_and_sums_runs(tmp_path):
@@ -179,6 +230,7 @@ def test_ranking_report_gives_each_repeats_ranks_and_kendalls_tau(tmp_path):
         assert [(t["repeat_a"], t["repeat_b"], float(t["kendall_tau"])) for t in csv.DictReader(f)] == [
             ("0", "1", pytest.approx(1.0))]
     md = md_path.read_text()
-    assert "| Model | Repeat 0 | Repeat 1 |" in md and "| 0 vs 1 | 1.000 |" in md
+    assert "| Model | Repeat 0 | Repeat 1 | Mean rank |" in md and "| 0 vs 1 | 1.000 |" in md
     assert "Mean τ over 1 pair(s) of repeats: 1.000" in md
-    assert re.search(r"\| Our model \| \d\.\d{3} \(1\) \| \d\.\d{3} \(1\) \|", md)
+    assert re.search(r"\| Our model \| \d\.\d{3} \(1\) \| \d\.\d{3} \(1\) \| 1\.00 \|", md)
+    assert stability.mean_ranks == {"caranet": 3.0, "ian_net": 1.0, "meganet": 2.0}
