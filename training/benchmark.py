@@ -26,6 +26,7 @@ import torch
 from ian_node.logs import LoggingSetup, setup_logging
 from model.registry import NETWORKS
 from training.data import CROPS, FORMATS, DatasetError, LoadOptions, export_2d, load_dataset
+from training.environment import configure_cublas
 from training.presets import IAN_NET_VARIANTS, LOCALISER_PRESETS, PRESETS, Protocol, Runtime, localiser_preset, preset
 from training.runner import BenchmarkError, BenchmarkPaths, Ledger, prepare_data, reevaluate, train_all
 
@@ -108,6 +109,9 @@ def _add_run_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--gamma", dest="focal_gamma", type=float, help="focal exponent (paper: 2.0)")
     g.add_argument("--threshold", type=float, help="probability threshold of the masks (0.5)")
     g.add_argument("--no-amp", dest="amp", action="store_const", const=False, help="no mixed precision on CUDA")
+    g.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=None,
+                   help="deterministic torch algorithms (cuDNN, cuBLAS, torch); the ops torch has none for are "
+                        "recorded per run (default: on; docs/benchmark.md, Reproducibility)")
     g.add_argument("--width", type=float, help="channel width factor of every network (paper: 1.0)")
     g.add_argument("--size", type=int, help="model input size in pixels (paper: 256)")
     g.add_argument("--in-channels", type=int, choices=(1, 3), help="grey replicated to 1 or 3 channels")
@@ -193,6 +197,8 @@ def run(args: argparse.Namespace) -> int:
         logger.info("evaluate only: using the protocol stored in %s", paths.ledger)
     else:
         protocol, preset_name = _protocol(args), args.preset
+    if protocol.deterministic:
+        configure_cublas()  # before anything in this process calls cuBLAS
     localiser_options = localiser_preset(preset_name, args.localiser_iterations)
     slices, source = prepare_data(paths, protocol, args.data, args.format, _load_options(args),
                                   reuse=args.evaluate_only)
