@@ -23,8 +23,11 @@ Determinism: every epoch reseeds torch, numpy, `random` and the shuffling genera
 (config.seed, epoch), so the random state never has to be carried across a crash: an interrupted
 run resumed from `checkpoint_latest.pt` (model, optimiser, scheduler, AMP scaler, epoch, best
 validation loss, patience counter) replays the remaining epochs exactly as an uninterrupted run
-would, on the same device and thread count. On CUDA, `deterministic` also switches cuDNN to
-deterministic kernels and calls `torch.use_deterministic_algorithms(True, warn_only=True)` (global).
+would, on the same device and thread count (tested with a real SIGKILL in tests/training/test_resume.py).
+`deterministic` runs training inside `training.environment.Determinism` (deterministic cuDNN, cuBLAS and
+torch algorithms; the operations torch has no deterministic implementation for are recorded, not
+refused), restored on return. Each training session's `RunEnvironment` (GPU, CUDA, cuDNN, AMP, torch,
+Python, threads, those operations) goes into `config.json`, the latest state and `TrainResult.sessions`.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from tqdm import tqdm
 
 from model.checkpoint import InputContract
 from model.predictor import Predictor, PredictorOptions, pick_device
+from training.environment import Determinism, RunEnvironment
 from training.losses import FocalTverskyLoss, deep_supervision_loss
 from training.metrics import ImageScore, image_metrics
 from training.settings import reject_unknown_fields
@@ -75,7 +79,7 @@ class TrainConfig:
     threshold: float = 0.5  # probability threshold for the validation DSC
     seed: int = 0
     amp: bool = True  # mixed precision; only ever used on CUDA
-    deterministic: bool = True  # deterministic cuDNN / algorithms on CUDA
+    deterministic: bool = True  # deterministic torch algorithms (training.environment.Determinism)
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
     num_workers: int | None = None  # None: min(8, CPUs) on CUDA, 0 on the CPU
     eval_batch_size: int | None = None  # None: batch_size
@@ -120,6 +124,7 @@ class TrainResult:
     stopped_early: bool
     train_seconds: float  # summed over every session of a resumed run
     history: tuple[EpochRecord, ...]
+    sessions: tuple[RunEnvironment, ...] = ()  # one per training session (a resumed run has several)
 
     @property
     def training_hours(self) -> float:
@@ -130,12 +135,14 @@ class TrainResult:
         return RunPaths(self.run_dir).best
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "run_dir": str(self.run_dir), "history": [asdict(h) for h in self.history]}
+        return {**asdict(self), "run_dir": str(self.run_dir), "history": [asdict(h) for h in self.history],
+                "sessions": [s.to_dict() for s in self.sessions]}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TrainResult:
         return cls(**{**data, "run_dir": Path(data["run_dir"]),
-                      "history": tuple(EpochRecord(**h) for h in data["history"])})
+                      "history": tuple(EpochRecord(**h) for h in data["history"]),
+                      "sessions": tuple(RunEnvironment.from_dict(s) for s in data.get("sessions", ()))})
 
 
 @dataclass(frozen=True)
@@ -222,7 +229,8 @@ def train(model: nn.Module, train_set: Dataset, val_set: Dataset, run_dir: str |
     logger.setLevel(min(logging.INFO, logger.getEffectiveLevel()))
     logger.addHandler(handler)
     try:
-        return _train(model, train_set, val_set, paths, config, epoch_callback)
+        with Determinism(config.deterministic) as determinism:
+            return _train(model, train_set, val_set, paths, config, epoch_callback, determinism)
     finally:
         logger.removeHandler(handler)
         handler.close()
@@ -230,18 +238,14 @@ def train(model: nn.Module, train_set: Dataset, val_set: Dataset, run_dir: str |
 
 
 def _train(model: nn.Module, train_set: Dataset, val_set: Dataset, paths: RunPaths, config: TrainConfig,
-           epoch_callback: EpochCallback | None) -> TrainResult:
+           epoch_callback: EpochCallback | None, determinism: Determinism) -> TrainResult:
     device = pick_device(config.device)
     if paths.result.exists() and paths.final.exists():
         logger.info("run %s already finished; not retraining", paths.root.name)
         load_weights(model, paths.final)
         return TrainResult.from_dict(json.loads(paths.result.read_text()))
     use_amp = config.amp and device.type == "cuda"
-    if device.type == "cuda" and config.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.backends.cudnn.benchmark = False
-        torch.backends.cudnn.deterministic = True
-        torch.use_deterministic_algorithms(True, warn_only=True)
+    environment = RunEnvironment.current(device, use_amp, config.deterministic)
     model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs, eta_min=config.min_lr)
@@ -252,6 +256,7 @@ def _train(model: nn.Module, train_set: Dataset, val_set: Dataset, paths: RunPat
 
     epoch, best_val, best_epoch, stale, spent = 0, math.inf, 0, 0, 0.0
     history: list[EpochRecord] = []
+    earlier: list[RunEnvironment] = []  # the sessions before this one
     if paths.latest.exists():
         state = torch.load(paths.latest, map_location="cpu", weights_only=True)
         _check_resumable(state, config, name, paths)
@@ -262,11 +267,13 @@ def _train(model: nn.Module, train_set: Dataset, val_set: Dataset, paths: RunPat
         epoch, best_val, best_epoch = state["epoch"], state["best_val_loss"], state["best_epoch"]
         stale, spent = state["epochs_without_improvement"], state["train_seconds"]
         history = [EpochRecord(**h) for h in state["history"]]
+        earlier = [RunEnvironment.from_dict(s) for s in state.get("sessions", ())]
         logger.info("run %s: resuming after epoch %d (best val loss %.5f at epoch %d)",
                     paths.root.name, epoch, best_val, best_epoch)
     paths.config.write_text(json.dumps({"network": name, "config": asdict(config), "device": str(device),
                                         "amp": use_amp, "n_train": len(train_set), "n_val": len(val_set),
-                                        "torch": torch.__version__}, indent=2))
+                                        "torch": torch.__version__, "environment": environment.to_dict()},
+                                       indent=2))
     logger.info("run %s: %s, %d train / %d val samples, device %s, AMP %s", paths.root.name, name,
                 len(train_set), len(val_set), device, use_amp)
 
@@ -309,6 +316,7 @@ def _train(model: nn.Module, train_set: Dataset, val_set: Dataset, paths: RunPat
                 "best_val_loss": best_val, "best_epoch": best_epoch, "epochs_without_improvement": stale,
                 "train_seconds": spent + time.perf_counter() - session_start,
                 "history": [asdict(h) for h in history],
+                "sessions": [s.to_dict() for s in _sessions(earlier, environment, determinism)],
             }, paths.latest)
             paths.history.write_text(json.dumps([asdict(h) for h in history], indent=1))
             logger.info("epoch %d/%d: train loss %.5f, val loss %.5f, val DSC %.4f, lr %.2e, %.1f s%s", epoch,
@@ -322,7 +330,8 @@ def _train(model: nn.Module, train_set: Dataset, val_set: Dataset, paths: RunPat
     if stopped_early:
         logger.info("early stopping after epoch %d: no lower validation loss for %d epochs", epoch, stale)
     result = TrainResult(paths.root, epoch, best_epoch, best_val, stopped_early,
-                         spent + time.perf_counter() - session_start, tuple(history))
+                         spent + time.perf_counter() - session_start, tuple(history),
+                         _sessions(earlier, environment, determinism))
     _atomic_save({"format": STATE_FORMAT, "network": name, "kind": "final", "epoch": epoch,
                   "model": model.state_dict()}, paths.final)
     paths.result.write_text(json.dumps(result.to_dict(), indent=1))
@@ -443,6 +452,11 @@ def _atomic_save(obj: Any, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+def _sessions(earlier: list[RunEnvironment], current: RunEnvironment,
+              determinism: Determinism) -> tuple[RunEnvironment, ...]:
+    return (*earlier, current.with_ops(determinism.ops))
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:

@@ -8,7 +8,7 @@ Folder layout (`BenchmarkPaths`, the same names every time, nnU-Net style):
     OUT/data/phantoms/                 generated phantom studies (when no --data was given)
     OUT/runs/<model>/repeat_<k>/       training.loop's run folder (config, train.log, history, best /
                                        latest / final checkpoints, result.json) plus test_predictions.npz
-                                       and evaluation.json
+                                       and evaluation.json (with the evaluation's environment)
     OUT/reports/                       tables, p-values, timing, figures
     OUT/export/ian_net_best.pt         the best repeat of our network, in model/checkpoint.py format
     OUT/export/localiser.pt            its crop localiser, trained on that repeat's training and validation
@@ -18,7 +18,10 @@ Folder layout (`BenchmarkPaths`, the same names every time, nnU-Net style):
 The ledger is rewritten atomically after every run. A run it lists as finished (with its predictions
 on disk) is never retrained; any other run is (re)started through `training.loop.train`, which resumes
 from the run's latest checkpoint. Every repeat starts each network from the weights drawn after
-`seed_everything(split.seed)`, so a run's result depends only on the protocol and the data.
+`seed_everything(split.seed)`, so a run's result depends only on the protocol and the data. Each run's
+ledger record names what it ran on (`RunRecord.environment`: GPU, CUDA, cuDNN, AMP, torch, Python, threads,
+deterministic mode and the operations torch could not make deterministic, per training session and for
+its evaluation; `training.environment`).
 """
 
 from __future__ import annotations
@@ -35,8 +38,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from model.predictor import pick_device
 from model.registry import build
 from training.data import LoadOptions, SliceSet, load_dataset, load_slice_set, save_slice_set
+from training.environment import Determinism, RunEnvironment
 from training.loop import TrainConfig, TrainResult, load_weights, predict_dataset, seed_everything, train
 from training.presets import Protocol, Runtime
 from training.splits import Split, monte_carlo_splits, split_indices
@@ -82,6 +87,9 @@ class RunRecord:
     n_train: int
     n_val: int
     n_test: int
+    # what the run ran on (training.environment.RunEnvironment as dicts): {"training": [one per session],
+    # "evaluation": the test prediction's}; None in ledgers written before it was recorded
+    environment: dict[str, Any] | None = None
 
     @property
     def key(self) -> str:
@@ -242,7 +250,8 @@ def train_config(protocol: Protocol, runtime: Runtime, seed: int) -> TrainConfig
                        weight_decay=protocol.weight_decay, min_lr=protocol.min_lr, patience=protocol.patience,
                        tversky_alpha=protocol.tversky_alpha, tversky_beta=protocol.tversky_beta,
                        focal_gamma=protocol.focal_gamma, threshold=protocol.threshold, seed=seed,
-                       amp=protocol.amp, device=runtime.device, num_workers=runtime.num_workers,
+                       amp=protocol.amp, deterministic=protocol.deterministic, device=runtime.device,
+                       num_workers=runtime.num_workers,
                        eval_batch_size=runtime.eval_batch_size, progress=runtime.progress)
 
 
@@ -254,16 +263,27 @@ def build_model(protocol: Protocol, model: str, split: Split) -> torch.nn.Module
 
 def evaluate_run(model_net: torch.nn.Module, slices: SliceSet, test: list[int], run_dir: Path, protocol: Protocol,
                  runtime: Runtime) -> float:
-    """Predict the test split with the run's best weights through the node's `Predictor` (`predict_dataset`);
-    store the predictions; return s/slice."""
+    """Predict the test split with the run's best weights through the node's `Predictor` (`predict_dataset`),
+    in the protocol's deterministic mode; store the predictions and the environment; return s/slice."""
     load_weights(model_net, run_dir / "checkpoint_best.pt")
-    preds = predict_dataset(model_net, slices.torch_dataset(test, protocol.in_channels), device=runtime.device,
-                            batch_size=runtime.eval_batch_size or protocol.batch_size, threshold=protocol.threshold,
-                            amp=protocol.amp, num_workers=runtime.num_workers)
+    with Determinism(protocol.deterministic) as determinism:
+        preds = predict_dataset(model_net, slices.torch_dataset(test, protocol.in_channels), device=runtime.device,
+                                batch_size=runtime.eval_batch_size or protocol.batch_size,
+                                threshold=protocol.threshold, amp=protocol.amp, num_workers=runtime.num_workers)
+    device = pick_device(runtime.device)
+    environment = RunEnvironment.current(device, protocol.amp and device.type == "cuda", protocol.deterministic,
+                                         tuple(determinism.ops))
     save_predictions(run_dir, np.asarray(test), preds.masks,
                      {"seconds_per_slice": preds.seconds_per_slice, "wall_seconds": preds.wall_seconds,
-                      "n_test": len(test), "device": runtime.device})
+                      "n_test": len(test), "device": runtime.device, "environment": environment.to_dict()})
     return preds.seconds_per_slice
+
+
+def run_environment(result: TrainResult, run_dir: Path) -> dict[str, Any]:
+    """A run's record of what it ran on: each training session's environment and its evaluation's."""
+    evaluation = run_dir / "evaluation.json"
+    stored = json.loads(evaluation.read_text()).get("environment") if evaluation.is_file() else None
+    return {"training": [s.to_dict() for s in result.sessions], "evaluation": stored}
 
 
 def run_one(ledger: Ledger, paths: BenchmarkPaths, slices: SliceSet, model: str, split: Split,
@@ -280,7 +300,7 @@ def run_one(ledger: Ledger, paths: BenchmarkPaths, slices: SliceSet, model: str,
     seconds = evaluate_run(net, slices, roles["test"], run_dir, protocol, runtime)
     record = RunRecord(model, split.repeat, result.epochs_run, result.best_epoch, result.best_val_loss,
                        result.stopped_early, result.train_seconds, seconds, len(roles["train"]),
-                       len(roles["val"]), len(roles["test"]))
+                       len(roles["val"]), len(roles["test"]), run_environment(result, run_dir))
     ledger.mark(model, split.repeat, "finished", record)
     return record
 
@@ -333,7 +353,8 @@ def reevaluate(ledger: Ledger, paths: BenchmarkPaths, slices: SliceSet, runtime:
                     result = TrainResult.from_dict(json.loads(result_file.read_text()))
                     record = RunRecord(model, split.repeat, result.epochs_run, result.best_epoch,
                                        result.best_val_loss, result.stopped_early, result.train_seconds, seconds,
-                                       len(roles["train"]), len(roles["val"]), len(roles["test"]))
+                                       len(roles["train"]), len(roles["val"]), len(roles["test"]),
+                                       run_environment(result, run_dir))
                     ledger.mark(model, split.repeat, "finished", record)
             records.append(record)
     return records
