@@ -3,7 +3,8 @@
 Exporter level: a delivery sends all of a job's result files and is confirmed only when every one
 is (real dcmtk storescp; a pynetdicom SCP that refuses one instance). Node level: a phantom series
 sent by dcmtk storescu to `ian-node serve` comes back to a dcmtk storescp as a SEG and an SR that
-references it; with ``[qa] on_fail = "hold"`` a model that finds no nerve gets its result held (across
+references it; with ``[output] probability_seg = true`` the same delivery also brings the FRACTIONAL
+probability SEG; with ``[qa] on_fail = "hold"`` a model that finds no nerve gets its result held (across
 a SIGKILL and restart) until `ian-node jobs retry` releases it.
 """
 
@@ -13,6 +14,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import highdicom as hd
 import pydicom
 import pytest
 import torch
@@ -197,3 +199,32 @@ def test_a_failed_result_is_held_across_a_restart_until_jobs_retry_releases_it(t
             serve.stop()
     assert len(dest.files()) == 2 and sr.Modality == "SR" and seg.Modality == "SEG"
     assert setup.job_for(phantom.series_uid).attempts == 1  # released, never re-computed
+
+
+class ProbabilitySetup(NodeSetup):
+    """`NodeSetup` with ``[output] probability_seg = true`` in its ian-node.toml."""
+
+    def write_config(self) -> Path:
+        path = super().write_config()
+        path.write_text(path.read_text() + "\n[output]\nprobability_seg = true\n")
+        return path
+
+
+def test_with_probability_seg_on_a_job_delivers_its_seg_sr_and_fractional_seg_to_storescp(tmp_path: Path) -> None:
+    setup = ProbabilitySetup(tmp_path, untrained_checkpoint(tmp_path / "small.pt", size=32, attention=False))
+    phantom = small_phantom(tmp_path / "phantom", 6)
+    with Destination(tmp_path / "pacs", setup.dest_port) as dest, ServeProcess(setup) as serve:
+        _, statuses = storescu(setup.port, list(phantom.instances))
+        assert statuses == [0] * len(phantom.instances)
+        job = wait_for(lambda: _job(setup, phantom.series_uid, JobState.DONE, JobState.FAILED), JOB_TIMEOUT,
+                       lambda: f"{setup.describe()}\n{serve.log_tail()}")
+    assert job.state is JobState.DONE, job.error
+    assert len(job.result_paths) == 3 and len(dest.files()) == 3  # one delivery: each file once
+    received = {str(ds.SOPInstanceUID): ds for ds in map(pydicom.dcmread, dest.files())}
+    seg, sr, probability = (received[str(pydicom.dcmread(setup.spool_dir / p).SOPInstanceUID)]
+                            for p in job.result_paths)
+    assert (seg.Modality, seg.SegmentationType, sr.SOPClassUID) == ("SEG", "BINARY", Comprehensive3DSRStorage)
+    fractional = hd.seg.Segmentation.from_dataset(probability)
+    assert (fractional.SegmentationType, fractional.SegmentationFractionalType) == ("FRACTIONAL", "PROBABILITY")
+    assert fractional.StudyInstanceUID == seg.StudyInstanceUID
+    assert {str(s.SeriesInstanceUID) for s in fractional.ReferencedSeriesSequence} == {phantom.series_uid}
