@@ -6,8 +6,14 @@ experiment. `Runtime` holds what may change between sessions (device, threads, p
 
 Presets:
 
+Every preset runs every row of the registry (`model.registry.NETWORKS`): the paper's network in both
+variants (`ian_net`, the paper's text with attention; `ian_net_released`, the authors' released code
+without it, which suggests Table 1 came from that one), the six comparators, and the plain U-Net.
+`--pretrained DIR` (the `pretrained` setting) starts the comparators whose authors used ImageNet
+backbones from the user's files; the protocol records each file's SHA-256.
+
 - `paper`: the paper (10 repeats, 70/15/15 patient-level splits, AdamW 1e-3 / 1e-4, cosine, 50
-  epochs, batch 32, Focal Tversky γ 2, α 0.7, β 0.3, patience 25, all seven networks at full width,
+  epochs, batch 32, Focal Tversky γ 2, α 0.7, β 0.3, patience 25, all rows at full width,
   256 px, each side cropped by the oracle crop, nerve slices only: the paper's Table 1 samples). Needs
   `--data`. Three input channels, as the authors' released code and every comparator's original take
   (grey replicated); the node reads the channel count from the checkpoint.
@@ -33,11 +39,13 @@ Everything a preset does not name is the paper's value (optimiser, schedule, los
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from ian_node.segment.crop import CropMode
-from model.registry import NETWORKS, PAPER_NETWORK, network_class
+from model.networks.base import SegmentationNetwork
+from model.registry import NETWORKS, PAPER_NETWORK, PRETRAINED_FILES, check_pretrained, load_pretrained, network_class
 from training.data.collect import CROPS
 from training.localiser import LocaliserTrainOptions
 from training.settings import reject_unknown_fields
@@ -48,6 +56,8 @@ logger = logging.getLogger(__name__)
 #: Our network's named variants (constructor options), as its class defines them.
 _IAN_NET_OPTIONS: dict[str, dict[str, Any]] = network_class(PAPER_NETWORK).VARIANTS  # type: ignore[attr-defined]
 IAN_NET_VARIANTS = tuple(_IAN_NET_OPTIONS)
+#: The row that always runs the released variant, beside `ian_net`.
+RELEASED_ROW = "ian_net_released"
 
 
 @dataclass(frozen=True)
@@ -75,7 +85,12 @@ class Protocol:
     width: float = 1.0
     size: int = 256
     in_channels: int = 3
+    # the variant of the `ian_net` row (the `ian_net_released` row is always "released-no-attention");
+    # kept so that ledgers from before the two rows still rebuild their runs
     ian_net_variant: str = "paper-attention"
+    # ImageNet backbone files the rows load before training ({file name: SHA-256}, from `with_pretrained`);
+    # empty: every row trains from scratch. Where the files are is a runtime matter (`Runtime.pretrained_dir`).
+    pretrained: dict[str, str] = field(default_factory=dict)
     # each side's crop (training.data.collect): "oracle" (the study's landmark crop, else its nerve
     # margins), "auto" (the node's localiser) or "half"; and which of its coronal slices are samples:
     # every one (what the node predicts) or, with nerve_slices_only, the paper's nerve slices
@@ -95,6 +110,17 @@ class Protocol:
             raise ValueError(f"models listed twice: {list(self.models)}")
         if self.ian_net_variant not in IAN_NET_VARIANTS:
             raise ValueError(f"ian_net_variant must be one of {IAN_NET_VARIANTS}, got {self.ian_net_variant!r}")
+        if (self.ian_net_variant == "released-no-attention" and PAPER_NETWORK in self.models
+                and RELEASED_ROW in self.models):
+            raise ValueError(f"ian_net_variant released-no-attention makes the {PAPER_NETWORK} row the same network "
+                             f"as the {RELEASED_ROW} row; drop one of them from the models")
+        if self.pretrained:
+            needed = {f for m in self.models for f in PRETRAINED_FILES.get(m, ())}
+            if set(self.pretrained) != needed:
+                raise ValueError(f"pretrained files {sorted(self.pretrained)} are not those the models need: "
+                                 f"{sorted(needed)}")
+            if self.width != 1.0:
+                raise ValueError(f"pretrained backbones need width 1.0 (the ImageNet networks), got {self.width}")
         if not 0 < self.width <= 4:
             raise ValueError(f"width must be in (0, 4], got {self.width}")
         if self.in_channels not in (1, 3):
@@ -112,6 +138,12 @@ class Protocol:
         if model == PAPER_NETWORK:
             return dict(_IAN_NET_OPTIONS[self.ian_net_variant])
         return {}
+
+    def pretrained_rows(self) -> dict[str, dict[str, str]]:
+        """The rows that start from ImageNet backbones: {row: {file name: SHA-256}} (empty: none do)."""
+        if not self.pretrained:
+            return {}
+        return {m: {f: self.pretrained[f] for f in PRETRAINED_FILES[m]} for m in self.models if m in PRETRAINED_FILES}
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -161,6 +193,7 @@ class Runtime:
     num_workers: int | None = None  # data loader workers; None: the loop's choice (min(8, CPUs) on CUDA)
     eval_batch_size: int | None = None
     progress: bool = True
+    pretrained_dir: str | None = None  # the folder of the protocol's `pretrained` files (--pretrained)
 
 
 PRESETS: dict[str, Protocol] = {
@@ -204,3 +237,35 @@ def preset(name: str, **overrides: Any) -> Protocol:
     except KeyError:
         raise ValueError(f"unknown preset {name!r}; valid: {', '.join(PRESETS)}") from None
     return replace(base, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def with_pretrained(protocol: Protocol, directory: str | Path | None) -> Protocol:
+    """`protocol` with the backbone files its rows need from `directory` recorded by SHA-256 (None: unchanged).
+
+    Fails, listing every expected file name, when one is missing or the width is not 1.0: before any
+    training starts.
+    """
+    if directory is None:
+        return protocol
+    return replace(protocol, pretrained=check_pretrained(directory, protocol.models, protocol.width))
+
+
+def load_row_pretrained(net: SegmentationNetwork, protocol: Protocol, runtime: Runtime) -> dict[str, str]:
+    """Load the backbone files the protocol records for `net`'s row from `runtime.pretrained_dir`.
+
+    Called on a freshly built network before training; returns what was loaded ({file name: SHA-256},
+    {} for a row that trains from scratch). A file whose SHA-256 is not the one the protocol recorded
+    (the folder changed since the benchmark began) is refused.
+    """
+    wanted = protocol.pretrained_rows().get(net.name, {})
+    if not wanted:
+        return {}
+    if runtime.pretrained_dir is None:
+        raise ValueError(f"{net.name} starts from pretrained backbone files {sorted(wanted)}: give --pretrained DIR")
+    changed = sorted(f for f, sha in check_pretrained(runtime.pretrained_dir, [net.name]).items() if wanted[f] != sha)
+    if changed:
+        raise ValueError(f"pretrained files {changed} in {runtime.pretrained_dir} differ from those this benchmark "
+                         "recorded (SHA-256 in its ledger)")
+    loaded = load_pretrained(net, runtime.pretrained_dir)
+    logger.info("%s: backbone loaded from %s", net.name, ", ".join(sorted(loaded)))
+    return loaded

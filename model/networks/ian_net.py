@@ -24,6 +24,12 @@ Two variants (see `VARIANTS`, recorded in checkpoints through `variant`):
   without the unused modules: 15,085,953 parameters (in_channels=3), 230,144 fewer.
 
 As in the released code, MSPA sits in every encoder bottleneck, not only at the deepest one.
+
+The registry lists both variants as rows of the benchmark: `ian_net` (this class, the paper variant by
+default) and `ian_net_released` (`IANNetReleased`, always the released variant). The authors' released
+code ("Remove_att") suggests that the paper's Table 1 came from the released variant. Both have the same
+state-dict layout as `IANNet` with the same `attention`, so a checkpoint of either loads through either
+registry name with the recorded options.
 """
 
 from __future__ import annotations
@@ -206,3 +212,14 @@ class IANNet(SegmentationNetwork):
             x = F.max_unpool2d(x, indices[level], kernel_size=2, stride=2, output_size=skips[level].shape[-2:])
             x = self.decoder[level](torch.cat((x, skips[level]), dim=1))
         return self.head(x), ()
+
+
+class IANNetReleased(IANNet):
+    """The released variant ("released-no-attention") as a registry row of its own, beside `ian_net`."""
+
+    name: ClassVar[str] = "ian_net_released"
+
+    def __init__(self, in_channels: int = 1, width: float = 1.0, attention: bool = False) -> None:
+        if attention:
+            raise ValueError("ian_net_released is the variant without attention; use ian_net for attention=True")
+        super().__init__(in_channels=in_channels, width=width, attention=False)
