@@ -43,7 +43,7 @@ from model.registry import build
 from training.data import LoadOptions, SliceSet, load_dataset, load_slice_set, save_slice_set
 from training.environment import Determinism, RunEnvironment
 from training.loop import TrainConfig, TrainResult, load_weights, predict_dataset, seed_everything, train
-from training.presets import Protocol, Runtime
+from training.presets import Protocol, Runtime, load_row_pretrained
 from training.splits import Split, monte_carlo_splits, split_indices
 
 logger = logging.getLogger(__name__)
@@ -294,6 +294,7 @@ def run_one(ledger: Ledger, paths: BenchmarkPaths, slices: SliceSet, model: str,
     run_dir = paths.run_dir(model, split.repeat)
     ledger.mark(model, split.repeat, "running")
     net = build_model(protocol, model, split)
+    load_row_pretrained(net, protocol, runtime)  # the row's ImageNet backbone, when the protocol has one
     result: TrainResult = train(net, slices.torch_dataset(roles["train"], protocol.in_channels),
                                 slices.torch_dataset(roles["val"], protocol.in_channels), run_dir,
                                 train_config(protocol, runtime, split.seed))
