@@ -27,7 +27,16 @@ from ian_node.logs import LoggingSetup, setup_logging
 from model.registry import NETWORKS
 from training.data import CROPS, FORMATS, DatasetError, LoadOptions, export_2d, load_dataset
 from training.environment import configure_cublas
-from training.presets import IAN_NET_VARIANTS, LOCALISER_PRESETS, PRESETS, Protocol, Runtime, localiser_preset, preset
+from training.presets import (
+    IAN_NET_VARIANTS,
+    LOCALISER_PRESETS,
+    PRESETS,
+    Protocol,
+    Runtime,
+    localiser_preset,
+    preset,
+    with_pretrained,
+)
 from training.runner import BenchmarkError, BenchmarkPaths, Ledger, prepare_data, reevaluate, train_all
 
 logger = logging.getLogger(__name__)
@@ -115,7 +124,11 @@ def _add_run_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--width", type=float, help="channel width factor of every network (paper: 1.0)")
     g.add_argument("--size", type=int, help="model input size in pixels (paper: 256)")
     g.add_argument("--in-channels", type=int, choices=(1, 3), help="grey replicated to 1 or 3 channels")
-    g.add_argument("--ian-net-variant", choices=IAN_NET_VARIANTS, help="our network's variant")
+    g.add_argument("--ian-net-variant", choices=IAN_NET_VARIANTS,
+                   help="the variant of the ian_net row (the ian_net_released row is always the released one)")
+    g.add_argument("--pretrained", dest="pretrained_dir", type=Path, metavar="DIR",
+                   help="folder of ImageNet backbone files for the comparators whose authors used them, under the "
+                        "exact names docs/models.md lists (nothing is downloaded; needs --width 1.0)")
     _add_sample_options(g, defaults=False)
     g.add_argument("--phantom-patients", type=int, help="generated phantom patients when --data is absent")
     g.add_argument("--phantom-preset", help="kind of generated phantoms: small or paper (whole lower head, "
@@ -161,9 +174,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _protocol(args: argparse.Namespace) -> Protocol:
-    names = [f for f in Protocol.__dataclass_fields__ if f != "models"]
+    names = [f for f in Protocol.__dataclass_fields__ if f not in ("models", "pretrained")]
     overrides = {n: getattr(args, n, None) for n in names}
-    return preset(args.preset, models=tuple(args.models) if args.models else None, **overrides)
+    protocol = preset(args.preset, models=tuple(args.models) if args.models else None, **overrides)
+    return with_pretrained(protocol, args.pretrained_dir)  # missing files fail here, before any training
 
 
 def _setup_logging(verbosity: int, log_file: Path | None) -> LoggingSetup:
@@ -186,7 +200,8 @@ def run(args: argparse.Namespace) -> int:
 
     paths = BenchmarkPaths(args.out)
     runtime = Runtime(device=args.device, threads=args.threads, num_workers=args.num_workers,
-                      eval_batch_size=args.eval_batch_size, progress=args.progress)
+                      eval_batch_size=args.eval_batch_size, progress=args.progress,
+                      pretrained_dir=None if args.pretrained_dir is None else str(args.pretrained_dir.resolve()))
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.evaluate_only:
