@@ -1,8 +1,11 @@
-"""Small helpers every network uses: channel scaling by width and conv + BN + activation."""
+"""Small helpers every network uses: channel scaling by width, conv + BN + activation, and fitting an
+ImageNet (RGB) first-conv kernel to another input channel count."""
 
 from __future__ import annotations
 
-from torch import nn
+import math
+
+from torch import Tensor, nn
 
 
 def scale_channels(channels: int, width: float, divisor: int = 1) -> int:
@@ -43,3 +46,23 @@ class ConvBNAct(nn.Sequential):
         if act is not None:
             layers.append(act(inplace=True) if act in (nn.ReLU, nn.ReLU6) else act())
         super().__init__(*layers)
+
+
+def adapt_input_conv(weight: Tensor, in_channels: int) -> Tensor:
+    """An RGB first-conv kernel (out, 3, kh, kw) fitted to `in_channels` inputs, the rule timm uses.
+
+    3 channels: unchanged. 1 channel: summed over RGB, so a grey image gives the response the RGB kernel
+    gives to that grey replicated. C channels otherwise (adjacent slices as channels): the RGB kernel
+    repeated over the channels, cut to C and scaled by 3/C, which keeps the response to C equal
+    channels equal to the RGB kernel's response to three.
+    """
+    if in_channels < 1:
+        raise ValueError(f"in_channels must be >= 1, got {in_channels}")
+    if weight.ndim != 4 or weight.shape[1] != 3:
+        raise ValueError(f"expected an RGB conv kernel (out, 3, kh, kw), got shape {tuple(weight.shape)}")
+    if in_channels == 3:
+        return weight
+    if in_channels == 1:
+        return weight.sum(dim=1, keepdim=True)
+    repeated = weight.repeat(1, math.ceil(in_channels / 3), 1, 1)[:, :in_channels]
+    return repeated * (3 / in_channels)

@@ -19,7 +19,7 @@ official key                   ours                            note
 ``base.{i}.layers.{j}.conv.*`` ``base.{i}.layers.{j}.conv.*``  i = 3, 6, 8, 11, 14 (blocks)
 ``base.{i}.layers.{j}.norm.*`` ``base.{i}.layers.{j}.norm.*``
 ``base.16.3.weight/bias``      (dropped)                       ImageNet classifier, never used
-``base.0.conv.weight``         summed over RGB                 only when ``in_channels == 1``
+``base.0.conv.weight``         ``adapt_input_conv``            when ``in_channels != 3``
 =============================  ==============================  ==================================
 
 Indices 2, 5, 10 and 13 are max-pools (no parameters). A leading ``module.`` (DataParallel) is
@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from model.blocks.common import scale_channels
+from model.blocks.common import adapt_input_conv, scale_channels
 
 logger = logging.getLogger(__name__)
 
@@ -145,8 +145,8 @@ def official_to_ours(state_dict: dict[str, Tensor], in_channels: int) -> dict[st
             continue
         mapped[key] = value
     first = "base.0.conv.weight"
-    if in_channels == 1 and first in mapped and mapped[first].shape[1] == 3:
-        mapped[first] = mapped[first].sum(dim=1, keepdim=True)
+    if in_channels != 3 and first in mapped and mapped[first].shape[1] == 3:
+        mapped[first] = adapt_input_conv(mapped[first], in_channels)
     return mapped
 
 

@@ -25,7 +25,7 @@ layer{1-4}.0.downsample.{1,2}.*  (index 0 is the       same
 parameter-free AvgPool2d)
 fc.weight, fc.bias                                     dropped (no classifier built)
 ``module.`` prefix (DataParallel saves)                stripped
-conv1.0.weight (32×3×3×3) with in_channels=1          summed over the RGB axis
+conv1.0.weight (32×3×3×3) with in_channels != 3       adapt_input_conv (1: summed over RGB)
 BN ``num_batches_tracked`` absent in old saves         kept at our value
 =====================================================  =============================================
 
@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from model.blocks.common import scale_channels
+from model.blocks.common import adapt_input_conv, scale_channels
 
 logger = logging.getLogger(__name__)
 
@@ -232,9 +232,9 @@ def load_official_res2net(backbone: Res2NetV1b, path: str | Path) -> None:
         )
     stem = theirs.get(_STEM_CONV_KEY)
     want = ours[_STEM_CONV_KEY]
-    if stem is not None and stem.shape[1] == 3 and want.shape[1] == 1 and stem.shape[0] == want.shape[0]:
-        logger.info("backbone checkpoint %s: summing the RGB stem filters for a 1-channel input", path.name)
-        theirs[_STEM_CONV_KEY] = stem.sum(dim=1, keepdim=True)
+    if stem is not None and stem.shape[1] == 3 and want.shape[1] != 3 and stem.shape[0] == want.shape[0]:
+        logger.info("backbone checkpoint %s: RGB stem filters fitted to %d input channels", path.name, want.shape[1])
+        theirs[_STEM_CONV_KEY] = adapt_input_conv(stem, want.shape[1])
     for key, value in theirs.items():
         if value.shape != ours[key].shape:
             raise BackboneCheckpointError(

@@ -17,8 +17,9 @@ identity for every key, which is why the modules carry torchvision's names:
 | `fc.weight`, `fc.bias`                            | same if `num_classes` is set, else skipped |
 
 `load_torchvision_weights` also accepts checkpoints wrapped as {"state_dict": ...} or {"model": ...}
-and keys prefixed "module." (DataParallel). For `in_channels=1` the RGB `conv1` filters are summed
-over their input channels, the usual way to reuse ImageNet weights on grayscale images.
+and keys prefixed "module." (DataParallel). For another input channel count than 3 the RGB `conv1` filters are fitted by
+`model.blocks.common.adapt_input_conv` (1 channel: summed over RGB, the usual way to reuse ImageNet
+weights on grayscale images).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from model.blocks.common import scale_channels
+from model.blocks.common import adapt_input_conv, scale_channels
 
 logger = logging.getLogger(__name__)
 
@@ -235,8 +236,8 @@ def _unwrap(checkpoint: object, path: Path) -> dict[str, Tensor]:
 def load_torchvision_weights(model: ResNet, path: str | Path) -> None:
     """Load an official torchvision ResNet checkpoint the user supplies into `model` (nothing is downloaded).
 
-    Every key of `model` must be present with the same shape (except `conv1.weight` for a
-    single-channel input, summed over RGB); extra keys such as `fc.*` are skipped.
+    Every key of `model` must be present with the same shape (except `conv1.weight` when
+    `model` does not take 3 channels: fitted by `adapt_input_conv`); extra keys such as `fc.*` are skipped.
     """
     path = Path(path)
     if not path.is_file():
@@ -246,9 +247,9 @@ def load_torchvision_weights(model: ResNet, path: str | Path) -> None:
     missing = sorted(set(target) - set(source))
     if missing:
         raise ValueError(f"{path}: missing {len(missing)} ResNet keys, e.g. {missing[:3]}")
-    conv1 = source["conv1.weight"]
-    if conv1.shape[1] != target["conv1.weight"].shape[1] and target["conv1.weight"].shape[1] == 1:
-        source = {**source, "conv1.weight": conv1.sum(dim=1, keepdim=True)}
+    conv1, channels = source["conv1.weight"], target["conv1.weight"].shape[1]
+    if conv1.shape[1] == 3 and channels != 3:
+        source = {**source, "conv1.weight": adapt_input_conv(conv1, channels)}
     wrong = [
         f"{k}: {tuple(source[k].shape)} vs {tuple(v.shape)}" for k, v in target.items() if source[k].shape != v.shape
     ]

@@ -30,8 +30,8 @@ head.*, absolute_pos_embed                                       ignored (no cou
 (none)                                                           norm0..norm2 keep their init
 ==============================================================  ================================
 
-A 3-channel patch-embedding kernel is summed over its input channels when our backbone takes one
-channel. Tensors whose shape still differs (e.g. a patch-4 kernel for a patch-8 backbone) are
+A 3-channel patch-embedding kernel is fitted by `model.blocks.common.adapt_input_conv` when our
+backbone takes another channel count (1 channel: summed over RGB). Tensors whose shape still differs (e.g. a patch-4 kernel for a patch-8 backbone) are
 skipped with a warning and reported, as the DS-TransUNet authors' loader did.
 """
 
@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.blocks.common import scale_channels
+from model.blocks.common import adapt_input_conv, scale_channels
 
 logger = logging.getLogger(__name__)
 
@@ -380,8 +380,8 @@ def load_official_checkpoint(model: SwinTransformer, path: str | Path) -> list[s
         if key not in ours:
             continue
         target = ours[key]
-        if key == "patch_embed.proj.weight" and value.shape[1] != target.shape[1] and target.shape[1] == 1:
-            value = value.sum(dim=1, keepdim=True)
+        if key == "patch_embed.proj.weight" and value.shape[1] == 3 and target.shape[1] != 3:
+            value = adapt_input_conv(value, target.shape[1])
         if value.shape != target.shape:
             shapes = tuple(value.shape), tuple(target.shape)
             logger.warning("swin checkpoint %s: %s has shape %s, ours %s; kept ours", path, key, *shapes)

@@ -100,8 +100,8 @@ class MEGANet(SegmentationNetwork):
 
     def __init__(self, in_channels: int = 1, width: float = 1.0) -> None:
         super().__init__()
-        if in_channels not in (1, 3):
-            raise ValueError(f"meganet: in_channels must be 1 (grayscale) or 3 (RGB), got {in_channels}")
+        if in_channels < 1:
+            raise ValueError(f"meganet: in_channels must be >= 1, got {in_channels}")
         self.in_channels = in_channels
         self.backbone = Res2NetV1b(RES2NET50_LAYERS, in_channels=in_channels, width=width)
         stem, e2, e3, e4, e5 = self.backbone.out_channels
@@ -139,10 +139,15 @@ class MEGANet(SegmentationNetwork):
         load_official_res2net(self.backbone, path)
 
     def _grayscale(self, x: Tensor) -> Tensor:
+        """The grey image the input edges come from: 1 channel as is, 3 by the original's RGB luma, any
+        other count (adjacent slices as channels) its centre channel, the slice being segmented."""
         if self.in_channels == 1:
             return x
-        r, g, b = LUMA_WEIGHTS
-        return r * x[:, 0:1] + g * x[:, 1:2] + b * x[:, 2:3]
+        if self.in_channels == 3:
+            r, g, b = LUMA_WEIGHTS
+            return r * x[:, 0:1] + g * x[:, 1:2] + b * x[:, 2:3]
+        centre = self.in_channels // 2
+        return x[:, centre : centre + 1]
 
     def _forward(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
         size = x.shape[-2:]

@@ -50,9 +50,15 @@ def test_rgb_input_runs_through_the_luminance_edge_path() -> None:
     assert out.logits.shape == (1, 1, 64, 96)
 
 
-def test_two_channel_input_is_rejected() -> None:
+def test_zero_channel_input_is_rejected() -> None:
     with pytest.raises(ValueError, match="in_channels"):
-        MEGANet(in_channels=2, width=SMALL_WIDTH)
+        MEGANet(in_channels=0, width=SMALL_WIDTH)
+
+
+def test_input_edges_of_a_slice_stack_come_from_its_centre_slice() -> None:
+    model = MEGANet(in_channels=5, width=SMALL_WIDTH)
+    x = torch.rand(2, 5, 64, 64)
+    assert torch.equal(model._grayscale(x), x[:, 2:3])
 
 
 def test_input_below_64_raises_naming_the_minimum() -> None:

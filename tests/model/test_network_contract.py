@@ -1,4 +1,4 @@
-"""The contract every registry network keeps, checked once for all seven on small CPU versions.
+"""The contract every registry network keeps, checked once for all of them on small CPU versions.
 
 Output shapes (main and deep-supervision logits at input resolution in training, main only in eval),
 gradient to every parameter, a few train steps that lower the loss, and the refusal of an input off
@@ -68,9 +68,11 @@ CASES = (
     Case("hardnet_mseg", 0.25, 32, aux=0),
     Case("ian_net", 0.125, 16, aux=0),
     Case("ian_net", 0.125, 16, aux=0, options=(("attention", False),)),
+    Case("ian_net_released", 0.125, 16, aux=0),
     # Seed 0: with another seed a CBAM channel-gate MLP can start with every hidden ReLU dead (as it
     # can in the original), which the gradient test would then report.
     Case("meganet", 0.125, 32, aux=4, zero_gradient_allowed=conv_biases_feeding_batch_norm),
+    Case("unet", 0.125, 16, aux=0),
 )
 
 

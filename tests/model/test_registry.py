@@ -4,6 +4,7 @@ contract of every network: test_network_contract.py)."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from model.networks.base import SegmentationNetwork
 from model.registry import NETWORKS, PAPER_NETWORK, build, network_class
@@ -12,10 +13,9 @@ WIDTH = 0.1
 ALL_NAMES = sorted(NETWORKS)
 
 
-def test_registry_holds_the_paper_network_and_its_six_comparators() -> None:
-    assert ALL_NAMES == sorted(
-        ["ian_net", "caranet", "ds_transunet", "ducknet", "deeplabv3plus", "hardnet_mseg", "meganet"]
-    )
+def test_registry_holds_both_variants_of_the_paper_network_its_six_comparators_and_unet() -> None:
+    assert ALL_NAMES == sorted(["ian_net", "ian_net_released", "caranet", "ds_transunet", "ducknet", "deeplabv3plus",
+                                "hardnet_mseg", "meganet", "unet"])
     assert PAPER_NETWORK == "ian_net"
 
 
@@ -36,13 +36,31 @@ def test_one_channel_network_has_fewer_parameters_than_the_three_channel_one(nam
 
 
 def test_unknown_name_is_refused_with_every_valid_name() -> None:
-    with pytest.raises(ValueError, match="unknown network 'unet'") as caught:
-        build("unet")
+    with pytest.raises(ValueError, match="unknown network 'unet3d'") as caught:
+        build("unet3d")
     for name in NETWORKS:
         assert name in str(caught.value)
 
 
-@pytest.mark.parametrize("in_channels", [0, 2, 4])
-def test_input_channels_other_than_one_or_three_are_refused(in_channels: int) -> None:
-    with pytest.raises(ValueError, match=f"in_channels must be 1 or 3, got {in_channels}"):
-        build(PAPER_NETWORK, in_channels=in_channels, width=WIDTH)
+@pytest.mark.parametrize("in_channels", [0, -1, 1.0, True])
+def test_input_channels_that_are_not_a_positive_integer_are_refused(in_channels: object) -> None:
+    with pytest.raises(ValueError, match="in_channels must be a positive integer"):
+        build(PAPER_NETWORK, in_channels=in_channels, width=WIDTH)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", ALL_NAMES)
+def test_every_network_takes_five_channels_adjacent_slices_as_channels(name: str) -> None:
+    net = build(name, in_channels=5, width=WIDTH).eval()
+    side = max(64, net.size_multiple)
+    with torch.no_grad():
+        assert net(torch.rand(1, 5, side, side)).logits.shape == (1, 1, side, side)
+
+
+def test_the_two_ian_net_rows_are_the_paper_and_the_released_variant_with_one_weight_layout() -> None:
+    paper, released = build("ian_net", width=WIDTH), build("ian_net_released", width=WIDTH)
+    assert (paper.variant, released.variant) == ("paper-attention", "released-no-attention")
+    plain = build("ian_net", width=WIDTH, attention=False)
+    assert plain.state_dict().keys() == released.state_dict().keys()
+    plain.load_state_dict(released.state_dict(), strict=True)
+    with pytest.raises(ValueError, match="without attention"):
+        build("ian_net_released", width=WIDTH, attention=True)
