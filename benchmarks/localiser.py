@@ -41,6 +41,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ian_node.app.demo import dice  # noqa: E402
+from ian_node.phantom.mr_series import in_loaded_order  # noqa: E402
 from ian_node.phantom.study import generate_phantom, phantom_preset, write_phantom  # noqa: E402
 from ian_node.segment.crop import CropMode, CropRequest, NoRegionError  # noqa: E402
 from ian_node.segment.pipeline import PipelineOptions, clean_up, segment_series  # noqa: E402
@@ -51,21 +52,6 @@ from model.localiser import load_localiser  # noqa: E402
 from model.predictor import Predictor, PredictorOptions  # noqa: E402
 from training.data.collect import nerve_points  # noqa: E402
 from training.localiser import sample_from_volume, score_samples  # noqa: E402
-
-
-def _truth_in(series: Any, phantom: Any) -> np.ndarray:
-    """The phantom's labels in the loaded series' voxel order (the loader may reverse the slices)."""
-    mapping = np.linalg.inv(np.asarray(series.volume.affine)) @ np.asarray(phantom.volume.affine)
-    perm = np.rint(mapping[:3, :3]).astype(int)
-    if not np.allclose(mapping[:3, :3], perm, atol=1e-4):
-        raise RuntimeError("loaded volume is not an axis permutation of the phantom's")
-    labels = phantom.labels
-    for axis in range(3):
-        if perm[axis, axis] < 0:
-            labels = np.flip(labels, axis)
-    if not np.all(np.abs(np.diag(perm)) == 1):
-        raise RuntimeError("loaded volume permutes the phantom's axes")
-    return np.ascontiguousarray(labels)
 
 
 def _one_job(paths: list[str], checkpoint: str, threads: int, queue: Any) -> None:
@@ -111,7 +97,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                   nerve_points(phantom.labels, np.asarray(phantom.volume.affine)))
             scores += [s.__dict__ for s in score_samples(localiser, [sample])]
             if index < args.first + args.e2e_patients:
-                truth = _truth_in(series, phantom)
+                truth = in_loaded_order(phantom.labels, phantom.volume.affine, series.volume.affine)
                 for mode in (CropMode.AUTO, CropMode.ORACLE, CropMode.HALF):
                     request = CropRequest(mode, boxes if mode is CropMode.ORACLE else None)
                     try:  # the network's masks before the 3D clean-up, then the node's clean-up on them

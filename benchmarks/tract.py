@@ -8,7 +8,7 @@ Held-out phantoms: `demo` preset (the bundled model's), seed 0, patients 100 onw
 the bundled model was trained on patients 0-7 of seed 2026 (`training.default_model`) and the
 bundled localiser on seeds 11-14 (`training.localiser`). Each study is built as a DICOM series
 (`build_mr_series`) and read by the node's loader, as `training.data.phantoms` does; the phantom's
-labels are put in the loaded series' voxel order (`labels_in`). Each series runs through the node's own steps (`resolve_crop` with
+labels are put in the loaded series' voxel order (`in_loaded_order`). Each series runs through the node's own steps (`resolve_crop` with
 the bundled localiser, `prepare`, the bundled model, `finish_series`) once, and the same network
 output is cleaned up three ways, scored per nerve (`training.nerve_metrics`):
 
@@ -38,13 +38,13 @@ from scipy import ndimage, stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ian_node.phantom.mr_series import build_mr_series  # noqa: E402
-from ian_node.phantom.study import Phantom, generate_phantom, phantom_preset  # noqa: E402
+from ian_node.phantom.mr_series import build_mr_series, in_loaded_order  # noqa: E402
+from ian_node.phantom.study import generate_phantom, phantom_preset  # noqa: E402
 from ian_node.segment.crop import CropRequest, resolve_crop  # noqa: E402
 from ian_node.segment.measure import centreline  # noqa: E402
 from ian_node.segment.pipeline import PipelineOptions, finish_series, prepare  # noqa: E402
 from ian_node.segment.tract import voxel_spacing  # noqa: E402
-from ian_node.segment.volume import SeriesVolume, Side, load_series  # noqa: E402
+from ian_node.segment.volume import Side, load_series  # noqa: E402
 from model.checkpoint import BUNDLED_CHECKPOINT, load_checkpoint  # noqa: E402
 from model.localiser import load_localiser  # noqa: E402
 from model.predictor import Predictor, PredictorOptions  # noqa: E402
@@ -72,17 +72,6 @@ def keep_main_tract(mask: np.ndarray, spacing_mm: Sequence[float], max_gap_mm: f
     return keep[labels]
 
 
-def labels_in(series: SeriesVolume, phantom: Phantom) -> np.ndarray:
-    """The phantom's labels in the loaded series' voxel order (the loader may reverse an axis)."""
-    mapping = np.linalg.inv(np.asarray(series.volume.affine)) @ np.asarray(phantom.volume.affine)
-    if not np.allclose(mapping[:3, :3], np.diag(np.sign(np.diag(mapping[:3, :3]))), atol=1e-4):
-        raise RuntimeError("the loaded volume is not the phantom's up to reversed axes")
-    labels = phantom.labels
-    for axis in np.flatnonzero(np.diag(mapping)[:3] < 0):
-        labels = np.flip(labels, int(axis))
-    return np.ascontiguousarray(labels)
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     config = phantom_preset("demo")
@@ -94,7 +83,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for index in range(args.first, args.first + args.patients):
         phantom = generate_phantom(index, args.seed, config)
         series = load_series(build_mr_series(phantom.volume, phantom.study, phantom.series))
-        truth = labels_in(series, phantom)
+        truth = in_loaded_order(phantom.labels, phantom.volume.affine, series.volume.affine)
         affine = np.asarray(series.volume.affine)
         spacing = voxel_spacing(affine)
         crop = resolve_crop(series, CropRequest(), localiser)

@@ -112,8 +112,10 @@ class Node:
             logger.log(NOTICE, "model: %s %s, sha256 %s, on %s%s", meta.architecture, meta.variant,
                        checkpoint.sha256[:12], device, f" [{meta.label}]" if meta.label else "")
         logger.log(NOTICE, "crop: %s", self._crop_text())
-        logger.log(NOTICE, "results: SEG (empty frames %s) and TID 1500 SR; a QA FAIL is %s",
+        logger.log(NOTICE, "results: SEG (empty frames %s, an empty side %s), TID 1500 SR%s; a QA FAIL is %s",
                    "omitted" if c.output.omit_empty_frames else "stored",
+                   "left out" if c.output.empty_segments == "omit" else "kept with one empty frame",
+                   " and probability SEG" if c.output.probability_seg else "",
                    "held until `ian-node jobs retry`" if c.qa.on_fail == "hold" else "sent, flagged")
         s = c.series
         logger.log(NOTICE, "selection: modalities %s, series description %s, at least %d slices, quiet period %g s, "

@@ -165,3 +165,16 @@ def build_mr_series(
         ds.file_meta = meta
         datasets.append(ds)
     return datasets
+
+
+def in_loaded_order(labels: np.ndarray, phantom_affine: np.ndarray, loaded_affine: np.ndarray) -> np.ndarray:
+    """The phantom's `labels` in the voxel order of its series as loaded (a loader may reverse an axis).
+
+    Benchmarks score the node's output, which is in the loaded series' order, against the phantom's truth.
+    """
+    mapping = np.linalg.inv(np.asarray(loaded_affine)) @ np.asarray(phantom_affine)
+    if not np.allclose(mapping[:3, :3], np.diag(np.sign(np.diag(mapping[:3, :3]))), atol=1e-4):
+        raise ValueError("the loaded volume is not the phantom's up to reversed axes")
+    for axis in np.flatnonzero(np.diag(mapping)[:3] < 0):
+        labels = np.flip(labels, int(axis))
+    return np.ascontiguousarray(labels)
