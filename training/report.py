@@ -49,6 +49,10 @@ DISPLAY_NAMES: dict[str, str] = {
     "deeplabv3plus": "DeepLabV3+",
     "hardnet_mseg": "HarDNet-MSEG",
     "meganet": "MEGANet",
+    "ian_net_released": "Our model (released code, no attention)",
+    "unet": "U-Net",
+    "nnunet_2d": "nnU-Net 2D",
+    "nnunet_3d_fullres": "nnU-Net 3D full-res",
 }
 #: Pixel counts of each image, and whether its ground truth is empty (a nerve-free slice).
 COUNT_FIELDS: tuple[str, ...] = ("tp", "fp", "fn", "gt_empty")

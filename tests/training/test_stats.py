@@ -3,7 +3,16 @@ import pytest
 from scipy import stats as scipy_stats
 
 from training.metrics import ImageScore
-from training.stats import ALL_ZERO_NOTE, bonferroni, compare_to_reference, ranking_stability, wilcoxon_paired
+from training.stats import (
+    ALL_ZERO_NOTE,
+    bonferroni,
+    compare_to_reference,
+    holm,
+    patient_bootstrap_ci,
+    rank_agreement,
+    ranking_stability,
+    wilcoxon_paired,
+)
 
 # scipy's documented example (Cushny & Peebles via Conover): exact two-sided p = 0.041259765625.
 DIFFS = [6, 8, 14, 16, 23, 24, 28, 29, 41, -48, 49, 56, 60, -67, 75]
@@ -105,3 +114,43 @@ def test_ranking_stability_refuses_repeats_that_scored_other_models():
     scores = _repeat_scores([{"ian_net": 0.8, "caranet": 0.6}, {"ian_net": 0.5, "meganet": 0.4}])
     with pytest.raises(ValueError, match="repeat 1 scored models"):
         ranking_stability(scores)
+
+
+def test_holm_adjusts_known_p_values_step_down():
+    # sorted 0.005·4 = 0.02, 0.01·3 = 0.03, 0.03·2 = 0.06, 0.04·1 = 0.04 → monotone 0.06
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm([0.5, 0.9]) == [1.0, 1.0]
+    assert holm([0.02]) == [0.02]
+    with pytest.raises(ValueError, match="p-values"):
+        holm([0.1, 1.5])
+
+
+def test_bootstrap_ci_of_a_constant_is_that_constant():
+    lo, hi = patient_bootstrap_ci([0.7] * 6, ["A", "A", "B", "B", "C", "D"])
+    assert lo == pytest.approx(0.7, abs=1e-12) and hi == pytest.approx(0.7, abs=1e-12)
+
+
+def test_bootstrap_resamples_patients_not_nerves():
+    rng = np.random.default_rng(5)
+    per_patient = rng.uniform(0.3, 0.9, size=8)
+    patients = [f"P{i}" for i in range(8)]
+    both_sides = patient_bootstrap_ci(np.repeat(per_patient, 2), np.repeat(patients, 2).tolist())
+    one_side = patient_bootstrap_ci(per_patient, patients)
+    assert both_sides == pytest.approx(one_side, abs=1e-12)  # a second identical side adds no information
+    as_if_independent = patient_bootstrap_ci(np.repeat(per_patient, 2), [f"N{i}" for i in range(16)])
+    assert as_if_independent[1] - as_if_independent[0] < 0.85 * (both_sides[1] - both_sides[0])
+
+
+def test_bootstrap_is_seeded_and_undefined_for_one_patient():
+    values, patients = [0.1, 0.5, 0.9, 0.4], ["A", "B", "C", "D"]
+    assert patient_bootstrap_ci(values, patients, seed=3) == patient_bootstrap_ci(values, patients, seed=3)
+    assert all(np.isnan(patient_bootstrap_ci([0.2, 0.4], ["A", "A"])))
+
+
+def test_kendalls_tau_of_identical_rankings_is_one_and_mean_ranks_average():
+    means = {0: {"a": 0.9, "b": 0.5, "c": 0.1}, 1: {"a": 0.8, "b": 0.7, "c": 0.2}, 2: {"a": 0.6, "b": 0.3, "c": 0.0}}
+    result = rank_agreement(means, "dsc")
+    assert [p.tau for p in result.pairs] == pytest.approx([1.0, 1.0, 1.0]) and result.mean_tau == pytest.approx(1.0)
+    assert result.mean_ranks == {"a": 1.0, "b": 2.0, "c": 3.0}
+    swapped = rank_agreement({0: {"a": 0.9, "b": 0.5}, 1: {"a": 0.4, "b": 0.5}}, "dsc")
+    assert swapped.mean_ranks == {"a": 1.5, "b": 1.5} and swapped.pairs[0].tau == pytest.approx(-1.0)
