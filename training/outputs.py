@@ -3,7 +3,9 @@
 Reports cover the repeats that every model of the protocol finished (so that the paired tests compare
 the same images); runs of other repeats are listed in the summary as left out. With two or more such
 repeats the reports also give each repeat's ranking of the models by mean DSC and Kendall's tau
-between every pair of repeats (`reports/ranking.md`, `summary.json` `ranking_stability`). Every run's
+between every pair of repeats (`reports/ranking.md`, `summary.json` `ranking_stability`). Where
+``reports/per_nerve_metrics.csv`` exists, `training.field_report` adds the per-nerve tables with
+patient-bootstrap CIs, per-nerve paired tests (Holm) and ranking (``reports/field_tables.md``). Every run's
 test nerves are also scored per region, ramus, body and anterior loop / mental foramen
 (`training.regions`: `reports/regions.md`, `fig_regions.png`, `summary.json` `regions`).
 
@@ -36,6 +38,7 @@ from model.localiser import load_localiser
 from model.predictor import pick_device
 from model.registry import PAPER_NETWORK
 from training.data import SAMPLES_ALL, SAMPLES_NERVE_ONLY, SliceSet
+from training.field_report import write_field_reports_if_present
 from training.localiser_run import checkpoint_record
 from training.loop import TrainResult, load_weights
 from training.metrics import METRICS, ImageScore, failure_rates, image_metrics
@@ -175,6 +178,8 @@ def write_reports(records: list[RunRecord], ledger: Ledger, paths: BenchmarkPath
                    "pairs": [{**asdict(p), "tau": _finite(p.tau), "p_value": _finite(p.p_value)}
                              for p in stability.pairs]}
         logger.info("ranking stability over %d repeats: mean Kendall tau %.3f", len(repeats), stability.mean_tau)
+    # last, once reports/per_nerve_metrics.csv is written: the per-nerve tables, tests and figure beside the paper's
+    files.update(write_field_reports_if_present(paths.reports, pooled=pvalues))
     return {"repeats_reported": repeats, "runs_left_out": left_out, "scores": scores, "table1": table1,
             "regions": regions,
             "pvalues": [asdict(p) for p in pvalues], "ranking_stability": ranking,
