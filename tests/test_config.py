@@ -13,6 +13,7 @@ from ian_node.config import (
     DicomTarget,
     ExportConfig,
     OrthancTarget,
+    SenderTarget,
     StorageConfig,
     StowRsTarget,
     load_config,
@@ -74,10 +75,9 @@ host = "10.0.0.2"
 port = 11112
 
 [[export.targets]]
-kind = "dicom"
+kind = "sender"
 name = "sender"
-back_to_sender = true
-port = 4242
+senders = [{ ae_title = "MODALITY1", host = "10.0.0.9", port = 4242 }]
 
 [[export.targets]]
 kind = "stowrs"
@@ -104,8 +104,8 @@ token = "0123456789abcdef0123"
     assert cfg.storage.state_path == Path("ian-node-data/state.sqlite3")
     assert cfg.series.quiet_period_s == 3.0 and cfg.series.retention == "purge"
     kinds = [type(t) for t in cfg.export.targets]
-    assert kinds == [DicomTarget, DicomTarget, StowRsTarget, OrthancTarget]
-    assert cfg.export.targets[1].back_to_sender and cfg.export.max_attempts == 3
+    assert kinds == [DicomTarget, SenderTarget, StowRsTarget, OrthancTarget]
+    assert cfg.export.targets[1].senders[0].port == 4242 and cfg.export.max_attempts == 3
     assert cfg.api.port == 9000
 
 
@@ -156,7 +156,7 @@ def test_empty_environment_value_clears_an_optional_key(tmp_path: Path) -> None:
         ('[[export.targets]]\nkind = "dicom"\nae_title = "PACS"\nhost = "1.2.3.4"\n', {},
          "export.targets[0].name", "required"),
         ('[[export.targets]]\nkind = "dicom"\nname = "p"\nae_title = "PACS"\n', {},
-         "export.targets[0].host", "unless back_to_sender"),
+         "export.targets[0].host", "kind = \"sender\""),
         ('[[export.targets]]\nkind = "orthanc"\nname = "o"\nurl = "ftp://x"\n', {}, "export.targets[0].url", "http"),
         ('[[export.targets]]\nkind = "orthanc"\nname = "o"\nurl = "http://x"\n'
          '[[export.targets]]\nkind = "orthanc"\nname = "o"\nurl = "http://y"\n', {}, "export.targets[1].name",

@@ -380,26 +380,24 @@ class _Routed:
 
 @_section
 class DicomTarget(_Routed):
-    """C-STORE to a fixed AE, or (``back_to_sender``) to the AE that sent the series, on ``port``."""
+    """C-STORE to a fixed AE (results back to the sending AE: the ``sender`` kind)."""
 
     kind: Literal["dicom"] = "dicom"
     name: str
     ae_title: str = ""
     host: str = ""
     port: Annotated[int, Field(ge=1, le=65535)] = 104
-    back_to_sender: bool = False
     timeout_s: Seconds = 30.0
 
     @model_validator(mode="after")
     def _check_peer(self) -> DicomTarget:
-        if not self.back_to_sender:
-            for name in ("ae_title", "host"):
-                if not getattr(self, name):
-                    raise ConfigError(name, "is required unless back_to_sender is true")
-            try:
-                _ae_title(self.ae_title)
-            except ValueError as exc:
-                raise ConfigError("ae_title", str(exc)) from None
+        for name in ("ae_title", "host"):
+            if not getattr(self, name):
+                raise ConfigError(name, "is required (results back to the sending AE: kind = \"sender\")")
+        try:
+            _ae_title(self.ae_title)
+        except ValueError as exc:
+            raise ConfigError("ae_title", str(exc)) from None
         return self
 
 

@@ -81,7 +81,7 @@ class ExportTarget(Protocol):
 
 
 class CStoreExport:
-    """C-STORE SCU to a configured AE, or (``back_to_sender``) to the calling AE at its connection's address."""
+    """C-STORE SCU to a configured AE."""
 
     def __init__(self, config: DicomTarget, calling_ae_title: str) -> None:
         self.name = config.name
@@ -90,10 +90,7 @@ class CStoreExport:
 
     def send(self, path: Path, origin: Origin) -> None:
         cfg = self._config
-        called, host = (origin.calling_ae, origin.peer_host) if cfg.back_to_sender else (cfg.ae_title, cfg.host)
-        if not called or not host:
-            raise DeliveryError("the sending AE of the source series is unknown")
-        c_store(path, called, host, cfg.port, self._calling, cfg.timeout_s)
+        c_store(path, cfg.ae_title, cfg.host, cfg.port, self._calling, cfg.timeout_s)
 
 
 class SenderExport:

@@ -24,7 +24,16 @@ from pydicom import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom import AE, StoragePresentationContexts, evt
 
-from ian_node.config import DicomConfig, DicomTarget, ExportConfig, OrthancTarget, StowRsTarget, TlsConfig
+from ian_node.config import (
+    DicomConfig,
+    DicomTarget,
+    ExportConfig,
+    OrthancTarget,
+    SenderAE,
+    SenderTarget,
+    StowRsTarget,
+    TlsConfig,
+)
 from ian_node.export.exporter import Exporter
 from ian_node.export.targets import build_targets
 from ian_node.net import free_port
@@ -149,7 +158,7 @@ def test_delivery_failing_max_attempts_is_failed_visibly_and_can_be_retried(tmp_
     assert ex.job_state() is JobState.DONE
 
 
-def test_back_to_sender_delivers_to_the_calling_ae_of_the_source_series(tmp_path: Path) -> None:
+def test_a_sender_target_delivers_to_the_calling_ae_of_the_source_series(tmp_path: Path) -> None:
     """The worker's path: claim the job, read its instances from the spool, hand the result over."""
     state, spool = State(tmp_path / "state.sqlite3"), Spool(tmp_path / "spool")
     scp = StorageSCP(DicomConfig(port=0), TlsConfig(), state, spool)
@@ -166,7 +175,8 @@ def test_back_to_sender_delivers_to_the_calling_ae_of_the_source_series(tmp_path
     sources = [pydicom.dcmread(spool.path(i.path)) for i in state.instances(job.series_uid)]
     assert len(sources) == 2
     port = free_port()
-    config = ExportConfig(targets=(DicomTarget(name="sender", back_to_sender=True, port=port),))
+    config = ExportConfig(targets=(SenderTarget(name="sender", senders=(SenderAE(ae_title="MODALITY1", host="127.0.0.1",
+                                                                             port=port),)),))
     exporter = Exporter(state, spool, build_targets(config.targets, "IANNODE"), config)
     with storescp(tmp_path / "received", port, ae_title="MODALITY1"):
         exporter.submit(job.id, _result_for(files[0]))
