@@ -196,6 +196,7 @@ def _load_options(args: argparse.Namespace) -> LoadOptions:
 def run(args: argparse.Namespace) -> int:
     """The `run` command; returns the exit status."""
     from training.localiser_run import benchmark_localiser
+    from training.nerve_eval import evaluate_nerves
     from training.outputs import checkpoint_crop, environment, export_best, export_choice, write_reports, write_summary
 
     paths = BenchmarkPaths(args.out)
@@ -228,7 +229,11 @@ def run(args: argparse.Namespace) -> int:
                        len(slices.report.skipped))
     records = reevaluate(ledger, paths, slices, runtime) if args.evaluate_only else train_all(
         ledger, paths, slices, runtime)
+    nerves = evaluate_nerves(records, ledger, paths, slices, source, runtime)  # reports/per_nerve_metrics.csv
+    context["per_nerve"] = nerves.record
     reports = write_reports(records, ledger, paths, slices)
+    if nerves.csv is not None:
+        reports["files"]["per_nerve_csv"] = str(nerves.csv)
     choice = export_choice(records, reports["scores"], paths)
     localiser = None if choice is None else benchmark_localiser(
         paths, ledger, source, checkpoint_crop(protocol, slices)["region"], choice[0].repeat, localiser_options,
