@@ -138,7 +138,7 @@ class Exporter:
             return
         try:
             for relpath in job.result_paths:  # the SEG first: a target that refuses it gets nothing else
-                target.send(self._spool.path(relpath), Origin(series.calling_ae, series.peer_host))
+                target.send(self._spool.path(relpath), Origin(series.calling_ae))
         except Exception as exc:  # any failure of a target is a failed attempt, never a dead thread
             self._failed(delivery, exc)
             return

@@ -69,7 +69,6 @@ class Origin:
     """Who sent the source series: where "back to the sending AE" goes."""
 
     calling_ae: str
-    peer_host: str
 
 
 class ExportTarget(Protocol):
