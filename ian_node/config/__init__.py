@@ -2,7 +2,8 @@
 
 A node runs with no file at all. The sections and their defaults (frozen pydantic dataclasses):
 :mod:`ian_node.config.sections`; the file and the ``IAN_NODE_<SECTION>_<KEY>`` overrides (read by
-pydantic-settings): :mod:`ian_node.config.loading`.
+pydantic-settings): :mod:`ian_node.config.loading`; the export targets: :mod:`ian_node.config.targets`;
+the shared checks: :mod:`ian_node.config.fields`.
 """
 
 from ian_node.config.loading import load_config
@@ -13,29 +14,31 @@ from ian_node.config.sections import (
     ENV_CONFIG_FILE,
     ENV_PREFIX,
     SECTIONS,
-    TARGET_CONFIG_TYPES,
     ApiConfig,
     CallingAE,
     ConfigError,
     CropConfig,
     DicomConfig,
-    DicomTarget,
     ExpectedCount,
-    ExportConfig,
     ModelConfig,
     NodeConfig,
-    OrthancTarget,
     OutputConfig,
     QaConfig,
-    SenderAE,
-    SenderTarget,
     SeriesConfig,
     StorageConfig,
-    StowRsTarget,
-    TargetConfig,
     TlsConfig,
     check_box,
     check_box_pair,
+)
+from ian_node.config.targets import (
+    TARGET_CONFIG_TYPES,
+    DicomTarget,
+    ExportConfig,
+    OrthancTarget,
+    SenderAE,
+    SenderTarget,
+    StowRsTarget,
+    TargetConfig,
 )
 
 __all__ = [

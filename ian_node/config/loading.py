@@ -36,7 +36,8 @@ from pydantic_core import to_json
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict, SettingsError
 from pydantic_settings.sources.utils import parse_env_vars
 
-from ian_node.config.sections import ENV_CONFIG_FILE, ENV_PREFIX, CallingAE, ConfigError, NodeConfig
+from ian_node.config.fields import ConfigError
+from ian_node.config.sections import ENV_CONFIG_FILE, ENV_PREFIX, CallingAE, NodeConfig
 
 _SECTION_TYPES: dict[str, Any] = typing.get_type_hints(NodeConfig)
 _KEYS: dict[str, set[str]] = {s: {f.name for f in dataclasses.fields(t)} for s, t in _SECTION_TYPES.items()}
