@@ -162,6 +162,8 @@ def load_hardnet68_checkpoint(backbone: HarDNet68, path: str | Path) -> None:
         raise ValueError(f"{path}: expected a state dict, got {type(state).__name__}")
     mapped = official_to_ours(state, backbone.in_channels)
     ours = backbone.state_dict()
+    # BN counters may be absent (files saved before torch 0.4.1): ours are kept
+    mapped = {**{k: v for k, v in ours.items() if k.endswith("num_batches_tracked")}, **mapped}
     missing = sorted(set(ours) - set(mapped))
     unexpected = sorted(set(mapped) - set(ours))
     if missing or unexpected:

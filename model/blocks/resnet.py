@@ -236,7 +236,7 @@ def _unwrap(checkpoint: object, path: Path) -> dict[str, Tensor]:
 def load_torchvision_weights(model: ResNet, path: str | Path) -> None:
     """Load an official torchvision ResNet checkpoint the user supplies into `model` (nothing is downloaded).
 
-    Every key of `model` must be present with the same shape (except `conv1.weight` when
+    Every key of `model` (BN counters aside) must be present with the same shape (except `conv1.weight` when
     `model` does not take 3 channels: fitted by `adapt_input_conv`); extra keys such as `fc.*` are skipped.
     """
     path = Path(path)
@@ -244,6 +244,8 @@ def load_torchvision_weights(model: ResNet, path: str | Path) -> None:
         raise FileNotFoundError(f"backbone checkpoint {path} does not exist")
     source = _unwrap(torch.load(path, map_location="cpu", weights_only=True), path)
     target = model.state_dict()
+    # BN counters are absent from files saved before torch 0.4.1 (e.g. resnet50-19c8e357.pth): ours are kept
+    source = {**{k: v for k, v in target.items() if k.endswith("num_batches_tracked")}, **source}
     missing = sorted(set(target) - set(source))
     if missing:
         raise ValueError(f"{path}: missing {len(missing)} ResNet keys, e.g. {missing[:3]}")
