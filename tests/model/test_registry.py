@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from model.checkpoint import BUNDLED_CHECKPOINT, CheckpointMeta, load_checkpoint, save_checkpoint
 from model.networks.base import SegmentationNetwork
 from model.registry import NETWORKS, PAPER_NETWORK, build, network_class
 
@@ -64,3 +65,20 @@ def test_the_two_ian_net_rows_are_the_paper_and_the_released_variant_with_one_we
     plain.load_state_dict(released.state_dict(), strict=True)
     with pytest.raises(ValueError, match="without attention"):
         build("ian_net_released", width=WIDTH, attention=True)
+
+
+def test_the_bundled_checkpoint_still_loads_as_the_ian_net_row_it_records() -> None:
+    loaded = load_checkpoint(BUNDLED_CHECKPOINT)
+    assert loaded.meta.architecture == PAPER_NETWORK and type(loaded.model) is network_class(PAPER_NETWORK)
+    assert loaded.meta.variant == loaded.model.variant
+
+
+@pytest.mark.parametrize("row", ["ian_net_released", "unet"])
+def test_a_checkpoint_of_a_new_row_records_its_name_and_variant_and_loads(row: str, tmp_path) -> None:
+    net = build(row, width=WIDTH)
+    meta = CheckpointMeta(architecture=row, width=WIDTH, variant=getattr(net, "variant", ""))
+    save_checkpoint(tmp_path / "net.pt", net, meta)
+    loaded = load_checkpoint(tmp_path / "net.pt")
+    assert type(loaded.model) is network_class(row) and loaded.meta.variant == meta.variant
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), loaded.model.state_dict().values(),
+                                                    strict=True))
