@@ -18,19 +18,33 @@ import torch
 
 from model import registry
 from model.networks.base import SegmentationNetwork
+from model.preprocess import check_context
 
 FORMAT = "ian-node-checkpoint/1"
 
 
 @dataclass(frozen=True)
 class InputContract:
-    """How slices must be prepared for this model (see model/preprocess.py)."""
+    """How slices must be prepared for this model (see model/preprocess.py).
+
+    `context` is how many adjacent coronal slices each input holds (`model.preprocess.context_windows`:
+    the predicted slice in the middle, the edge slice repeated past a stack's ends); 1, the paper's 2D
+    input, for checkpoints written before it was recorded. With context K > 1 the network has K input
+    channels; with context 1 a single grey slice is replicated to `in_channels` (1 or 3).
+    """
 
     size: int = 256
     in_channels: int = 1
     intensity: str = "per-slice min-max to uint8, then /255"
     aspect: str = "physical aspect kept, LANCZOS, centred zero padding"
     orientation: str = "coronal; left side flipped to right-side orientation"
+    context: int = 1
+
+    def __post_init__(self) -> None:
+        check_context(self.context)
+        if self.context > 1 and self.in_channels != self.context:
+            raise ValueError(f"context {self.context} feeds {self.context} input channels, got in_channels "
+                             f"{self.in_channels}")
 
 
 @dataclass(frozen=True)
@@ -114,7 +128,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     """Rebuild the network named in the metadata and load its weights (strictly)."""
     path = Path(path)
     payload, sha256 = read_weights(path, FORMAT, "checkpoint", CheckpointError, map_location)
-    meta = CheckpointMeta.from_dict(payload["meta"])
+    try:
+        meta = CheckpointMeta.from_dict(payload["meta"])
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: malformed checkpoint metadata: {exc}") from exc
     model = registry.build(meta.architecture, in_channels=meta.input.in_channels, width=meta.width, **meta.options)
     try:
         model.load_state_dict(payload["state_dict"], strict=True)

@@ -1,7 +1,11 @@
 """Batched inference on prepared 2D slices: GPU with autocast when present, CPU otherwise.
 
-The node feeds uint8 model-space slices to `Predictor.predict`; the benchmark feeds the same slices,
-already scaled to [0, 1] by its data loader, to `Predictor.probabilities`, the one forward pass both
+The node feeds uint8 model-space slices to `Predictor.predict`: (N, S, S) for a 2D model (context 1),
+or for a 2.5D model (context K) each slice's window of K adjacent coronal slices, (N, K, S, S), built
+from its side's whole stack by `model.preprocess.context_windows` (`ian_node.segment.pipeline`
+`PreparedSeries.inputs`); the predictor never builds windows itself, since it cannot see where one
+stack ends. The benchmark feeds the same inputs, already scaled to [0, 1] by its data loader
+(`training.data.SliceDataset`, windows by the same rule), to `Predictor.probabilities`, the one forward pass both
 go through (device, memory format, autocast rule, sigmoid). `Predictor.from_model` wraps weights
 that are still in memory (a run just trained) so that they are scored exactly as the node would run
 them once saved.
@@ -41,7 +45,7 @@ class PredictorOptions:
 
 
 class Predictor:
-    """Turns uint8 model-space slices (N, S, S) into nerve probabilities (N, S, S)."""
+    """Turns uint8 model-space slices (N, S, S), or context windows (N, K, S, S), into probabilities (N, S, S)."""
 
     checkpoint: LoadedCheckpoint | None  # None when built from an in-memory model
 
@@ -68,6 +72,7 @@ class Predictor:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.size = contract.size
         self.in_channels = contract.in_channels
+        self.context = contract.context
 
     def _autocast(self):  # type: ignore[no-untyped-def]
         if self.device.type != "cuda" or not self.options.amp:
@@ -96,14 +101,22 @@ class Predictor:
 
     @torch.inference_mode()
     def predict(self, images: np.ndarray) -> np.ndarray:
-        """Probabilities in [0, 1], float32, same shape as `images` (uint8, (N, S, S))."""
-        if images.ndim != 3 or images.shape[1:] != (self.size, self.size):
-            raise ValueError(f"expected uint8 slices (N, {self.size}, {self.size}), got shape {images.shape}")
+        """Probabilities in [0, 1], float32 (N, S, S), of uint8 slices (N, S, S) (context 1) or of each
+        slice's window of K adjacent slices (N, K, S, S) (context K; the centre slice is predicted)."""
+        size = (self.size, self.size)
+        if self.context == 1:
+            ok, expected = images.ndim == 3 and images.shape[1:] == size, f"slices (N, {self.size}, {self.size})"
+        else:
+            ok = images.ndim == 4 and images.shape[1:] == (self.context, *size)
+            expected = (f"context-{self.context} windows (N, {self.context}, {self.size}, {self.size}) "
+                        "(ian_node.segment.pipeline.PreparedSeries.inputs)")
+        if not ok:
+            raise ValueError(f"expected uint8 {expected}, got shape {images.shape}")
         if images.dtype != np.uint8:
             raise TypeError(f"expected uint8 slices, got {images.dtype}")
-        out = np.empty(images.shape, dtype=np.float32)
+        out = np.empty((len(images), *size), dtype=np.float32)
         for start in range(0, len(images), self.options.batch_size):
             chunk = torch.from_numpy(np.ascontiguousarray(images[start : start + self.options.batch_size]))
-            x = chunk.to(self.device, non_blocking=True).float().div_(255.0).unsqueeze(1)
-            out[start : start + len(chunk)] = self.probabilities(x).cpu().numpy()
+            x = chunk.to(self.device, non_blocking=True).float().div_(255.0)
+            out[start : start + len(chunk)] = self.probabilities(x if x.ndim == 4 else x.unsqueeze(1)).cpu().numpy()
         return out

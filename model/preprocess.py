@@ -189,14 +189,47 @@ def probabilities_from_model(prob: np.ndarray, t: SliceTransform) -> np.ndarray:
     return np.asarray(prob[t.source_rows()[:, None], t.source_cols()[None, :]], dtype=np.float32)
 
 
-def model_input(images_u8: np.ndarray, in_channels: int) -> np.ndarray:
-    """uint8 slices (..., H, W) as float32 (..., C, H, W) in [0, 1]; grey replicated to 3 channels."""
+def check_context(context: int) -> int:
+    """`context` (adjacent coronal slices fed as channels) if it is a positive odd integer; else an error."""
+    if isinstance(context, bool) or not isinstance(context, int) or context < 1 or context % 2 == 0:
+        raise SliceTransformError(f"context must be a positive odd number of slices (1, 3, 5...), got {context!r}")
+    return context
+
+
+def context_windows(n: int, context: int, centres: np.ndarray | None = None) -> np.ndarray:
+    """Indices int64 (len(centres), context): each centre slice's window in a stack of `n` coronal slices.
+
+    The window is the `context` adjacent slices of the stack with the centre slice in the middle (the
+    slice predicted); past either end of the stack the edge slice is repeated. `centres` default to every
+    slice. This is the one rule by which training samples and the node's predictor build 2.5D inputs.
+    """
+    half = check_context(context) // 2
+    if n < 1:
+        raise SliceTransformError(f"a stack needs at least one slice, got {n}")
+    centres = np.arange(n, dtype=np.int64) if centres is None else np.asarray(centres, dtype=np.int64)
+    if centres.size and (centres.min() < 0 or centres.max() >= n):
+        raise SliceTransformError(f"centre slices must lie in 0..{n - 1}, got {centres.min()}..{centres.max()}")
+    return np.clip(centres[:, None] + np.arange(-half, half + 1, dtype=np.int64)[None, :], 0, n - 1)
+
+
+def model_input(images_u8: np.ndarray, in_channels: int, context: int = 1) -> np.ndarray:
+    """uint8 slices as float32 in [0, 1] with a channel axis: what the network is fed.
+
+    Context 1: slices (..., H, W) become (..., C, H, W), grey replicated to `in_channels` (1, or 3 for
+    an ImageNet-style first layer). Context K > 1: windows (..., K, H, W) of K adjacent slices
+    (`context_windows`) are the K channels as they are, so `in_channels` must be K.
+    """
     images = np.asarray(images_u8)
     if images.dtype != np.uint8:
         raise SliceTransformError(f"model_input expects uint8 slices, got {images.dtype}")
+    if check_context(context) > 1:
+        if images.ndim < 3 or images.shape[-3] != context or in_channels != context:
+            raise SliceTransformError(f"context {context}: expected windows (..., {context}, H, W) and "
+                                      f"{context} in_channels, got shape {images.shape} and {in_channels}")
+        return images.astype(np.float32) / np.float32(255.0)
     if images.ndim < 2:
         raise SliceTransformError(f"model_input expects (..., H, W), got shape {images.shape}")
     if in_channels not in (1, 3):
-        raise SliceTransformError(f"in_channels must be 1 or 3, got {in_channels}")
+        raise SliceTransformError(f"in_channels must be 1 or 3 for single slices, got {in_channels}")
     scaled = images.astype(np.float32) / np.float32(255.0)
     return np.repeat(scaled[..., None, :, :], in_channels, axis=-3)

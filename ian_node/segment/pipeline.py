@@ -7,6 +7,8 @@ judges it (`ian_node.segment.tract`, `ian_node.segment.qa`). `segment_series` is
 load → crop (`ian_node.segment.crop`: the localiser, halves or given boxes) → prepare → predictor →
 finish, timed per stage. When the localiser finds no plausible mandible the network does not run:
 `NoRegionError` says why and carries the crop, unless the options say to segment anyway.
+A 2.5D model (context K) is fed each slice's window of K adjacent slices of its side's coronal stack
+(`PreparedSeries.inputs`), the same windows its training samples were cut with.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from ian_node.segment.volume import MalformedDatasetError, SeriesError, SeriesVo
 from model.localiser import LoadedLocaliser
 from model.preprocess import (
     SliceTransform,
+    check_context,
+    context_windows,
     image_to_model,
     mask_to_model,
     plan_slice_transform,
@@ -39,11 +43,21 @@ from model.preprocess import (
 
 
 class SlicePredictor(Protocol):
-    """What the pipeline needs of a model: uint8 (N, size, size) slices in, probabilities out."""
+    """What the pipeline needs of a model: `PreparedSeries.inputs(context)` in, probabilities (N, size, size) out.
+
+    `context` is the number of adjacent coronal slices per input (`model.checkpoint.InputContract.context`):
+    1 feeds uint8 slices (N, size, size), K > 1 each slice's window (N, K, size, size).
+    """
 
     size: int
+    context: int
 
     def predict(self, images: np.ndarray) -> np.ndarray: ...
+
+
+def predictor_context(predictor: SlicePredictor) -> int:
+    """The predictor's context; 1 for a predictor that names none (one written before 2.5D inputs)."""
+    return int(getattr(predictor, "context", 1))
 
 
 @dataclass(frozen=True)
@@ -87,6 +101,14 @@ class PreparedSeries:
     def images(self) -> np.ndarray:
         """Every side's model-space slices in one batch, sides in order."""
         return np.concatenate([s.images for s in self.sides], axis=0)
+
+    def inputs(self, context: int = 1) -> np.ndarray:
+        """What the network is fed, sides in order: the slices (N, size, size) for context 1; for context
+        K each slice's window of K adjacent slices of its own side's stack (N, K, size, size), the edge
+        slice repeated past the stack's ends (`model.preprocess.context_windows`, as training samples)."""
+        if check_context(context) == 1:
+            return self.images
+        return np.concatenate([s.images[context_windows(len(s.images), context)] for s in self.sides], axis=0)
 
 
 @dataclass(frozen=True)
@@ -284,7 +306,7 @@ def segment_series(
         crop = fallback_crop(series, crop)
     prepared = prepare(series, predictor.size, crop.rois)
     t3 = time.perf_counter()
-    probabilities = predictor.predict(prepared.images)
+    probabilities = predictor.predict(prepared.inputs(predictor_context(predictor)))
     t4 = time.perf_counter()
     maps = side_probabilities(prepared, probabilities)
     labels, qa = _finish_maps(prepared, maps, options, crop)

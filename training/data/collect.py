@@ -28,6 +28,10 @@ slices whose mask is non-empty *in model space* (what the network sees and is sc
 selection. `slice_step` keeps every k-th of those slices (a speed knob for smoke runs: neighbouring
 coronal slices are nearly identical). What was used is recorded in `LoadReport.crop` as the checkpoint
 stores it: ``{"region", "trained_with", "samples"}`` (`model.checkpoint.CheckpointMeta.crop`).
+With `LoadOptions.context` K > 1 each sample also keeps its window of K adjacent coronal slices of the
+side's whole stack (not of the samples: with `slice_step` the neighbours are the stack's adjacent
+slices), by `model.preprocess.context_windows`, the rule the node's `PreparedSeries.inputs` uses; the
+paper's 2D folders hold single slices and refuse K > 1.
 
 **Millimetres.** Each 3D side's samples record their geometry in `LoadReport.geometry` (`SideGeometry`):
 the series' coronal slice spacing, the sampling step used, and the size of a model pixel from the side's
@@ -56,7 +60,7 @@ from ian_node.segment.pipeline import PreparedSeries, PreparedSide, prepare, to_
 from ian_node.segment.reformat import CORONAL_ORIENTATION, PatientBox, default_rois, split_at_overlap
 from ian_node.segment.volume import SeriesError, SeriesVolume, Side
 from model.localiser import LoadedLocaliser, load_localiser
-from model.preprocess import SliceTransform
+from model.preprocess import SliceTransform, SliceTransformError, check_context, context_windows
 from training.data.samples import LoadReport, SampleMeta, SideGeometry, SliceSet, SourceReport, sampling_step
 
 logger = logging.getLogger(__name__)
@@ -110,8 +114,14 @@ class LoadOptions:
     unsided: Literal["error", "split"] = "error"  # DICOM segments without a side
     right_label: int = 1  # NIfTI label values; equal values mean "split by position"
     left_label: int = 2
+    #: Adjacent coronal slices per sample input (odd; 1: 2D). See `training.data.samples` (2.5D samples).
+    context: int = 1
 
     def __post_init__(self) -> None:
+        try:
+            check_context(self.context)
+        except SliceTransformError as exc:
+            raise ValueError(f"LoadOptions.{exc}") from None
         if not isinstance(self.size, int) or self.size < 16:
             raise ValueError(f"LoadOptions.size must be an integer >= 16, got {self.size!r}")
         if not isinstance(self.slice_step, int) or self.slice_step < 1:
@@ -246,6 +256,8 @@ class SideSamples:
     lost_slices: int  # nerve in the source slice but none left at the model size
     slice_mm: float  # between neighbouring coronal slices of the side's stack
     pixel_mm: tuple[float, float]  # (row_mm, col_mm) of a model pixel
+    windows: np.ndarray  # int64 (len(slices), K): each sample's window, as coronal indices of the stack
+    neighbours: dict[int, np.ndarray]  # coronal index → image, for window slices that are not samples
 
 
 def coronal_spacing(series: SeriesVolume) -> float:
@@ -268,8 +280,11 @@ def side_samples(series: SeriesVolume, side: PreparedSide, nerve: np.ndarray, op
     in_model = model_masks.reshape(len(model_masks), -1).any(axis=1)
     candidates = np.flatnonzero(in_model) if options.nerve_slices_only else np.arange(len(in_model))
     chosen = [int(k) for k in candidates[:: options.slice_step]]
+    windows = context_windows(len(side.images), options.context, np.asarray(chosen, dtype=np.int64))
+    neighbours = {int(k): side.images[k].copy() for k in np.setdiff1d(windows, chosen)}  # not views of the stack
     return SideSamples(side.images[chosen], model_masks[chosen], tuple(chosen), int(in_model.sum()),
-                       int((in_source & ~in_model).sum()), coronal_spacing(series), model_pixel_mm(side.transform))
+                       int((in_source & ~in_model).sum()), coronal_spacing(series), model_pixel_mm(side.transform),
+                       windows, neighbours)
 
 
 def volume_samples(series: SeriesVolume, labels: np.ndarray, side_values: dict[Side, tuple[int, ...]],
@@ -306,6 +321,8 @@ class Collector:
     sources: list[SourceReport] = field(default_factory=list)
     regions: set[str] = field(default_factory=set)  # crop regions of the sources used
     geometry: list[SideGeometry] = field(default_factory=list)  # per 3D side added; none for 2D samples
+    windows: list[tuple[int, ...]] = field(default_factory=list)  # per sample: its window's coronal indices
+    neighbours: dict[tuple[str, str, int], np.ndarray] = field(default_factory=dict)  # window slices, not samples
     _localiser: LoadedLocaliser | None = field(default=None, repr=False)
 
     @property
@@ -341,10 +358,15 @@ class Collector:
                          f"auto crop (confidence {confidences}): {_box_text(found.rois)}")
 
     def add_sample(self, source: str, meta: SampleMeta, image: np.ndarray, mask: np.ndarray) -> None:
+        """One single-slice sample (the paper's 2D folders): 2D only, as it comes without its neighbours."""
+        if self.options.context > 1:
+            raise DatasetError(f"{source}: a single 2D slice has no adjacent slices for context "
+                               f"{self.options.context}; 2.5D samples need 3D inputs (DICOM or NIfTI)")
         key = (meta.patient, meta.side, meta.slice)
         if key in self.keys:
             raise DuplicateAnnotationError(f"{source}: a second sample for the same patient, side and slice")
         self.keys.add(key)
+        self.windows.append((meta.slice,))
         self.images.append(image[None])
         self.masks.append(mask[None])
         self.metas.append(meta)
@@ -367,6 +389,8 @@ class Collector:
             self.masks.append(s.masks)
             self.metas += [SampleMeta(patient, side.value, k) for k in s.slices]
             self.keys.update((patient, side.value, k) for k in s.slices)
+            self.windows += [tuple(int(c) for c in w) for w in s.windows]
+            self.neighbours.update({(patient, side.value, k): image for k, image in s.neighbours.items()})
             self.geometry.append(SideGeometry(patient, side.value, s.slice_mm, sampling_step(s.slices), *s.pixel_mm))
             lost = f", {s.lost_slices} lost at {self.options.size} px" if s.lost_slices else ""
             parts.append(f"{side.value}: {len(s.slices)} samples, {s.nerve_slices} nerve slices{lost}")
@@ -407,4 +431,13 @@ class Collector:
                                                               self.metas[i].slice))
         logger.info("%s dataset: %d samples from %d source(s), %d skipped; crop %s", fmt, len(order),
                     len(report.sources) - len(report.skipped), len(report.skipped), report.crop)
-        return SliceSet(images[order], masks[order], tuple(self.metas[i] for i in order), report)
+        metas = tuple(self.metas[i] for i in order)
+        if self.options.context == 1:
+            return SliceSet(images[order], masks[order], metas, report)
+        extra = sorted(self.neighbours)  # window slices that are not samples, after the samples
+        row = {(m.patient, m.side, m.slice): r for r, m in enumerate(metas)}
+        row.update({key: len(metas) + j for j, key in enumerate(extra)})
+        windows = np.array([[row[(self.metas[i].patient, self.metas[i].side, c)] for c in self.windows[i]]
+                            for i in order], dtype=np.int64)
+        neighbours = np.stack([self.neighbours[k] for k in extra]) if extra else None
+        return SliceSet(images[order], masks[order], metas, report, windows, neighbours)
