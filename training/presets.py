@@ -85,6 +85,9 @@ class Protocol:
     width: float = 1.0
     size: int = 256
     in_channels: int = 3
+    # 2.5D input: adjacent coronal slices per sample (odd; 1 = 2D, the paper's); with K > 1 the K slices are the
+    # channels, so in_channels is K (`preset` sets it); the node reads it from the checkpoint (InputContract.context)
+    context: int = 1
     # the variant of the `ian_net` row (the `ian_net_released` row is always "released-no-attention");
     # kept so that ledgers from before the two rows still rebuild their runs
     ian_net_variant: str = "paper-attention"
@@ -123,7 +126,12 @@ class Protocol:
                 raise ValueError(f"pretrained backbones need width 1.0 (the ImageNet networks), got {self.width}")
         if not 0 < self.width <= 4:
             raise ValueError(f"width must be in (0, 4], got {self.width}")
-        if self.in_channels not in (1, 3):
+        if not isinstance(self.context, int) or self.context < 1 or self.context % 2 == 0:
+            raise ValueError(f"context must be a positive odd number of slices (1, 3, 5...), got {self.context!r}")
+        if self.context > 1 and self.in_channels != self.context:
+            raise ValueError(f"context {self.context} feeds {self.context} input channels, got in_channels "
+                             f"{self.in_channels}")
+        if self.context == 1 and self.in_channels not in (1, 3):
             raise ValueError(f"in_channels must be 1 or 3, got {self.in_channels}")
         if not isinstance(self.repeats, int) or self.repeats < 1:
             raise ValueError(f"repeats must be a positive integer, got {self.repeats!r}")
@@ -231,12 +239,16 @@ def localiser_preset(name: str, iterations: int | None = None) -> LocaliserTrain
 
 
 def preset(name: str, **overrides: Any) -> Protocol:
-    """A named preset with some settings replaced (None values are ignored)."""
+    """A named preset with some settings replaced (None values are ignored); a context K > 1 given without
+    in_channels brings K input channels."""
     try:
         base = PRESETS[name]
     except KeyError:
         raise ValueError(f"unknown preset {name!r}; valid: {', '.join(PRESETS)}") from None
-    return replace(base, **{k: v for k, v in overrides.items() if v is not None})
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if given.get("context", 1) > 1:
+        given.setdefault("in_channels", given["context"])
+    return replace(base, **given)
 
 
 def with_pretrained(protocol: Protocol, directory: str | Path | None) -> Protocol:
