@@ -123,7 +123,10 @@ def _add_run_parser(sub: argparse._SubParsersAction) -> None:
                         "recorded per run (default: on; docs/benchmark.md, Reproducibility)")
     g.add_argument("--width", type=float, help="channel width factor of every network (paper: 1.0)")
     g.add_argument("--size", type=int, help="model input size in pixels (paper: 256)")
-    g.add_argument("--in-channels", type=int, choices=(1, 3), help="grey replicated to 1 or 3 channels")
+    g.add_argument("--in-channels", type=int, choices=(1, 3), help="grey replicated to 1 or 3 channels (context 1)")
+    g.add_argument("--context", type=int, metavar="K",
+                   help="2.5D: K adjacent coronal slices (odd) as the K input channels, the centre slice predicted, "
+                        "the edge slice repeated at a stack's ends (default 1: 2D, the paper's)")
     g.add_argument("--ian-net-variant", choices=IAN_NET_VARIANTS,
                    help="the variant of the ian_net row (the ian_net_released row is always the released one)")
     g.add_argument("--pretrained", dest="pretrained_dir", type=Path, metavar="DIR",
