@@ -151,7 +151,8 @@ def prepare_data(paths: BenchmarkPaths, protocol: Protocol, data: Path | None, f
     if data is None and not protocol.phantom_patients:
         raise BenchmarkError("--data is required: this preset does not generate phantom data")
     load = LoadOptions(**{**asdict(load), "size": protocol.size, "crop": protocol.crop,
-                          "nerve_slices_only": protocol.nerve_slices_only, "slice_step": protocol.slice_step})
+                          "nerve_slices_only": protocol.nerve_slices_only, "slice_step": protocol.slice_step,
+                          "context": protocol.context})
     source = {"data": str(Path(data).resolve()) if data is not None else "generated phantoms",
               "format": fmt if data is not None else "dicom", "load": asdict(load)}
     if paths.samples.is_file():
