@@ -259,7 +259,8 @@ def export_best(records: list[RunRecord], scores: list[ImageScore], ledger: Ledg
         crop["localiser_sha256"] = paired["sha256"]
     meta = CheckpointMeta(
         architecture=PAPER_NETWORK, width=protocol.width, options=protocol.model_options(PAPER_NETWORK),
-        variant=getattr(net, "variant", ""), input=InputContract(size=protocol.size, in_channels=protocol.in_channels),
+        variant=getattr(net, "variant", ""), input=InputContract(size=protocol.size, in_channels=protocol.in_channels,
+                                                                context=protocol.context),
         threshold=protocol.threshold, label="Inferior alveolar nerve", crop=crop,
         training={
             "selection": "repeat with the highest validation DSC (per-slice mean on its validation patients at its "
