@@ -37,15 +37,16 @@ def phantom_slice_set(
     nerve_slices_only: bool = False,
     slice_step: int = 1,
     localiser: str | None = None,
+    context: int = 1,
 ) -> SliceSet:
     """The samples of each phantom, ordered by (patient, side, slice) like every `SliceSet`.
 
     By default every coronal slice of each side's landmark crop (what the node predicts);
     `nerve_slices_only` keeps the paper's samples. `localiser` is crop ``auto``'s checkpoint (None:
-    the bundled one).
+    the bundled one). `context` K > 1 keeps each sample's window of K adjacent coronal slices (2.5D).
     """
     options = LoadOptions(size=size, crop=crop, nerve_slices_only=nerve_slices_only, slice_step=slice_step,
-                          localiser=localiser)
+                          localiser=localiser, context=context)
     collector = Collector(options)
     for index in patients:
         phantom = generate_phantom(index, seed, config)
