@@ -107,3 +107,15 @@ def test_probabilities_for_the_wrong_number_of_slices_are_refused(phantom_series
     prepared = prepare(series, 64)
     with pytest.raises(ValueError, match="expected probabilities for"):
         finish(prepared, np.zeros((1, 64, 64), np.float32), PipelineOptions())
+
+
+def test_context_inputs_are_windows_of_each_sides_own_stack(phantom_series):
+    _, series = phantom_series
+    prepared = prepare(series, 64)
+    np.testing.assert_array_equal(prepared.inputs(1), prepared.images)
+    windows = prepared.inputs(3)
+    right, left = (s.images for s in prepared.sides)
+    assert windows.shape == (len(right) + len(left), 3, 64, 64)
+    np.testing.assert_array_equal(windows[len(right) - 1], right[[-2, -1, -1]])  # the edge slice repeated,
+    np.testing.assert_array_equal(windows[len(right)], left[[0, 0, 1]])  # never the other side's slice
+    np.testing.assert_array_equal(windows[5], right[4:7])
