@@ -20,6 +20,10 @@ upsampled along both axes (rh ≥ ph and rw ≥ pw, `SliceTransform.invertible`)
 physically square canvas is at most `size` pixels along each axis. Otherwise the transform still
 works (the model sees a downsampled slice and masks come back at source resolution by nearest
 sampling) but thin structures may be lost; pass `require_exact=True` to refuse such a plan.
+
+2.5D inputs (context K, odd): a slice's input is the window of K adjacent coronal slices of its stack,
+itself in the middle, the edge slice repeated past the stack's ends (`context_windows`); the slices are
+the K channels (`model_input`). Training samples and the node's predictor build windows by this one rule.
 """
 
 from __future__ import annotations
