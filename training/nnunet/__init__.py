@@ -53,3 +53,15 @@ def parse_configurations(text: str) -> tuple[str, ...]:
         raise NnunetError(f"nnU-Net configurations must be a comma-separated subset of {', '.join(CONFIGURATIONS)}, "
                           f"got {text!r}")
     return names
+
+
+def configurations_argument(text: str) -> tuple[str, ...]:
+    """argparse type of ``--nnunet``: the configurations, refused at once when nnU-Net is not installed."""
+    import argparse
+
+    try:
+        names = parse_configurations(text)
+        require_nnunet()
+    except NnunetError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return names

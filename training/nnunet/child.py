@@ -91,6 +91,7 @@ def predict(dataset_id: int, configuration: str, trainer: str, device: str, imag
     predictor.manual_initialization(net.network, net.plans_manager, net.configuration_manager,
                                     [dict(network.state_dict())], net.dataset_json, type(net).__name__,
                                     net.inference_allowed_mirroring_axes)
+    Path(out).mkdir(parents=True, exist_ok=True)  # the sequential predictor does not create it
     predictor.predict_from_files_sequential(images, out, save_probabilities=False, overwrite=True)
 
 

@@ -98,8 +98,6 @@ def side_cases(slices: SliceSet) -> list[Case]:
 
 def export_raw(slices: SliceSet, split: Split, raw_root: Path) -> RawDataset:
     """Write (or reuse) the repeat's raw dataset under `raw_root` (nnU-Net's ``nnUNet_raw``)."""
-    import SimpleITK as sitk
-
     ident = dataset_id(split.repeat)
     name = f"Dataset{ident:03d}_IAN_repeat{split.repeat}"
     roles = {p: "train" for p in split.train} | {p: "val" for p in split.val} | {p: "test" for p in split.test}
@@ -122,10 +120,10 @@ def export_raw(slices: SliceSet, split: Split, raw_root: Path) -> RawDataset:
         images = "imagesTs" if role == "test" else "imagesTr"
         for case in cases:
             idx = np.asarray(case.indices)
-            _write(sitk, slices.images[idx], case.spacing, partial / images / f"{case.name}_0000{FILE_ENDING}")
+            write_case(slices.images[idx], case.spacing, partial / images / f"{case.name}_0000{FILE_ENDING}")
             if role != "test":
-                _write(sitk, slices.masks[idx].astype(np.uint8), case.spacing,
-                       partial / "labelsTr" / f"{case.name}{FILE_ENDING}")
+                write_case(slices.masks[idx].astype(np.uint8), case.spacing,
+                           partial / "labelsTr" / f"{case.name}{FILE_ENDING}")
     n_training = len(dataset.train) + len(dataset.val)
     (partial / "dataset.json").write_text(json.dumps({
         "name": name, "description": f"ian-node benchmark samples, repeat {split.repeat} (seed {split.seed})",
@@ -153,8 +151,11 @@ def _cases_record(dataset: RawDataset) -> dict[str, Any]:
                                                 for c in getattr(dataset, role)] for role in ("train", "val", "test")}}
 
 
-def _write(sitk: Any, array: np.ndarray, spacing: tuple[float, float, float], path: Path) -> None:
-    """(slices, rows, columns) array → NIfTI; SimpleITK's spacing is in (x, y, z) = reversed array order."""
+def write_case(array: np.ndarray, spacing: tuple[float, float, float], path: Path) -> None:
+    """A (slices, rows, columns) array with its spacing in mm as nnU-Net NIfTI (SimpleITK's spacing is in
+    (x, y, z), the reversed array order)."""
+    import SimpleITK as sitk
+
     image = sitk.GetImageFromArray(np.ascontiguousarray(array))
     image.SetSpacing(tuple(reversed(spacing)))
     sitk.WriteImage(image, str(path), True)
