@@ -27,6 +27,7 @@ from ian_node.logs import LoggingSetup, setup_logging
 from model.registry import NETWORKS
 from training.data import CROPS, FORMATS, DatasetError, LoadOptions, export_2d, load_dataset
 from training.environment import configure_cublas
+from training.nnunet import DEFAULT_TRAINER, configurations_argument
 from training.presets import (
     IAN_NET_VARIANTS,
     LOCALISER_PRESETS,
@@ -143,6 +144,12 @@ def _add_run_parser(sub: argparse._SubParsersAction) -> None:
                           "validation patients (default: the preset's; paper and phantom "
                           f"{LOCALISER_PRESETS['paper'].iterations}, smoke {LOCALISER_PRESETS['smoke'].iterations}); "
                           "0: train none")
+    nn = p.add_argument_group("nnU-Net rows (optional extra: pip install ian-node[nnunet]; a real run needs a GPU)")
+    nn.add_argument("--nnunet", type=configurations_argument, metavar="2d,3d_fullres",
+                    help="also train nnU-Net on each repeat's split and add its rows (nnunet_2d, nnunet_3d_fullres) "
+                         "to every table (training.nnunet, docs/nnunet.md)")
+    nn.add_argument("--nnunet-trainer", default=DEFAULT_TRAINER, metavar="NAME",
+                    help=f"nnU-Net trainer class (default {DEFAULT_TRAINER}; nnUNetTrainer_ianSmoke: 2 iterations)")
     _add_data_options(p)
     r = p.add_argument_group("runtime")
     r.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
@@ -233,6 +240,14 @@ def run(args: argparse.Namespace) -> int:
     records = reevaluate(ledger, paths, slices, runtime) if args.evaluate_only else train_all(
         ledger, paths, slices, runtime)
     nerves = evaluate_nerves(records, ledger, paths, slices, source, runtime)  # reports/per_nerve_metrics.csv
+    if args.nnunet:  # nnU-Net's runs, after the networks', as rows of every table (training.nnunet)
+        from training.nnunet.nerves import add_nnunet_runs
+        from training.nnunet.run import NnunetSettings
+
+        extra, nerves = add_nnunet_runs(records, nerves, ledger, paths, slices, source,
+                                        NnunetSettings(args.nnunet, args.nnunet_trainer, args.device),
+                                        train=not args.evaluate_only)
+        records = [*records, *extra]
     context["per_nerve"] = nerves.record
     reports = write_reports(records, ledger, paths, slices)
     if nerves.csv is not None:
