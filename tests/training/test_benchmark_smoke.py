@@ -26,13 +26,14 @@ from training.benchmark import main
 from training.data import load_slice_set
 from training.localiser_run import benchmark_localiser, patient_key
 from training.metrics import METRICS
+from training.nerve_metrics import PER_NERVE_COLUMNS, read_per_nerve_csv
 from training.presets import Runtime, localiser_preset
 from training.runner import BenchmarkPaths, Ledger, load_predictions
 
 SMOKE = ["--preset", "smoke", "--threads", "1", "--no-progress"]
 REPORTS = ("per_image_metrics.csv", "table1.csv", "table1.md", "table2.csv", "table2.md", "pvalues.csv",
            "pvalues.md", "timing.csv", "timing.md", "fig4_boxplots.png", "fig5_overlays.png", "fig6_grid.png",
-           "region_scores.csv", "regions.csv", "regions.md", "fig_regions.png")
+           "region_scores.csv", "regions.csv", "regions.md", "fig_regions.png", "per_nerve_metrics.csv")
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -88,6 +89,21 @@ def test_table2_rates_follow_the_dsc_thresholds_of_the_per_image_csv(smoke):
         assert float(row["complete_pct"]) == pytest.approx(100 * np.mean(v == 0))
         assert float(row["tracking_pct"]) == pytest.approx(100 * np.mean(v < 0.2))
         assert float(row["boundary_pct"]) == pytest.approx(100 * np.mean(v < 0.3))
+
+
+def test_per_nerve_csv_scores_every_run_and_test_nerve_in_the_schema(smoke):
+    """One row per (model, repeat, patient, side) that the per-image table has, in mm of the source series."""
+    path = smoke / "reports" / "per_nerve_metrics.csv"
+    assert path.read_text().splitlines()[0] == ",".join(PER_NERVE_COLUMNS)
+    rows = read_per_nerve_csv(path)
+    per_image = {(r["model"], int(r["repeat"]), r["patient"], r["side"])
+                 for r in _rows(smoke / "reports" / "per_image_metrics.csv")}
+    assert sorted((r.model, r.repeat, r.patient, r.side) for r in rows) == sorted(per_image)
+    for r in rows:
+        assert not r.gt_empty and r.length_true_mm > 20 and r.components_true >= 1
+        assert 0.0 <= r.dsc <= 1.0 and 0.0 <= r.detected_length_mm <= r.length_true_mm + 1e-6
+        assert np.isnan(r.hd95_mm) == r.pred_empty
+    assert json.loads((smoke / "summary.json").read_text())["per_nerve"]["nerves"] == len(rows)
 
 
 def test_region_table_means_the_nerves_of_the_region_scores(smoke):
