@@ -1,5 +1,6 @@
 """A benchmark run SIGKILLed in the middle of its training and resumed ends bitwise identical, on the CPU, to the
-same run trained straight through: weights, test predictions, per-slice and per-nerve metrics."""
+same run trained straight through: weights, test predictions, per-slice and per-nerve metrics
+(`training.nerve_eval`: each test nerve's 3D prediction in the source series)."""
 
 from __future__ import annotations
 
@@ -102,10 +103,9 @@ def test_a_killed_run_resumes_to_identical_predictions_and_per_slice_metrics(str
 
 def test_a_killed_run_resumes_to_identical_per_nerve_metrics(straight, resumed):
     out, _ = resumed
-    name = "per_nerve_metrics.csv"
-    if not (straight / "reports" / name).is_file():
-        pytest.skip("the benchmark does not write reports/per_nerve_metrics.csv yet (training.nerve_eval)")
-    assert (out / "reports" / name).read_bytes() == (straight / "reports" / name).read_bytes()
+    rows = (straight / "reports" / "per_nerve_metrics.csv").read_text().splitlines()
+    assert len(rows) > 1 and rows[0].startswith("model,repeat,patient,side")  # a header and the test nerves
+    assert (out / "reports" / "per_nerve_metrics.csv").read_text().splitlines() == rows
 
 
 def test_the_resumed_run_records_both_of_its_training_sessions(straight, resumed):
