@@ -3,8 +3,9 @@ PYTHON ?= python3
 
 .PHONY: install system-deps demo test
 
+# The nnunet extra (nnunetv2) so that `make test` runs nnU-Net's rows end to end (tests/training/test_nnunet.py).
 install:
-	$(PYTHON) -m pip install --quiet --disable-pip-version-check torch==2.13.0 -e '.[test]'
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check torch==2.13.0 -e '.[test,nnunet]'
 
 system-deps:
 	bash deploy/install-system-deps.sh
