@@ -184,7 +184,7 @@ def run_record(row: str, repeat: int, checkpoint: Path, seconds_per_slice: float
     val_losses = log["val_losses"]
     seconds = float(sum(e - s for s, e in zip(log["epoch_start_timestamps"], log["epoch_end_timestamps"],
                                               strict=False)))
-    return RunRecord(row, repeat, int(state["current_epoch"]), best,
+    return RunRecord(row, repeat, int(state["current_epoch"]), best + 1,  # epochs counted from 1, as the loop's
                      float(val_losses[best]) if val_losses else float("nan"), False, seconds, seconds_per_slice,
                      len(roles["train"]), len(roles["val"]), len(roles["test"]))
 
