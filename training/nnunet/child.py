@@ -10,7 +10,8 @@ same trainer class, as the trainer's own validation does. The trainer class is r
 here rather than by nnU-Net's name search, which imports every trainer module nnU-Net ships and so
 fails wherever one of them cannot be imported: with the CPU build of torch that the README pins, PyPI's
 torchvision (pulled in by timm for nnU-Net's Primus trainers) is built for CUDA torch and its import
-raises. ``nnUNetTrainer`` is imported directly, our variants (`training.nnunet.trainers`) by name, any
+raises. ``nnUNetTrainer`` is imported directly, our variants (`training.nnunet.trainers`) by name, nnU-Net's
+shipped variants (``nnUNetTrainer_5epochs``, ...) by a search of its ``variants`` folder alone, any
 other name through nnU-Net's own search. nnU-Net reads its folders from the environment at import
 time, which is why these steps run in a child process with ``nnUNet_raw`` etc. set.
 """
@@ -35,9 +36,14 @@ def trainer_class(name: str) -> type:
     ours = getattr(ian_trainers, name, None)
     if isinstance(ours, type) and issubclass(ours, nnUNetTrainer):
         return ours
+    import nnunetv2
+    from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 
-    return recursive_find_trainer_class_by_name(name)
+    # nnU-Net's shipped variants first (they import no torchvision), then nnU-Net's whole search
+    found = recursive_find_python_class(str(Path(nnunetv2.__path__[0]) / "training" / "nnUNetTrainer" / "variants"),
+                                        name, "nnunetv2.training.nnUNetTrainer.variants", nnunetv2.__path__[0])
+    return found if found is not None else recursive_find_trainer_class_by_name(name)
 
 
 def build_trainer(dataset_id: int, configuration: str, trainer: str, device: str,  # type: ignore[no-untyped-def]
