@@ -7,12 +7,12 @@ NIfTI pairs; the generated phantoms are DICOM), cropped exactly as its samples w
 (`training.data.collect.Collector.crop` with the samples' load options and crop region), and run
 through the node's own path with each run's best weights: `prepare` (side crops, coronal reformat,
 slice transform), the node's `Predictor` over every coronal slice of the crop (nerve-free ones
-included, whatever the samples kept), and `finish_series`, which maps the probabilities back to source
-voxels (the exact inverse of the slice transform and the reformat) and thresholds them at the
-protocol's threshold.
+included, whatever the samples kept), and the node's inverse (`side_probabilities`: the exact inverse
+of the slice transform and the reformat), thresholded at the protocol's threshold.
 
-**What is scored is the raw network output**: `PipelineOptions(max_gap_mm=None)`, the node's tract
-clean-up off, because that is what the network does (the clean-up is scored in `benchmarks/tract.py`).
+**What is scored is the raw network output**: the labels `finish_series` gives with the tract clean-up
+off (`PipelineOptions(max_gap_mm=None)`), because that is what the network does (the clean-up is
+scored in `benchmarks/tract.py`).
 Each side the samples hold for a test patient is scored against that side's whole ground truth in
 source voxels (the nerve outside the crop, if any, counts as missed: the node would miss it too) by
 `training.nerve_metrics.nerve_row`; the rows of every reported run go to
@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from ian_node.segment.pipeline import PipelineOptions, PreparedSeries, SlicePredictor, finish_series, prepare
+from ian_node.segment.pipeline import PreparedSeries, SlicePredictor, prepare, side_probabilities
 from ian_node.segment.volume import SeriesError, Side
 from model.checkpoint import InputContract
 from model.predictor import Predictor, PredictorOptions
@@ -188,9 +188,17 @@ def _predictor(protocol: Protocol, runtime: Runtime, paths: BenchmarkPaths, reco
 
 def predict_labels(study: EvalStudy, predictor: SlicePredictor, threshold: float) -> np.ndarray:
     """The raw network output in source voxels (uint8 `Side.label`s): every slice of the crop predicted,
-    mapped back by the node's inverse and thresholded, with the tract clean-up off."""
-    probabilities = predictor.predict(study.prepared.images)
-    return finish_series(study.prepared, probabilities, PipelineOptions(threshold=threshold, max_gap_mm=None))[0]
+    mapped back by the node's inverse (`side_probabilities`) and thresholded.
+
+    These are the labels of `finish_series` with the tract clean-up off (``max_gap_mm=None``; tested),
+    without the tract it still traces for QA: on an untrained network's crop-filling output that trace
+    took most of the smoke benchmark's per-nerve time.
+    """
+    maps = side_probabilities(study.prepared, predictor.predict(study.prepared.images))
+    labels = np.zeros(study.truth.shape, dtype=np.uint8)
+    for side, side_map in maps.items():
+        labels[side_map.box][side_map.values >= threshold] = side.label
+    return labels
 
 
 def score_labels(model: str, repeat: int, study: EvalStudy, labels: np.ndarray) -> list[NerveRow]:

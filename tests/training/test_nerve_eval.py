@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from ian_node.phantom.study import phantom_preset, write_phantoms
-from ian_node.segment.pipeline import to_model_space
+from ian_node.segment.pipeline import PipelineOptions, finish_series, to_model_space
 from training.data.collect import Collector, LoadOptions
 from training.localiser_run import READERS
 from training.nerve_eval import EvalStudy, eval_studies, predict_labels, score_labels
@@ -68,6 +68,23 @@ def test_a_prediction_of_the_truth_in_model_space_comes_back_onto_it_in_source_v
         assert r.dsc > 0.8 and r.cldice > 0.9
         assert r.hd95_mm <= voxel and r.centreline_mean_mm < 0.5
         assert r.components_pred == 1 and r.detected_length_mm == pytest.approx(r.length_true_mm)
+
+
+class Noise:
+    """A predictor that answers seeded uniform noise: about half of every crop above the threshold."""
+
+    size = SIZE
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        return np.random.default_rng(0).random(images.shape, dtype=np.float32)
+
+
+@pytest.mark.parametrize("predictor", [Noise, TruthInModelSpace])
+def test_predicted_labels_are_the_nodes_labels_without_the_tract_step(study, predictor):
+    made = predictor(study) if predictor is TruthInModelSpace else predictor()
+    labels = predict_labels(study, made, 0.5)
+    node = finish_series(study.prepared, made.predict(study.prepared.images), PipelineOptions(max_gap_mm=None))[0]
+    assert labels.any() and np.array_equal(labels, node)
 
 
 def test_labels_of_another_shape_are_refused(study):
