@@ -90,12 +90,12 @@ def evaluate_nerves(records: list[RunRecord], ledger: Ledger, paths: BenchmarkPa
     load options).
     """
     started = time.perf_counter()
-    reported = set(complete_repeats(records, ledger.protocol.models))
-    records = [r for r in records if r.repeat in reported]
     fmt = source.get("format", "")
     if fmt not in READERS:
         return _skipped(f"the {fmt!r} form holds no 3D geometry (its slices were cut and cropped when they were "
                         "made): per-nerve metrics are not available")
+    reported = set(complete_repeats(records, ledger.protocol.models))
+    records = [r for r in records if r.repeat in reported]
     root = paths.phantoms if source.get("data") == "generated phantoms" else Path(source.get("data", ""))
     fingerprint = ledger.fingerprint
     keys = {r.key: _run_identity(paths, r, fingerprint) for r in records}

@@ -7,9 +7,12 @@ import pytest
 
 from ian_node.phantom.study import phantom_preset, write_phantoms
 from ian_node.segment.pipeline import PipelineOptions, finish_series, to_model_space
+from training.data import SampleMeta, SliceSet
 from training.data.collect import Collector, LoadOptions
 from training.localiser_run import READERS
-from training.nerve_eval import EvalStudy, eval_studies, predict_labels, score_labels
+from training.nerve_eval import EvalStudy, eval_studies, evaluate_nerves, predict_labels, score_labels
+from training.presets import Runtime, preset
+from training.runner import BenchmarkPaths, Ledger
 
 SIZE = 64
 
@@ -90,3 +93,14 @@ def test_predicted_labels_are_the_nodes_labels_without_the_tract_step(study, pre
 def test_labels_of_another_shape_are_refused(study):
     with pytest.raises(ValueError, match="do not match"):
         score_labels("unet", 0, study, study.truth[1:])
+
+
+def test_the_2d_folder_form_is_skipped_with_the_reason(tmp_path):
+    slices = SliceSet(np.zeros((1, SIZE, SIZE), np.uint8), np.zeros((1, SIZE, SIZE), bool),
+                      (SampleMeta("P1", "right", 0),))
+    ledger = Ledger(tmp_path / "ledger.json", preset("smoke"), slices.fingerprint(), [])
+    result = evaluate_nerves([], ledger, BenchmarkPaths(tmp_path), slices, {"format": "2d", "data": str(tmp_path)},
+                             Runtime(device="cpu"))
+    assert result.csv is None and result.rows == ()
+    assert result.record["status"] == "skipped" and "no 3D geometry" in result.record["reason"]
+    assert not (tmp_path / "reports").exists()
