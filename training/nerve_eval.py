@@ -39,7 +39,14 @@ from typing import Any
 
 import numpy as np
 
-from ian_node.segment.pipeline import PreparedSeries, SlicePredictor, prepare, side_probabilities
+from ian_node.segment.pipeline import (
+    PreparedSeries,
+    SlicePredictor,
+    predictor_context,
+    prepare,
+    raw_labels,
+    side_probabilities,
+)
 from ian_node.segment.volume import SeriesError, Side
 from model.checkpoint import InputContract
 from model.predictor import Predictor, PredictorOptions
@@ -181,24 +188,22 @@ def _predictor(protocol: Protocol, runtime: Runtime, paths: BenchmarkPaths, reco
     """The node's predictor over a run's best weights, fed as the run's samples were."""
     net = build_model(protocol, record.model, split)
     load_weights(net, paths.run_dir(record.model, record.repeat) / "checkpoint_best.pt")
-    return Predictor.from_model(net, InputContract(size=protocol.size, in_channels=protocol.in_channels),
+    return Predictor.from_model(net, InputContract(size=protocol.size, in_channels=protocol.in_channels,
+                                                             context=protocol.context),
                                 PredictorOptions(device=runtime.device, amp=protocol.amp,
                                                  batch_size=runtime.eval_batch_size or protocol.batch_size))
 
 
 def predict_labels(study: EvalStudy, predictor: SlicePredictor, threshold: float) -> np.ndarray:
-    """The raw network output in source voxels (uint8 `Side.label`s): every slice of the crop predicted,
-    mapped back by the node's inverse (`side_probabilities`) and thresholded.
+    """The raw network output in source voxels (uint8 `Side.label`s): every slice of the crop predicted
+    (as the predictor's context asks) and mapped back by the node's inverse, before the tract step.
 
-    These are the labels of `finish_series` with the tract clean-up off (``max_gap_mm=None``; tested),
-    without the tract it still traces for QA: on an untrained network's crop-filling output that trace
-    took most of the smoke benchmark's per-nerve time.
+    These are the labels of `finish_series` with the clean-up off (``max_gap_mm=None``), without the
+    tract it still traces for QA: on an untrained network's crop-filling output that trace took most
+    of the smoke benchmark's per-nerve time.
     """
-    maps = side_probabilities(study.prepared, predictor.predict(study.prepared.images))
-    labels = np.zeros(study.truth.shape, dtype=np.uint8)
-    for side, side_map in maps.items():
-        labels[side_map.box][side_map.values >= threshold] = side.label
-    return labels
+    probabilities = predictor.predict(study.prepared.inputs(predictor_context(predictor)))
+    return raw_labels(study.prepared, side_probabilities(study.prepared, probabilities), threshold)
 
 
 def score_labels(model: str, repeat: int, study: EvalStudy, labels: np.ndarray) -> list[NerveRow]:

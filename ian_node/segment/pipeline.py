@@ -210,14 +210,7 @@ def finish_series(prepared: PreparedSeries, probabilities: np.ndarray, options: 
 def _finish_maps(prepared: PreparedSeries, maps: Mapping[Side, SideMap], options: PipelineOptions,
                  crop: CropResult | None) -> tuple[np.ndarray, tuple[SideQA, ...]]:
     """`finish_series` from each side's probabilities in source voxels."""
-    masks = []
-    for side in prepared.sides:  # each stack pixel's probability, read back from its side's map
-        stack, box = side.stack, maps[side.stack.side].box
-        index = np.stack(np.unravel_index(stack.source_index[stack.inside], prepared.series.shape), axis=1)
-        mask = np.zeros(stack.source_index.shape, dtype=bool)
-        mask[stack.inside] = maps[stack.side].values[tuple((index - [b.start for b in box]).T)] >= options.threshold
-        masks.append(mask)
-    labels = stack_to_volume([s.stack for s in prepared.sides], masks, prepared.series)  # refuses overlaps
+    labels = raw_labels(prepared, maps, options.threshold)
     gap = DEFAULT_MAX_GAP_MM if options.max_gap_mm is None else options.max_gap_mm
     tracts = trace_sides(labels, prepared.series, gap, maps, options.threshold)
     if options.max_gap_mm is not None:
@@ -225,6 +218,19 @@ def _finish_maps(prepared: PreparedSeries, maps: Mapping[Side, SideMap], options
     confidence = {side: None if crop is None or side not in crop.sides else crop.sides[side].confidence
                   for side in Side}
     return labels, tuple(judge(side.value, tracts[side].tract, confidence[side], gap) for side in Side)
+
+
+def raw_labels(prepared: PreparedSeries, maps: Mapping[Side, SideMap], threshold: float) -> np.ndarray:
+    """The network's own answer in source voxels (uint8 `Side.label`s): each side's probabilities
+    thresholded, before the tract step; what the benchmark scores per nerve."""
+    masks = []
+    for side in prepared.sides:  # each stack pixel's probability, read back from its side's map
+        stack, box = side.stack, maps[side.stack.side].box
+        index = np.stack(np.unravel_index(stack.source_index[stack.inside], prepared.series.shape), axis=1)
+        mask = np.zeros(stack.source_index.shape, dtype=bool)
+        mask[stack.inside] = maps[stack.side].values[tuple((index - [b.start for b in box]).T)] >= threshold
+        masks.append(mask)
+    return stack_to_volume([s.stack for s in prepared.sides], masks, prepared.series)  # refuses overlaps
 
 
 def finish(prepared: PreparedSeries, probabilities: np.ndarray, options: PipelineOptions) -> np.ndarray:
