@@ -39,6 +39,7 @@ from model.predictor import pick_device
 from model.registry import PAPER_NETWORK
 from training.data import SAMPLES_ALL, SAMPLES_NERVE_ONLY, SliceSet
 from training.field_report import write_field_reports_if_present
+from training.figures import GridRow, OverlayCase, plot_fig5, plot_fig6, select_fig5_cases, select_fig6_keys
 from training.localiser_run import checkpoint_record
 from training.loop import TrainResult, load_weights
 from training.metrics import METRICS, ImageScore, failure_rates, image_metrics
@@ -54,13 +55,7 @@ from training.regions import (
     write_region_reports,
 )
 from training.report import (
-    GridRow,
-    OverlayCase,
     RunTiming,
-    plot_fig5,
-    plot_fig6,
-    select_fig5_cases,
-    select_fig6_keys,
     summarize,
     write_metric_reports,
     write_ranking,

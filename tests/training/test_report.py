@@ -5,20 +5,22 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from training.metrics import METRICS, ImageMetrics, ImageScore
-from training.report import (
+from training.figures import (
     BLUE,
     RED,
     YELLOW,
     GridRow,
     OverlayCase,
-    RunTiming,
     overlay,
     plot_fig5,
     plot_fig6,
-    read_per_image_csv,
     select_fig5_cases,
     select_fig6_keys,
+)
+from training.metrics import METRICS, ImageMetrics, ImageScore
+from training.report import (
+    RunTiming,
+    read_per_image_csv,
     write_metric_reports,
     write_per_image_csv,
     write_ranking,
