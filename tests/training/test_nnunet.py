@@ -26,16 +26,20 @@ from training.splits import Split  # noqa: E402
 ROWS = tuple(f"nnunet_{c}" for c in CONFIGURATIONS)
 
 
-@pytest.fixture(scope="module")
-def bench(tmp_path_factory) -> Path:
+def _benchmark(out: Path, *extra: str) -> None:
     threads = torch.get_num_threads()
-    out = tmp_path_factory.mktemp("nnunet") / "bench"
     try:
         assert main(["--preset", "smoke", "--models", "ian_net", "--threads", "1", "--no-progress",
                      "--localiser-iterations", "0", "--nnunet", ",".join(CONFIGURATIONS),
-                     "--nnunet-trainer", "nnUNetTrainer_ianSmoke", "--device", "cpu", "--out", str(out)]) == 0
+                     "--nnunet-trainer", "nnUNetTrainer_ianSmoke", "--device", "cpu", "--out", str(out), *extra]) == 0
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("nnunet") / "bench"
+    _benchmark(out)
     return out
 
 
@@ -117,3 +121,12 @@ def test_nnunet_rows_are_in_the_per_slice_and_per_nerve_tables(bench):
         for r in mine:
             assert 0.0 <= float(r["dsc"]) <= 1.0 and float(r["length_true_mm"]) > 0
             assert r["pred_empty"] in ("0", "1") and (r["pred_empty"] == "1" or math.isfinite(float(r["cldice"])))
+
+
+def test_evaluate_only_reports_the_nnunet_rows_again_without_running_nnunet(bench):
+    before = _rows(bench / "reports" / "per_nerve_metrics.csv")
+    _benchmark(bench, "--evaluate-only")
+    record = json.loads((bench / "summary.json").read_text())["per_nerve"]
+    assert record["nnunet_runs"] == len(ROWS) and record["nnunet_runs_predicted"] == 0
+    assert _rows(bench / "reports" / "per_nerve_metrics.csv") == before
+    assert set(ROWS) <= {r["model"] for r in _rows(bench / "reports" / "per_image_metrics.csv")}

@@ -7,14 +7,19 @@ voxels, and `score_labels` (`training.nerve_metrics.nerve_row`) scores it. Only 
 the slices are handed to nnU-Net as one case per side (the whole crop stack, every slice, at the
 series' coronal spacing; nnU-Net resamples to its plans' spacing itself), predicted by the run's fold
 0 (`training.nnunet.child`), and nnU-Net's labels are fed to `finish_series` as probabilities 0 or 1.
+Each run's rows are kept in its folder (``per_nerve.json``) keyed like the networks' (its final
+checkpoint's SHA-256 and the samples' fingerprint), so re-reporting does not run nnU-Net again.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import math
 import shutil
 from collections import defaultdict
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +28,21 @@ import numpy as np
 from training.data import SliceSet
 from training.data.collect import Collector, LoadOptions, coronal_spacing, model_pixel_mm
 from training.localiser_run import READERS
-from training.nerve_eval import EvalStudy, NerveEvaluation, eval_studies, predict_labels, score_labels
+from training.nerve_eval import (
+    EVAL_FORMAT,
+    RUN_CACHE,
+    EvalStudy,
+    NerveEvaluation,
+    eval_studies,
+    predict_labels,
+    score_labels,
+)
 from training.nerve_metrics import NerveRow, write_per_nerve_csv
 from training.nnunet import NnunetError
 from training.nnunet.export import FILE_ENDING, dataset_id, write_case
 from training.nnunet.run import NnunetPaths, NnunetSettings, child_step, nnunet_env
 from training.outputs import complete_repeats
-from training.runner import BenchmarkPaths, Ledger, RunRecord
+from training.runner import BenchmarkPaths, Ledger, RunRecord, run_key, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -55,12 +68,43 @@ def with_nnunet_nerves(nerves: NerveEvaluation, runs: list[RunRecord], records: 
     runs = [r for r in runs if r.repeat in reported]
     if nerves.csv is None or not runs:
         return nerves
-    rows = nerve_rows(runs, ledger, paths, slices, source, settings)
+    identity = {r.key: _identity(paths, r, ledger.fingerprint) for r in runs}
+    kept = {r.key: _kept(paths.run_dir(r.model, r.repeat) / RUN_CACHE, identity[r.key]) for r in runs}
+    todo = [r for r in runs if kept[r.key] is None]
+    fresh: dict[str, list[NerveRow]] = defaultdict(list)
+    for row in nerve_rows(todo, ledger, paths, slices, source, settings) if todo else []:
+        fresh[run_key(row.model, row.repeat)].append(row)
+    for r in todo:
+        write_json(paths.run_dir(r.model, r.repeat) / RUN_CACHE,
+                   {**identity[r.key], "rows": [_finite(asdict(row)) for row in fresh[r.key]]})
+    rows = [row for r in runs for row in (kept[r.key] if kept[r.key] is not None else fresh[r.key])]
     all_rows = (*nerves.rows, *rows)
     csv_path = write_per_nerve_csv(all_rows, nerves.csv)
     logger.info("per-nerve metrics: %d nnU-Net nerves of %d runs added to %s", len(rows), len(runs), csv_path)
     return replace(nerves, rows=all_rows, record={**nerves.record, "nerves": len(all_rows),
-                                                   "nnunet_runs": len(runs)})
+                                                   "nnunet_runs": len(runs), "nnunet_runs_predicted": len(todo)})
+
+
+def _identity(paths: BenchmarkPaths, record: RunRecord, fingerprint: str) -> dict[str, Any]:
+    """What a run's kept per-nerve rows must have been computed from (as `training.nerve_eval` keys its own)."""
+    run_dir = paths.run_dir(record.model, record.repeat)
+    checkpoint = Path(json.loads((run_dir / "evaluation.json").read_text(encoding="utf-8"))["nnunet"]["checkpoint"])
+    digest = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    return {"format": EVAL_FORMAT, "run": record.key, "checkpoint_sha256": digest, "data_fingerprint": fingerprint}
+
+
+def _kept(path: Path, identity: dict[str, Any]) -> list[NerveRow] | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    if any(data.get(k) != v for k, v in identity.items()):
+        return None
+    return [NerveRow(**{k: math.nan if v is None else v for k, v in row.items()}) for row in data["rows"]]
+
+
+def _finite(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}
 
 
 def nerve_rows(runs: list[RunRecord], ledger: Ledger, paths: BenchmarkPaths, slices: SliceSet,
