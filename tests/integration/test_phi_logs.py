@@ -199,7 +199,7 @@ def test_serve_at_the_default_level_logs_startup_jobs_and_shutdown_only(tmp_path
         f"NOTICE ian_node.app.node: model: ian_net released-no-attention, sha256 {_sha256(checkpoint)[:12]}, "
         "on cpu [untrained test model]",
         "NOTICE ian_node.app.node: crop: half (each left-right half of the volume)",
-        "NOTICE ian_node.app.node: results: SEG (empty frames omitted) and TID 1500 SR; a QA FAIL is sent, flagged",
+        "NOTICE ian_node.app.node: results: SEG (empty frames omitted, an empty side kept with one empty frame), TID 1500 SR; a QA FAIL is sent, flagged",
         "NOTICE ian_node.app.node: selection: modalities MR, series description any, at least 5 slices, "
         "quiet period 1 s, unselected series: keep",
         f"NOTICE ian_node.app.node: storage: state {setup.state_path}, spool {setup.spool_dir} (keeps 64.0 MiB "
