@@ -75,6 +75,10 @@ class RunEnvironment:
         return cls(**{**data, "nondeterministic_ops": tuple(data.get("nondeterministic_ops", ()))})
 
 
+#: The ops already warned about in this process (each block still records its own in `ops`).
+_WARNED: set[str] = set()
+
+
 def configure_cublas() -> None:
     """Ask cuBLAS for its deterministic workspace; call before the process's first CUDA matrix product."""
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
@@ -117,8 +121,10 @@ class Determinism:
                 shown(message, category, filename, lineno, file, line)
             elif match.group(1) not in self.ops:
                 self.ops.add(match.group(1))
-                logger.warning("%s has no deterministic implementation in torch; run continues (recorded)",
-                               match.group(1))
+                level = logging.INFO if match.group(1) in _WARNED else logging.WARNING  # once per process
+                _WARNED.add(match.group(1))
+                logger.log(level, "%s has no deterministic implementation in torch; run continues (recorded)",
+                           match.group(1))
 
         warnings.showwarning = record
         return self
