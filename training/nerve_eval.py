@@ -106,14 +106,13 @@ def evaluate_nerves(records: list[RunRecord], ledger: Ledger, paths: BenchmarkPa
     root = paths.phantoms if source.get("data") == "generated phantoms" else Path(source.get("data", ""))
     fingerprint = ledger.fingerprint
     keys = {r.key: _run_identity(paths, r, fingerprint) for r in records}
-    kept = {r.key: _read_cache(paths.run_dir(r.model, r.repeat), keys[r.key]) for r in records}
+    kept = {r.key: read_kept_rows(paths.run_dir(r.model, r.repeat), keys[r.key]) for r in records}
     todo = [r for r in records if kept[r.key] is None]
     if todo and not root.is_dir():
         return _skipped(f"the data folder {root} is not there any more")
     fresh = _predict_runs(todo, ledger, paths, slices, source, runtime, root) if todo else {}
     for r in todo:
-        write_json(paths.run_dir(r.model, r.repeat) / RUN_CACHE,
-                   {**keys[r.key], "rows": [_finite(asdict(row)) for row in fresh[r.key]]})
+        keep_rows(paths.run_dir(r.model, r.repeat), keys[r.key], fresh[r.key])
     rows = tuple(row for r in records for row in (kept[r.key] if kept[r.key] is not None else fresh[r.key]))
     csv_path = write_per_nerve_csv(rows, paths.reports / PER_NERVE_CSV)
     seconds = time.perf_counter() - started
@@ -224,8 +223,8 @@ def _run_identity(paths: BenchmarkPaths, record: RunRecord, fingerprint: str) ->
             "data_fingerprint": fingerprint}
 
 
-def _read_cache(run_dir: Path, identity: dict[str, Any]) -> list[NerveRow] | None:
-    """A run's kept rows when they were computed from `identity`, else None."""
+def read_kept_rows(run_dir: Path, identity: dict[str, Any]) -> list[NerveRow] | None:
+    """A run's kept rows (its ``per_nerve.json``) when they were computed from `identity`, else None."""
     try:
         data = json.loads((run_dir / RUN_CACHE).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
@@ -235,6 +234,9 @@ def _read_cache(run_dir: Path, identity: dict[str, Any]) -> list[NerveRow] | Non
     return [NerveRow(**{k: math.nan if v is None else v for k, v in row.items()}) for row in data["rows"]]
 
 
-def _finite(row: dict[str, Any]) -> dict[str, Any]:
-    """JSON has no NaN: an undefined distance is kept as null."""
-    return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}
+def keep_rows(run_dir: Path, identity: dict[str, Any], rows: list[NerveRow]) -> None:
+    """Keep a run's rows with what they were computed from (JSON has no NaN: an undefined value is null)."""
+    write_json(run_dir / RUN_CACHE, {**identity, "rows": [
+        {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in asdict(row).items()} for row in rows]})
+
+

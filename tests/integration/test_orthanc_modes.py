@@ -231,7 +231,9 @@ def test_pull_mode_stable_mr_series_gets_a_seg_in_the_same_study(
         assert series.calling_ae == "" and series.peer_host == "127.0.0.1"  # it came by REST, not C-STORE
         recorded = {i.sha256 for i in node.state.instances(phantom.series_uid)}
         assert recorded == {hashlib.sha256(dataset_bytes(p.read_bytes())).hexdigest() for p in phantom.instances}
-        assert [d.state for d in node.state.deliveries(job.id)] == ["delivered"]
+        # the SEG is in Orthanc; its delivery is confirmed once the SR that follows it is in too
+        wait_for(lambda: [d.state for d in node.state.deliveries(job.id)] == ["delivered"], 30,
+                 lambda: f"the delivery confirmed: {node.state.deliveries(job.id)}")
     report(capsys, "pull (Orthanc REST both ways)", arrived_at - stable_at)
 
 

@@ -16,10 +16,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import shutil
 from collections import defaultdict
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +29,12 @@ from training.data.collect import Collector, LoadOptions, coronal_spacing, model
 from training.localiser_run import READERS
 from training.nerve_eval import (
     EVAL_FORMAT,
-    RUN_CACHE,
     EvalStudy,
     NerveEvaluation,
     eval_studies,
+    keep_rows,
     predict_labels,
+    read_kept_rows,
     score_labels,
 )
 from training.nerve_metrics import NerveRow, write_per_nerve_csv
@@ -42,7 +42,7 @@ from training.nnunet import NnunetError
 from training.nnunet.export import FILE_ENDING, dataset_id, write_case
 from training.nnunet.run import NnunetPaths, NnunetSettings, child_step, nnunet_env
 from training.outputs import complete_repeats
-from training.runner import BenchmarkPaths, Ledger, RunRecord, run_key, write_json
+from training.runner import BenchmarkPaths, Ledger, RunRecord, run_key
 
 logger = logging.getLogger(__name__)
 
@@ -69,14 +69,13 @@ def with_nnunet_nerves(nerves: NerveEvaluation, runs: list[RunRecord], records: 
     if nerves.csv is None or not runs:
         return nerves
     identity = {r.key: _identity(paths, r, ledger.fingerprint) for r in runs}
-    kept = {r.key: _kept(paths.run_dir(r.model, r.repeat) / RUN_CACHE, identity[r.key]) for r in runs}
+    kept = {r.key: read_kept_rows(paths.run_dir(r.model, r.repeat), identity[r.key]) for r in runs}
     todo = [r for r in runs if kept[r.key] is None]
     fresh: dict[str, list[NerveRow]] = defaultdict(list)
     for row in nerve_rows(todo, ledger, paths, slices, source, settings) if todo else []:
         fresh[run_key(row.model, row.repeat)].append(row)
     for r in todo:
-        write_json(paths.run_dir(r.model, r.repeat) / RUN_CACHE,
-                   {**identity[r.key], "rows": [_finite(asdict(row)) for row in fresh[r.key]]})
+        keep_rows(paths.run_dir(r.model, r.repeat), identity[r.key], fresh[r.key])
     rows = [row for r in runs for row in (kept[r.key] if kept[r.key] is not None else fresh[r.key])]
     all_rows = (*nerves.rows, *rows)
     csv_path = write_per_nerve_csv(all_rows, nerves.csv)
@@ -91,20 +90,6 @@ def _identity(paths: BenchmarkPaths, record: RunRecord, fingerprint: str) -> dic
     checkpoint = Path(json.loads((run_dir / "evaluation.json").read_text(encoding="utf-8"))["nnunet"]["checkpoint"])
     digest = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
     return {"format": EVAL_FORMAT, "run": record.key, "checkpoint_sha256": digest, "data_fingerprint": fingerprint}
-
-
-def _kept(path: Path, identity: dict[str, Any]) -> list[NerveRow] | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-    if any(data.get(k) != v for k, v in identity.items()):
-        return None
-    return [NerveRow(**{k: math.nan if v is None else v for k, v in row.items()}) for row in data["rows"]]
-
-
-def _finite(row: dict[str, Any]) -> dict[str, Any]:
-    return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}
 
 
 def nerve_rows(runs: list[RunRecord], ledger: Ledger, paths: BenchmarkPaths, slices: SliceSet,
