@@ -16,6 +16,9 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from selenium.webdriver.common.by import By
+from selenium.webdriver.remote.webdriver import WebDriver
+from selenium.webdriver.support.ui import WebDriverWait
 
 from ian_node.app.node import Node
 from ian_node.app.status.auth import SESSION_COOKIE
@@ -23,6 +26,7 @@ from ian_node.config import ApiConfig, DicomTarget, ExportConfig
 from ian_node.net import free_port
 from ian_node.phantom.study import PhantomFiles
 from ian_node.storage.records import Job, JobState
+from tests.integration.browser import headless_chromium  # skips this module where no browser is installed
 from tests.integration.node_harness import (  # noqa: F401 (dcmtk_nodelay: a fixture)
     api_url,
     dcmtk_nodelay,
@@ -36,18 +40,7 @@ from tests.integration.peers import storescp, storescu
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("dcmtk_nodelay")]
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMEDRIVER = Path("/usr/bin/chromedriver")
-if not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()):
-    pytest.skip(f"browser tests need Debian's {CHROMIUM} and {CHROMEDRIVER} (deploy/install-system-deps.sh installs "
-                "them)", allow_module_level=True)
 
-from selenium import webdriver  # noqa: E402 (after the skip: only where a browser is installed)
-from selenium.webdriver.chrome.options import Options  # noqa: E402
-from selenium.webdriver.chrome.service import Service  # noqa: E402
-from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.remote.webdriver import WebDriver  # noqa: E402
-from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 TOKEN = "browser-test-token-0123456789abcdef"
 #: Seconds a small job may take on a loaded 2-core machine, the page's polling included.
@@ -85,18 +78,8 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[WebDriver]:
-    options = Options()
-    options.binary_location = str(CHROMIUM)
-    for argument in ("--headless=new", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1280,1000",
-                     "--no-first-run", "--disable-extensions"):
-        options.add_argument(argument)
-    if os.geteuid() == 0:
-        options.add_argument("--no-sandbox")  # Chromium refuses to run as root with its sandbox
-    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
-    try:
+    with headless_chromium() as driver:
         yield driver
-    finally:
-        driver.quit()
 
 
 def _wait(driver: WebDriver, timeout: float, css: str) -> None:
